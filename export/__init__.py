@@ -1,0 +1,1 @@
+"""ONNX and TensorRT export (issue E)."""

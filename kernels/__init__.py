@@ -1,0 +1,1 @@
+"""Fused Triton kernels (issue E)."""
