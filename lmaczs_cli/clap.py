@@ -1,12 +1,591 @@
-"""LAION-CLAP, built offline from laion-clap's own classes (work in progress)."""
+"""LAION-CLAP from the ``laion-clap`` package, built offline, split into the parts we need.
+
+Two traps handled here:
+- ``import laion_clap`` runs a package ``__init__`` that builds three hub tokenizers (it
+  hangs for minutes without network). We import the model code (``clap_module``) under a
+  private package name whose ``__path__`` points into the installed wheel, so that
+  ``__init__`` never runs and a user's own ``import laion_clap`` is left untouched.
+- ``CLAP.__init__`` calls ``RobertaModel.from_pretrained("roberta-base")`` (a weights
+  download). During construction we swap in a RoBERTa built from roberta-base's known
+  config; the checkpoint's weights are then loaded into it.
+
+The split API (all tensors float32, embeddings L2-normalised as laion does):
+  front_end(wave (B, 480000))  -> log-mel (B, 1001, 64)         [our ops, spectral.py]
+  encode(logmel)               -> embedding (B, 512), hidden states h1..h4
+  encode_text(list[str])       -> (B, 512)
+
+Hidden states are the outputs of the last four encoder stages, as (B, C, H, W) grids:
+  HTSAT-tiny  (folded image; rows = chunk*mel, cols = time in chunk, see ``unfold``)
+      h1 (B, 192, 32, 32)  h2 (B, 384, 16, 16)  h3 (B, 768, 8, 8)  h4 (B, 768, 8, 8)
+  HTSAT-base  h1 (B, 256, 32, 32)  h2 (B, 512, 16, 16)  h3 (B, 1024, 8, 8)  h4 (B, 1024, 8, 8)
+  PANN-14     (time, mel) grids from conv blocks 3..6:
+      h1 (B, 256, 125, 8)  h2 (B, 512, 62, 4)  h3 (B, 1024, 31, 2)  h4 (B, 2048, 31, 2)
+h4 of HTSAT is taken after the final LayerNorm (the tokens the embedding is pooled from).
+
+Short clips are repeat-padded to one window (``audio.pad_clip``), as LAION trained its
+non-fusion models; longer files are explained in windows (``audio.windows``).
+"""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
+import importlib
+import importlib.util
+import json
 import os
+import sys
+import types
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import spectral
+from .audio import CLIP_SAMPLES, F_MAX, F_MIN, HOP, N_FFT, N_MELS, SAMPLE_RATE
+
+_PKG = "_lmaczs_laion_clap"  # private alias of the installed laion_clap package directory
+
+# roberta-base's architecture, as published with the model (config.json on the hub).
+ROBERTA_BASE = dict(
+    vocab_size=50265,
+    max_position_embeddings=514,
+    type_vocab_size=1,
+    layer_norm_eps=1e-5,
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    hidden_act="gelu",
+    pad_token_id=1,
+    bos_token_id=0,
+    eos_token_id=2,
+)
+
+# LAION's released checkpoints (laion:NAME): file name on their hub repo -> audio architecture.
+LAION_CHECKPOINTS = {
+    "630k-best": "HTSAT-tiny",
+    "630k-audioset-best": "HTSAT-tiny",
+    "music_audioset_epoch_15_esc_90.14": "HTSAT-base",
+    "music_speech_epoch_15_esc_89.25": "HTSAT-base",
+    "music_speech_audioset_epoch_15_esc_89.98": "HTSAT-base",
+}
+LAION_FUSION_CHECKPOINTS = {"630k-fusion-best", "630k-audioset-fusion-best"}
+LAION_HUB_REPO = "lukewys/laion_clap"
+
+
+class ClapError(Exception):
+    """A CLAP model or tokenizer could not be built or loaded; the message names the fix."""
+
+
+# --------------------------------------------------------------------------- laion access
+
+
+def laion_module(name: str = "") -> types.ModuleType:
+    """Import ``laion_clap.clap_module[.name]`` without running ``laion_clap/__init__``."""
+    if _PKG not in sys.modules:
+        spec = importlib.util.find_spec("laion_clap")
+        if spec is None or not spec.submodule_search_locations:
+            raise ClapError("laion-clap is not installed: pip install laion-clap==1.1.7")
+        pkg = types.ModuleType(_PKG)
+        pkg.__path__ = list(spec.submodule_search_locations)
+        sys.modules[_PKG] = pkg
+    return importlib.import_module(f"{_PKG}.clap_module" + (f".{name}" if name else ""))
+
+
+def laion_version() -> str:
+    from importlib.metadata import version
+
+    return version("laion-clap")
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class ClapConfig:
+    """Everything needed to rebuild a CLAP's architecture; travels with its weights."""
+
+    audio: str = "HTSAT-tiny"        # HTSAT-tiny | HTSAT-base | PANN-14 | HTSAT-custom
+    text: str = "roberta"            # roberta (RoBERTa-base) | transformer (CLIP-style, CLIP BPE)
+    joint_dim: int = 512             # width of the shared audio-text embedding
+    # HTSAT-custom only: Swin width of stage 1, blocks and heads per stage
+    htsat_embed_dim: int = 96
+    htsat_depths: tuple[int, ...] = (2, 2, 6, 2)
+    htsat_heads: tuple[int, ...] = (4, 8, 16, 32)
+    # transformer text tower only
+    text_width: int = 512
+    text_layers: int = 12
+    text_heads: int = 8
+    context_length: int = 77         # tokens per prompt (laion pads/truncates to 77)
+    vocab_size: int = 49408          # CLIP BPE vocabulary shipped in the laion-clap wheel
+
+    def __post_init__(self) -> None:
+        if self.audio not in ("HTSAT-tiny", "HTSAT-base", "PANN-14", "HTSAT-custom"):
+            raise ClapError(f"unknown audio architecture {self.audio!r}: use HTSAT-tiny, HTSAT-base, PANN-14")
+        if self.text not in ("roberta", "transformer"):
+            raise ClapError(f"unknown text tower {self.text!r}: use roberta or transformer")
+        if self.text == "roberta":  # roberta-base's own sizes; the transformer fields do not apply
+            for k, v in dict(text_width=768, text_layers=12, text_heads=12, vocab_size=50265).items():
+                object.__setattr__(self, k, v)
+        object.__setattr__(self, "htsat_depths", tuple(self.htsat_depths))
+        object.__setattr__(self, "htsat_heads", tuple(self.htsat_heads))
+
+    @property
+    def is_htsat(self) -> bool:
+        return self.audio.startswith("HTSAT")
+
+    @property
+    def audio_width(self) -> int:
+        """Width of the audio branch's pooled embedding (before the projection)."""
+        return {"HTSAT-tiny": 768, "HTSAT-base": 1024, "PANN-14": 2048}.get(
+            self.audio, self.htsat_embed_dim * 8
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "ClapConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ClapError(f"unknown CLAP config fields {sorted(unknown)}: written by a newer lmaczs?")
+        return cls(**d)
+
+
+# Architectures for random:ARCH. Text defaults to a small CLIP-style tower with the CLIP BPE
+# tokenizer from the wheel (fully offline); append "+roberta" for the RoBERTa text tower.
+RANDOM_ARCHS: dict[str, ClapConfig] = {
+    "HTSAT-tiny": ClapConfig("HTSAT-tiny", "transformer", text_width=256, text_layers=2, text_heads=4),
+    "HTSAT-base": ClapConfig("HTSAT-base", "transformer", text_width=256, text_layers=2, text_heads=4),
+    "PANN-14": ClapConfig("PANN-14", "transformer", text_width=256, text_layers=2, text_heads=4),
+    # the test-suite fixture: the real HTSAT class at 1/6 width, one block per stage
+    "tiny": ClapConfig(
+        "HTSAT-custom", "transformer", htsat_embed_dim=16, htsat_depths=(1, 1, 1, 1),
+        htsat_heads=(1, 2, 4, 8), text_width=64, text_layers=1, text_heads=2,
+    ),
+}
+
+
+def _audio_cfg(cfg: ClapConfig) -> dict[str, Any]:
+    is_pann = cfg.audio == "PANN-14"
+    return dict(
+        model_type="PANN" if is_pann else "HTSAT",
+        model_name="Cnn14" if is_pann else {"HTSAT-base": "base"}.get(cfg.audio, "tiny"),
+        sample_rate=SAMPLE_RATE, audio_length=1024, clip_samples=CLIP_SAMPLES,
+        window_size=N_FFT, hop_size=HOP, fmin=F_MIN, fmax=F_MAX, mel_bins=N_MELS, class_num=527,
+    )
+
+
+@contextlib.contextmanager
+def _offline_construction(cfg: ClapConfig) -> Iterator[None]:
+    """Patch laion's model module for the duration of ``CLAP(...)``: no hub access, custom HTSAT."""
+    model_mod = laion_module("model")
+    htsat_mod = laion_module("htsat")
+    from transformers import RobertaConfig, RobertaModel
+
+    class _OfflineRoberta:
+        @staticmethod
+        def from_pretrained(name: str, *args: Any, **kwargs: Any) -> nn.Module:
+            if name != "roberta-base":
+                raise ClapError(f"laion asked for text model {name!r}; only roberta-base is supported")
+            return RobertaModel(RobertaConfig(**ROBERTA_BASE))
+
+    def _create_htsat(audio_cfg: Any, enable_fusion: bool = False, fusion_type: str = "None") -> nn.Module:
+        return htsat_mod.HTSAT_Swin_Transformer(
+            spec_size=256, patch_size=4, patch_stride=(4, 4), num_classes=audio_cfg.class_num,
+            embed_dim=cfg.htsat_embed_dim, depths=list(cfg.htsat_depths),
+            num_heads=list(cfg.htsat_heads), window_size=8, config=audio_cfg,
+            enable_fusion=enable_fusion, fusion_type=fusion_type,
+        )
+
+    saved = {k: getattr(model_mod, k) for k in ("RobertaModel", "create_htsat_model")}
+    model_mod.RobertaModel = _OfflineRoberta
+    if cfg.audio == "HTSAT-custom":
+        model_mod.create_htsat_model = _create_htsat
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(model_mod, k, v)
+
+
+def build_laion_clap(cfg: ClapConfig) -> nn.Module:
+    """Construct laion's ``CLAP`` for ``cfg`` with random weights, offline. Returns it in eval mode."""
+    model_mod = laion_module("model")
+    text_cfg = dict(
+        context_length=cfg.context_length, vocab_size=cfg.vocab_size, width=cfg.text_width,
+        heads=cfg.text_heads, layers=cfg.text_layers, model_type=cfg.text,
+    )
+    with _offline_construction(cfg):
+        model = model_mod.CLAP(
+            embed_dim=cfg.audio_width, audio_cfg=_audio_cfg(cfg), text_cfg=text_cfg,
+            joint_embed_shape=cfg.joint_dim, enable_fusion=False,
+        )
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+class ClipBpeTokenizer:
+    """laion's CLIP BPE tokenizer (vocabulary file ships in the laion-clap wheel)."""
+
+    def __init__(self, context_length: int = 77) -> None:
+        self.context_length = context_length
+        self._tok = laion_module("tokenizer")
+
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        return self._tok.tokenize(list(texts), context_length=self.context_length)  # (N, 77) int
+
+
+class RobertaTokenizerWrapper:
+    """RoBERTa tokenizer from ``--tokenizer DIR`` or the local HF cache, padded to 77 as laion does."""
+
+    def __init__(self, directory: str | os.PathLike | None, context_length: int = 77) -> None:
+        from transformers import AutoTokenizer
+
+        self.context_length = context_length
+        source = str(directory) if directory else "roberta-base"
+        try:
+            self._tok = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        except Exception as e:  # transformers raises OSError/ValueError/EnvironmentError variants
+            from huggingface_hub.constants import HF_HUB_CACHE
+
+            where = f"--tokenizer {directory}" if directory else "--tokenizer (not given)"
+            raise ClapError(
+                f"RoBERTa tokenizer not found: looked in {where} and in the Hugging Face cache "
+                f"{HF_HUB_CACHE} (roberta-base). Put roberta-base's tokenizer files "
+                f"(vocab.json, merges.txt) in a folder and pass --tokenizer DIR."
+            ) from e
+
+    def __call__(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        enc = self._tok(
+            list(texts), padding="max_length", truncation=True,
+            max_length=self.context_length, return_tensors="pt",
+        )
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class ClapModel(nn.Module):
+    """A frozen LAION-CLAP (laion's ``CLAP`` inside) with the split API lmaczs needs."""
+
+    def __init__(self, clap: nn.Module, cfg: ClapConfig, tokenizer: Any, source: str) -> None:
+        super().__init__()
+        self.clap = clap
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.source = source  # where it came from, for messages and records
+        self._identity: str | None = None
+        self.eval()
+        self.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "ClapModel":
+        # CLAP is always frozen in lmaczs: laion's train mode turns on SpecAugment and dropout.
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def branch(self) -> nn.Module:
+        return self.clap.audio_branch
+
+    # ---- audio
+
+    def front_end(self, wave: torch.Tensor) -> torch.Tensor:
+        """wave (B, n) at 48 kHz -> log-mel (B, n // 480 + 1, 64) dB. Our ops, laion's numbers."""
+        return spectral.log_mel(wave)
+
+    def encode(self, logmel: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """log-mel (B, 1001, 64) -> (embedding (B, joint_dim) L2-normalised, [h1, h2, h3, h4])."""
+        if self.cfg.is_htsat:
+            pooled, hidden = self._encode_htsat(logmel)
+        else:
+            pooled, hidden = self._encode_pann(logmel)
+        emb = self.clap.audio_projection(pooled)
+        return F.normalize(emb, dim=-1), hidden
+
+    def embed_audio(self, wave: torch.Tensor) -> torch.Tensor:
+        """wave (B, 480000) -> audio embedding (B, joint_dim), L2-normalised."""
+        return self.encode(self.front_end(wave))[0]
+
+    def _bn0(self, logmel: torch.Tensor) -> torch.Tensor:
+        x = logmel.unsqueeze(1)                            # (B, 1, T, 64)
+        return self.branch.bn0(x.transpose(1, 3)).transpose(1, 3)
+
+    def _encode_htsat(self, logmel: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        b = self.branch
+        x = b.reshape_wav2img(self._bn0(logmel))           # (B, 1, 256, 256) folded image
+        x = b.patch_embed(x)                               # (B, 64*64, C)
+        if b.ape:
+            x = x + b.absolute_pos_embed
+        x = b.pos_drop(x)
+        hidden = []
+        for layer in b.layers:
+            x, _ = layer(x)                                # (B, L_i, C_i)
+            hidden.append(x)
+        x = b.norm(x)
+        hidden[-1] = x
+        pooled = x.mean(dim=1)                             # laion's avgpool over all tokens
+        grids = []
+        for h in hidden:
+            side = int(round(h.shape[1] ** 0.5))
+            grids.append(h.transpose(1, 2).reshape(h.shape[0], h.shape[2], side, side))
+        return pooled, grids
+
+    def _encode_pann(self, logmel: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        b = self.branch
+        x = self._bn0(logmel)                              # (B, 1, T, 64)
+        hidden = []
+        blocks = [b.conv_block1, b.conv_block2, b.conv_block3, b.conv_block4, b.conv_block5, b.conv_block6]
+        for i, block in enumerate(blocks):
+            x = block(x, pool_size=(2, 2) if i < 5 else (1, 1), pool_type="avg")  # (B, C, T', F')
+            if i >= 2:
+                hidden.append(x)
+        x = torch.mean(x, dim=3)                           # (B, 2048, T')
+        x = torch.amax(x, dim=2) + torch.mean(x, dim=2)    # laion's max + mean over time
+        pooled = F.relu(b.fc1(x))
+        return pooled, hidden
+
+    # ---- text
+
+    def tokenize(self, texts: Sequence[str]) -> Any:
+        return self.tokenizer(texts)
+
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """Prompts -> text embeddings (B, joint_dim), L2-normalised."""
+        tokens = self.tokenize(texts)
+        if isinstance(tokens, dict):
+            tokens = {k: v.to(self.device) for k, v in tokens.items()}
+        else:
+            tokens = tokens.to(self.device)
+        return F.normalize(self.clap.encode_text(tokens, device=self.device), dim=-1)
+
+    # ---- identity
+
+    def identity(self) -> str:
+        """sha256 over the architecture config and every weight: names a CLAP exactly."""
+        if self._identity is None:
+            h = hashlib.sha256(json.dumps(self.cfg.to_json(), sort_keys=True).encode())
+            for name, t in sorted(self.clap.state_dict().items()):
+                h.update(name.encode())
+                h.update(t.detach().to("cpu").contiguous().numpy().tobytes())
+            self._identity = h.hexdigest()
+        return self._identity
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _torch_load(path: Path) -> Any:
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        warnings.warn(
+            f"{path} holds pickled objects beyond tensors; loading it with weights_only=False "
+            f"because you named it as a CLAP checkpoint ({str(e).splitlines()[0]})",
+            stacklevel=3,
+        )
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def laion_state_dict(checkpoint: Any) -> dict[str, torch.Tensor]:
+    """laion's key handling: ``state_dict`` entry, ``module.`` prefix; epoch/optimizer dropped."""
+    sd = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(sd, dict) or not sd:
+        raise ClapError("not a LAION-CLAP checkpoint: no state_dict of tensors inside")
+    out = {}
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        out[k[len("module."):] if k.startswith("module.") else k] = v
+    return out
+
+
+def infer_config(sd: dict[str, torch.Tensor]) -> ClapConfig:
+    """Recognise the architecture of a laion state dict from its keys and shapes."""
+    if any("fusion_model" in k or "mel_conv2d" in k or "mel_conv1d" in k for k in sd):
+        raise ClapError(
+            "this is a fusion CLAP checkpoint (e.g. 630k-fusion-best.pt); lmaczs supports the "
+            "non-fusion models: use 630k-best.pt or 630k-audioset-best.pt"
+        )
+    if "text_branch.embeddings.word_embeddings.weight" in sd:
+        text: dict[str, Any] = {"text": "roberta"}
+    elif "token_embedding.weight" in sd:
+        width = sd["token_embedding.weight"].shape[1]
+        layers = len({k.split(".")[2] for k in sd if k.startswith("text_branch.resblocks.")})
+        text = dict(
+            text="transformer", text_width=width, text_layers=layers, text_heads=max(1, width // 64),
+            vocab_size=sd["token_embedding.weight"].shape[0],
+            context_length=sd["positional_embedding"].shape[0],
+        )
+    else:
+        raise ClapError("unrecognised CLAP checkpoint: no RoBERTa or transformer text branch keys")
+    joint = sd["audio_projection.0.weight"].shape[0]
+    if "audio_branch.conv_block1.conv1.weight" in sd:
+        return ClapConfig("PANN-14", joint_dim=joint, **text)
+    w = sd.get("audio_branch.patch_embed.proj.weight")
+    if w is None:
+        raise ClapError("unrecognised CLAP checkpoint: neither HTSAT nor PANN-14 audio branch keys")
+    width = w.shape[0]
+    depths = tuple(
+        len({k.split(".")[4] for k in sd if k.startswith(f"audio_branch.layers.{i}.blocks.")})
+        for i in range(4)
+    )
+    known = {(96, (2, 2, 6, 2)): "HTSAT-tiny", (128, (2, 2, 12, 2)): "HTSAT-base"}
+    if (width, depths) in known:
+        return ClapConfig(known[(width, depths)], joint_dim=joint, **text)
+    heads = tuple(
+        int(sd[f"audio_branch.layers.{i}.blocks.0.attn.relative_position_bias_table"].shape[1])
+        for i in range(4)
+    )
+    return ClapConfig("HTSAT-custom", joint_dim=joint, htsat_embed_dim=width, htsat_depths=depths,
+                      htsat_heads=heads, **text)
+
+
+def load_weights(clap: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load; the one tolerated difference is laion's position_ids buffer (transformers-version dependent)."""
+    sd = dict(sd)
+    own = clap.state_dict()
+    pid = "text_branch.embeddings.position_ids"
+    if pid in sd and pid not in own:
+        del sd[pid]
+    missing = sorted(set(own) - set(sd))
+    extra = sorted(set(sd) - set(own))
+    if missing or extra:
+        raise ClapError(
+            f"{source}: weights do not match the architecture "
+            f"(missing {len(missing)}: {missing[:5]}; unexpected {len(extra)}: {extra[:5]})"
+        )
+    clap.load_state_dict(sd, strict=True)
+
+
+def _make_tokenizer(cfg: ClapConfig, tokenizer_dir: str | os.PathLike | None) -> Any:
+    if cfg.text == "roberta":
+        return RobertaTokenizerWrapper(tokenizer_dir, cfg.context_length)
+    return ClipBpeTokenizer(cfg.context_length)
+
+
+def load_laion_checkpoint(path: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> ClapModel:
+    """Load one of LAION's ``.pt`` CLAP checkpoints (non-fusion HTSAT or PANN-14)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ClapError(f"CLAP checkpoint not found: {path}")
+    sd = laion_state_dict(_torch_load(path))
+    cfg = infer_config(sd)
+    tok = _make_tokenizer(cfg, tokenizer)  # fail early, before building a large model
+    clap = build_laion_clap(cfg)
+    load_weights(clap, sd, str(path))
+    return ClapModel(clap, cfg, tok, source=str(path))
+
+
+def save_clap(model: ClapModel, directory: str | os.PathLike) -> Path:
+    """Write a CLAP as ``clap.safetensors`` + ``clap.json`` (our format: no pickle)."""
+    from safetensors.torch import save_file
+
+    from .files import atomic_path
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in model.clap.state_dict().items()}
+    with atomic_path(directory / "clap.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    meta = {"format": "lmaczs-clap/1", "config": model.cfg.to_json(), "identity": model.identity()}
+    with atomic_path(directory / "clap.json") as tmp:
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
+def load_clap_dir(directory: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> ClapModel:
+    """Load a CLAP saved by ``save_clap`` (``clap.json`` + ``clap.safetensors``)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    meta_path = directory / "clap.json"
+    if not meta_path.is_file():
+        raise ClapError(f"{directory}: no clap.json here; is this a folder written by lmaczs?")
+    meta = json.loads(meta_path.read_text())
+    cfg = ClapConfig.from_json(meta["config"])
+    tok = _make_tokenizer(cfg, tokenizer)
+    clap = build_laion_clap(cfg)
+    load_weights(clap, load_file(str(directory / "clap.safetensors")), str(directory))
+    return ClapModel(clap, cfg, tok, source=str(directory))
+
+
+def random_clap(arch: str, seed: int = 0, tokenizer: str | os.PathLike | None = None) -> ClapModel:
+    """The real laion classes with random weights: ``tiny``, ``HTSAT-tiny``, ``HTSAT-base``,
+    ``PANN-14``, each optionally ``+roberta`` for the RoBERTa text tower."""
+    name, _, text = arch.partition("+")
+    if name not in RANDOM_ARCHS or text not in ("", "roberta"):
+        raise ClapError(
+            f"unknown architecture random:{arch}; choose one of "
+            + ", ".join(f"random:{a}" for a in RANDOM_ARCHS) + " (optionally +roberta)"
+        )
+    cfg = RANDOM_ARCHS[name]
+    if text == "roberta":
+        cfg = dataclasses.replace(cfg, text="roberta")
+    tok = _make_tokenizer(cfg, tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clap = build_laion_clap(cfg)
+    return ClapModel(clap, cfg, tok, source=f"random:{arch}")
+
+
+def laion_checkpoint_path(name: str) -> Path:
+    """Find ``laion:NAME`` locally (lmaczs cache, torch hub), else fetch it with laion's hub repo."""
+    stem = name[:-3] if name.endswith(".pt") else name
+    if stem in LAION_FUSION_CHECKPOINTS:
+        raise ClapError(f"laion:{stem} is a fusion model; lmaczs supports non-fusion CLAP (e.g. laion:630k-audioset-best)")
+    if stem not in LAION_CHECKPOINTS:
+        raise ClapError(f"unknown LAION checkpoint {stem!r}; known: {', '.join(LAION_CHECKPOINTS)}")
+    fname = stem + ".pt"
+    for folder in (cache_locations()["lmaczs_cache"], cache_locations()["torch_hub"]):
+        if (Path(folder) / fname).is_file():
+            return Path(folder) / fname
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(LAION_HUB_REPO, fname))
+    except Exception as e:
+        raise ClapError(
+            f"laion:{stem}: not in {cache_locations()['lmaczs_cache']} and the hub is not reachable "
+            f"({type(e).__name__}). Download {fname} yourself and pass --clap PATH/{fname}."
+        ) from e
+
+
+def load_clap(spec: str = "demo", tokenizer: str | os.PathLike | None = None) -> ClapModel:
+    """Resolve the one model option: ``demo | laion:NAME | PATH | random:ARCH``."""
+    if spec == "demo":
+        demo_dir = Path(__file__).parent / "demo" / "model"
+        if not (demo_dir / "clap.json").is_file():
+            raise ClapError("the bundled demo model is not in this installation yet; use --clap random:ARCH or PATH")
+        return load_clap_dir(demo_dir, tokenizer)
+    if spec.startswith("random:"):
+        return random_clap(spec[len("random:"):], tokenizer=tokenizer)
+    if spec.startswith("laion:"):
+        return load_laion_checkpoint(laion_checkpoint_path(spec[len("laion:"):]), tokenizer)
+    path = Path(spec)
+    if path.is_dir():
+        return load_clap_dir(path, tokenizer)
+    if path.is_file():
+        return load_laion_checkpoint(path, tokenizer)
+    raise ClapError(f"--clap {spec}: no such file or folder (use demo, laion:NAME, PATH or random:ARCH)")
 
 
 def cache_locations() -> dict[str, str]:
-    """Where model files are looked for: the HF cache (RoBERTa tokenizer) and torch hub."""
+    """Where model files are looked for: the HF cache (RoBERTa tokenizer), torch hub, our cache."""
     from huggingface_hub.constants import HF_HUB_CACHE
     import torch.hub
 
