@@ -83,3 +83,108 @@ def to_db(mel: torch.Tensor) -> torch.Tensor:
 def log_mel(wave: torch.Tensor) -> torch.Tensor:
     """The whole front end: wave (B, n) -> log-mel S (B, n // HOP + 1, N_MELS) in dB."""
     return to_db(mel_power(power(stft(wave))))
+
+
+# --------------------------------------------------------------------------- masking
+# A mask is a gain on magnitude in both domains, so power sees M². It multiplies power
+# *before* the log, so a mask of 0 is silence (the AMIN floor), never 0 dB.
+
+MASK_DOMAINS = ("mel", "stft")
+
+
+def masked_log_mel_from_mel(mel: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mel-masking: mel power (B, T, 64) and mask (B, T, 64) -> log(M² ⊙ mel(P)) (B, T, 64)."""
+    return to_db(mel * mask.square())
+
+
+def masked_log_mel_from_power(P: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """STFT-masking: power (B, T, 513) and mask (B, T, 513) -> log(mel(M² ⊙ P)) (B, T, 64)."""
+    return to_db(mel_power(P * mask.square()))
+
+
+@functools.lru_cache(maxsize=None)
+def _mel_to_linear_np() -> np.ndarray:
+    """(N_MELS, N_FREQS) weights W with W.sum(0) == 1: the linear mask of bin f is the
+    filterbank-weighted average of the mel mask over the bands covering f. The bins no mel
+    filter covers (below ~94 Hz and above 14 kHz) copy the nearest band, so ones map to ones."""
+    fb = _mel_np()                                        # (513, 64)
+    w = fb.copy()
+    covered = w.sum(axis=1) > 0
+    idx = np.flatnonzero(covered)
+    first_band, last_band = int(np.argmax(fb[idx[0]])), int(np.argmax(fb[idx[-1]]))
+    w[: idx[0], first_band] = 1.0                         # below the lowest filter
+    w[idx[-1] + 1 :, last_band] = 1.0                     # above the highest filter
+    w /= w.sum(axis=1, keepdims=True)
+    return np.ascontiguousarray(w.T.astype(np.float32))  # (64, 513)
+
+
+def mel_to_linear_weights(device: torch.device | str | None = None) -> torch.Tensor:
+    """(N_MELS, N_FREQS) averaging weights used by ``mel_mask_to_linear`` (columns sum to 1)."""
+    return torch.from_numpy(_mel_to_linear_np()).to(device)
+
+
+MEL_TO_LINEAR = ("linear", "power")
+
+
+def mel_mask_to_linear(mask: torch.Tensor, method: str = "linear") -> torch.Tensor:
+    """Map a mel-grid mask (B, T, 64) to the linear STFT grid (B, T, 513), for listening.
+
+    ``linear``: filterbank-weighted average of the band gains (a linear map).
+    ``power``:  the same average taken on M² (then square-rooted), so a bin's power gain is the
+                average of the power gains the encoder saw in its bands — non-linear in M, and
+                closer to what the masked mel input held where a loud band sits beside a quiet one.
+    Both map a mask of ones to ones and zeros to zeros.
+    """
+    w = mel_to_linear_weights(mask.device).to(mask.dtype)
+    if method == "linear":
+        return mask @ w
+    if method == "power":
+        return (mask.square() @ w).clamp_min(0).sqrt()
+    raise ValueError(f"unknown mel-to-linear method {method!r}; use one of {MEL_TO_LINEAR}")
+
+
+# --------------------------------------------------------------------------- inverse STFT
+
+
+@functools.lru_cache(maxsize=None)
+def _window_square_sum_np(n_frames: int) -> np.ndarray:
+    """Overlap-added squared Hann window over the centred, padded signal (not constant: 1024/480 is not COLA)."""
+    win2 = _hann_np().astype(np.float64) ** 2
+    total = np.zeros(N_FFT + HOP * (n_frames - 1))
+    for t in range(n_frames):
+        total[t * HOP : t * HOP + N_FFT] += win2
+    return total.astype(np.float32)
+
+
+def istft(X: torch.Tensor, length: int) -> torch.Tensor:
+    """Inverse of ``stft``: complex (B, T, 513) -> wave (B, length).
+
+    Each frame is inverse-DFT'd, multiplied by the synthesis window, overlap-added, and divided
+    by the overlap-added squared window (window-sum normalisation); the centre padding is cut off.
+    """
+    B, T, _ = X.shape
+    frames = torch.fft.irfft(X, n=N_FFT, dim=-1) * hann_window(X.device).to(X.real.dtype)  # (B, T, N_FFT)
+    out_len = N_FFT + HOP * (T - 1)
+    y = torch.nn.functional.fold(
+        frames.transpose(1, 2), output_size=(1, out_len), kernel_size=(1, N_FFT), stride=(1, HOP)
+    ).reshape(B, out_len)
+    norm = torch.from_numpy(_window_square_sum_np(T)).to(y.device, y.dtype)
+    y = y / torch.where(norm > 1e-8, norm, torch.ones_like(norm))
+    start = N_FFT // 2
+    y = y[:, start : start + length]
+    if y.shape[1] < length:  # only when asked for more than the frames cover
+        y = torch.nn.functional.pad(y, (0, length - y.shape[1]))
+    return y
+
+
+def listenable(wave: torch.Tensor, mask: torch.Tensor, domain: str, mel_to_linear: str = "linear") -> torch.Tensor:
+    """The listenable explanation (paper Eq. 8): iSTFT(|X| ⊙ M · e^{j∠X}), original phase.
+
+    wave (B, n); mask (B, n // HOP + 1, 64) for ``mel`` or (B, n // HOP + 1, 513) for ``stft``
+    -> wave (B, n).
+    """
+    if domain not in MASK_DOMAINS:
+        raise ValueError(f"unknown mask domain {domain!r}; use one of {MASK_DOMAINS}")
+    X = stft(wave)
+    gain = mel_mask_to_linear(mask, mel_to_linear) if domain == "mel" else mask
+    return istft(X * gain, wave.shape[-1])

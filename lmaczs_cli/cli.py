@@ -1,0 +1,444 @@
+"""The `lmaczs` command line: a thin shell over the library.
+
+Parsing, progress and exit codes live here; no ML logic does. Heavy modules (torch,
+onnxruntime, ...) are imported inside the command that needs them, so `lmaczs --help`
+stays fast.
+
+Exit codes: 0 all fine, 1 some work failed (a domain error, or some files failed),
+2 usage error (click's own code for bad options, and for commands not built yet).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.metadata
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Any, Callable, NoReturn
+
+import click
+
+from . import __version__
+from .audio import AudioError
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # some work failed
+EXIT_USAGE = 2  # click.UsageError's exit code
+
+# Library exceptions whose message is meant for the user; the CLI prints them without a
+# traceback and exits with EXIT_FAILED. Add each module's domain exception here, from a
+# module that imports without torch, so `lmaczs --help` stays fast.
+DOMAIN_ERRORS: tuple[type[Exception], ...] = (AudioError,)
+
+CLAP_HELP = "demo | laion:NAME | PATH (LAION .pt checkpoint) | random:ARCH"
+DEVICE_HELP = "auto | cpu | cuda | cuda:N  [default: auto: cuda when available]"
+EVAL_METHODS = ("lmaczs", "gradcam", "gradcam++", "smoothgrad", "ig")
+
+
+class _Group(click.Group):
+    """A click group that turns library (domain) exceptions into clean CLI errors."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DOMAIN_ERRORS as e:
+            raise click.ClickException(str(e)) from e
+
+
+def not_built(ctx: click.Context) -> NoReturn:
+    """Say that a command exists in the design but is not built yet, and exit 2."""
+    click.echo(f"lmaczs {ctx.info_name}: not implemented yet", err=True)
+    ctx.exit(EXIT_USAGE)
+
+
+def clap_options(f: Callable) -> Callable:
+    """The options that name the CLAP model, shared by every command that loads one."""
+    f = click.option(
+        "--tokenizer",
+        type=click.Path(exists=True, file_okay=False, path_type=Path),
+        default=None,
+        help="RoBERTa tokenizer directory; else the HF cache.",
+    )(f)
+    f = click.option(
+        "--clap",
+        "--clap-ckpt",
+        "clap",
+        default="demo",
+        show_default=True,
+        metavar="TEXT",
+        help=CLAP_HELP,
+    )(f)
+    return f
+
+
+def _device_option(f: Callable) -> Callable:
+    return click.option("--device", default="auto", metavar="DEVICE", help=DEVICE_HELP)(f)
+
+
+def _batch_option(default: int) -> Callable[[Callable], Callable]:
+    return click.option(
+        "--batch-size",
+        type=click.IntRange(min=1),
+        default=default,
+        show_default=True,
+        help="Clips per model batch.",
+    )
+
+
+def _decoder_option(f: Callable) -> Callable:
+    return click.option(
+        "--decoder",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        default=None,
+        help="Trained decoder (.safetensors, its JSON config beside it); "
+        "default: the bundled demo decoder with --clap demo.",
+    )(f)
+
+
+def _force_option(f: Callable) -> Callable:
+    return click.option(
+        "--force",
+        is_flag=True,
+        help="Load a decoder even if it was trained on a different CLAP.",
+    )(f)
+
+
+def _parse_methods(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    methods = tuple(m.strip().lower() for m in value.split(",") if m.strip())
+    unknown = [m for m in methods if m not in EVAL_METHODS]
+    if unknown or not methods:
+        raise click.BadParameter(
+            f"unknown method(s) {', '.join(unknown) or '(none given)'}; "
+            f"choose from {','.join(EVAL_METHODS)}"
+        )
+    return methods
+
+
+@click.group(name="lmaczs", cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="lmaczs", message="%(prog)s %(version)s")
+def main() -> None:
+    """Listenable explanations for zero-shot audio classifiers.
+
+    LAION-CLAP scores an audio clip against any text prompt. LMAC-ZS (Paissan et al.,
+    NeurIPS 2024) explains that score with a small decoder that reads the CLAP audio
+    encoder's hidden states and the prompt's text embedding and outputs a
+    time-frequency mask; the masked input keeps the original audio-text similarities.
+    Applied to the spectrogram with the original phase and inverted, the mask is a wav
+    you can play: the part of the sound the model used for that prompt.
+
+    Status: `info` works; `train`, `export`, `explain` and `eval` are under
+    construction and exit 2 with "not implemented yet".
+
+    Examples:
+
+    \b
+      lmaczs info
+      lmaczs info --json
+      lmaczs explain clips/ --prompt "dog barking" --out explanations/
+      lmaczs explain a.wav b.ogg -p siren -p rain --clap 630k-audioset-best.pt --decoder dec.safetensors --out out/
+      lmaczs train --data captions.csv --clap random:HTSAT-tiny --out runs/dec1
+      lmaczs eval --data labelled/ --methods lmaczs,gradcam --out eval/
+    """
+
+
+@main.command(short_help="Write listenable explanations for clips and prompts (under construction).")
+@click.argument(
+    "paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path)
+)
+@click.option(
+    "--prompt", "-p", "prompts", multiple=True, required=True,
+    help="Text prompt to explain; repeat for several prompts per clip.",
+)
+@click.option(
+    "--out", "-o", required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output directory; mirrors the input tree.",
+)
+@clap_options
+@_decoder_option
+@_force_option
+@click.option(
+    "--backend", type=click.Choice(["torch", "onnx", "trt"]), default="torch",
+    show_default=True, help="torch eager, ONNX Runtime, or TensorRT engines from `lmaczs export --trt`.",
+)
+@_batch_option(8)
+@_device_option
+@click.option(
+    "--workers", type=click.IntRange(min=0), default=2, show_default=True,
+    help="Audio decode/resample worker processes.",
+)
+@click.option(
+    "--sr", type=click.IntRange(min=1), default=48_000, show_default=True,
+    help="Sample rate of the explanation wavs (Hz).",
+)
+@click.option("--save-mask", is_flag=True, help="Also write <name>.<prompt>.mask.npy.")
+@click.option("--png", is_flag=True, help="Also write spectrogram | mask | masked PNGs.")
+@click.option("--overwrite", is_flag=True, help="Redo work a previous run finished.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+@click.pass_context
+def explain(ctx: click.Context, **_: Any) -> None:
+    """Explain what CLAP heard for each prompt, as listenable wavs (under construction).
+
+    For every audio file in PATHS (files or directories, any soundfile format) and every
+    --prompt, writes under --out, mirroring the input tree: <name>.<prompt-slug>.wav
+    (the listenable explanation), optional .mask.npy and .png, one results.jsonl line
+    per (file, prompt, window) with the similarity before and after masking,
+    errors.jsonl for files that failed, and index.html. A rerun skips finished work.
+    Exits 0 when all files succeed, 1 when some failed (they are listed).
+
+    Examples:
+
+    \b
+      lmaczs explain clips/ --prompt "dog barking" --out explanations/
+      lmaczs explain street.ogg -p "car horn" -p "footsteps" --png --out out/
+    """
+    not_built(ctx)
+
+
+@main.command(short_help="Train a mask decoder on a frozen CLAP (under construction).")
+@click.option(
+    "--data", required=True, type=click.Path(exists=True, path_type=Path),
+    help="Training manifest: Clotho-style CSV, JSONL, or a labelled folder.",
+)
+@click.option(
+    "--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+    help="Run directory: checkpoints (safetensors + JSON config) and logs.",
+)
+@clap_options
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@_batch_option(16)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
+              help="Learning rate.")
+@click.option(
+    "--domain", type=click.Choice(["mel", "stft"]), default="mel", show_default=True,
+    help="Mask on the 64-band mel grid or on the 513-bin linear STFT grid.",
+)
+@click.option("--resume", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Continue from a checkpoint.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@_device_option
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
+              help="DataLoader worker processes.")
+@click.pass_context
+def train(ctx: click.Context, **_: Any) -> None:
+    """Train an LMAC-ZS mask decoder on a frozen CLAP (under construction).
+
+    Only the decoder learns; the CLAP stays frozen. The objective keeps the masked
+    audio's similarities to matched and mismatched captions, makes masks depend on the
+    prompt and keeps them sparse. Under torchrun it trains with DDP.
+
+    Examples:
+
+    \b
+      lmaczs train --data captions.csv --clap random:HTSAT-tiny --out runs/dec1
+      lmaczs train --data clotho.csv --clap 630k-audioset-best.pt --domain stft --epochs 20 --out runs/stft
+      torchrun --nproc-per-node 2 -m lmaczs_cli train --data clotho.csv --out runs/ddp
+    """
+    not_built(ctx)
+
+
+@main.command(short_help="Export to ONNX / TensorRT (under construction).")
+@click.option(
+    "--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+    help="Directory for the .onnx graphs (and .engine files) with JSON sidecars.",
+)
+@clap_options
+@_decoder_option
+@_force_option
+@click.option("--trt", is_flag=True, help="Also build TensorRT engines (needs a CUDA GPU and tensorrt).")
+@click.option("--fp16", is_flag=True, help="fp16 outside the STFT/mel/log front end.")
+@click.option("--opset", type=click.IntRange(min=13), default=17, show_default=True)
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Largest dynamic batch size of the graphs and engines.")
+@_device_option
+@click.pass_context
+def export(ctx: click.Context, **_: Any) -> None:
+    """Export the explainer to ONNX and, with --trt, TensorRT (under construction).
+
+    Writes the text encoder, the audio encoder with the decoder, and the fused
+    explainer graph (waveforms and text embeddings in; masks, listenable waveforms and
+    similarities out), for `lmaczs explain --backend onnx|trt`.
+
+    Examples:
+
+    \b
+      lmaczs export --out engines/
+      lmaczs export --clap 630k-audioset-best.pt --decoder dec.safetensors --trt --fp16 --out engines/
+    """
+    not_built(ctx)
+
+
+@main.command(name="eval", short_help="Compare LMAC-ZS with baselines by faithfulness (under construction).")
+@click.option(
+    "--data", required=True, type=click.Path(exists=True, path_type=Path),
+    help="Labelled data: a manifest or a labelled folder (or the demo world's).",
+)
+@click.option(
+    "--methods", default=",".join(EVAL_METHODS), show_default=True, callback=_parse_methods,
+    help="Comma-separated explanation methods to compare.",
+)
+@click.option(
+    "--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+    help="Directory for the metrics tables and per-clip results.",
+)
+@clap_options
+@_decoder_option
+@_force_option
+@_batch_option(8)
+@_device_option
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON on stdout.")
+@click.pass_context
+def eval_(ctx: click.Context, **_: Any) -> None:
+    """Compare explanations by faithfulness metrics (under construction).
+
+    Runs LMAC-ZS and the baselines (GradCAM, GradCAM++, SmoothGrad, Integrated
+    Gradients) on labelled clips and reports faithfulness metrics, and localisation
+    against the ground truth where the data has it (the demo world).
+
+    Examples:
+
+    \b
+      lmaczs eval --data labelled/ --out eval/
+      lmaczs eval --data esc50.csv --methods lmaczs,gradcam,ig --json --out eval/
+    """
+    not_built(ctx)
+
+
+@main.command(short_help="Show versions, the compute device and model caches.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def info(as_json: bool) -> None:
+    """Show versions, the compute device and model cache locations.
+
+    Touches no network and loads no model.
+
+    Examples:
+
+    \b
+      lmaczs info
+      lmaczs info --json
+    """
+    # Keep stray prints of imported libraries off stdout, which --json owns.
+    with contextlib.redirect_stdout(sys.stderr):
+        report = collect_info()
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        _print_info(report)
+
+
+def _dist_version(dist: str) -> str:
+    """A distribution's version from its metadata, without importing it."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _module_version(module: str, dist: str | None = None) -> str:
+    """An importable module's version; "not installed", or why the import failed."""
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return "not installed"
+    except Exception as e:  # e.g. a GPU library whose shared objects fail to load
+        return f"import failed: {type(e).__name__}: {e}"
+    version = getattr(mod, "__version__", None)
+    return str(version) if version else _dist_version(dist or module)
+
+
+def collect_info() -> dict[str, Any]:
+    """Versions, device and caches as one JSON-able dict (the `info --json` schema)."""
+    import torch
+
+    from .clap import cache_locations
+
+    packages: dict[str, str] = {
+        "torch": torch.__version__,
+        "torchvision": _dist_version("torchvision"),
+        # Never import laion_clap: its __init__ builds hub tokenizers (minutes, network).
+        "laion-clap": _dist_version("laion-clap"),
+        "numpy": _module_version("numpy"),
+        "soundfile": _module_version("soundfile"),
+        "libsndfile": _libsndfile_version(),
+        "soxr": _module_version("soxr"),
+        "onnx": _dist_version("onnx"),
+        "onnxruntime": _module_version("onnxruntime"),
+        "tensorrt": _module_version("tensorrt"),
+        "triton": _module_version("triton"),
+    }
+    try:
+        import onnxruntime
+
+        providers = list(onnxruntime.get_available_providers())
+    except Exception:  # not installed or broken: the version above says which
+        providers = []
+
+    cuda = torch.cuda.is_available()
+    count = torch.cuda.device_count() if cuda else 0
+    device = {
+        "device": "cuda" if cuda else "cpu",
+        "cuda_available": cuda,
+        "cuda_device_count": count,
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(count)],
+        "torch_cuda_version": torch.version.cuda,
+        "torch_threads": torch.get_num_threads(),
+    }
+    return {
+        "lmaczs": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": packages,
+        "onnxruntime_providers": providers,
+        "device": device,
+        "caches": cache_locations(),
+    }
+
+
+def _libsndfile_version() -> str:
+    try:
+        import soundfile
+    except ImportError:
+        return "not installed"
+    except Exception as e:  # soundfile present but libsndfile missing
+        return f"import failed: {type(e).__name__}: {e}"
+    return str(soundfile.__libsndfile_version__)
+
+
+def _print_info(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+
+    def section(title: str) -> None:
+        table.add_row(f"[cyan]{title}[/cyan]", "")
+
+    section("lmaczs")
+    table.add_row("  lmaczs", report["lmaczs"])
+    table.add_row("  python", report["python"])
+    table.add_row("  platform", report["platform"])
+    section("packages")
+    for name, version in report["packages"].items():
+        table.add_row(f"  {name}", version)
+    table.add_row("  onnxruntime providers", ", ".join(report["onnxruntime_providers"]) or "none")
+    section("device")
+    dev = report["device"]
+    if dev["cuda_available"]:
+        names = ", ".join(dev["cuda_devices"])
+        table.add_row("  torch device", f"cuda: {dev['cuda_device_count']} x {names}")
+        table.add_row("  torch CUDA", str(dev["torch_cuda_version"]))
+    else:
+        table.add_row("  torch device", "cpu (no CUDA device)")
+    table.add_row("  torch threads", str(dev["torch_threads"]))
+    section("caches")
+    for name, path in report["caches"].items():
+        table.add_row(f"  {name}", path)
+    Console(highlight=False).print(table)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(prog_name="lmaczs")

@@ -1,0 +1,106 @@
+"""The LMAC-ZS objective (Paissan et al. 2024, Eq. 6-7), with means instead of sums.
+
+For a batch of B clips with captions, text embeddings t (B, D) and audio embeddings a (B, D)
+(both L2-normalised), the CLAP similarity matrix is C_ij = t_i · a_j. A *pair* (i, j) is
+(text i, audio j); its mask M_ij = D(t_i, h_j) gives the masked embedding ã_ij.
+
+  similarity  = mean over pairs  | C_ij - t_i · ã_ij |                     (L1, every pair)
+  sparsity    = mean over pairs  mean(M_ij)                                  (L1 of a mask in [0,1])
+  diversity   = mean over (i, j≠i) with both (i,i) and (j,i) formed
+                  | t_i · t_j  -  ã_ii · ã_ji |                              (Eq. 7)
+  total       = similarity + λ1 · sparsity + λ2 · diversity
+
+Means rather than sums keep the weights independent of batch size and pair subsampling.
+No logit scale multiplies C: the paper regresses raw cosine similarities.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LossTerms:
+    total: torch.Tensor
+    similarity: torch.Tensor
+    sparsity: torch.Tensor
+    diversity: torch.Tensor
+
+    def as_floats(self) -> dict[str, float]:
+        return {k: float(getattr(self, k).detach()) for k in ("total", "similarity", "sparsity", "diversity")}
+
+
+def all_pairs(batch: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Every (text i, audio j) pair of a batch: (B*B, 2), matched pairs included."""
+    i, j = torch.meshgrid(torch.arange(batch, device=device), torch.arange(batch, device=device), indexing="ij")
+    return torch.stack([i.reshape(-1), j.reshape(-1)], dim=1)
+
+
+def sample_pairs(batch: int, mismatched_per_clip: int, generator: torch.Generator) -> torch.Tensor:
+    """All B matched pairs (i, i) + ``m`` mismatched texts per clip, drawn without replacement:
+    (B * (1 + m), 2). With m >= B - 1 this is every pair."""
+    m = min(mismatched_per_clip, batch - 1)
+    pairs = [(j, j) for j in range(batch)]
+    for j in range(batch):
+        others = [i for i in range(batch) if i != j]
+        pick = torch.randperm(len(others), generator=generator)[:m].tolist()
+        pairs += [(others[k], j) for k in pick]
+    return torch.tensor(pairs, dtype=torch.long)
+
+
+def similarity_term(original: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """Mean |C_ij - t_i·ã_ij| over pairs; both arguments (P,)."""
+    return (original - masked).abs().mean()
+
+
+def sparsity_term(masks: torch.Tensor) -> torch.Tensor:
+    """Mean mask value over pairs and cells; masks (P, T, F) in [0, 1] (L1 / size)."""
+    return masks.abs().mean()
+
+
+def diversity_term(text: torch.Tensor, pairs: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """Eq. 7, averaged: for each clip i and each other text j whose pair (j, i) was formed,
+    | t_i·t_j - ã_ii·ã_ji |. text (B, D); pairs (P, 2) = (text, audio); masked (P, D).
+    Zero when no clip has both its matched and a mismatched pair."""
+    index = {(int(ti), int(aj)): k for k, (ti, aj) in enumerate(pairs.tolist())}
+    rows_self, rows_other, ti, tj = [], [], [], []
+    for (t_idx, a_idx), k in index.items():
+        if t_idx == a_idx:
+            continue
+        self_k = index.get((a_idx, a_idx))
+        if self_k is None:
+            continue
+        rows_self.append(self_k)
+        rows_other.append(k)
+        ti.append(a_idx)
+        tj.append(t_idx)
+    if not rows_self:
+        return masked.new_zeros(())
+    device = masked.device
+    rs, ro = torch.tensor(rows_self, device=device), torch.tensor(rows_other, device=device)
+    text_sim = (text[torch.tensor(ti, device=device)] * text[torch.tensor(tj, device=device)]).sum(-1)
+    masked_sim = (masked[rs] * masked[ro]).sum(-1)
+    return (text_sim - masked_sim).abs().mean()
+
+
+def lmac_zs_loss(
+    text: torch.Tensor,
+    audio: torch.Tensor,
+    pairs: torch.Tensor,
+    masked: torch.Tensor,
+    masks: torch.Tensor,
+    lambda_sparsity: float,
+    lambda_diversity: float,
+) -> LossTerms:
+    """text (B, D), audio (B, D): CLAP embeddings of the captions and the unmasked clips;
+    pairs (P, 2) = (text index, audio index); masked (P, D): embedding of audio j under the mask
+    for text i; masks (P, T, F). Returns every term (the total carries the gradient)."""
+    ti, aj = pairs[:, 0], pairs[:, 1]
+    original = (text[ti] * audio[aj]).sum(-1)          # C_ij, no gradient path to the decoder
+    kept = (text[ti] * masked).sum(-1)                 # t_i · ã_ij
+    sim = similarity_term(original, kept)
+    spa = sparsity_term(masks)
+    div = diversity_term(text, pairs, masked)
+    total = sim + lambda_sparsity * spa + lambda_diversity * div
+    return LossTerms(total=total, similarity=sim, sparsity=spa, diversity=div)

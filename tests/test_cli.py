@@ -1,0 +1,257 @@
+"""The `lmaczs` command line: help, version, exit codes, `info`, and the CI's README commands."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+import lmaczs_cli
+from lmaczs_cli.audio import AudioError
+from lmaczs_cli.cli import CLAP_HELP, main
+
+REPO = Path(__file__).resolve().parent.parent
+COMMANDS = ["train", "export", "explain", "eval", "info"]
+UNBUILT = ["train", "export", "explain", "eval"]
+MODEL_COMMANDS = ["train", "export", "explain", "eval"]
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def _example_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip().startswith("lmaczs ")]
+
+
+def _unbuilt_args(command: str, tmp_path: Path) -> list[str]:
+    """Arguments that parse for each unbuilt command, so it reaches its body."""
+    out = str(tmp_path / "out")
+    return {
+        "train": ["--data", str(tmp_path), "--out", out],
+        "export": ["--out", out],
+        "explain": [str(tmp_path), "--prompt", "dog barking", "--out", out],
+        "eval": ["--data", str(tmp_path), "--out", out],
+    }[command]
+
+
+def test_version_prints_package_version(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["--version"])
+    assert result.exit_code == 0
+    assert result.output == f"lmaczs {lmaczs_cli.__version__}\n"
+
+
+def test_group_help_explains_and_lists_every_command(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["--help"])
+    assert result.exit_code == 0
+    assert "LMAC-ZS" in result.output
+    for command in COMMANDS:
+        assert re.search(rf"^\s+{command}\s", result.output, re.M), command
+    assert len(_example_lines(result.output)) >= 3
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_help_has_an_example(runner: CliRunner, command: str) -> None:
+    result = runner.invoke(main, [command, "--help"])
+    assert result.exit_code == 0
+    examples = _example_lines(result.output)
+    assert examples and all(line.startswith(f"lmaczs {command}") for line in examples)
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS)
+def test_model_commands_share_the_clap_options(runner: CliRunner, command: str) -> None:
+    result = runner.invoke(main, [command, "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    assert "--clap" in result.output and "--tokenizer DIRECTORY" in result.output
+    assert CLAP_HELP in result.output
+    assert "[default: demo]" in result.output
+
+
+@pytest.mark.parametrize("command", UNBUILT)
+def test_unbuilt_commands_say_so_and_exit_2(runner: CliRunner, command: str, tmp_path: Path) -> None:
+    result = runner.invoke(main, [command, *_unbuilt_args(command, tmp_path)])
+    assert result.exit_code == 2
+    assert result.stderr == f"lmaczs {command}: not implemented yet\n"
+    assert result.stdout == ""
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_required_option_is_a_usage_error(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(main, ["explain", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "Missing option '--prompt' / '-p'" in result.stderr
+
+
+def test_eval_rejects_an_unknown_method(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(
+        main, ["eval", "--data", str(tmp_path), "--methods", "lmaczs,lime", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 2
+    assert "Invalid value for '--methods': unknown method(s) lime" in result.stderr
+
+
+@pytest.fixture
+def failing_command():
+    """A throwaway subcommand whose library call raises a domain error."""
+
+    @click.command(name="fail-audio")
+    def fail_audio() -> None:
+        raise AudioError("not a sound file", "clip.ogg")
+
+    main.add_command(fail_audio)
+    yield "fail-audio"
+    del main.commands["fail-audio"]
+
+
+def test_domain_errors_become_clean_messages_with_exit_1(runner: CliRunner, failing_command: str) -> None:
+    result = runner.invoke(main, [failing_command])
+    assert result.exit_code == 1
+    assert result.stderr == "Error: not a sound file: clip.ogg\n"
+    assert "Traceback" not in result.output
+
+
+def test_info_json_is_one_object_with_versions_device_and_caches(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["info", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["lmaczs"] == lmaczs_cli.__version__
+    assert report["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert report["platform"]
+    expected = {"torch", "torchvision", "laion-clap", "numpy", "soundfile", "libsndfile",
+                "soxr", "onnx", "onnxruntime", "tensorrt", "triton"}
+    assert set(report["packages"]) == expected
+    assert all(isinstance(v, str) and v for v in report["packages"].values())
+    assert report["packages"]["torch"].startswith("2.")
+    assert "CPUExecutionProvider" in report["onnxruntime_providers"]
+    device = report["device"]
+    assert device["device"] in {"cpu", "cuda"}
+    assert device["cuda_available"] == (device["device"] == "cuda")
+    assert device["cuda_device_count"] == len(device["cuda_devices"])
+    assert device["torch_threads"] >= 1
+    assert {"hf_hub_cache", "torch_hub", "lmaczs_cache"} <= set(report["caches"])
+
+
+def test_info_never_imports_laion_clap(runner: CliRunner) -> None:
+    # laion_clap's __init__ builds hub tokenizers: minutes, and the network.
+    already = "laion_clap" in sys.modules
+    result = runner.invoke(main, ["info"])
+    assert result.exit_code == 0
+    assert already or "laion_clap" not in sys.modules
+
+
+def test_info_table_names_versions_and_device(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["info"], terminal_width=200)
+    assert result.exit_code == 0
+    for label in ("lmaczs", "torch", "laion-clap", "libsndfile", "onnxruntime providers",
+                  "torch device", "torch threads", "hf_hub_cache"):
+        assert label in result.stdout
+
+
+def test_info_reports_cuda_devices_when_present(runner: CliRunner, monkeypatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"Fake GPU {i}")
+    report = json.loads(runner.invoke(main, ["info", "--json"]).stdout)
+    assert report["device"]["device"] == "cuda"
+    assert report["device"]["cuda_devices"] == ["Fake GPU 0", "Fake GPU 1"]
+    table = runner.invoke(main, ["info"], terminal_width=200).stdout
+    assert "cuda: 2 x Fake GPU 0, Fake GPU 1" in table
+
+
+def _run_module(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "lmaczs_cli", *args],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=120,
+    )
+
+
+def test_python_dash_m_runs_the_cli() -> None:
+    proc = _run_module("--version")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"lmaczs {lmaczs_cli.__version__}\n"
+    usage = _run_module("--help")
+    assert usage.stdout.startswith("Usage: lmaczs ")
+
+
+def _readme_commands() -> dict[str, str]:
+    """The command after each `<!-- setup:NAME -->` marker: first non-empty line of its block."""
+    lines = (REPO / "README.md").read_text().splitlines()
+    commands: dict[str, str] = {}
+    for i, line in enumerate(lines):
+        m = re.fullmatch(r"<!-- setup:(\w+) -->", line)
+        if not m:
+            continue
+        assert lines[i + 1].startswith("```"), f"marker {line} is not followed by a fenced block"
+        body = [b for b in lines[i + 2:] if b.strip()]
+        assert m.group(1) not in commands, f"marker {line} appears twice"
+        assert not body[0].startswith("```"), f"the block after {line} is empty"
+        commands[m.group(1)] = body[0]
+    return commands
+
+
+def test_readme_has_exactly_two_setup_commands() -> None:
+    commands = _readme_commands()
+    assert list(commands) == ["run", "test"]
+    assert commands["run"].startswith("python3 -m venv .venv && . .venv/bin/activate && pip install -e . && ")
+    assert "pytest" in commands["test"] and "'.[test]'" in commands["test"]
+
+
+def test_ci_prints_exactly_the_readme_commands() -> None:
+    ci = REPO / ".ci" / "run"
+    assert os.access(ci, os.X_OK)
+    proc = subprocess.run([str(ci), "--print-commands"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    commands = _readme_commands()
+    assert proc.stdout == f"{commands['run']}\n{commands['test']}\n"
+
+
+def _ci_in(tmp_path: Path, readme: str, *args: str) -> subprocess.CompletedProcess:
+    """Run a copy of .ci/run in tmp_path (not a git checkout) with the given README."""
+    (tmp_path / ".ci").mkdir()
+    (tmp_path / ".ci" / "run").write_bytes((REPO / ".ci" / "run").read_bytes())
+    (tmp_path / "README.md").write_text(readme)
+    return subprocess.run(["bash", str(tmp_path / ".ci" / "run"), *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def _setup_readme(run: str, test: str) -> str:
+    return f"# x\n\n<!-- setup:run -->\n```bash\n{run}\n```\n\n<!-- setup:test -->\n```bash\n\n{test}\n```\n"
+
+
+def test_ci_refuses_a_readme_without_its_markers(tmp_path: Path) -> None:
+    proc = _ci_in(tmp_path, "# x\n\n<!-- setup:run -->\n```bash\necho hi\n```\n", "--print-commands")
+    assert proc.returncode == 1
+    assert "has 1 '<!-- setup:' markers; expected 2" in proc.stderr
+
+
+def test_ci_runs_both_commands_in_a_scratch_copy_and_reports_times(tmp_path: Path) -> None:
+    proc = _ci_in(tmp_path, _setup_readme("echo ran > proof && test ! -e .venv", "cat proof"))
+    assert proc.returncode == 0, proc.stderr
+    assert "+ echo ran > proof && test ! -e .venv\n" in proc.stdout
+    assert "+ cat proof\nran\n" in proc.stdout
+    assert "== pip install time: 0.0 s" in proc.stdout
+    assert "== total elapsed: " in proc.stdout
+    assert not (tmp_path / "proof").exists()  # the repository itself is left alone
+
+
+def test_ci_fails_when_pytest_collects_no_tests(tmp_path: Path) -> None:
+    proc = _ci_in(tmp_path, _setup_readme("true", "exit 5"))
+    assert proc.returncode == 1
+    assert "collected no tests (exit 5)" in proc.stderr
+
+
+def test_ci_fails_when_the_first_command_fails(tmp_path: Path) -> None:
+    proc = _ci_in(tmp_path, _setup_readme("false", "echo never"))
+    assert proc.returncode == 1
+    assert "== setup:run: exit 1" in proc.stdout
+    assert "+ echo never" not in proc.stdout

@@ -1,0 +1,98 @@
+"""The decoder: unfolding HTSAT's grids, text conditioning, shapes, saving and identity checks."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmaczs_cli import clap as C
+from lmaczs_cli import decoder as D
+from lmaczs_cli import spectral
+from lmaczs_cli.audio import CLIP_SAMPLES, N_FRAMES, N_FREQS, N_MELS
+
+
+def _inputs(clap, batch=2, seed=0):
+    waves = 0.1 * torch.randn(batch, CLIP_SAMPLES, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        logmel = clap.front_end(waves)
+        _, hidden = clap.encode(logmel)
+        log_power = spectral.to_db(spectral.power(spectral.stft(waves)))
+    return waves, logmel, hidden, log_power
+
+
+def test_unfold_inverts_laion_reshape_wav2img(tiny_clap):
+    """Cells marked on a log-mel, folded by laion, unfolded by ours, land back on those cells."""
+    cells = [(0, 0), (10, 5), (250, 63), (300, 17), (512, 40), (777, 2), (1000, 33)]
+    logmel = torch.zeros(1, 1, N_FRAMES, N_MELS)
+    for t, m in cells:
+        logmel[0, 0, t, m] = 1.0
+    with torch.no_grad():
+        folded = tiny_clap.branch.reshape_wav2img(logmel)           # (1, 1, 256, 256), laion's code
+    assert folded.shape == (1, 1, 256, 256)
+    back = D.unstretch_frames(D.unfold_htsat(folded))[0, 0]         # (1001, 64)
+    assert back.shape == (N_FRAMES, N_MELS)
+    for t, m in cells:
+        column = back[:, m]
+        assert column.argmax().item() == t, (t, m)
+        assert back[t].argmax().item() == m
+        assert back[t, m] > 0.5  # bicubic stretch + linear unstretch smear a one-cell mark a little
+
+
+def test_unfold_is_exact_at_full_resolution_on_1024_frames(tiny_clap):
+    x = torch.randn(2, 3, D.HTSAT_FRAMES, N_MELS)
+    # laion's reshape without the stretch (T == 1024 already): a pure permutation
+    folded = tiny_clap.branch.reshape_wav2img(x)
+    assert torch.equal(D.unfold_htsat(folded), x)
+
+
+def test_interp_matrix_is_identity_when_sizes_match_and_keeps_constants():
+    assert torch.equal(D.interp_matrix(7, 7), torch.eye(7))
+    m = D.interp_matrix(1024, 1001)
+    assert torch.allclose(m.sum(dim=1), torch.ones(1001))
+
+
+@pytest.mark.parametrize("domain, bins", [("mel", N_MELS), ("stft", N_FREQS)])
+def test_mask_shape_range_and_prompt_dependence(tiny_clap, domain, bins):
+    torch.manual_seed(0)
+    dec = D.MaskDecoder(D.DecoderConfig.for_clap(tiny_clap, domain=domain)).eval()
+    _, logmel, hidden, log_power = _inputs(tiny_clap)
+    text = tiny_clap.encode_text(["glass breaking", "glass breaking"])
+    other = tiny_clap.encode_text(["a dog barking", "a dog barking"])
+    with torch.no_grad():
+        m1 = dec(hidden, text, logmel, log_power)
+        m2 = dec(hidden, other, logmel, log_power)
+    assert m1.shape == (2, N_FRAMES, bins)
+    assert m1.min() >= 0 and m1.max() <= 1
+    # two prompts give measurably different masks from the same random decoder
+    assert (m1 - m2).abs().mean().item() > 1e-3
+
+
+def test_decoder_needs_at_least_four_text_tokens(tiny_clap):
+    with pytest.raises(D.DecoderError, match="single key is a constant bias"):
+        D.DecoderConfig.for_clap(tiny_clap, text_tokens=1)
+
+
+@pytest.mark.slow
+def test_decoder_runs_on_pann14_hidden_states():
+    pann = C.random_clap("PANN-14", seed=0)
+    dec = D.MaskDecoder(D.DecoderConfig.for_clap(pann)).eval()
+    assert dec.cfg.backbone == "pann" and dec.cfg.hidden_time == (125, 62, 31, 31)
+    _, logmel, hidden, _ = _inputs(pann, batch=1)
+    with torch.no_grad():
+        mask = dec(hidden, pann.encode_text(["rain"]), logmel)
+    assert mask.shape == (1, N_FRAMES, N_MELS) and torch.isfinite(mask).all()
+
+
+def test_save_load_round_trip_and_clap_identity_check(tmp_path, tiny_clap):
+    dec = D.MaskDecoder(D.DecoderConfig.for_clap(tiny_clap)).eval()
+    meta = {"clap": {"identity": tiny_clap.identity(), "source": tiny_clap.source}}
+    D.save_decoder(dec, tmp_path / "run", meta)
+    loaded, config = D.load_decoder(tmp_path / "run", clap=tiny_clap)
+    _, logmel, hidden, _ = _inputs(tiny_clap, batch=1)
+    text = tiny_clap.encode_text(["rain"])
+    with torch.no_grad():
+        assert torch.equal(loaded(hidden, text, logmel), dec(hidden, text, logmel))
+    other = C.random_clap("tiny", seed=99)
+    with pytest.raises(D.DecoderError, match="trained on CLAP .* --force"):
+        D.load_decoder(tmp_path / "run", clap=other)
+    forced, _ = D.load_decoder(tmp_path / "run", clap=other, force=True)
+    assert isinstance(forced, D.MaskDecoder)
