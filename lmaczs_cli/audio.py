@@ -23,6 +23,7 @@ from typing import BinaryIO
 import numpy as np
 import soundfile as sf
 import soxr
+from .errors import LmaczsError
 
 SAMPLE_RATE = 48_000          # Hz, LAION-CLAP's input rate
 CLIP_SECONDS = 10             # s, one model window
@@ -55,7 +56,7 @@ _KEEP_HINT = "pass allow_truncated=True to keep the readable part"
 # ----------------------------------------------------------------------------- loading
 
 
-class AudioError(Exception):
+class AudioError(LmaczsError):
     """A file that cannot be loaded as audio. ``str(e)`` is one line: reason, then path."""
 
     def __init__(self, reason: str, path: str | os.PathLike) -> None:

@@ -47,6 +47,7 @@ from torch import nn
 
 from . import spectral
 from .audio import CLIP_SAMPLES, F_MAX, F_MIN, HOP, N_FFT, N_MELS, SAMPLE_RATE
+from .errors import LmaczsError
 
 _PKG = "_lmaczs_laion_clap"  # private alias of the installed laion_clap package directory
 
@@ -78,7 +79,7 @@ LAION_FUSION_CHECKPOINTS = {"630k-fusion-best", "630k-audioset-fusion-best"}
 LAION_HUB_REPO = "lukewys/laion_clap"
 
 
-class ClapError(Exception):
+class ClapError(LmaczsError):
     """A CLAP model or tokenizer could not be built or loaded; the message names the fix."""
 
 

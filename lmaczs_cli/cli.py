@@ -21,7 +21,7 @@ from typing import Any, Callable, NoReturn
 import click
 
 from . import __version__
-from .audio import AudioError
+from .errors import LmaczsError
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # some work failed
@@ -30,7 +30,7 @@ EXIT_USAGE = 2  # click.UsageError's exit code
 # Library exceptions whose message is meant for the user; the CLI prints them without a
 # traceback and exits with EXIT_FAILED. Add each module's domain exception here, from a
 # module that imports without torch, so `lmaczs --help` stays fast.
-DOMAIN_ERRORS: tuple[type[Exception], ...] = (AudioError,)
+DOMAIN_ERRORS: tuple[type[Exception], ...] = (LmaczsError,)
 
 CLAP_HELP = "demo | laion:NAME | PATH (LAION .pt checkpoint) | random:ARCH"
 DEVICE_HELP = "auto | cpu | cuda | cuda:N  [default: auto: cuda when available]"
@@ -128,7 +128,7 @@ def main() -> None:
     Applied to the spectrogram with the original phase and inverted, the mask is a wav
     you can play: the part of the sound the model used for that prompt.
 
-    Status: `info` works; `train`, `export`, `explain` and `eval` are under
+    Status: `info` and `train` work; `export`, `explain` and `eval` are under
     construction and exit 2 with "not implemented yet".
 
     Examples:
@@ -138,7 +138,7 @@ def main() -> None:
       lmaczs info --json
       lmaczs explain clips/ --prompt "dog barking" --out explanations/
       lmaczs explain a.wav b.ogg -p siren -p rain --clap 630k-audioset-best.pt --decoder dec.safetensors --out out/
-      lmaczs train --data captions.csv --clap random:HTSAT-tiny --out runs/dec1
+      lmaczs train --data captions.jsonl --clap random:tiny --out runs/dec1
       lmaczs eval --data labelled/ --methods lmaczs,gradcam --out eval/
     """
 
@@ -197,46 +197,150 @@ def explain(ctx: click.Context, **_: Any) -> None:
     not_built(ctx)
 
 
-@main.command(short_help="Train a mask decoder on a frozen CLAP (under construction).")
+@main.command(short_help="Train a mask decoder on a frozen CLAP.")
 @click.option(
-    "--data", required=True, type=click.Path(exists=True, path_type=Path),
-    help="Training manifest: Clotho-style CSV, JSONL, or a labelled folder.",
+    "--data", type=click.Path(exists=True, path_type=Path), default=None,
+    help="Training manifest: Clotho CSV (file_name, caption_1..5), JSONL "
+    '({"audio": path, "caption": text}) or a labelled folder (class/clip.wav).',
 )
+@click.option("--audio-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Audio folder of a Clotho CSV (default: beside the CSV).")
+@click.option("--val-data", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Validation manifest; default: hold out --val-fraction of --data.")
+@click.option("--val-fraction", type=click.FloatRange(0, 0.5), default=0.1, show_default=True)
 @click.option(
-    "--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
-    help="Run directory: checkpoints (safetensors + JSON config) and logs.",
+    "--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Run folder: decoder.safetensors + config.json, metrics.jsonl, skipped.jsonl, train_state/.",
 )
 @clap_options
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
-@_batch_option(16)
+@click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True, help="Passes over the data (paper: 2).")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many optimizer steps.")
+@_batch_option(2)
+@click.option("--accum", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Micro-batches per optimizer step (gradient accumulation).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
-              help="Learning rate.")
+              help="Adam learning rate.")
 @click.option(
     "--domain", type=click.Choice(["mel", "stft"]), default="mel", show_default=True,
     help="Mask on the 64-band mel grid or on the 513-bin linear STFT grid.",
 )
-@click.option("--resume", type=click.Path(exists=True, path_type=Path), default=None,
-              help="Continue from a checkpoint.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--lambda-sparsity", type=click.FloatRange(min=0), default=0.05, show_default=True,
+              help="Weight of the mask-mean (L1) term.")
+@click.option("--lambda-diversity", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Weight of the diversity term (paper Eq. 7).")
+@click.option("--mismatched", type=click.IntRange(min=0), default=None,
+              help="Mismatched captions per clip in the pair term; default: every pair (B*B encoder passes).")
+@click.option("--width", type=click.IntRange(min=8), default=64, show_default=True, help="Decoder width.")
+@click.option("--text-tokens", type=click.IntRange(min=4), default=8, show_default=True,
+              help="Text tokens the decoder cross-attends to.")
+@click.option("--resume", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Continue the run in this folder exactly where it stopped (its settings are reused).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @_device_option
+@click.option("--amp", is_flag=True, help="Autocast the decoder and masked encoder pass (fp16 on CUDA, bf16 on CPU).")
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
-              help="DataLoader worker processes.")
+              help="DataLoader worker processes (decode + resample).")
+@click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Optimizer steps between metrics.jsonl lines.")
+@click.option("--save-every", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Optimizer steps between checkpoints (one is also written at each epoch end).")
+@click.option("--strict", is_flag=True, help="Stop at the first missing or unreadable manifest row.")
 @click.pass_context
-def train(ctx: click.Context, **_: Any) -> None:
-    """Train an LMAC-ZS mask decoder on a frozen CLAP (under construction).
+def train(ctx: click.Context, data: Path | None, out: Path | None, resume: Path | None, val_data: Path | None,
+          audio_dir: Path | None, tokenizer: Path | None, **options: Any) -> None:
+    """Train an LMAC-ZS mask decoder on a frozen CLAP.
 
-    Only the decoder learns; the CLAP stays frozen. The objective keeps the masked
-    audio's similarities to matched and mismatched captions, makes masks depend on the
-    prompt and keeps them sparse. Under torchrun it trains with DDP.
+    Only the decoder learns; the CLAP stays frozen and gradients flow through it into
+    the mask. The loss keeps the masked audio's similarity to every caption of the
+    batch, matched and mismatched (L1), keeps masks sparse, and makes them depend on the
+    prompt (diversity). Rows whose audio is missing or unreadable are skipped and listed
+    in OUT/skipped.jsonl (--strict stops instead). Under torchrun it trains with DDP
+    (gloo on CPU, NCCL on GPU); pairs are formed within each process's micro-batch.
 
     Examples:
 
     \b
-      lmaczs train --data captions.csv --clap random:HTSAT-tiny --out runs/dec1
-      lmaczs train --data clotho.csv --clap 630k-audioset-best.pt --domain stft --epochs 20 --out runs/stft
-      torchrun --nproc-per-node 2 -m lmaczs_cli train --data clotho.csv --out runs/ddp
+      lmaczs train --data captions.jsonl --clap random:tiny --out runs/dec1
+      lmaczs train --data clotho_captions_development.csv --clap 630k-audioset-best.pt --domain stft --out runs/stft
+      lmaczs train --resume runs/stft --epochs 4
+      torchrun --nproc-per-node 2 -m lmaczs_cli train --data captions.jsonl --device cpu --out runs/ddp
     """
-    not_built(ctx)
+    from . import train as training
+
+    options["clap_spec"] = options.pop("clap")
+    if resume is not None:
+        stored = _stored_train_config(resume)
+        overrides = {k: v for k, v in _given(ctx, options).items()}
+        cfg = training.TrainConfig.from_json({**stored, **overrides, "out": str(resume)})
+    else:
+        if data is None or out is None:
+            raise click.UsageError("--data and --out are required (or --resume RUN_DIR)")
+        cfg = training.TrainConfig(
+            manifest=str(data), out=str(out), clap=options.pop("clap_spec"),
+            tokenizer=str(tokenizer) if tokenizer else None, audio_dir=str(audio_dir) if audio_dir else None,
+            val_manifest=str(val_data) if val_data else None, **options,
+        )
+    summary = _run_training(training, cfg, resume is not None)
+    if summary.get("skipped") is None:  # not rank 0 under torchrun: rank 0 reports
+        return
+    click.echo(f"decoder written to {summary['out']} after {summary['steps']} steps"
+               + (f"; {summary['skipped']} rows skipped (see skipped.jsonl)" if summary.get("skipped") else ""))
+
+
+def _given(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any]:
+    """The options typed on the command line (not defaults), renamed to TrainConfig fields."""
+    from click.core import ParameterSource
+
+    rename = {"clap_spec": "clap"}
+    out = {}
+    for name, value in options.items():
+        param = "clap" if name == "clap_spec" else name
+        if ctx.get_parameter_source(param) == ParameterSource.COMMANDLINE:
+            out[rename.get(name, name)] = value
+    return out
+
+
+def _stored_train_config(run: Path) -> dict[str, Any]:
+    path = run / "config.json"
+    if not path.is_file():
+        raise click.UsageError(f"--resume {run}: no config.json there; pass a folder written by `lmaczs train`")
+    return json.loads(path.read_text())["train"]
+
+
+def _run_training(training: Any, cfg: Any, resume: bool) -> dict[str, Any]:
+    """Run training with a rich progress bar (rank 0 only under torchrun)."""
+    import os
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    quiet = int(os.environ.get("RANK", "0")) != 0
+    console = Console(stderr=True)
+    progress = Progress(
+        TextColumn("[bold]train[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[terms]}"),
+        TimeRemainingColumn(), console=console, disable=quiet, transient=False,
+    )
+    task = None
+
+    def on_event(e: dict[str, Any]) -> None:
+        nonlocal task
+        if e["event"] == "start":
+            task = progress.add_task("train", total=e["total_steps"], completed=e["done_steps"], terms="")
+            console.print(f"{e['train_clips']} training clips, {e['val_clips']} validation clips, "
+                          f"{e['per_epoch']} steps/epoch, decoder {e['decoder_parameters']:,} parameters")
+        elif e["event"] == "step" and task is not None:
+            terms = (f"loss {e['total']:.4f} sim {e['similarity']:.4f} spa {e['sparsity']:.3f} "
+                     f"div {e['diversity']:.4f} {e['clips_per_s']:.1f} clips/s") if "total" in e else ""
+            progress.update(task, completed=e["step"], terms=terms)
+        elif e["event"] == "validation":
+            console.print(f"epoch {e['epoch']}: similarity error matched {e['matched_similarity_error']:.4f} / "
+                          f"mismatched {e['mismatched_similarity_error']:.4f}; mask mean matched "
+                          f"{e['matched_mask_mean']:.3f} / mismatched {e['mismatched_mask_mean']:.3f}")
+        elif e["event"] == "skip":
+            console.print(f"skipped {e['path']}: {e['reason']}")
+
+    with progress:
+        return training.train(cfg, resume=resume, on_event=on_event)
 
 
 @main.command(short_help="Export to ONNX / TensorRT (under construction).")

@@ -19,6 +19,8 @@ a clip's crop does not depend on which worker or rank loads it.
 """
 from __future__ import annotations
 
+import contextlib
+
 import csv
 import hashlib
 import json
@@ -33,6 +35,7 @@ import numpy as np
 import torch
 
 from .audio import CLIP_SAMPLES, AudioError, load_audio, pad_clip
+from .errors import LmaczsError
 
 __all__ = [
     "AUDIO_EXTENSIONS", "Batch", "ClipDataset", "DataError", "Item", "MicroBatch", "Skip",
@@ -53,7 +56,7 @@ LAYOUTS = ("use a Clotho captions CSV (file_name,caption_1,...,caption_5), a JSO
            '{"audio": path, "caption": text} lines, or a labelled folder (class_name/clip.wav)')
 
 
-class DataError(Exception):
+class DataError(LmaczsError):
     """Training data that cannot be read as any accepted layout. The message names the fix."""
 
 
@@ -361,6 +364,11 @@ class SkipLog:
         self.path = Path(path)
         self._seen: set[tuple[str, str]] = set()
         self._file: IO[str] | None = None
+        if self.path.is_file():  # a resumed run: what is already listed is not listed twice
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    rec = json.loads(line)
+                    self._seen.add((rec["path"], rec["reason"]))
 
     @property
     def count(self) -> int:

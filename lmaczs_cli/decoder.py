@@ -34,12 +34,13 @@ from torch import nn
 
 from . import spectral
 from .audio import N_FRAMES, N_FREQS, N_MELS
+from .errors import LmaczsError
 
 HTSAT_FRAMES = 1024   # laion stretches 1001 frames to 1024 (bicubic, align_corners) before folding
 HTSAT_CHUNKS = 4      # ... then stacks four 256-frame chunks along the frequency axis
 
 
-class DecoderError(Exception):
+class DecoderError(LmaczsError):
     """A decoder could not be built or loaded; the message names the fix."""
 
 

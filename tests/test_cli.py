@@ -18,7 +18,7 @@ from lmaczs_cli.cli import CLAP_HELP, main
 
 REPO = Path(__file__).resolve().parent.parent
 COMMANDS = ["train", "export", "explain", "eval", "info"]
-UNBUILT = ["train", "export", "explain", "eval"]
+UNBUILT = ["export", "explain", "eval"]
 MODEL_COMMANDS = ["train", "export", "explain", "eval"]
 
 

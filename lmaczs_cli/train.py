@@ -1,0 +1,512 @@
+"""Training the LMAC-ZS decoder on a frozen CLAP: loop, checkpoints, exact resume, DDP.
+
+One optimizer step = ``world * accum`` micro-batches of ``batch_size`` clips (data.shard).
+Every random choice — the epoch's shuffle, each clip's 10-s crop, each micro-batch's pair
+subsample — is a pure function of (seed, epoch, step, position), so a resumed run, a run
+with any number of DataLoader workers and a ``torchrun`` run with gradient accumulation all
+form the same batches and pairs.
+
+Under DDP, pairs are formed **within a rank's micro-batch** (embeddings are not gathered):
+a 2-process run equals one process with ``accum * 2`` micro-batches per step.
+
+Outputs in ``--out DIR``:
+  decoder.safetensors, config.json   the trained decoder (what `explain` loads)
+  metrics.jsonl                      one line per logged step and per validation pass
+  skipped.jsonl                      manifest rows whose audio was missing or unreadable
+  train_state/                       optimizer.safetensors + state.json, for --resume
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import __version__, data, spectral
+from .audio import CLIP_SAMPLES
+from .clap import ClapModel, load_clap
+from .decoder import DecoderConfig, MaskDecoder, save_decoder
+from .files import atomic_path
+from .loss import LossTerms, all_pairs, lmac_zs_loss, sample_pairs
+from .errors import LmaczsError
+
+
+class TrainError(LmaczsError):
+    """Training cannot start or continue; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run needs; stored in config.json so ``--resume DIR`` needs nothing else."""
+
+    manifest: str                       # Clotho CSV, JSONL or labelled folder (data.read_manifest)
+    out: str                            # output folder
+    clap: str = "demo"                  # demo | laion:NAME | PATH | random:ARCH
+    tokenizer: str | None = None        # RoBERTa tokenizer folder (else the HF cache)
+    audio_dir: str | None = None        # Clotho audio folder, if not beside the CSV
+    val_manifest: str | None = None     # validation data; else a held-out share of `manifest`
+    val_fraction: float = 0.1           # share held out when no val_manifest (at most val_max)
+    val_max: int = 256                  # clips at most in the validation pass
+    domain: str = "mel"                 # mask grid: mel (1001 x 64) or stft (1001 x 513)
+    epochs: int = 2                     # passes over the training data (paper: 2)
+    max_steps: int | None = None        # stop after this many optimizer steps in total
+    batch_size: int = 2                 # clips per micro-batch (paper: 2)
+    accum: int = 1                      # micro-batches per optimizer step and rank
+    lr: float = 1e-4                    # Adam learning rate (paper: 1e-5, see README)
+    lambda_sparsity: float = 0.05       # λ1, weight of the mean mask value
+    lambda_diversity: float = 1.0       # λ2, weight of the diversity term (Eq. 7)
+    mismatched: int | None = None       # mismatched texts per clip; None = every pair (B² passes)
+    width: int = 64                     # decoder width (DecoderConfig.width)
+    text_tokens: int = 8                # decoder cross-attention keys (>= 4)
+    workers: int = 0                    # DataLoader worker processes (decode + resample)
+    device: str = "auto"                # auto | cpu | cuda | cuda:N
+    amp: bool = False                   # autocast the decoder and masked encoder pass
+    seed: int = 0
+    log_every: int = 10                 # optimizer steps between metrics lines
+    save_every: int = 200               # optimizer steps between checkpoints (and each epoch end)
+    strict: bool = False                # a missing/unreadable manifest row is fatal
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    return device
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> Dist:
+    """Join the process group that ``torchrun`` describes (NCCL on GPU, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        backend = "nccl" if device_name != "cpu" and torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+# --------------------------------------------------------------------------- one step
+
+
+class TextCache:
+    """Caption -> CLAP text embedding, computed once per distinct caption (bounded LRU).
+
+    Each caption is encoded on its own: batched matmuls round differently with the batch's
+    make-up, and a resumed or multi-process run must see bit-identical text embeddings."""
+
+    def __init__(self, clap: ClapModel, capacity: int = 50_000) -> None:
+        self.clap, self.capacity = clap, capacity
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        for c in dict.fromkeys(captions):
+            if c not in self._cache:
+                self._cache[c] = self.clap.encode_text([c])[0]
+        for c in captions:
+            self._cache.move_to_end(c)
+        while len(self._cache) > self.capacity:
+            self._cache.popitem(last=False)
+        return torch.stack([self._cache[c] for c in captions])
+
+
+@dataclass
+class Features:
+    """The frozen CLAP's view of a micro-batch (no gradients)."""
+
+    logmel: torch.Tensor        # (B, 1001, 64) dB
+    mel: torch.Tensor           # (B, 1001, 64) mel power
+    power: torch.Tensor | None  # (B, 1001, 513) linear power, STFT domain only
+    audio: torch.Tensor         # (B, D) audio embeddings
+    hidden: list[torch.Tensor]  # h1..h4
+
+
+@torch.no_grad()
+def clap_features(clap: ClapModel, waves: torch.Tensor, domain: str) -> Features:
+    P = spectral.power(spectral.stft(waves))
+    mel = spectral.mel_power(P)
+    logmel = spectral.to_db(mel)
+    audio, hidden = clap.encode(logmel)
+    return Features(logmel, mel, P if domain == "stft" else None, audio, hidden)
+
+
+def masked_embeddings(
+    clap: ClapModel, decoder: torch.nn.Module, feats: Features, text: torch.Tensor, pairs: torch.Tensor, domain: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks for every (text i, audio j) pair and the embeddings of the masked audio.
+    -> (masked embeddings (P, D), masks (P, 1001, bins)). Gradients flow through the frozen CLAP."""
+    ti, aj = pairs[:, 0], pairs[:, 1]
+    hidden = [h[aj] for h in feats.hidden]
+    log_power = spectral.to_db(feats.power[aj]) if domain == "stft" else None
+    masks = decoder(hidden, text[ti], feats.logmel[aj], log_power)
+    with torch.autocast(device_type=masks.device.type, enabled=False):
+        if domain == "mel":
+            masked_logmel = spectral.masked_log_mel_from_mel(feats.mel[aj], masks.float())
+        else:
+            masked_logmel = spectral.masked_log_mel_from_power(feats.power[aj], masks.float())
+    masked, _ = clap.encode(masked_logmel)
+    return masked, masks
+
+
+def pair_generator(seed: int, epoch: int, step: int, position: int) -> torch.Generator:
+    """The pair subsample of a micro-batch depends only on where it sits in the run."""
+    digest = hashlib.sha256(f"{seed}/{epoch}/{step}/{position}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def micro_batch_loss(
+    clap: ClapModel, decoder: torch.nn.Module, texts: TextCache, waves: torch.Tensor, captions: list[str],
+    cfg: TrainConfig, generator: torch.Generator,
+) -> tuple[LossTerms, int]:
+    """LMAC-ZS loss of one micro-batch -> (terms, number of masked encoder passes)."""
+    feats = clap_features(clap, waves, cfg.domain)
+    text = texts(captions)
+    b = waves.shape[0]
+    if cfg.mismatched is None:
+        pairs = all_pairs(b)
+    else:
+        pairs = sample_pairs(b, cfg.mismatched, generator)
+    pairs = pairs.to(waves.device)
+    use_amp = cfg.amp
+    amp_dtype = torch.float16 if waves.device.type == "cuda" else torch.bfloat16
+    with torch.autocast(device_type=waves.device.type, dtype=amp_dtype, enabled=use_amp):
+        masked, masks = masked_embeddings(clap, decoder, feats, text, pairs, cfg.domain)
+    terms = lmac_zs_loss(text, feats.audio, pairs, masked.float(), masks.float(),
+                         cfg.lambda_sparsity, cfg.lambda_diversity)
+    return terms, len(pairs)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@torch.no_grad()
+def validate(clap: ClapModel, decoder: torch.nn.Module, texts: TextCache, loader: Any, cfg: TrainConfig,
+             device: torch.device) -> dict[str, float]:
+    """Similarity-preservation error and mask mean, matched vs mismatched prompts."""
+    sums = {"matched_err": 0.0, "mismatched_err": 0.0, "matched_mask": 0.0, "mismatched_mask": 0.0}
+    counts = {"matched": 0, "mismatched": 0}
+    for batch in loader:
+        if len(batch) == 0:
+            continue
+        waves = batch.waves.to(device)
+        feats = clap_features(clap, waves, cfg.domain)
+        text = texts(batch.captions)
+        pairs = all_pairs(len(batch), device)
+        masked, masks = masked_embeddings(clap, decoder, feats, text, pairs, cfg.domain)
+        ti, aj = pairs[:, 0], pairs[:, 1]
+        err = ((text[ti] * feats.audio[aj]).sum(-1) - (text[ti] * masked).sum(-1)).abs()
+        mean = masks.flatten(1).mean(1)
+        same = ti == aj
+        # the same caption on two clips is not a mismatch
+        same |= torch.tensor([batch.captions[i] == batch.captions[j] for i, j in pairs.tolist()], device=device)
+        for key, sel in (("matched", same), ("mismatched", ~same)):
+            sums[f"{key}_err"] += float(err[sel].sum())
+            sums[f"{key}_mask"] += float(mean[sel].sum())
+            counts[key] += int(sel.sum())
+    out = {}
+    for key in ("matched", "mismatched"):
+        n = counts[key]
+        out[f"{key}_similarity_error"] = sums[f"{key}_err"] / n if n else math.nan
+        out[f"{key}_mask_mean"] = sums[f"{key}_mask"] / n if n else math.nan
+        out[f"{key}_pairs"] = n
+    return out
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    for key, value in meta["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_checkpoint(out: Path, decoder: MaskDecoder, opt: torch.optim.Optimizer, meta: dict[str, Any],
+                    progress: dict[str, int]) -> None:
+    """Publish decoder + config, then the optimizer, then state.json last (it vouches for the rest)."""
+    from safetensors.torch import save_file
+
+    save_decoder(decoder, out, meta)
+    state_dir = out / "train_state"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tensors, opt_meta = _optimizer_tensors(opt)
+    with atomic_path(state_dir / "optimizer.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    state = {**progress, "optimizer": opt_meta,
+             "decoder_sha256": _sha256(out / "decoder.safetensors"),
+             "optimizer_sha256": _sha256(state_dir / "optimizer.safetensors")}
+    with atomic_path(state_dir / "state.json") as tmp:
+        tmp.write_text(json.dumps(state, indent=1) + "\n")
+
+
+def load_checkpoint(out: Path, decoder: MaskDecoder, opt: torch.optim.Optimizer) -> dict[str, int]:
+    from safetensors.torch import load_file
+
+    state_path = out / "train_state" / "state.json"
+    if not state_path.is_file():
+        raise TrainError(f"--resume {out}: no train_state/state.json; was this folder written by `lmaczs train`?")
+    state = json.loads(state_path.read_text())
+    if _sha256(out / "decoder.safetensors") != state["decoder_sha256"] or \
+            _sha256(out / "train_state" / "optimizer.safetensors") != state["optimizer_sha256"]:
+        raise TrainError(f"--resume {out}: the checkpoint files do not match train_state/state.json "
+                         "(a save was interrupted); restore them or start a new run")
+    decoder.load_state_dict(load_file(str(out / "decoder.safetensors")), strict=True)
+    _load_optimizer(opt, load_file(str(out / "train_state" / "optimizer.safetensors")), state["optimizer"])
+    return {"step": state["step"], "epoch": state["epoch"], "step_in_epoch": state["step_in_epoch"]}
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line. On resume, lines past the checkpoint are dropped."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None) -> None:
+        self.path, self.enabled = path, enabled
+        if enabled and resume_step is not None and path.is_file():
+            keep = [ln for ln in path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            with atomic_path(path) as tmp:
+                tmp.write_text("".join(k + "\n" for k in keep))
+        elif enabled and resume_step is None and path.exists():
+            path.unlink()
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _split_validation(items: list[data.Item], cfg: TrainConfig) -> tuple[list[data.Item], list[data.Item]]:
+    if cfg.val_manifest:
+        val, _ = data.read_manifest(cfg.val_manifest, cfg.audio_dir)
+        return items, val[: cfg.val_max]
+    n_val = min(cfg.val_max, int(len(items) * cfg.val_fraction))
+    if n_val < 2:
+        return items, []
+    order = np.random.default_rng((cfg.seed, 987654321)).permutation(len(items))
+    val_idx = set(order[:n_val].tolist())
+    return [it for k, it in enumerate(items) if k not in val_idx], [items[k] for k in sorted(val_idx)]
+
+
+def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict[str, Any]], None] | None = None,
+          clap: ClapModel | None = None) -> dict[str, Any]:
+    """Train (or, with ``resume``, continue) a decoder. Returns the final summary.
+
+    ``on_event`` receives dicts: {"event": "start", "total_steps"...}, {"event": "step", ...},
+    {"event": "validation", ...}, {"event": "skip", ...}; the CLI turns them into progress bars.
+    ``clap`` may be passed in to reuse an already loaded model (it must match ``cfg.clap``).
+    """
+    emit = on_event or (lambda e: None)
+    dd = init_distributed(cfg.device)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and dd.world > 1:
+        device = torch.device("cuda", dd.local_rank)
+    out = Path(cfg.out)
+    if dd.main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    items, skips = data.read_manifest(cfg.manifest, cfg.audio_dir)
+    skip_log = data.SkipLog(out / "skipped.jsonl")
+    if dd.main:
+        skip_log.extend(skips)
+        for s in skips:
+            emit({"event": "skip", **s.to_json()})
+    if skips and cfg.strict:
+        raise TrainError(f"{len(skips)} manifest rows have no usable audio (first: {skips[0].path}: "
+                         f"{skips[0].reason}); see {out / 'skipped.jsonl'} or drop --strict")
+    train_items, val_items = _split_validation(items, cfg)
+    if not train_items:
+        raise TrainError(f"{cfg.manifest}: no usable training clips")
+
+    clap = clap or load_clap(cfg.clap, cfg.tokenizer)
+    clap.to(device)
+    torch.manual_seed(cfg.seed)
+    dec_cfg = DecoderConfig.for_clap(clap, domain=cfg.domain, width=cfg.width, text_tokens=cfg.text_tokens)
+    decoder = MaskDecoder(dec_cfg).to(device)
+    opt = torch.optim.Adam(decoder.parameters(), lr=cfg.lr)
+
+    progress = {"step": 0, "epoch": 0, "step_in_epoch": 0}
+    if resume:
+        progress = load_checkpoint(out, decoder, opt)
+    model: torch.nn.Module = decoder
+    if dd.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            decoder, device_ids=[device.index] if device.type == "cuda" else None)
+
+    meta = {
+        "lmaczs": __version__,
+        "clap": {"spec": cfg.clap, "source": clap.source, "identity": clap.identity(), "config": clap.cfg.to_json()},
+        "domain": cfg.domain,
+        "mel_to_linear": "linear",
+        "loss": {"lambda_sparsity": cfg.lambda_sparsity, "lambda_diversity": cfg.lambda_diversity,
+                 "mismatched_per_clip": cfg.mismatched, "logit_scale": None, "reduction": "mean"},
+        "data": {"manifest": str(cfg.manifest), "manifest_hash": data.manifest_hash(train_items),
+                 "train_clips": len(train_items), "val_clips": len(val_items)},
+        "train": {**cfg.to_json(), "world": dd.world, "pairs": "rank-local"},
+    }
+    metrics = MetricsLog(out / "metrics.jsonl", dd.main, progress["step"] if resume else None)
+    texts = TextCache(clap)
+    dataset = data.ClipDataset(train_items, seed=cfg.seed)
+    val_loader = _loader(data.ClipDataset(val_items, seed=cfg.seed), _fixed_batches(len(val_items), cfg.batch_size),
+                         cfg, device) if val_items else None
+
+    per_epoch = data.steps_per_epoch(len(train_items), cfg.batch_size, dd.world, cfg.accum)
+    if per_epoch == 0:
+        raise TrainError(f"{len(train_items)} clips cannot fill one step of {dd.world * cfg.accum} "
+                         f"micro-batches of {cfg.batch_size}; lower --batch-size or --accum")
+    total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
+    emit({"event": "start", "total_steps": total, "done_steps": progress["step"], "per_epoch": per_epoch,
+          "train_clips": len(train_items), "val_clips": len(val_items), "rank": dd.rank, "world": dd.world,
+          "decoder_parameters": sum(p.numel() for p in decoder.parameters())})
+
+    step = progress["step"]
+    last_saved = step
+    t_last, clips_since = time.perf_counter(), 0
+    for epoch in range(progress["epoch"], cfg.epochs):
+        if step >= total:
+            break
+        dataset.set_epoch(epoch)
+        first = progress["step_in_epoch"] if epoch == progress["epoch"] else 0
+        plan = [mb for mb in data.shard(data.batches_for_step(len(train_items), cfg.batch_size, epoch, cfg.seed),
+                                        dd.rank, dd.world, cfg.accum) if mb.step >= first]
+        loader = _loader(dataset, [mb.indices for mb in plan], cfg, device)
+        step_in_epoch, position, sums = first, 0, {}
+        for mb, batch in zip(plan, loader):
+            if batch.skipped or dd.world > 1:
+                _record_skips(batch.skipped, skip_log, dd, emit, cfg, out)
+            waves = batch.waves.to(device, non_blocking=True)
+            ctx = model.no_sync() if (dd.world > 1 and not mb.last) else contextlib.nullcontext()
+            with ctx:
+                if len(batch) == 0:
+                    # keep DDP's collectives in step even when every clip failed to decode
+                    (sum(p.sum() for p in model.parameters()) * 0.0).backward()
+                else:
+                    gen = pair_generator(cfg.seed, epoch, mb.step, dd.rank + position * dd.world)
+                    terms, _ = micro_batch_loss(clap, model, texts, waves, batch.captions, cfg, gen)
+                    (terms.total / cfg.accum).backward()
+                    for k, v in terms.as_floats().items():
+                        sums[k] = sums.get(k, 0.0) + v / cfg.accum
+            clips_since += len(batch)
+            position += 1
+            if not mb.last:
+                continue
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step, step_in_epoch, position = step + 1, mb.step + 1, 0
+            now = time.perf_counter()
+            record = {"step": step, "epoch": epoch, **sums,
+                      "clips_per_s": clips_since * dd.world / max(now - t_last, 1e-9), "lr": cfg.lr}
+            sums, t_last, clips_since = {}, now, 0
+            emit({"event": "step", **record})
+            if step % cfg.log_every == 0 or step == total:
+                metrics.write(record)
+            if dd.main and step % cfg.save_every == 0 and step_in_epoch < per_epoch:
+                save_checkpoint(out, decoder, opt, meta, {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch})
+                last_saved = step
+            if step >= total:
+                break
+        epoch_done = step_in_epoch >= per_epoch
+        if epoch_done and val_loader is not None and dd.main:
+            decoder.eval()
+            val = validate(clap, decoder, texts, val_loader, cfg, device)
+            decoder.train()
+            metrics.write({"step": step, "epoch": epoch, "validation": val})
+            emit({"event": "validation", "epoch": epoch, **val})
+        if dd.main and (step != last_saved or epoch_done):
+            where = {"epoch": epoch + 1, "step_in_epoch": 0} if epoch_done else {"epoch": epoch, "step_in_epoch": step_in_epoch}
+            save_checkpoint(out, decoder, opt, meta, {"step": step, **where})
+            last_saved = step
+        if not epoch_done:
+            break
+    if dd.world > 1:
+        dist.barrier()
+    return {"out": str(out), "steps": step, "skipped": skip_log.count if dd.main else None,
+            "decoder_parameters": sum(p.numel() for p in decoder.parameters())}
+
+
+def _fixed_batches(n: int, batch_size: int) -> list[list[int]]:
+    return [list(range(k, min(n, k + batch_size))) for k in range(0, n, batch_size)]
+
+
+def _loader(dataset: data.ClipDataset, batches: list[list[int]], cfg: TrainConfig, device: torch.device) -> Any:
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, num_workers=cfg.workers, collate_fn=data.collate,
+        pin_memory=device.type == "cuda", persistent_workers=False,
+    )
+
+
+def _record_skips(skipped: list[data.Skip], log: data.SkipLog, dd: Dist, emit: Callable, cfg: TrainConfig,
+                  out: Path) -> None:
+    if dd.world > 1:
+        gathered: list[Any] = [None] * dd.world
+        # decode failures are rare; gather them so rank 0 writes one skipped.jsonl
+        dist.all_gather_object(gathered, [s.to_json() for s in skipped])
+        skipped = [data.Skip(**s) for part in gathered for s in part]
+    if dd.main:
+        for s in skipped:
+            if log.add(s):
+                emit({"event": "skip", **s.to_json()})
+    if cfg.strict and skipped:
+        first = skipped[0]
+        raise TrainError(f"unreadable audio {first.path}: {first.reason} (--strict); see {out / 'skipped.jsonl'}")

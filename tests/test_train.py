@@ -1,0 +1,139 @@
+"""`lmaczs train`: the loss goes down, checkpoints are exact, resume and DDP are exact, bad rows are skipped."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from lmaczs_cli import decoder as D
+from lmaczs_cli import train as T
+from lmaczs_cli.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+FREQS = [300, 800, 2000, 5000]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Eight 2-s tone clips at 16 kHz with captions, one missing file and one corrupt file."""
+    d = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    rows = []
+    for k in range(8):
+        t = np.arange(32_000) / 16_000
+        f = FREQS[k % 4]
+        sf.write(d / f"clip{k}.wav", 0.3 * np.sin(2 * np.pi * f * t) + 0.01 * rng.standard_normal(t.size), 16_000)
+        rows.append({"audio": f"clip{k}.wav", "caption": f"a tone at {f} hertz"})
+    (d / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
+    rows += [{"audio": "gone.wav", "caption": "missing"}, {"audio": "broken.wav", "caption": "corrupt"}]
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d / "train.jsonl"
+
+
+def _cfg(dataset, out, **kw):
+    base = dict(manifest=str(dataset), out=str(out), clap="random:tiny", batch_size=2, epochs=4,
+                log_every=1, val_fraction=0.0, workers=0, device="cpu")
+    base.update(kw)
+    return T.TrainConfig(**base)
+
+
+def _weights(run):
+    return load_file(str(Path(run) / "decoder.safetensors"))
+
+
+def _max_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_training_lowers_the_similarity_term(dataset, tmp_path, tiny_clap):
+    T.train(_cfg(dataset, tmp_path / "run", max_steps=20, lr=3e-4), clap=tiny_clap)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    sim = [x["similarity"] for x in lines if "similarity" in x]
+    assert len(sim) == 20
+    first, last = np.mean(sim[:4]), np.mean(sim[-4:])
+    assert last < 0.7 * first, (first, last)
+
+
+def test_checkpoint_round_trip_gives_identical_masks(dataset, tmp_path, tiny_clap):
+    run = tmp_path / "run"
+    T.train(_cfg(dataset, run, max_steps=2), clap=tiny_clap)
+    config = json.loads((run / "config.json").read_text())
+    assert config["clap"]["identity"] == tiny_clap.identity()
+    assert config["domain"] == "mel" and config["loss"]["lambda_sparsity"] == 0.05
+    assert len(config["data"]["manifest_hash"]) == 64
+    dec, _ = D.load_decoder(run, clap=tiny_clap)
+    fresh = D.MaskDecoder(D.DecoderConfig.from_json(config["decoder"]))
+    fresh.load_state_dict(_weights(run))
+    waves = 0.1 * torch.randn(1, 480_000, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logmel = tiny_clap.front_end(waves)
+        _, hidden = tiny_clap.encode(logmel)
+        text = tiny_clap.encode_text(["a tone at 300 hertz"])
+        assert torch.equal(dec(hidden, text, logmel), fresh.eval()(hidden, text, logmel))
+
+
+def test_resume_continues_exactly(dataset, tmp_path, tiny_clap):
+    T.train(_cfg(dataset, tmp_path / "a", max_steps=3), clap=tiny_clap)
+    T.train(_cfg(dataset, tmp_path / "a", max_steps=6), resume=True, clap=tiny_clap)
+    T.train(_cfg(dataset, tmp_path / "b", max_steps=6), clap=tiny_clap)
+    assert _max_diff(_weights(tmp_path / "a"), _weights(tmp_path / "b")) == 0.0
+    steps = [json.loads(x)["step"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_stft_domain_trains_and_records_its_domain(dataset, tmp_path, tiny_clap):
+    T.train(_cfg(dataset, tmp_path / "s", max_steps=1, domain="stft", mismatched=1), clap=tiny_clap)
+    dec, config = D.load_decoder(tmp_path / "s", clap=tiny_clap)
+    assert config["domain"] == "stft" and dec.cfg.mask_bins == 513
+
+
+def test_bad_manifest_rows_end_up_in_skipped_jsonl(dataset, tmp_path, tiny_clap):
+    T.train(_cfg(dataset, tmp_path / "run", max_steps=5, epochs=1), clap=tiny_clap)
+    skipped = [json.loads(x) for x in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
+    reasons = {Path(s["path"]).name: s["reason"] for s in skipped}
+    assert reasons["gone.wav"] == "missing"
+    assert "broken.wav" in reasons and "not" in reasons["broken.wav"].lower()
+    assert len(skipped) == 2
+
+
+def test_strict_stops_at_the_first_bad_row(dataset, tmp_path):
+    result = CliRunner().invoke(main, ["train", "--data", str(dataset), "--out", str(tmp_path / "r"),
+                                       "--clap", "random:tiny", "--strict", "--workers", "0"])
+    assert result.exit_code == 1
+    assert "gone.wav: missing" in result.output and "drop --strict" in result.output
+
+
+def test_train_needs_data_and_out_or_resume():
+    result = CliRunner().invoke(main, ["train", "--clap", "random:tiny"])
+    assert result.exit_code == 2 and "--data and --out are required" in result.output
+
+
+def _torchrun(args, env):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_two_process_gloo_run_equals_one_process_with_accumulation(dataset, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    common = ["--data", str(dataset), "--clap", "random:tiny", "--batch-size", "2", "--max-steps", "2",
+              "--lr", "1e-5", "--workers", "0", "--device", "cpu", "--val-fraction", "0"]
+    ddp = _torchrun(["--nproc_per_node", "2", "--master_port", "29533", "-m", "lmaczs_cli", "train",
+                     *common, "--out", str(tmp_path / "ddp")], env)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    single = subprocess.run([sys.executable, "-m", "lmaczs_cli", "train", *common, "--accum", "2",
+                             "--out", str(tmp_path / "one")], env=env, cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    a, b = _weights(tmp_path / "ddp"), _weights(tmp_path / "one")
+    assert _max_diff(a, b) <= 1e-5
+    config = json.loads((tmp_path / "ddp" / "config.json").read_text())
+    assert config["train"]["world"] == 2 and config["train"]["pairs"] == "rank-local"
