@@ -492,8 +492,9 @@ def load_laion_checkpoint(path: str | os.PathLike, tokenizer: str | os.PathLike 
     return ClapModel(clap, cfg, tok, source=str(path))
 
 
-def save_clap(model: ClapModel, directory: str | os.PathLike) -> Path:
-    """Write a CLAP as ``clap.safetensors`` + ``clap.json`` (our format: no pickle)."""
+def save_clap(model: ClapModel, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    """Write a CLAP as ``clap.safetensors`` + ``clap.json`` (our format: no pickle).
+    ``dtype=torch.float16`` halves the file; loading casts back to float32."""
     from safetensors.torch import save_file
 
     from .files import atomic_path
@@ -501,6 +502,8 @@ def save_clap(model: ClapModel, directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in model.clap.state_dict().items()}
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     with atomic_path(directory / "clap.safetensors") as tmp:
         save_file(tensors, str(tmp))
     meta = {"format": "lmaczs-clap/1", "config": model.cfg.to_json(), "identity": model.identity()}

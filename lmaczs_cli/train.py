@@ -37,6 +37,7 @@ from . import __version__, data, spectral
 from .audio import CLIP_SAMPLES
 from .clap import ClapModel, load_clap
 from .decoder import DecoderConfig, MaskDecoder, save_decoder
+from .device import resolve_device
 from .files import atomic_path
 from .loss import LossTerms, all_pairs, lmac_zs_loss, sample_pairs
 from .errors import LmaczsError
@@ -84,15 +85,6 @@ class TrainConfig:
     def from_json(cls, d: dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError(f"--device {name}: no CUDA device is available here; use --device cpu")
-    return device
 
 
 # --------------------------------------------------------------------------- distributed
