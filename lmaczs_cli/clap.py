@@ -112,24 +112,27 @@ class ClapConfig:
     """Everything needed to rebuild a CLAP's architecture; travels with its weights."""
 
     audio: str = "HTSAT-tiny"        # HTSAT-tiny | HTSAT-base | PANN-14 | HTSAT-custom
-    text: str = "roberta"            # roberta (RoBERTa-base) | transformer (CLIP-style, CLIP BPE)
+    text: str = "roberta"            # roberta (RoBERTa-base) | roberta-custom (RoBERTa at the text_*
+                                     # sizes below, FFN 4 x width) | transformer (CLIP-style, CLIP BPE)
     joint_dim: int = 512             # width of the shared audio-text embedding
     # HTSAT-custom only: Swin width of stage 1, blocks and heads per stage
     htsat_embed_dim: int = 96
     htsat_depths: tuple[int, ...] = (2, 2, 6, 2)
     htsat_heads: tuple[int, ...] = (4, 8, 16, 32)
-    # transformer text tower only
+    # transformer and roberta-custom text towers
     text_width: int = 512
     text_layers: int = 12
     text_heads: int = 8
     context_length: int = 77         # tokens per prompt (laion pads/truncates to 77)
     vocab_size: int = 49408          # CLIP BPE vocabulary shipped in the laion-clap wheel
+    text_norm_eps: float = 1e-5      # RoBERTa LayerNorm epsilon: roberta-base's; transformers'
+                                     # ClapModel folders carry ClapTextConfig's default 1e-12
 
     def __post_init__(self) -> None:
         if self.audio not in ("HTSAT-tiny", "HTSAT-base", "PANN-14", "HTSAT-custom"):
             raise ClapError(f"unknown audio architecture {self.audio!r}: use HTSAT-tiny, HTSAT-base, PANN-14")
-        if self.text not in ("roberta", "transformer"):
-            raise ClapError(f"unknown text tower {self.text!r}: use roberta or transformer")
+        if self.text not in ("roberta", "roberta-custom", "transformer"):
+            raise ClapError(f"unknown text tower {self.text!r}: use roberta, roberta-custom or transformer")
         if self.text == "roberta":  # roberta-base's own sizes; the transformer fields do not apply
             for k, v in dict(text_width=768, text_layers=12, text_heads=12, vocab_size=50265).items():
                 object.__setattr__(self, k, v)
@@ -139,6 +142,10 @@ class ClapConfig:
     @property
     def is_htsat(self) -> bool:
         return self.audio.startswith("HTSAT")
+
+    @property
+    def is_roberta(self) -> bool:
+        return self.text.startswith("roberta")
 
     @property
     def audio_width(self) -> int:
@@ -183,6 +190,15 @@ def _audio_cfg(cfg: ClapConfig) -> dict[str, Any]:
     )
 
 
+def roberta_config(cfg: ClapConfig) -> dict[str, Any]:
+    """``RobertaConfig`` arguments for cfg's text tower: roberta-base, at cfg's sizes for roberta-custom."""
+    return dict(
+        ROBERTA_BASE, hidden_size=cfg.text_width, num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads, intermediate_size=4 * cfg.text_width,
+        vocab_size=cfg.vocab_size, layer_norm_eps=cfg.text_norm_eps,
+    )
+
+
 @contextlib.contextmanager
 def _offline_construction(cfg: ClapConfig) -> Iterator[None]:
     """Patch laion's model module for the duration of ``CLAP(...)``: no hub access, custom HTSAT."""
@@ -195,7 +211,7 @@ def _offline_construction(cfg: ClapConfig) -> Iterator[None]:
         def from_pretrained(name: str, *args: Any, **kwargs: Any) -> nn.Module:
             if name != "roberta-base":
                 raise ClapError(f"laion asked for text model {name!r}; only roberta-base is supported")
-            return RobertaModel(RobertaConfig(**ROBERTA_BASE))
+            return RobertaModel(RobertaConfig(**roberta_config(cfg)))
 
     def _create_htsat(audio_cfg: Any, enable_fusion: bool = False, fusion_type: str = "None") -> nn.Module:
         return htsat_mod.HTSAT_Swin_Transformer(
@@ -221,13 +237,16 @@ def build_laion_clap(cfg: ClapConfig) -> nn.Module:
     model_mod = laion_module("model")
     text_cfg = dict(
         context_length=cfg.context_length, vocab_size=cfg.vocab_size, width=cfg.text_width,
-        heads=cfg.text_heads, layers=cfg.text_layers, model_type=cfg.text,
+        heads=cfg.text_heads, layers=cfg.text_layers, model_type="roberta" if cfg.is_roberta else cfg.text,
     )
     with _offline_construction(cfg):
         model = model_mod.CLAP(
             embed_dim=cfg.audio_width, audio_cfg=_audio_cfg(cfg), text_cfg=text_cfg,
             joint_embed_shape=cfg.joint_dim, enable_fusion=False,
         )
+    if cfg.is_roberta and cfg.text_width != model.text_projection[0].in_features:
+        # laion hard-codes Linear(768, joint) after RoBERTa; a roberta-custom tower is narrower
+        model.text_projection[0] = nn.Linear(cfg.text_width, cfg.joint_dim)
     return model.eval()
 
 
@@ -377,7 +396,10 @@ class ClapModel(nn.Module):
     def identity(self) -> str:
         """sha256 over the architecture config and every weight: names a CLAP exactly."""
         if self._identity is None:
-            h = hashlib.sha256(json.dumps(self.cfg.to_json(), sort_keys=True).encode())
+            arch = self.cfg.to_json()
+            if arch.get("text_norm_eps") == 1e-5:
+                del arch["text_norm_eps"]  # added later: identities recorded before it stay valid
+            h = hashlib.sha256(json.dumps(arch, sort_keys=True).encode())
             for name, t in sorted(self.clap.state_dict().items()):
                 h.update(name.encode())
                 h.update(t.detach().to("cpu").contiguous().numpy().tobytes())
@@ -474,7 +496,7 @@ def load_weights(clap: nn.Module, sd: dict[str, torch.Tensor], source: str) -> N
 
 
 def _make_tokenizer(cfg: ClapConfig, tokenizer_dir: str | os.PathLike | None) -> Any:
-    if cfg.text == "roberta":
+    if cfg.is_roberta:
         return RobertaTokenizerWrapper(tokenizer_dir, cfg.context_length)
     return ClipBpeTokenizer(cfg.context_length)
 
@@ -570,7 +592,7 @@ def laion_checkpoint_path(name: str) -> Path:
 
 
 def load_clap(spec: str = "demo", tokenizer: str | os.PathLike | None = None) -> ClapModel:
-    """Resolve the one model option: ``demo | laion:NAME | PATH | random:ARCH``."""
+    """Resolve the one model option: ``demo | laion:NAME | hf:DIR | PATH | random:ARCH``."""
     if spec == "demo":
         demo_dir = Path(__file__).parent / "demo" / "model"
         if not (demo_dir / "clap.json").is_file():
@@ -578,6 +600,10 @@ def load_clap(spec: str = "demo", tokenizer: str | os.PathLike | None = None) ->
         return load_clap_dir(demo_dir, tokenizer)
     if spec.startswith("random:"):
         return random_clap(spec[len("random:"):], tokenizer=tokenizer)
+    if spec.startswith("hf:"):
+        from .hf import load_hf_clap
+
+        return load_hf_clap(spec[len("hf:"):], tokenizer)
     if spec.startswith("laion:"):
         return load_laion_checkpoint(laion_checkpoint_path(spec[len("laion:"):]), tokenizer)
     path = Path(spec)
@@ -585,7 +611,7 @@ def load_clap(spec: str = "demo", tokenizer: str | os.PathLike | None = None) ->
         return load_clap_dir(path, tokenizer)
     if path.is_file():
         return load_laion_checkpoint(path, tokenizer)
-    raise ClapError(f"--clap {spec}: no such file or folder (use demo, laion:NAME, PATH or random:ARCH)")
+    raise ClapError(f"--clap {spec}: no such file or folder (use demo, laion:NAME, hf:DIR, PATH or random:ARCH)")
 
 
 def cache_locations() -> dict[str, str]:
