@@ -32,7 +32,7 @@ EXIT_USAGE = 2  # click.UsageError's exit code
 # module that imports without torch, so `lmaczs --help` stays fast.
 DOMAIN_ERRORS: tuple[type[Exception], ...] = (LmaczsError,)
 
-CLAP_HELP = "demo | laion:NAME | PATH (LAION .pt checkpoint) | random:ARCH"
+CLAP_HELP = "demo | laion:NAME | PATH (LAION .pt checkpoint or saved CLAP folder) | hf:DIR (transformers ClapModel folder) | random:ARCH"
 DEVICE_HELP = "auto | cpu | cuda | cuda:N  [default: auto: cuda when available]"
 EVAL_METHODS = ("lmaczs", "gradcam", "gradcam++", "smoothgrad", "ig")
 
@@ -128,7 +128,7 @@ def main() -> None:
     Applied to the spectrogram with the original phase and inverted, the mask is a wav
     you can play: the part of the sound the model used for that prompt.
 
-    Status: `info` and `train` work; `export`, `explain` and `eval` are under
+    Status: `info`, `train` and `explain` work; `export` and `eval` are under
     construction and exit 2 with "not implemented yet".
 
     Examples:
@@ -143,58 +143,199 @@ def main() -> None:
     """
 
 
-@main.command(short_help="Write listenable explanations for clips and prompts (under construction).")
-@click.argument(
-    "paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path)
-)
+@main.command(short_help="Write listenable explanations for clips and prompts.")
+@click.argument("paths", nargs=-1, type=click.Path(exists=True, path_type=Path))
 @click.option(
-    "--prompt", "-p", "prompts", multiple=True, required=True,
+    "--prompt", "-p", "prompts", multiple=True,
     help="Text prompt to explain; repeat for several prompts per clip.",
 )
+@click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="More prompts for every file, one a line (# starts a comment).")
+@click.option("--prompts-csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Per-file prompts: path,prompt rows (paths relative to the CSV).")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Top-k mode: a label set, one a line; each clip is classified zero-shot over it and its "
+              "best --top-k labels are explained ('dog' is scored as 'this is the sound of dog'; a line of "
+              "4+ words or ending in . ! ? is used as written).")
+@click.option("--top-k", type=click.IntRange(min=1), default=None, help="Labels to explain per clip  [default: 3]")
 @click.option(
-    "--out", "-o", required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Output directory; mirrors the input tree.",
+    "--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Output directory; mirrors the input tree (may be the input folder: inputs are never overwritten).",
 )
 @clap_options
-@_decoder_option
+@click.option("--decoder", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Trained decoder: a `lmaczs train` folder (or its decoder.safetensors); "
+              "default: the bundled demo decoder with --clap demo.")
 @_force_option
 @click.option(
     "--backend", type=click.Choice(["torch", "onnx", "trt"]), default="torch",
     show_default=True, help="torch eager, ONNX Runtime, or TensorRT engines from `lmaczs export --trt`.",
 )
-@_batch_option(8)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="10-s windows per model batch (windows of several files share a batch).")
 @_device_option
 @click.option(
-    "--workers", type=click.IntRange(min=0), default=2, show_default=True,
-    help="Audio decode/resample worker processes.",
+    "--workers", type=click.IntRange(min=0), default=None,
+    help="Audio decode/resample worker processes (0: decode in the main process)  "
+    "[default: 0 on CPU, where workers take cores from the model; 4 on CUDA]",
 )
 @click.option(
-    "--sr", type=click.IntRange(min=1), default=48_000, show_default=True,
+    "--sr", type=click.IntRange(min=1000, max=768_000), default=48_000, show_default=True,
     help="Sample rate of the explanation wavs (Hz).",
 )
-@click.option("--save-mask", is_flag=True, help="Also write <name>.<prompt>.mask.npy.")
-@click.option("--png", is_flag=True, help="Also write spectrogram | mask | masked PNGs.")
+@click.option("--save-mask", is_flag=True, help="Also write <name>.<prompt>.npz: mask, time_s, freq_hz, domain.")
+@click.option("--save-residual", is_flag=True, help="Also write <name>.<prompt>.residual.wav: what the mask removed.")
+@click.option("--save-png", "--png", "save_png", is_flag=True, help="Also write spectrogram / mask / masked PNGs.")
+@click.option("--listen-check", is_flag=True,
+              help="Re-encode each written wav and record the listened similarity beside the masked one.")
+@click.option("--no-check", is_flag=True, help="Skip the masked-similarity pass (a second encoder pass).")
 @click.option("--overwrite", is_flag=True, help="Redo work a previous run finished.")
+@click.option("--merge", "merge_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Only join the per-rank shards of a torchrun run in DIR into results.jsonl, errors.jsonl, index.html.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.pass_context
-def explain(ctx: click.Context, **_: Any) -> None:
-    """Explain what CLAP heard for each prompt, as listenable wavs (under construction).
+def explain(ctx: click.Context, paths: tuple[Path, ...], prompts: tuple[str, ...], prompts_file: Path | None,
+            prompts_csv: Path | None, labels: Path | None, top_k: int | None, out: Path | None,
+            merge_dir: Path | None, backend: str, as_json: bool, tokenizer: Path | None, decoder: Path | None,
+            **options: Any) -> None:
+    """Explain what CLAP heard for each prompt, as listenable wavs.
 
-    For every audio file in PATHS (files or directories, any soundfile format) and every
-    --prompt, writes under --out, mirroring the input tree: <name>.<prompt-slug>.wav
-    (the listenable explanation), optional .mask.npy and .png, one results.jsonl line
-    per (file, prompt, window) with the similarity before and after masking,
-    errors.jsonl for files that failed, and index.html. A rerun skips finished work.
-    Exits 0 when all files succeed, 1 when some failed (they are listed).
+    For every audio file in PATHS (files or folders, searched recursively; any soundfile
+    format; hidden and non-audio files skipped) and every prompt, writes under --out,
+    mirroring the input tree: <name>.<prompt-slug>.wav (the listenable explanation,
+    16-bit PCM at --sr), optional .npz mask, .residual.wav and .png, one results.jsonl
+    line per (file, prompt, 10-s window) with the similarity before and after masking,
+    errors.jsonl for files that failed, and index.html (open it from disk). A file of
+    any length is explained in overlapping 10-s windows and stitched. A rerun skips
+    finished work; a killed run loses only what was in flight. Under torchrun each rank
+    takes its share of the files and rank 0 joins the results (or use --merge later).
+    Exits 0 when all files succeed, 1 when some failed (they are listed), 2 on usage errors.
 
     Examples:
 
     \b
       lmaczs explain clips/ --prompt "dog barking" --out explanations/
-      lmaczs explain street.ogg -p "car horn" -p "footsteps" --png --out out/
+      lmaczs explain street.ogg -p "car horn" -p "footsteps" --save-png --out out/
+      lmaczs explain clips/ --labels labels.txt --top-k 3 --clap random:tiny --decoder runs/dec1 --out out/
+      lmaczs explain --merge out/
     """
-    not_built(ctx)
+    if merge_dir is not None:
+        if paths or prompts or prompts_file or prompts_csv or labels or out:
+            raise click.UsageError("--merge DIR only joins the shards of a run in DIR; give no PATHS, prompts or --out")
+        from .explain import merge_outputs
+
+        _explain_report(merge_outputs(merge_dir), as_json)
+        return
+    job_options = _explain_options(ctx, paths, prompts, prompts_file, prompts_csv, labels, top_k, out, backend,
+                                   decoder, tokenizer, options)
+    from .explain import ExplainJob, rank_world, run_explain
+
+    quiet = rank_world()[0] != 0
+    with _explain_progress(quiet) as on_event:
+        summary = run_explain(ExplainJob(**job_options), on_event=on_event)
+    if not quiet:
+        _explain_report(summary, as_json)
+    ctx.exit(EXIT_FAILED if summary["failed"] else EXIT_OK)
+
+
+def _explain_options(ctx: click.Context, paths: tuple[Path, ...], prompts: tuple[str, ...],
+                     prompts_file: Path | None, prompts_csv: Path | None, labels: Path | None,
+                     top_k: int | None, out: Path | None, backend: str, decoder: Path | None,
+                     tokenizer: Path | None, options: dict[str, Any]) -> dict[str, Any]:
+    """Check `explain`'s options together (usage errors exit 2) -> ExplainJob fields."""
+    def param(name: str) -> click.Parameter:
+        return next(p for p in ctx.command.params if p.name == name)
+
+    if backend != "torch":
+        raise click.UsageError(f"--backend {backend}: not implemented yet; use --backend torch")
+    if not paths:
+        raise click.MissingParameter(ctx=ctx, param=param("paths"), param_hint="'PATHS...'")
+    if out is None:
+        raise click.MissingParameter(ctx=ctx, param=param("out"))
+    if top_k is not None and labels is None:
+        raise click.UsageError("--top-k needs --labels FILE (the label set to rank)")
+    if labels is not None and (prompts or prompts_file or prompts_csv):
+        raise click.UsageError("--labels (top-k mode) chooses the prompts itself; "
+                               "do not combine it with --prompt, --prompts-file or --prompts-csv")
+    if labels is None and not (prompts or prompts_file or prompts_csv):
+        raise click.MissingParameter(ctx=ctx, param=param("prompts"),
+                                     message="Give one, or --prompts-file, --prompts-csv or --labels.")
+    if any(not p.strip() for p in prompts):
+        raise click.UsageError("--prompt: an empty prompt; give a text such as --prompt 'dog barking'")
+    if options["clap"] != "demo" and decoder is None:
+        raise click.UsageError(f"--clap {options['clap']} needs --decoder DIR (a folder written by `lmaczs train`)")
+    from . import explain as ex
+
+    try:
+        ex.resolve_device(options["device"])
+        file_prompts = ex.read_prompts_csv(prompts_csv) if prompts_csv else {}
+        all_prompts = [*prompts, *(ex.read_lines(prompts_file) if prompts_file else [])]
+        label_set = ex.read_lines(labels) if labels else []
+    except ex.ExplainError as e:
+        raise click.UsageError(str(e)) from e
+    if labels is not None:
+        repeated = sorted({x for x in label_set if label_set.count(x) > 1})
+        if not label_set or repeated:
+            raise click.UsageError(f"--labels {labels}: " + ("no labels in it" if not label_set
+                                   else f"repeated labels: {', '.join(repeated)}"))
+        top_k = 3 if top_k is None else top_k
+        if top_k > len(label_set):
+            raise click.UsageError(f"--top-k {top_k} exceeds the {len(label_set)} labels in {labels}")
+    if decoder is not None and decoder.is_file():
+        decoder = decoder.parent
+    check = not options.pop("no_check")
+    return dict(paths=tuple(str(p) for p in paths), out=str(out), prompts=tuple(dict.fromkeys(all_prompts)),
+                file_prompts=file_prompts, labels=tuple(label_set), top_k=top_k or 0,
+                decoder=str(decoder) if decoder else None, tokenizer=str(tokenizer) if tokenizer else None,
+                check=check, **options)
+
+
+@contextlib.contextmanager
+def _explain_progress(quiet: bool):
+    """A rich progress bar on stderr (files, files/s, ETA); yields the run's on_event callback."""
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                               TimeRemainingColumn)
+    from rich.text import Text
+
+    class FilesPerSecond(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            return Text(f"{task.speed:.2f} files/s" if task.speed else "- files/s")
+
+    progress = Progress(TextColumn("[bold]explain[/bold]"), BarColumn(), MofNCompleteColumn(), FilesPerSecond(),
+                        TimeRemainingColumn(), console=Console(stderr=True), disable=quiet)
+    task = None
+
+    def on_event(e: dict[str, Any]) -> None:
+        nonlocal task
+        if e["event"] == "start":   # shown from here: errors before it stay one clean line
+            progress.start()
+            task = progress.add_task("explain", total=e["total"], completed=e["done"])
+        elif e["event"] == "file" and task is not None:
+            progress.advance(task)
+
+    try:
+        yield on_event
+    finally:
+        if task is not None:
+            progress.stop()
+
+
+def _explain_report(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, ensure_ascii=False))
+        return
+    if "explained" not in summary:   # --merge
+        click.echo(f"merged {summary['shards']} shards: {summary['results']} results lines for {summary['files']} "
+                   f"files, {summary['errors']} errors; report {summary['index']}")
+        return
+    for f in summary["failures"][:20]:
+        click.echo(f"failed: {f['file']}: {f['reason']}", err=True)
+    if len(summary["failures"]) > 20:
+        click.echo(f"... and {len(summary['failures']) - 20} more in {summary['errors']}", err=True)
+    click.echo(f"explained {summary['explained']} files ({summary['explanations']} explanations) into "
+               f"{summary['out']}; {summary['already_done']} already done, {summary['failed']} failed; "
+               f"report {summary['index']}")
 
 
 @main.command(short_help="Train a mask decoder on a frozen CLAP.")

@@ -1,0 +1,587 @@
+"""`lmaczs explain`: every file of a mixed folder explained, bad input listed, resumable after
+kill -9, torchrun shards equal one process, stitched windows without clicks, safe names."""
+from __future__ import annotations
+
+import html.parser
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from click.testing import CliRunner
+
+from lmaczs_cli import report as R
+from lmaczs_cli.audio import CLIP_SAMPLES, HOP, SAMPLE_RATE, load_audio, window_starts
+from lmaczs_cli.cli import main
+from lmaczs_cli.decoder import DecoderConfig, MaskDecoder, save_decoder
+from lmaczs_cli.explain import Clip, Explainer, demo_dir, label_prompt
+
+REPO = Path(__file__).resolve().parents[1]
+XSS = "<img src=x onerror=alert(1)>.wav"
+PROMPTS = ["dog barking", "Rain on a roof!"]
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The model runs on one thread here: the decode worker processes and writer threads of
+    `explain` use the other core, and two OpenMP threads on a shared 2-core machine stall on
+    every small op (tens of times slower). Subprocesses get OMP_NUM_THREADS=1 (ENV)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def decoder_dir(tmp_path_factory, tiny_clap):
+    """A random (seeded) mel decoder for the tiny CLAP, saved as `lmaczs train` would."""
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("decoder")
+    save_decoder(MaskDecoder(DecoderConfig.for_clap(tiny_clap)), d,
+                 {"clap": {"identity": tiny_clap.identity(), "source": tiny_clap.source},
+                  "domain": "mel", "mel_to_linear": "linear"})
+    return d
+
+
+def _model(decoder_dir) -> list[str]:
+    return ["--clap", "random:tiny", "--decoder", str(decoder_dir), "--device", "cpu"]
+
+
+def _explain(args, decoder_dir):
+    return CliRunner().invoke(main, ["explain", *args, *_model(decoder_dir)], catch_exceptions=False)
+
+
+def _noise(seconds: float, sr: int, channels: int = 1, seed: int = 0, amp: float = 0.3) -> np.ndarray:
+    x = amp * np.random.default_rng(seed).standard_normal((max(1, int(round(seconds * sr))), channels))
+    return x[:, 0] if channels == 1 else x
+
+
+def _results(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / R.RESULTS).read_text(encoding="utf-8").splitlines()]
+
+
+def _errors(out: Path) -> dict[str, str]:
+    path = out / R.ERRORS
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    return {json.loads(x)["file"]: json.loads(x)["reason"] for x in lines}
+
+
+def _assert_same_results(a: list[dict], b: list[dict]) -> None:
+    """The same lines but for timing, floats equal up to batch-composition rounding."""
+    assert [R.result_key(r) for r in a] == [R.result_key(r) for r in b]
+    for x, y in zip(a, b):
+        assert set(x) == set(y)
+        for k in set(x) - {"timing"}:
+            if isinstance(x[k], float):
+                assert x[k] == pytest.approx(y[k], abs=1e-5), k
+            else:
+                assert x[k] == y[k], k
+
+
+# --------------------------------------------------------------------- a mixed folder
+
+
+MIXED = {   # name: (seconds, rate, channels, subtype, format)
+    "a.wav": (2.0, 16_000, 1, "PCM_16", "WAV"),
+    "a.flac": (1.5, 44_100, 2, "PCM_16", "FLAC"),                 # same stem as a.wav
+    "long/three_minutes.wav": (180.0, 8_000, 1, "PCM_16", "WAV"),
+    "short.wav": (0.3, 22_050, 1, "PCM_16", "WAV"),
+    "few_ms.wav": (0.004, 48_000, 1, "PCM_16", "WAV"),
+    "eight_channels.wav": (1.0, 48_000, 8, "PCM_16", "WAV"),
+    "pcm8.wav": (1.0, 8_000, 1, "PCM_U8", "WAV"),
+    "pcm24.wav": (1.0, 96_000, 1, "PCM_24", "WAV"),
+    "UPPER.WAV": (0.5, 192_000, 1, "PCM_16", "WAV"),
+    "café ñ 雨.ogg": (1.2, 44_100, 1, "VORBIS", "OGG"),
+    XSS: (0.8, 48_000, 1, "PCM_16", "WAV"),
+    "silence.wav": (1.0, 48_000, 1, "PCM_16", "WAV"),
+    "clipped.flac": (1.0, 48_000, 1, "PCM_24", "FLAC"),
+}
+
+
+def _make_mixed(folder: Path) -> dict[str, float]:
+    """Write MIXED (plus a hidden and a non-audio file); returns name -> duration (s)."""
+    durations = {}
+    for i, (name, (seconds, sr, ch, subtype, fmt)) in enumerate(MIXED.items()):
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        x = _noise(seconds, sr, ch, seed=i)
+        if name == "silence.wav":
+            x = np.zeros_like(x)
+        if name == "clipped.flac":
+            x = np.sign(np.sin(2 * np.pi * 220 * np.arange(x.size) / sr))   # full-scale square wave
+        sf.write(path, x, sr, subtype=subtype, format=fmt)
+        durations[name] = sf.info(str(path)).frames / sr
+    (folder / ".hidden.wav").write_bytes((folder / "a.wav").read_bytes())
+    (folder / "notes.txt").write_text("not audio")
+    return durations
+
+
+@pytest.fixture(scope="module")
+def mixed_run(tmp_path_factory, decoder_dir):
+    root = tmp_path_factory.mktemp("mixed")
+    inp, out = root / "in", root / "out"
+    durations = _make_mixed(inp)
+    result = _explain([str(inp), "-p", PROMPTS[0], "-p", PROMPTS[1], "--out", str(out), "--workers", "2",
+                       "--save-png", "--save-mask", "--save-residual", "--listen-check", "--json"], decoder_dir)
+    return inp, out, durations, result
+
+
+def test_mixed_folder_gets_one_explanation_per_file_and_prompt(mixed_run):
+    inp, out, durations, result = mixed_run
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["files"] == summary["explained"] == len(MIXED) and summary["failed"] == 0
+    assert summary["explanations"] == 2 * len(MIXED)
+    assert summary["skipped"]["hidden"] == 1 and summary["skipped"]["not_audio"] == 1
+    lines = _results(out)
+    stems = R.output_stems(list(MIXED))
+    assert stems["a.wav"] == "a.wav" and stems["a.flac"] == "a.flac"   # the clash is disambiguated
+    for name, duration in durations.items():
+        n48 = load_audio(inp / name).size
+        for prompt in PROMPTS:
+            names = R.output_names(stems[name], prompt)
+            info = sf.info(str(out / names["wav"]))
+            assert info.samplerate == SAMPLE_RATE and info.subtype == "PCM_16"
+            assert abs(info.frames / SAMPLE_RATE - duration) <= 1e-3 + 1 / SAMPLE_RATE, name
+            assert sf.info(str(out / names["residual"])).frames == info.frames
+            mine = [r for r in lines if r["file"] == name and r["prompt"] == prompt]
+            assert [r["window"] for r in mine] == list(range(len(window_starts(n48))))
+            for r in mine:
+                for key in ("similarity", "masked_similarity", "listened_similarity", "mask_mean"):
+                    assert np.isfinite(r[key]), (name, key)   # digital silence included: no NaN anywhere
+                assert 0 <= r["mask_mean"] <= 1 and r["outputs"]["wav"] == names["wav"]
+            with np.load(out / names["mask"]) as z:
+                assert z["mask"].shape == (n48 // HOP + 1, 64) and str(z["domain"]) == "mel"
+                assert z["time_s"].shape == (n48 // HOP + 1,) and np.all(np.diff(z["freq_hz"]) > 0)
+                assert 50 < z["freq_hz"][0] < z["freq_hz"][-1] < 14_000
+            png = (out / names["png"]).read_bytes()
+            assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len([r for r in lines if r["file"] == "long/three_minutes.wav"]) == 2 * 35   # 35 windows of 10 s
+    assert (out / R.INDEX).is_file() and not (out / R.ERRORS).exists()
+
+
+def test_png_decodes_to_three_panels_with_axes(mixed_run):
+    PIL = pytest.importorskip("PIL.Image", reason="Pillow is only used here to decode our hand-written PNG")
+    _, out, _, _ = mixed_run
+    png = out / R.output_names(R.output_stems(list(MIXED))["long/three_minutes.wav"], PROMPTS[0])["png"]
+    with PIL.open(png) as im:
+        im.load()
+        assert im.mode == "RGB" and im.size[0] > 480 and im.size[1] == 3 * (14 + 128) + 26
+
+
+class _Links(html.parser.HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.links, self.tags, self.text = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        self.links += [v for k, v in attrs if k in ("src", "href")]
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def _report(out: Path) -> tuple[str, _Links]:
+    """index.html parsed; every link in it is relative and points at a file that exists."""
+    page = (out / R.INDEX).read_text(encoding="utf-8")
+    parser = _Links()
+    parser.feed(page)
+    assert parser.links
+    for link in parser.links:
+        assert not urlparse(link).scheme and not link.startswith("/"), link   # relative: opens from disk
+        assert (out / unquote(link)).resolve().is_file(), link
+    return page, parser
+
+
+def test_report_links_exist_and_names_are_escaped(mixed_run):
+    inp, out, _, _ = mixed_run
+    page, parser = _report(out)
+    originals = {(out / unquote(v["src"])).resolve() for t, v in parser.tags if t == "audio"}
+    assert (inp / XSS).resolve() in originals                                 # the original is linked
+    assert sum(t == "audio" for t, _ in parser.tags) == 3 * 2 * len(MIXED)    # original, explanation, residual
+    assert not any("onerror" in attrs for _, attrs in parser.tags)            # the file name stayed text
+    assert any(XSS in t for t in parser.text)
+    assert "&lt;img src=x onerror=alert(1)&gt;.wav" in page
+
+
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="Debian chromium is not installed")
+def test_report_renders_in_headless_chromium(mixed_run, tmp_path):
+    _, out, _, _ = mixed_run
+    run = subprocess.run(["/usr/bin/chromium", "--headless", "--no-sandbox", "--disable-gpu",
+                          f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=3000",
+                          "--dump-dom", (out / R.INDEX).as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    dom = _Links()
+    dom.feed(run.stdout)
+    assert sum(t == "audio" for t, _ in dom.tags) == 3 * 2 * len(MIXED)
+    assert sum(t == "img" for t, _ in dom.tags) == 2 * len(MIXED)
+    assert not any("onerror" in attrs for _, attrs in dom.tags)
+    assert any(XSS in t for t in dom.text)
+
+
+# --------------------------------------------------------------------- bad input
+
+
+def test_every_bad_input_is_listed_and_the_rest_explained(tmp_path, decoder_dir):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    sf.write(inp / "good.wav", _noise(1.0, 16_000), 16_000)
+    sf.write(inp / "truncated.wav", _noise(1.0, 16_000), 16_000)
+    data = (inp / "truncated.wav").read_bytes()
+    (inp / "truncated.wav").write_bytes(data[: len(data) // 2])
+    (inp / "corrupt.flac").write_bytes(b"fLaC" + bytes(range(256)) * 4)
+    (inp / "empty.wav").write_bytes(b"")
+    sf.write(inp / "zero_frames.wav", np.zeros(0), 16_000)
+    (inp / "text.mp3").write_text("this is not audio at all\n" * 20)
+    (inp / "folder.wav").mkdir()
+    bad = _noise(1.0, 16_000).astype(np.float32)
+    bad[100] = np.nan
+    sf.write(inp / "nan.wav", bad, 16_000, subtype="FLOAT")
+    os.symlink("self.wav", inp / "self.wav")                   # a link that resolves to itself
+    os.symlink("missing.wav", inp / "dangling.wav")
+    (inp / "sub").mkdir()
+    os.symlink("..", inp / "sub" / "up")                       # a folder link back to an ancestor
+    os.mkfifo(inp / "pipe.wav")
+    sf.write(inp / "locked.wav", _noise(1.0, 16_000), 16_000)
+    os.chmod(inp / "locked.wav", 0)
+    try:
+        result = _explain([str(inp), "-p", "dog", "--out", str(out), "--workers", "2", "--json"], decoder_dir)
+    finally:
+        os.chmod(inp / "locked.wav", 0o644)
+    assert result.exit_code == 1, result.output
+    errors = _errors(out)
+    expect = {
+        "truncated.wav": "truncated", "corrupt.flac": "not readable as audio", "empty.wav": "empty file",
+        "zero_frames.wav": "zero", "text.mp3": "not readable as audio", "folder.wav": "is a directory",
+        "nan.wav": "non-finite", "self.wav": "symlink loop", "dangling.wav": "broken symlink",
+        "sub/up": "symlink loop", "pipe.wav": "not a regular file",
+    }
+    root = os.geteuid() == 0      # root reads a mode-000 file: then it is simply explained
+    if not root:
+        expect["locked.wav"] = "Permission denied"
+    assert set(errors) == set(expect), errors
+    for name, reason in expect.items():
+        assert reason in errors[name], (name, errors[name])
+    explained = {r["file"] for r in _results(out)}
+    assert explained == {"good.wav"} | ({"locked.wav"} if root else set())
+    summary = json.loads(result.stdout)
+    assert summary["failed"] == len(expect) and {f["file"] for f in summary["failures"]} == set(expect)
+    _, parser = _report(out)
+    assert set(expect) <= set(parser.text)                     # the failed files are listed in the report
+
+
+# --------------------------------------------------------------------- resume
+
+
+def test_killed_run_resumes_without_redoing_or_duplicating(tmp_path, decoder_dir):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    for k in range(20):
+        sf.write(inp / f"clip{k:02d}.wav", _noise(1.0, 24_000, seed=k), 24_000)
+    cmd = [sys.executable, "-m", "lmaczs_cli", "explain", str(inp), "-p", "dog barking", "--out", str(out),
+           "--batch-size", "1", "--workers", "0", "--save-png", *_model(decoder_dir)]
+    proc = subprocess.Popen(cmd, env=ENV, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    results = out / R.RESULTS
+    deadline = time.monotonic() + 120
+    while not (results.exists() and results.stat().st_size > 0):
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "no results line within 120 s"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    first = [json.loads(x) for x in results.read_text().splitlines()]      # valid JSONL after kill -9
+    finished = {r["file"] for r in first}
+    assert 1 <= len(finished) < 20, "the run ended before it could be killed mid-way"
+    for wav in out.glob("*.wav"):                                         # nothing truncated
+        assert sf.read(wav)[0].size == SAMPLE_RATE
+    mtimes = {f: (out / R.output_names(Path(f).stem, "dog barking")["wav"]).stat().st_mtime_ns for f in finished}
+
+    result = _explain([str(inp), "-p", "dog barking", "--out", str(out), "--batch-size", "1", "--save-png",
+                       "--json"], decoder_dir)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["already_done"] == len(finished) and summary["explained"] == 20 - len(finished)
+    lines = _results(out)
+    assert len(lines) == 20 and len({(r["file"], r["prompt"], r["window"]) for r in lines}) == 20
+    assert [r["file"] for r in lines] == sorted(r["file"] for r in lines)
+    for f, mtime in mtimes.items():                                      # finished work not redone
+        assert (out / R.output_names(Path(f).stem, "dog barking")["wav"]).stat().st_mtime_ns == mtime
+    for wav in out.glob("*.wav"):
+        assert sf.read(wav)[0].size == SAMPLE_RATE
+    assert not list(out.rglob("*.part"))
+    again = _explain([str(inp), "-p", "dog barking", "--out", str(out), "--save-png", "--json"], decoder_dir)
+    assert json.loads(again.stdout)["explained"] == 0 and _results(out) == lines
+    redo = _explain([str(inp), "-p", "dog barking", "--out", str(out), "--save-png", "--overwrite", "--json"],
+                    decoder_dir)
+    assert json.loads(redo.stdout)["explained"] == 20 and len(_results(out)) == 20
+
+
+# --------------------------------------------------------------------- torchrun
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_rank_torchrun_and_merge_equal_one_process(tmp_path, decoder_dir):
+    inp = tmp_path / "in"
+    (inp / "sub").mkdir(parents=True)
+    for k in range(5):
+        sf.write(inp / ("sub" if k % 2 else "") / f"c{k}.wav", _noise(1.0 + k, 16_000, seed=k), 16_000)
+    sf.write(inp / "long.flac", _noise(12.0, 16_000, seed=9), 16_000)
+    (inp / "broken.wav").write_bytes(b"RIFF....WAVEjunk")
+    args = [str(inp), "-p", "dog barking", "-p", "siren", "--workers", "0", *_model(decoder_dir)]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(_free_port()), "-m", "lmaczs_cli", "explain", *args,
+                          "--out", str(tmp_path / "two"), "--json"],
+                         env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stderr[-3000:]                       # broken.wav failed on one rank
+    one = CliRunner().invoke(main, ["explain", *args, "--out", str(tmp_path / "one")])
+    assert one.exit_code == 1, one.output
+    two_lines, one_lines = _results(tmp_path / "two"), _results(tmp_path / "one")
+    assert len(one_lines) == 2 * (5 + 2)                                 # long.flac: 2 windows
+    _assert_same_results(two_lines, one_lines)
+    assert _errors(tmp_path / "two") == _errors(tmp_path / "one") and list(_errors(tmp_path / "one")) == ["broken.wav"]
+    assert not list((tmp_path / "two").glob("*.rank*.jsonl"))            # rank 0 merged the shards
+    assert json.loads(run.stdout)["explained"] == 6                      # rank 0 reports every rank
+
+    # `--merge` joins shards left by ranks later: split the joined file back into two shards
+    two = tmp_path / "two"
+    for k in range(2):
+        R.write_jsonl(two / f"results.rank{k}.jsonl", two_lines[k::2])
+    (two / R.RESULTS).unlink()
+    merged = CliRunner().invoke(main, ["explain", "--merge", str(two), "--json"])
+    assert merged.exit_code == 0, merged.output
+    assert json.loads(merged.stdout)["results"] == len(two_lines)
+    assert _results(two) == two_lines and not list(two.glob("*.rank*.jsonl"))
+
+
+# --------------------------------------------------------------------- windows and seams
+
+
+class _ConstantMask(torch.nn.Module):
+    """A decoder stub: mask of ones (so the listenable output must give back the input)."""
+
+    def forward(self, hidden, text, logmel, log_power=None):
+        return torch.ones(logmel.shape[0], logmel.shape[1], 64)
+
+
+class _LoudMask(torch.nn.Module):
+    """A decoder stub that keeps the loud time-frequency cells: 1 where log-mel > -30 dB.
+    (A random decoder cannot localise anything; this one shows that stitched masks keep
+    each event at its own time across the window seams.)"""
+
+    def forward(self, hidden, text, logmel, log_power=None):
+        return (logmel > -30).float()
+
+
+BURSTS = [(2.0, 2.5, 500), (9.8, 10.4, 1000), (14.9, 15.3, 3000), (21.0, 22.0, 6000)]   # s, s, Hz
+
+
+def _bursts(seconds: float = 25.0) -> np.ndarray:
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    x = 1e-4 * np.random.default_rng(0).standard_normal(t.size)
+    for a, b, f in BURSTS:
+        on = (t >= a) & (t < b)
+        x[on] += 0.5 * np.sin(2 * np.pi * f * t[on])
+    return x.astype(np.float32)
+
+
+def test_windowed_explanation_stitches_without_clicks(tiny_clap, decoder_dir, tmp_path):
+    x = _bursts()
+    assert window_starts(x.size) == [0, 240_000, 480_000, 720_000]    # seams at 5, 10, 15, 20 s
+    max_jump = np.abs(np.diff(x)).max()
+
+    ones = Explainer(tiny_clap, _ConstantMask(), {"domain": "mel"}, device="cpu", batch_size=3).explain(x, "tone")
+    assert ones.audio.shape == x.shape and ones.mask.shape == (x.size // HOP + 1, 64)
+    assert np.abs(ones.audio - x).max() < 1e-4                          # identity across every seam
+    assert np.abs(np.diff(ones.audio)).max() <= max_jump * (1 + 1e-3)
+
+    loud = Explainer(tiny_clap, _LoudMask(), {"domain": "mel"}, device="cpu", batch_size=3).explain(x, "tone")
+    kept = loud.mask.mean(axis=1)                                       # per frame
+    frame_t = np.arange(kept.size) * HOP / SAMPLE_RATE
+    for a, b, _ in BURSTS:                                              # the events stay where they are
+        inside = (frame_t > a + 0.05) & (frame_t < b - 0.05)
+        assert kept[inside].min() > 0, (a, b)
+    quiet = np.ones(kept.size, bool)
+    for a, b, _ in BURSTS:
+        quiet &= (frame_t < a - 0.05) | (frame_t > b + 0.05)
+    assert kept[quiet].max() == 0
+
+    # the same file through the CLI and the random decoder: full length, no click at any seam
+    sf.write(tmp_path / "bursts.wav", x, SAMPLE_RATE, subtype="FLOAT")
+    result = _explain([str(tmp_path / "bursts.wav"), "-p", "tone", "--out", str(tmp_path / "out"),
+                       "--batch-size", "3", "--workers", "0"], decoder_dir)
+    assert result.exit_code == 0, result.output
+    y, sr = sf.read(tmp_path / "out" / "bursts.tone.wav", dtype="float32")
+    assert sr == SAMPLE_RATE and y.size == x.size
+    assert np.abs(np.diff(y)).max() <= max_jump + 2 / 32768            # 16-bit rounding allowed
+
+
+def _reference(ex: Explainer, wave: np.ndarray, prompts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One clip the plain way: all its windows in one batch, `audio.stitch` / `stitch_frames`."""
+    from lmaczs_cli import audio
+
+    starts = window_starts(wave.size)
+    windows = [audio.pad_clip(wave)] if wave.size <= CLIP_SAMPLES else list(audio.windows(wave))
+    out = {k: v.numpy() for k, v in ex.run_windows(torch.from_numpy(np.stack(windows)), prompts).items()}
+    sound = audio.stitch(out["audio"].transpose(0, 2, 1), wave.size, starts)             # (n, K)
+    masks = audio.stitch_frames(out["masks"].transpose(0, 2, 1, 3), wave.size)          # (frames, K, 64)
+    return sound, masks, out["masked_similarity"].mean(0)
+
+
+def test_explain_many_batches_across_files_like_one_file_at_a_time(tiny_clap, decoder_dir):
+    ex = Explainer.load(clap="random:tiny", decoder=decoder_dir, device="cpu", batch_size=3)
+    rng = np.random.default_rng(1)
+    waves = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in (5_000, 600_000, 48_000, 720_000)]
+    clips = [Clip(key=i, wave=w, prompts=["dog", "rain"] if i != 2 else ["siren"]) for i, w in enumerate(waves)]
+    got = {r.key: r for r in ex.explain_many(clips)}      # batches of 3 windows mixing files and Ks
+    assert sorted(got) == [0, 1, 2, 3]
+    for i, w in enumerate(waves):
+        sound, masks, masked = _reference(ex, w, clips[i].prompts)
+        for j, e in enumerate(got[i].explanations):
+            assert e.prompt == clips[i].prompts[j] and e.audio.shape == w.shape
+            assert np.allclose(e.audio, sound[:, j], atol=1e-5) and np.allclose(e.mask, masks[:, j], atol=1e-5)
+            assert e.masked_similarity == pytest.approx(masked[j], abs=1e-5)
+    bad = list(ex.explain_many([np.full(10, np.nan, np.float32)], ["dog"]))
+    assert bad[0].error == "the waveform holds NaN or Inf samples"
+
+
+# --------------------------------------------------------------------- names and modes
+
+
+def test_out_equal_to_the_input_folder_never_overwrites_inputs(tmp_path, decoder_dir):
+    names = ["a.wav", "a.dog-barking.wav", "b.flac"]    # a.wav's natural output name is an input
+    for k, name in enumerate(names):
+        sf.write(tmp_path / name, _noise(1.0, 16_000, seed=k), 16_000)
+    before = {n: (tmp_path / n).read_bytes() for n in names}
+    for _ in range(2):                                   # the rerun must not take outputs as inputs
+        result = _explain([str(tmp_path), "-p", "dog barking", "--out", str(tmp_path), "--json"], decoder_dir)
+        assert result.exit_code == 0, result.output
+    assert {n: (tmp_path / n).read_bytes() for n in names} == before
+    assert {r["file"] for r in _results(tmp_path)} == set(names)
+    assert (tmp_path / "a.wav.dog-barking.wav").is_file() and (tmp_path / "b.dog-barking.wav").is_file()
+    summary = json.loads(result.stdout)
+    assert summary["already_done"] == 3 and summary["explained"] == 0
+    assert summary["skipped"]["outputs"] == 3 + 2       # our wavs, results.jsonl and index.html
+
+
+def test_output_names_are_pure_safe_and_distinct():
+    assert R.prompt_slug("dog barking") == "dog-barking"
+    tricky = ["Dog barking", "dog  barking", "dog-barking", "dog barking!", "犬の鳴き声", "residual",
+              "../../etc/passwd", "a" * 80, ""]
+    slugs = [R.prompt_slug(p) for p in tricky]
+    assert len(set(slugs)) == len(tricky) and all(s and set(s) <= set("abcdefghijklmnopqrstuvwxyz0123456789-")
+                                                  for s in slugs)
+    assert R.prompt_slug("Dog barking") == R.prompt_slug("Dog barking")   # a pure function
+    stems = R.output_stems(["x/A.WAV", "x/a.wav", "x/b.mp3", "../up.wav", "c.wav"], taken=["c.tone.wav"])
+    assert stems["x/b.mp3"] == "x/b" and stems["x/A.WAV"] != stems["x/a.wav"]
+    assert stems["../up.wav"] == "_/up" and stems["c.wav"] == "c.wav"
+
+
+def test_top_k_mode_explains_the_best_labels_with_their_scores(tmp_path, decoder_dir):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for k in range(2):
+        sf.write(inp / f"c{k}.wav", _noise(1.5, 16_000, seed=k), 16_000)
+    labels = ["dog", "rain_on_roof", "a car horn honking loudly", "Siren."]
+    (tmp_path / "labels.txt").write_text("# label set\n" + "\n".join(labels) + "\n")
+    result = _explain([str(inp), "--labels", str(tmp_path / "labels.txt"), "--top-k", "2",
+                       "--out", str(tmp_path / "out"), "--json"], decoder_dir)
+    assert result.exit_code == 0, result.output
+    assert label_prompt("rain_on_roof") == "this is the sound of rain on roof"
+    assert label_prompt("a car horn honking loudly") == "a car horn honking loudly"
+    assert label_prompt("Siren.") == "Siren."
+    ex = Explainer.load(clap="random:tiny", decoder=decoder_dir, device="cpu")
+    prompts = [label_prompt(x) for x in labels]
+    for k in range(2):
+        lines = [r for r in _results(tmp_path / "out") if r["file"] == f"c{k}.wav"]
+        topk = lines[0]["topk"]
+        scores = ex.classify(load_audio(inp / f"c{k}.wav"), prompts)
+        best = np.argsort(-scores)[:2]
+        assert [t["label"] for t in topk] == [labels[i] for i in best]
+        assert [t["score"] for t in topk] == pytest.approx(scores[best].tolist(), abs=1e-5)
+        assert sorted((r["rank"], r["prompt"]) for r in lines) == [(0, prompts[best[0]]), (1, prompts[best[1]])]
+        for r in lines:
+            assert (tmp_path / "out" / r["outputs"]["wav"]).is_file() and r["top_k"] == 2
+    again = _explain([str(inp), "--labels", str(tmp_path / "labels.txt"), "--top-k", "2",
+                      "--out", str(tmp_path / "out"), "--json"], decoder_dir)
+    assert json.loads(again.stdout)["already_done"] == 2
+
+
+def test_prompts_csv_and_prompts_file_resume_per_prompt_at_another_rate(tmp_path, decoder_dir):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for k, name in enumerate(["a.wav", "b.wav", "c.wav"]):
+        sf.write(inp / name, _noise(0.5, 16_000, seed=k), 16_000)
+    (tmp_path / "prompts.csv").write_text('path,prompt\nin/a.wav,dog\nin/a.wav,"siren, far away"\nin/b.wav,rain\n')
+    (tmp_path / "prompts.txt").write_text("# for every file\nwind\n\n")
+    common = [str(inp), "--out", str(tmp_path / "out"), "--sr", "16000", "--prompts-csv", str(tmp_path / "prompts.csv")]
+    first = _explain([*common, "--json"], decoder_dir)
+    assert first.exit_code == 0, first.output
+    summary = json.loads(first.stdout)
+    assert summary["explanations"] == 3 and summary["skipped"]["no_prompt"] == 1      # c.wav has no prompt
+    pairs = {(r["file"], r["prompt"]) for r in _results(tmp_path / "out")}
+    assert pairs == {("a.wav", "dog"), ("a.wav", "siren, far away"), ("b.wav", "rain")}
+    second = _explain([*common, "--prompts-file", str(tmp_path / "prompts.txt"), "--json"], decoder_dir)
+    summary = json.loads(second.stdout)
+    assert summary["explained"] == 3 and summary["explanations"] == 3                # only the new prompt
+    lines = _results(tmp_path / "out")
+    assert {(r["file"], r["prompt"]) for r in lines} == pairs | {(f, "wind") for f in ("a.wav", "b.wav", "c.wav")}
+    for r in lines:
+        info = sf.info(str(tmp_path / "out" / r["outputs"]["wav"]))
+        assert info.samplerate == 16_000 and info.frames == 8_000 and r["sr"] == 16_000
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "Missing option '--prompt' / '-p'. Give one, or --prompts-file, --prompts-csv or --labels."),
+    (["-p", "dog", "--top-k", "2"], "--top-k needs --labels FILE (the label set to rank)"),
+    (["-p", "dog", "--labels", "LABELS"], "--labels (top-k mode) chooses the prompts itself; do not combine "
+                                          "it with --prompt, --prompts-file or --prompts-csv"),
+    (["--labels", "LABELS", "--top-k", "3"], "--top-k 3 exceeds the 2 labels in LABELS"),
+    (["-p", "dog", "--backend", "onnx"], "--backend onnx: not implemented yet; use --backend torch"),
+    (["-p", "dog", "--backend", "trt"], "--backend trt: not implemented yet; use --backend torch"),
+    (["-p", " "], "--prompt: an empty prompt; give a text such as --prompt 'dog barking'"),
+    (["-p", "dog", "--clap", "random:tiny"], "--clap random:tiny needs --decoder DIR (a folder written by `lmaczs train`)"),
+    (["-p", "dog", "--merge", "IN"], "--merge DIR only joins the shards of a run in DIR; give no PATHS, prompts or --out"),
+])
+def test_usage_errors_exit_2_with_their_message(tmp_path, args, message):
+    (tmp_path / "labels.txt").write_text("dog\nrain\n")
+    args = [str(tmp_path / "labels.txt") if a == "LABELS" else str(tmp_path) if a == "IN" else a for a in args]
+    message = message.replace("LABELS", str(tmp_path / "labels.txt"))
+    result = CliRunner().invoke(main, ["explain", str(tmp_path), *args, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert f"Error: {message}\n" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_paths_and_out_are_usage_errors(tmp_path):
+    result = CliRunner().invoke(main, ["explain", "-p", "dog", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "Error: Missing argument 'PATHS...'." in result.stderr
+    result = CliRunner().invoke(main, ["explain", str(tmp_path), "-p", "dog"])
+    assert result.exit_code == 2 and "Error: Missing option '--out' / '-o'." in result.stderr
+
+
+def test_default_demo_model_fails_with_one_clear_line_until_it_ships(tmp_path):
+    if (demo_dir() / "config.json").is_file() and (demo_dir() / "clap.json").is_file():
+        pytest.skip("the demo model is bundled in this checkout")
+    sf.write(tmp_path / "a.wav", _noise(0.5, 16_000), 16_000)
+    result = CliRunner().invoke(main, ["explain", str(tmp_path), "-p", "dog", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1 and "demo" in result.stderr
+    assert "Traceback" not in result.output
