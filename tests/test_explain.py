@@ -577,11 +577,10 @@ def test_missing_paths_and_out_are_usage_errors(tmp_path):
     assert result.exit_code == 2 and "Error: Missing option '--out' / '-o'." in result.stderr
 
 
-def test_default_demo_model_fails_with_one_clear_line_until_it_ships(tmp_path):
-    if (demo_dir() / "config.json").is_file() and (demo_dir() / "clap.json").is_file():
-        pytest.skip("the demo model is bundled in this checkout")
+def test_default_model_is_the_bundled_demo(tmp_path):
     sf.write(tmp_path / "a.wav", _noise(0.5, 16_000), 16_000)
-    result = CliRunner().invoke(main, ["explain", str(tmp_path), "-p", "dog", "--out", str(tmp_path / "o")])
-    assert result.exit_code == 1
-    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1 and "demo" in result.stderr
-    assert "Traceback" not in result.output
+    result = CliRunner().invoke(main, ["explain", str(tmp_path), "-p", "the sound of a hiss",
+                                       "--out", str(tmp_path / "o"), "--json"])
+    assert result.exit_code == 0, result.output
+    wavs = list((tmp_path / "o").rglob("*.wav"))
+    assert len(wavs) == 1 and abs(sf.info(str(wavs[0])).duration - 0.5) < 1e-3
