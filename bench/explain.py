@@ -28,7 +28,8 @@ import soundfile as sf
 import torch
 
 from lmaczs_cli.audio import CLIP_SAMPLES, SAMPLE_RATE, load_audio
-from lmaczs_cli.explain import Explainer, ExplainJob, auto_workers, run_explain
+from lmaczs_cli.explain import Explainer
+from lmaczs_cli.runs import ExplainJob, auto_workers, run_explain
 
 
 def _median_rate(fn, clips: int, repeats: int, sync) -> dict[str, float]:

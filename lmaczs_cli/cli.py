@@ -222,13 +222,13 @@ def explain(ctx: click.Context, paths: tuple[Path, ...], prompts: tuple[str, ...
     if merge_dir is not None:
         if paths or prompts or prompts_file or prompts_csv or labels or out:
             raise click.UsageError("--merge DIR only joins the shards of a run in DIR; give no PATHS, prompts or --out")
-        from .explain import merge_outputs
+        from .runs import merge_outputs
 
         _explain_report(merge_outputs(merge_dir), as_json)
         return
     job_options = _explain_options(ctx, paths, prompts, prompts_file, prompts_csv, labels, top_k, out, backend,
                                    decoder, tokenizer, options)
-    from .explain import ExplainJob, rank_world, run_explain
+    from .runs import ExplainJob, rank_world, run_explain
 
     quiet = rank_world()[0] != 0
     with _explain_progress(quiet) as on_event:
@@ -264,14 +264,15 @@ def _explain_options(ctx: click.Context, paths: tuple[Path, ...], prompts: tuple
         raise click.UsageError("--prompt: an empty prompt; give a text such as --prompt 'dog barking'")
     if options["clap"] != "demo" and decoder is None:
         raise click.UsageError(f"--clap {options['clap']} needs --decoder DIR (a folder written by `lmaczs train`)")
-    from . import explain as ex
+    from . import inputs
+    from .device import resolve_device
 
     try:
-        ex.resolve_device(options["device"])
-        file_prompts = ex.read_prompts_csv(prompts_csv) if prompts_csv else {}
-        all_prompts = [*prompts, *(ex.read_lines(prompts_file) if prompts_file else [])]
-        label_set = ex.read_lines(labels) if labels else []
-    except ex.ExplainError as e:
+        resolve_device(options["device"])
+        file_prompts = inputs.read_prompts_csv(prompts_csv) if prompts_csv else {}
+        all_prompts = [*prompts, *(inputs.read_lines(prompts_file) if prompts_file else [])]
+        label_set = inputs.read_lines(labels) if labels else []
+    except inputs.ExplainError as e:
         raise click.UsageError(str(e)) from e
     if labels is not None:
         repeated = sorted({x for x in label_set if label_set.count(x) > 1})

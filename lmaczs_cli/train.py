@@ -34,7 +34,6 @@ import torch
 import torch.distributed as dist
 
 from . import __version__, data, spectral
-from .audio import CLIP_SAMPLES
 from .clap import ClapModel, load_clap
 from .decoder import DecoderConfig, MaskDecoder, save_decoder
 from .device import resolve_device

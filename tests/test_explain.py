@@ -23,7 +23,8 @@ from lmaczs_cli import report as R
 from lmaczs_cli.audio import CLIP_SAMPLES, HOP, SAMPLE_RATE, load_audio, window_starts
 from lmaczs_cli.cli import main
 from lmaczs_cli.decoder import DecoderConfig, MaskDecoder, save_decoder
-from lmaczs_cli.explain import Clip, Explainer, demo_dir, label_prompt
+from lmaczs_cli.explain import Clip, Explainer
+from lmaczs_cli.inputs import label_prompt
 
 REPO = Path(__file__).resolve().parents[1]
 XSS = "<img src=x onerror=alert(1)>.wav"
