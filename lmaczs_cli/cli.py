@@ -552,6 +552,32 @@ def eval_(ctx: click.Context, **_: Any) -> None:
     not_built(ctx)
 
 
+COMPLETION_SHELLS = ("bash", "zsh", "fish")
+
+
+@main.command(short_help="Print the shell completion script for bash, zsh or fish.")
+@click.argument("shell", type=click.Choice(COMPLETION_SHELLS))
+def completion(shell: str) -> None:
+    """Print the completion script of SHELL (click's own completion mechanism).
+
+    Completes commands, options, choices (such as --backend and --device) and paths.
+    Load it in the current shell, or save it where your shell reads completions.
+
+    Examples:
+
+    \b
+      eval "$(lmaczs completion bash)"                      # bash, this shell
+      lmaczs completion bash > ~/.local/share/bash-completion/completions/lmaczs
+      lmaczs completion zsh > "${fpath[1]}/_lmaczs"          # zsh
+      lmaczs completion fish > ~/.config/fish/completions/lmaczs.fish
+    """
+    from click.shell_completion import get_completion_class
+
+    comp_cls = get_completion_class(shell)
+    comp = comp_cls(main, {}, "lmaczs", "_LMACZS_COMPLETE")
+    click.echo(comp.source())
+
+
 @main.command(short_help="Show versions, the compute device and model caches.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def info(as_json: bool) -> None:

@@ -17,7 +17,7 @@ from lmaczs_cli.audio import AudioError
 from lmaczs_cli.cli import CLAP_HELP, main
 
 REPO = Path(__file__).resolve().parent.parent
-COMMANDS = ["train", "export", "explain", "eval", "info"]
+COMMANDS = ["train", "export", "explain", "eval", "info", "completion"]
 UNBUILT = ["export", "eval"]
 MODEL_COMMANDS = ["train", "export", "explain", "eval"]
 
@@ -53,6 +53,7 @@ def test_group_help_explains_and_lists_every_command(runner: CliRunner) -> None:
     assert "LMAC-ZS" in result.output
     for command in COMMANDS:
         assert re.search(rf"^\s+{command}\s", result.output, re.M), command
+    assert set(main.commands) == set(COMMANDS)
     assert len(_example_lines(result.output)) >= 3
 
 
