@@ -14,6 +14,7 @@ import torch
 from lmaczs_cli import metrics, spectral
 from lmaczs_cli.clap import load_clap
 from lmaczs_cli.demo import world
+from lmaczs_cli.audio import N_FRAMES, N_MELS
 from lmaczs_cli.explain import Explainer, demo_dir
 
 N_SCENES = 12  # held-out scenes for the localization figures
@@ -86,3 +87,24 @@ def test_explanation_wav_holds_the_event_in_its_band_and_time(demo, name):
     energy = spectral.power(X).numpy()
     share = energy[region].sum() / energy.sum()
     assert share >= 0.5, share
+
+
+def test_drop_events_masks_the_cells_of_dropped_events_and_clears_their_presence():
+    from lmaczs_cli.demo.build import drop_events
+
+    E = len(world.EVENTS)
+    logmel = torch.full((64, N_FRAMES, N_MELS), -20.0)
+    presence = torch.zeros(64, E)
+    presence[:, 0] = presence[:, 3] = 1.0
+    bits = torch.zeros(64, N_FRAMES, N_MELS, dtype=torch.int16)
+    bits[:, :100] = 1 << 0                    # event 0 owns the first 100 frames
+    bits[:, 500:600] = 1 << 3                 # event 3 owns frames 500..599
+    out, kept = drop_events(logmel, presence, bits, torch.Generator().manual_seed(0))
+    floor = float(spectral.to_db(torch.zeros(())))
+    assert set(kept.unique().tolist()) <= {0.0, 1.0} and (kept[:, [1, 2, 4]] == 0).all()
+    for row in range(64):
+        for e, frames in ((0, slice(0, 100)), (3, slice(500, 600))):
+            assert (out[row, frames] == (-20.0 if kept[row, e] else floor)).all()
+        assert (out[row, 100:500] == -20.0).all() and (out[row, 600:] == -20.0).all()
+    dropped = 1 - kept[:, [0, 3]].mean().item()
+    assert 0.3 < dropped < 0.7, dropped        # p_drop = 0.5 over 128 draws

@@ -252,3 +252,25 @@ def test_write_world_writes_flac_and_a_manifest_training_reads(tmp_path):
     before = (tmp_path / rows[0]["audio"]).read_bytes()
     world.write_world(tmp_path, 1, seed=1, split="train")
     assert (tmp_path / rows[0]["audio"]).read_bytes() == before
+
+
+@pytest.mark.parametrize("texts", ["events", "both"])
+def test_write_world_event_prompt_lines(tmp_path, texts):
+    manifest = world.write_world(tmp_path, 3, seed=2, split="train", texts=texts)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    expected = []
+    for i in range(3):
+        scene = world.render_scene(world.scene_seed(2, "train", i))
+        if texts == "both":
+            expected.append((f"train/scene_{i:05d}.flac", scene.caption))
+        expected += [(f"train/scene_{i:05d}.flac", world.prompt_for(n)) for n in sorted({e.name for e in scene.events})]
+    assert [(r["audio"], r["caption"]) for r in rows] == expected
+    assert all(r["event"] in world.EVENTS for r in rows if "event" in r)
+    items, skips = read_manifest(manifest)
+    assert not skips and len(items) == len(rows)
+
+
+def test_write_world_refuses_unknown_texts(tmp_path):
+    with pytest.raises(ValueError, match="texts must be one of"):
+        world.write_world(tmp_path, 1, texts="labels")
+    assert not any(tmp_path.iterdir())

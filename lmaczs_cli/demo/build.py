@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import spectral
-from ..audio import SAMPLE_RATE
+from ..audio import N_FRAMES, N_MELS, SAMPLE_RATE
 from ..clap import ClapConfig, ClapModel, ClipBpeTokenizer, build_laion_clap, save_clap
 from . import world
 
@@ -55,19 +55,54 @@ def _log_mels(waves: list[np.ndarray], batch: int = 16) -> torch.Tensor:
     return torch.cat(out)
 
 
-def render_pool(n_scenes: int, n_single: int, seed: int) -> tuple[torch.Tensor, list[str]]:
-    """Scenes and single-event clips -> (log-mels (N, 1001, 64) fp16, captions)."""
-    waves, captions = [], []
-    for k in range(n_scenes):
-        s = world.render_scene(seed * 1_000_003 + k)
+def _event_bits(scene: world.Scene) -> np.ndarray:
+    """int16 (N_FRAMES, N_MELS): bit e set where event kind EVENTS[e] owns the mel cell."""
+    bits = np.zeros((N_FRAMES, N_MELS), dtype=np.int16)
+    for name, mask in scene.mel_masks.items():
+        bits |= mask.astype(np.int16) << world.EVENTS.index(name)
+    return bits
+
+
+def render_pool(n_scenes: int, n_single: int, seed: int) -> tuple[torch.Tensor, list[str], torch.Tensor, torch.Tensor]:
+    """Scenes and single-event clips -> (log-mels (N, 1001, 64) fp16, captions,
+    presence (N, len(EVENTS)) float: 1 where the clip holds that event kind,
+    event bits (N, 1001, 64) int16: which kinds own each mel cell (see `_event_bits`))."""
+    mels, waves, captions, presence, bits = [], [], [], [], []
+    singles = [world.EVENTS[k % len(world.EVENTS)] for k in range(n_single)]
+    makers = [lambda k=k: world.render_scene(seed * 1_000_003 + k) for k in range(n_scenes)]
+    makers += [lambda k=k, n=n: world.single_event_scene(n, seed * 1_000_003 + 500_000 + k)
+               for k, n in enumerate(singles)]
+    for make in makers:          # one scene at a time: a Scene with its sources is ~10 MB
+        s = make()
         waves.append(s.wave)
+        if len(waves) == 16:     # log-mels as we go: 3400 waves would hold ~6.5 GB
+            mels.append(_log_mels(waves))
+            waves = []
         captions.append(s.caption)
-    for k in range(n_single):
-        name = world.EVENTS[k % len(world.EVENTS)]
-        s = world.single_event_scene(name, seed * 1_000_003 + 500_000 + k)
-        waves.append(s.wave)
-        captions.append(world.prompt_for(name))
-    return _log_mels(waves), captions
+        presence.append([float(any(e.name == n for e in s.events)) for n in world.EVENTS])
+        bits.append(torch.from_numpy(_event_bits(s)))
+    if waves:
+        mels.append(_log_mels(waves))
+    return torch.cat(mels), captions, torch.tensor(presence), torch.stack(bits)
+
+
+def drop_events(logmel: torch.Tensor, presence: torch.Tensor, bits: torch.Tensor,
+                generator: torch.Generator, p_drop: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask augmentation for the presence loss: remove each present event with probability
+    `p_drop` by setting the mel cells it owns to the floor a zero LMAC-ZS mask gives
+    (`spectral.to_db(0)`), and clear its presence. logmel (B, 1001, 64) dB, presence (B, E),
+    bits (B, 1001, 64) int16 -> (masked log-mel, presence after removal).
+
+    This teaches the demo CLAP what masked inputs mean: a scene with an event masked away no
+    longer holds it, a scene masked down to one event still holds that one, and a clip masked
+    to nothing holds none — the behaviour LMAC-ZS's objective relies on to prefer a mask that
+    isolates the prompted event."""
+    drop = (torch.rand(presence.shape, generator=generator) < p_drop) & (presence > 0)
+    weights = torch.tensor([1 << e for e in range(presence.shape[1])], dtype=torch.int32)
+    drop_bits = (drop.int() * weights).sum(1)                                 # (B,)
+    removed = (bits.int() & drop_bits[:, None, None]) != 0
+    floor = float(spectral.to_db(torch.zeros(())))
+    return logmel.masked_fill(removed, floor), presence * (~drop).float()
 
 
 def contrastive_loss(audio: torch.Tensor, text: torch.Tensor, captions: list[str], scale: torch.Tensor) -> torch.Tensor:
@@ -78,15 +113,33 @@ def contrastive_loss(audio: torch.Tensor, text: torch.Tensor, captions: list[str
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
-def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_single: int) -> ClapModel:
+def presence_loss(audio: torch.Tensor, prompts: torch.Tensor, presence: torch.Tensor, scale: torch.Tensor,
+                  bias: torch.Tensor) -> torch.Tensor:
+    """Pairwise sigmoid loss of every clip against every event prompt (SigLIP-style): a scene
+    is a positive for *each* event it holds, so its similarity to one event's prompt stays
+    high beside other events. audio (B, D), prompts (E, D), presence (B, E) in {0, 1}.
+
+    Without it a two-event scene sits between its events' prompts (cosine ~0.2 to each while
+    the isolated event scores ~0.8), and LMAC-ZS's similarity-preservation term then prefers
+    a mask keeping every event over one that isolates the prompted event."""
+    logits = scale * audio @ prompts.T + bias
+    return F.binary_cross_entropy_with_logits(logits, presence)
+
+
+def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_single: int,
+               presence_weight: float = 1.0) -> ClapModel:
     torch.manual_seed(seed)
     model = ClapModel(build_laion_clap(DEMO_CLAP), DEMO_CLAP, ClipBpeTokenizer(DEMO_CLAP.context_length), source="demo")
     clap = model.clap
     log(f"rendering {n_scenes} scenes + {n_single} single-event clips")
-    mels, captions = render_pool(n_scenes, n_single, seed)
+    mels, captions, presence, bits = render_pool(n_scenes, n_single, seed)
+    event_prompts = [world.prompt_for(n) for n in world.EVENTS]
     clap.requires_grad_(True)
     clap.train()
-    opt = torch.optim.AdamW([p for p in clap.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
+    # temperature and bias of the presence loss (SigLIP's initial values); not shipped
+    sig_scale, sig_bias = torch.nn.Parameter(torch.tensor(math.log(10.0))), torch.nn.Parameter(torch.tensor(-10.0))
+    params = [p for p in clap.parameters() if p.requires_grad] + [sig_scale, sig_bias]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     g = torch.Generator().manual_seed(seed)
     t0 = time.time()
@@ -96,9 +149,17 @@ def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_si
         logmel = mels[idx].float()
         logmel = logmel + torch.empty(len(idx), 1, 1).uniform_(-6, 6, generator=g)  # level augmentation
         a, _ = model.encode(logmel)
-        tokens = model.tokenize(caps)
+        tokens = model.tokenize(caps + event_prompts)
         t = F.normalize(clap.encode_text(tokens, device="cpu"), dim=-1)
-        loss = contrastive_loss(a, t, caps, clap.logit_scale_a.exp().clamp(max=100))
+        t_caps, t_events = t[: len(caps)], t[len(caps):]
+        loss = contrastive_loss(a, t_caps, caps, clap.logit_scale_a.exp().clamp(max=100))
+        aug = torch.randperm(len(captions), generator=g)[: batch // 2]
+        aug_mel = mels[aug].float() + torch.empty(len(aug), 1, 1).uniform_(-6, 6, generator=g)
+        aug_mel, aug_presence = drop_events(aug_mel, presence[aug], bits[aug], g)
+        a_aug, _ = model.encode(aug_mel)
+        loss = loss + presence_weight * presence_loss(torch.cat([a, a_aug]), t_events,
+                                                      torch.cat([presence[idx], aug_presence]),
+                                                      sig_scale.exp(), sig_bias)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -151,9 +212,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--clap-steps", type=int, default=600)
     ap.add_argument("--clap-batch", type=int, default=32)
     ap.add_argument("--clap-lr", type=float, default=2e-3)
+    ap.add_argument("--presence-weight", type=float, default=1.0,
+                    help="weight of the per-event sigmoid loss beside the caption contrastive loss")
     ap.add_argument("--scenes", type=int, default=2000)
     ap.add_argument("--singles", type=int, default=1400)
     ap.add_argument("--decoder-scenes", type=int, default=400)
+    ap.add_argument("--decoder-texts", choices=world.WORLD_TEXTS, default="both",
+                    help="decoder training texts: scene captions, per-event prompts, or both")
     ap.add_argument("--decoder-epochs", type=int, default=4)
     ap.add_argument("--decoder-batch", type=int, default=4)
     ap.add_argument("--decoder-lr", type=float, default=1e-3)
@@ -173,14 +238,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.skip_clap:
         model = load_clap_dir(out)
     else:
-        model = train_clap(args.clap_steps, args.clap_batch, args.clap_lr, args.seed, args.scenes, args.singles)
+        model = train_clap(args.clap_steps, args.clap_batch, args.clap_lr, args.seed, args.scenes, args.singles,
+                           args.presence_weight)
         save_clap(model, out, dtype=torch.float16)
         model = load_clap_dir(out)
     zs = zero_shot_accuracy(model, per_class=20, seed=args.seed)
     log(f"zero-shot accuracy on held-out single-event clips: {zs['accuracy']:.3f}")
     report["zero_shot"] = zs
 
-    manifest = world.write_world(work / "world", args.decoder_scenes, seed=args.seed, split="train")
+    manifest = world.write_world(work / "world", args.decoder_scenes, seed=args.seed, split="train",
+                                 texts=args.decoder_texts)
     run = work / "decoder"
     if run.exists():
         shutil.rmtree(run)

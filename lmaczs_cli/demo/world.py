@@ -668,8 +668,11 @@ def scene_seed(seed: int, split: str, index: int) -> int:
     return (int(seed) * len(SPLITS) + SPLITS.index(split)) * 2 ** 32 + int(index)
 
 
+WORLD_TEXTS = ("caption", "events", "both")
+
+
 def write_world(folder: str | os.PathLike, n_scenes: int, seed: int = 0, split: str = "train", *,
-                with_masks: bool = False) -> Path:
+                with_masks: bool = False, texts: str = "caption") -> Path:
     """Write `n_scenes` scenes of one split and return the manifest's path.
 
     Layout under `folder`: ``<split>/scene_00000.flac`` (48 kHz mono, 24-bit FLAC) and the
@@ -679,13 +682,18 @@ def write_world(folder: str | os.PathLike, n_scenes: int, seed: int = 0, split: 
          "events": [{"name", "start_s", "end_s", "f_lo", "f_hi", "level_db"}, ...]}
 
     (paths relative to the manifest's folder, as `lmaczs_cli.data.read_manifest` reads
-    them). With ``with_masks=True`` each scene also gets ``<split>/scene_00000.masks.npz``
+    them). `texts` picks the lines' texts: "caption" (one line per scene), "events" (one
+    line per event of the scene, captioned with that event's zero-shot prompt
+    `prompt_for(name)`, plus its "event" name) or "both" (the caption line, then the event
+    lines). With ``with_masks=True`` each scene also gets ``<split>/scene_00000.masks.npz``
     holding ``linear/<name>`` bool (N_FRAMES, N_FREQS) and ``mel/<name>`` bool
     (N_FRAMES, N_MELS) per event, named in the line's "masks". Scene i is
     ``render_scene(scene_seed(seed, split, i))``: deterministic, splits disjoint.
     """
     if n_scenes < 1:
         raise ValueError(f"n_scenes must be at least 1, got {n_scenes}")
+    if texts not in WORLD_TEXTS:
+        raise ValueError(f"texts must be one of {', '.join(WORLD_TEXTS)}, got {texts!r}")
     scene_seed(seed, split, 0)   # validates split and seed before anything is written
     root = Path(folder)
     (root / split).mkdir(parents=True, exist_ok=True)
@@ -701,7 +709,11 @@ def write_world(folder: str | os.PathLike, n_scenes: int, seed: int = 0, split: 
             arrays.update({f"mel/{k}": v for k, v in scene.mel_masks.items()})
             np.savez_compressed(root / f"{stem}.masks.npz", **arrays)
             record["masks"] = f"{stem}.masks.npz"
-        lines.append(json.dumps(record))
+        if texts != "events":
+            lines.append(json.dumps(record))
+        if texts != "caption":
+            for name in sorted({e.name for e in scene.events}):
+                lines.append(json.dumps({**record, "caption": prompt_for(name), "event": name}))
     manifest = root / f"{split}.jsonl"
     tmp = manifest.with_suffix(".jsonl.tmp")
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
