@@ -359,7 +359,7 @@ class ClapModel(nn.Module):
         pooled = x.mean(dim=1)                             # laion's avgpool over all tokens
         grids = []
         for h in hidden:
-            side = int(round(h.shape[1] ** 0.5))
+            side = int(round(int(h.shape[1]) ** 0.5))      # int(): a traced size is a tensor (export)
             grids.append(h.transpose(1, 2).reshape(h.shape[0], h.shape[2], side, side))
         return pooled, grids
 

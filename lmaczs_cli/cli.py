@@ -171,6 +171,8 @@ def main() -> None:
     "--backend", type=click.Choice(["torch", "onnx", "trt"]), default="torch",
     show_default=True, help="torch eager, ONNX Runtime, or TensorRT engines from `lmaczs export --trt`.",
 )
+@click.option("--engines", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="With --backend onnx|trt: the folder written by `lmaczs export` (no torch weights are loaded).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="10-s windows per model batch (windows of several files share a batch).")
 @_device_option
@@ -246,8 +248,7 @@ def _explain_options(ctx: click.Context, paths: tuple[Path, ...], prompts: tuple
     def param(name: str) -> click.Parameter:
         return next(p for p in ctx.command.params if p.name == name)
 
-    if backend != "torch":
-        raise click.UsageError(f"--backend {backend}: not implemented yet; use --backend torch")
+    _check_backend(backend, options, decoder)
     if not paths:
         raise click.MissingParameter(ctx=ctx, param=param("paths"), param_hint="'PATHS...'")
     if out is None:
@@ -262,7 +263,7 @@ def _explain_options(ctx: click.Context, paths: tuple[Path, ...], prompts: tuple
                                      message="Give one, or --prompts-file, --prompts-csv or --labels.")
     if any(not p.strip() for p in prompts):
         raise click.UsageError("--prompt: an empty prompt; give a text such as --prompt 'dog barking'")
-    if options["clap"] != "demo" and decoder is None:
+    if backend == "torch" and options["clap"] != "demo" and decoder is None:
         raise click.UsageError(f"--clap {options['clap']} needs --decoder DIR (a folder written by `lmaczs train`)")
     from . import inputs
     from .device import resolve_device
@@ -288,7 +289,30 @@ def _explain_options(ctx: click.Context, paths: tuple[Path, ...], prompts: tuple
     return dict(paths=tuple(str(p) for p in paths), out=str(out), prompts=tuple(dict.fromkeys(all_prompts)),
                 file_prompts=file_prompts, labels=tuple(label_set), top_k=top_k or 0,
                 decoder=str(decoder) if decoder else None, tokenizer=str(tokenizer) if tokenizer else None,
-                check=check, **options)
+                check=check, backend=backend, **options)
+
+
+def _check_backend(backend: str, options: dict[str, Any], decoder: Path | None) -> None:
+    """--backend onnx|trt needs --engines (an export folder) and takes its model from there;
+    trt needs a GPU and tensorrt."""
+    engines = options.get("engines")
+    if backend == "torch":
+        if engines is not None:
+            raise click.UsageError("--engines is for --backend onnx|trt; --backend torch uses --clap/--decoder")
+        return
+    if engines is None:
+        raise click.UsageError(f"--backend {backend} needs --engines DIR (a folder written by `lmaczs export`)")
+    if decoder is not None or options["clap"] != "demo":
+        raise click.UsageError(f"--backend {backend} runs the model exported in --engines; "
+                               f"drop --clap/--decoder (export them with `lmaczs export --clap ... --decoder ...`)")
+    options["engines"] = str(engines)
+    if backend == "trt":
+        from .export.to_trt import TrtUnavailable, require_trt
+
+        try:
+            require_trt()
+        except TrtUnavailable as e:
+            raise click.UsageError(f"--backend trt: {e}") from e
 
 
 @contextlib.contextmanager
@@ -485,41 +509,74 @@ def _run_training(training: Any, cfg: Any, resume: bool) -> dict[str, Any]:
         return training.train(cfg, resume=resume, on_event=on_event)
 
 
-@main.command(short_help="Export to ONNX / TensorRT (under construction).")
+@main.command(short_help="Export to ONNX graphs and, with --trt, TensorRT engines.")
 @click.option(
     "--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
     help="Directory for the .onnx graphs (and .engine files) with JSON sidecars.",
 )
 @clap_options
-@_decoder_option
+@click.option("--decoder", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Trained decoder: a `lmaczs train` folder (or its decoder.safetensors); "
+              "default: the bundled demo decoder with --clap demo.")
 @_force_option
 @click.option("--trt", is_flag=True, help="Also build TensorRT engines (needs a CUDA GPU and tensorrt).")
-@click.option("--fp16", is_flag=True, help="fp16 outside the STFT/mel/log front end.")
-@click.option("--opset", type=click.IntRange(min=13), default=17, show_default=True)
+@click.option("--fp16/--fp32", default=False, show_default=True,
+              help="Engine precision of the encoder and decoder layers; STFT, mel, log, iSTFT and the "
+              "text encoder always run fp32.")
+@click.option("--opset", type=click.IntRange(min=17, max=20), default=17, show_default=True,
+              help="ONNX opset (17: LayerNormalization; 20: the newest the TorchScript exporter writes).")
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Largest dynamic batch size of the graphs and engines.")
-@_device_option
+              help="Largest batch (and prompts per clip) of the engines' optimisation profile.")
+@click.option("--workspace-gib", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="TensorRT builder workspace limit (GiB)  [default: TensorRT's own]")
 @click.pass_context
-def export(ctx: click.Context, **_: Any) -> None:
-    """Export the explainer to ONNX and, with --trt, TensorRT (under construction).
+def export(ctx: click.Context, out: Path, clap: str, tokenizer: Path | None, decoder: Path | None, force: bool,
+           trt: bool, fp16: bool, opset: int, max_batch: int, workspace_gib: float | None) -> None:
+    """Export the explainer to ONNX and, with --trt, TensorRT.
 
-    Writes the text encoder, the audio encoder with the decoder, and the fused
-    explainer graph (waveforms and text embeddings in; masks, listenable waveforms and
-    similarities out), for `lmaczs explain --backend onnx|trt`.
+    Writes audio_encoder.onnx (waveforms -> embedding, hidden states), text_encoder.onnx
+    (token ids -> embedding, fp32), explainer.onnx (the fused graph: waveforms (B, 480000)
+    and text embeddings (B, K, D) in; masks, listenable waveforms and similarities out,
+    its STFT and iSTFT as MatMuls) and manifest.json, for `lmaczs explain --backend onnx|trt
+    --engines OUT`. With --trt, <graph>.engine plans with .engine.json sidecars; an engine
+    whose sidecar still matches is kept.
 
     Examples:
 
     \b
       lmaczs export --out engines/
-      lmaczs export --clap 630k-audioset-best.pt --decoder dec.safetensors --trt --fp16 --out engines/
+      lmaczs export --clap 630k-audioset-best.pt --decoder runs/dec1 --trt --fp16 --out engines/
     """
-    not_built(ctx)
+    from .export import export_explainer_folder
+
+    if trt:
+        from .export.to_trt import TrtUnavailable, require_trt
+
+        try:
+            require_trt()
+        except TrtUnavailable as e:
+            raise click.UsageError(f"--trt: {e}") from e
+    manifest = export_explainer_folder(out, clap=clap, decoder=decoder, tokenizer=tokenizer, force=force,
+                                       opset=opset, max_batch=max_batch)
+    for graph, spec in manifest["graphs"].items():
+        click.echo(f"wrote {out / spec['file']}")
+    checked = manifest["tensorrt_audit"]
+    problems = [f"{g}: {p}" for g in manifest["graphs"] for p in checked[g]]
+    click.echo(f"TensorRT {checked['tensorrt']} operator audit: " + ("ok" if not problems else
+               f"{len(problems)} problem(s)\n  " + "\n  ".join(problems)))
+    if trt:
+        from .export.to_trt import export_engines
+
+        for graph, key in export_engines(out, fp16=fp16, max_batch=max_batch, max_prompts=max_batch,
+                                         workspace_gib=workspace_gib).items():
+            click.echo(f"engine {out / (graph + '.engine')} ({key.precision}, TensorRT {key.tensorrt}, {key.gpu})")
 
 
-@main.command(name="eval", short_help="Compare LMAC-ZS with baselines by faithfulness (under construction).")
+@main.command(name="eval", short_help="Compare LMAC-ZS with baselines by faithfulness and localization.")
 @click.option(
-    "--data", required=True, type=click.Path(exists=True, path_type=Path),
-    help="Labelled data: a manifest or a labelled folder (or the demo world's).",
+    "--data", required=True, metavar="SRC",
+    help="demo (world scenes with ground truth), a labelled folder (class/clip.wav), ESC-50's folder "
+    "(meta/esc50.csv + audio/) or UrbanSound8K's (metadata/UrbanSound8K.csv + audio/foldN/).",
 )
 @click.option(
     "--methods", default=",".join(EVAL_METHODS), show_default=True, callback=_parse_methods,
@@ -527,29 +584,101 @@ def export(ctx: click.Context, **_: Any) -> None:
 )
 @click.option(
     "--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
-    help="Directory for the metrics tables and per-clip results.",
+    help="Directory for metrics.json/.csv/.md, plots and per-clip records (clips/<method>.jsonl).",
 )
 @clap_options
-@_decoder_option
+@click.option("--decoder", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Decoder folder written by `lmaczs train`; default: the bundled demo decoder with --clap demo.")
 @_force_option
 @_batch_option(8)
 @_device_option
-@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON on stdout.")
-@click.pass_context
-def eval_(ctx: click.Context, **_: Any) -> None:
-    """Compare explanations by faithfulness metrics (under construction).
+@click.option("--fold", type=click.IntRange(min=1), default=None, help="ESC-50 / UrbanSound8K: only this fold.")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Only the first N clips (demo: N scenes; default 32).")
+@click.option("--contaminate", type=click.Choice(["mix", "white-noise", "speech"]), default=None,
+              help="Out-of-domain study: add another clip of the set, white noise or speech (--speech).")
+@click.option("--snr", type=float, default=3.0, show_default=True, help="dB, clip over contamination.")
+@click.option("--speech", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Folder of speech recordings for --contaminate speech.")
+@click.option("--randomization", is_flag=True,
+              help="Cascading randomisation of the audio encoder from the top; SSIM of masks to the originals.")
+@click.option("--prompt-sensitivity", is_flag=True,
+              help="Mask mean vs prompt similarity for every label prompt, matched vs mismatched.")
+@click.option("--study-clips", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Clips the two studies and their plots use.")
+@click.option("--logit-scale", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Temperature of p_c = softmax(scale * similarity); 1 is the paper's formula.")
+@click.option("--gradcam-layer", default=None, metavar="MODULE",
+              help="GradCAM(++) layer in the audio branch [default: norm (HTSAT), conv_block6 (PANN-14)].")
+@click.option("--ig-steps", type=click.IntRange(min=2), default=32, show_default=True,
+              help="Integrated Gradients steps.")
+@click.option("--ig-baseline", type=click.Choice(["silence", "mean"]), default="silence", show_default=True,
+              help="IG reference input: silence (-100 dB) or the clip's mean level.")
+@click.option("--smoothgrad-samples", type=click.IntRange(min=1), default=25, show_default=True,
+              help="SmoothGrad noisy copies per clip.")
+@click.option("--smoothgrad-sigma", type=click.FloatRange(min=0), default=0.15, show_default=True,
+              help="SmoothGrad noise sigma as a share of the clip's log-mel range.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print metrics.json on stdout.")
+def eval_(data: str, out: Path, as_json: bool, **options: Any) -> None:
+    """Compare LMAC-ZS with GradCAM, GradCAM++, SmoothGrad and Integrated Gradients.
 
-    Runs LMAC-ZS and the baselines (GradCAM, GradCAM++, SmoothGrad, Integrated
-    Gradients) on labelled clips and reports faithfulness metrics, and localisation
-    against the ground truth where the data has it (the demo world).
+    Each method explains CLAP's similarity to the predicted class's prompt ("this is the
+    sound of <class>"); the masks are scored by the faithfulness metrics of the paper (AI,
+    AD, AG, FF, Fid-In, SPS, COMP, MM) beside the zero-shot accuracy, and by localization
+    where the data has ground truth (--data demo). A rerun with the same --out resumes each
+    method where it stopped.
 
     Examples:
 
     \b
-      lmaczs eval --data labelled/ --out eval/
-      lmaczs eval --data esc50.csv --methods lmaczs,gradcam,ig --json --out eval/
+      lmaczs eval --data demo --limit 32 --randomization --prompt-sensitivity --out eval/demo
+      lmaczs eval --data ESC-50-master --fold 1 --methods lmaczs,gradcam,ig --out eval/esc50
+      lmaczs eval --data demo --contaminate white-noise --snr 3 --out eval/demo-noise
     """
-    not_built(ctx)
+    from .baselines import BaselineSettings
+    from .evaluate import EvalConfig, run_eval
+
+    baseline_keys = ("gradcam_layer", "ig_steps", "ig_baseline", "smoothgrad_samples", "smoothgrad_sigma")
+    settings = BaselineSettings(**{k: options.pop(k) for k in baseline_keys})
+    cfg = EvalConfig(
+        data=data if data == "demo" else str(data), out=str(out), clap=options.pop("clap"),
+        decoder=str(options.pop("decoder")) if options.get("decoder") else options.pop("decoder"),
+        tokenizer=str(options.pop("tokenizer")) if options.get("tokenizer") else options.pop("tokenizer"),
+        speech=str(options.pop("speech")) if options.get("speech") else options.pop("speech"),
+        baselines=settings, **options,
+    )
+    summary = _run_eval(run_eval, cfg)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, default=str))
+        return
+    click.echo((Path(out) / "metrics.md").read_text(encoding="utf-8"), nl=False)
+    click.echo(f"wrote {out}/metrics.json, metrics.csv, metrics.md and plots")
+
+
+def _run_eval(run_eval: Callable[..., dict[str, Any]], cfg: Any) -> dict[str, Any]:
+    """Run an evaluation with a rich progress bar on stderr."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    progress = Progress(TextColumn("[bold]eval[/bold] {task.fields[method]}"), BarColumn(), MofNCompleteColumn(),
+                        TimeRemainingColumn(), console=console)
+    task = None
+
+    def on_event(e: dict[str, Any]) -> None:
+        nonlocal task
+        if e["event"] == "start":
+            console.print(f"{e['clips']} clips ({e['layout']}), methods {', '.join(e['methods'])}; "
+                          f"{e['todo']} clip explanations to compute")
+            task = progress.add_task("eval", total=e["todo"], method="")
+        elif e["event"] == "batch" and task is not None:
+            progress.update(task, advance=e["clips"], method=e["method"])
+        elif e["event"] == "study":
+            console.print(f"study: {e['name']}")
+
+    with progress:
+        return run_eval(cfg, on_event=on_event)
 
 
 COMPLETION_SHELLS = ("bash", "zsh", "fish")

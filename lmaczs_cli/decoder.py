@@ -83,7 +83,7 @@ def interp_matrix(n_in: int, n_out: int, device: torch.device | str | None = Non
 
 def resample_time(x: torch.Tensor, n_out: int) -> torch.Tensor:
     """Linear (align-corners) resampling of axis -2 of (..., T, F) to n_out as one MatMul."""
-    m = interp_matrix(x.shape[-2], n_out, x.device).to(x.dtype)
+    m = interp_matrix(int(x.shape[-2]), n_out, x.device).to(x.dtype)   # int(): traced sizes are tensors
     return torch.matmul(m, x)
 
 

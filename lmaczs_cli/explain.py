@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from . import audio as audio_mod
-from . import spectral
+from . import kernels, spectral
 from .audio import CLIP_SAMPLES, HOP, N_FRAMES, SAMPLE_RATE, load_audio
 from .clap import ClapModel, load_clap
 from .device import resolve_device
@@ -58,8 +58,8 @@ class ExplainerModule(nn.Module):
         log_power = spectral.to_db(P)[rep] if self.domain == "stft" else None
         masks = self.decoder([h[rep] for h in hidden], text.reshape(B * K, Dm), logmel[rep], log_power)
         out = {"masks": masks.reshape(B, K, *masks.shape[1:]), "similarity": similarity}
-        gain = spectral.mel_mask_to_linear(masks, self.mel_to_linear) if self.domain == "mel" else masks
-        listen = spectral.istft(X[rep] * gain, waves.shape[-1])   # (B*K, 480000)
+        # (B*K, 480000); one fused Triton launch on CUDA (lmaczs_cli.kernels), torch ops elsewhere
+        listen = kernels.listenable(X, masks, K, self.domain, self.mel_to_linear, waves.shape[-1])
         out["audio"] = listen.reshape(B, K, -1)
         if check:
             if self.domain == "mel":

@@ -40,6 +40,8 @@ class ExplainJob:
     tokenizer: str | None = None
     decoder: str | None = None                      # a `lmaczs train` folder (default: the demo's)
     force: bool = False                             # accept a decoder trained on another CLAP
+    backend: str = "torch"                          # torch | onnx | trt (DESIGN §6)
+    engines: str | None = None                      # onnx/trt: the `lmaczs export` folder
     device: str = "auto"
     batch_size: int = 8                             # windows per model batch
     workers: int | None = None                      # decode processes; None: `auto_workers`
@@ -147,6 +149,11 @@ def _load_for_rank(job: ExplainJob, world: int) -> Explainer:
     device = job.device
     if world > 1 and device in ("auto", "cuda") and torch.cuda.is_available():   # one GPU per rank
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
+    if job.backend != "torch":
+        from .backends import load_explainer
+
+        return load_explainer(job.backend, engines=job.engines, device=device, tokenizer=job.tokenizer,
+                              batch_size=job.batch_size)
     return Explainer.load(clap=job.clap, decoder=job.decoder, tokenizer=job.tokenizer, device=device,
                           force=job.force, batch_size=job.batch_size)
 

@@ -1,0 +1,249 @@
+"""One ``Runner`` interface over torch eager, ONNX Runtime and TensorRT (DESIGN §6).
+
+A runner does the three model steps `Explainer` needs; everything around them (windowing,
+stitching, prompt cache, batching, writing) is shared:
+
+  explain(waves (B, 480000), text (B, K, D), check) -> {masks (B, K, 1001, bins), audio (B, K, 480000),
+                                                        similarity (B, K)[, masked_similarity (B, K)]}
+  embed_audio(waves (B, 480000))                    -> (B, D) L2-normalised
+  embed_text(prompts: N strings)                    -> (N, D) L2-normalised
+
+``onnx`` and ``trt`` runners read only an export folder (``lmaczs export --out``): graphs,
+engines, ``manifest.json`` and a tokenizer; no torch weights are loaded.
+"""
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .errors import LmaczsError
+from .explain import Explainer, _window_at
+from . import audio as audio_mod
+
+BACKENDS = ("torch", "onnx", "trt")
+
+
+class BackendError(LmaczsError):
+    """A backend cannot run here or cannot read its files; the message names the fix."""
+
+
+class Runner(ABC):
+    """The batched model steps of one backend (shapes in the module docstring)."""
+
+    domain: str                      # mask domain: "mel" or "stft"
+    config: dict[str, Any]           # what produced the model (decoder config / export manifest)
+    device: torch.device             # where outputs live
+
+    @abstractmethod
+    def explain(self, waves: torch.Tensor, text: torch.Tensor, check: bool = True) -> dict[str, torch.Tensor]: ...
+
+    @abstractmethod
+    def embed_audio(self, waves: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def embed_text(self, prompts: Sequence[str]) -> torch.Tensor: ...
+
+
+# --------------------------------------------------------------------------- torch
+
+
+class TorchRunner(Runner):
+    """Eager torch through an `Explainer` (fp32 on CPU, autocast fp16 on CUDA)."""
+
+    def __init__(self, explainer: Explainer) -> None:
+        self.ex = explainer
+        self.domain, self.config, self.device = explainer.domain, explainer.config, explainer.device
+
+    def explain(self, waves: torch.Tensor, text: torch.Tensor, check: bool = True) -> dict[str, torch.Tensor]:
+        return self.ex.run_batch(waves, text, check=check)
+
+    @torch.no_grad()
+    def embed_audio(self, waves: torch.Tensor) -> torch.Tensor:
+        return self.ex.clap.embed_audio(waves.to(self.device)).float()
+
+    @torch.no_grad()
+    def embed_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self.ex.clap.encode_text(list(prompts)).float()
+
+
+# --------------------------------------------------------------------------- export folders
+
+
+def _tokenizer(manifest: dict[str, Any], tokenizer_dir: str | os.PathLike | None) -> Any:
+    from .clap import ClipBpeTokenizer, RobertaTokenizerWrapper
+
+    tok = manifest["tokenizer"]
+    if tok["kind"] == "roberta":
+        return RobertaTokenizerWrapper(tokenizer_dir, tok["context_length"])
+    return ClipBpeTokenizer(tok["context_length"])
+
+
+def _token_feeds(tokens: Any, input_names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Tokenizer output -> ONNX feeds: input_ids [, attention_mask], int64 (N, context)."""
+    if isinstance(tokens, dict):
+        return {n: tokens[n].numpy().astype(np.int64) for n in input_names}
+    return {input_names[0]: tokens.numpy().astype(np.int64)}
+
+
+def _check_hashes(folder: Path, manifest: dict[str, Any]) -> None:
+    from .export.to_onnx import sha256_file
+
+    for g in manifest["graphs"].values():
+        if sha256_file(folder / g["file"]) != g["sha256"]:
+            raise BackendError(f"{folder / g['file']} does not match its manifest (sha256); re-run lmaczs export")
+
+
+class OnnxRunner(Runner):
+    """ONNX Runtime over an export folder: CUDA provider when present and asked for, else CPU."""
+
+    OUTPUTS = ("masks", "audio", "similarity", "masked_similarity")
+
+    def __init__(self, folder: str | os.PathLike, device: str = "auto",
+                 tokenizer: str | os.PathLike | None = None, threads: int | None = None) -> None:
+        from .export.to_onnx import read_manifest
+
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise BackendError("--backend onnx needs onnxruntime: pip install onnxruntime (or lmaczs[gpu])") from e
+        self.folder = Path(folder)
+        self.config = read_manifest(self.folder)
+        _check_hashes(self.folder, self.config)
+        self.domain = self.config["domain"]
+        self.providers = self._providers(ort, device)
+        self.device = torch.device("cpu")            # outputs come back as CPU tensors
+        self._options = ort.SessionOptions()
+        if threads:
+            self._options.intra_op_num_threads = threads
+        self._sessions: dict[str, Any] = {}
+        self._tokenizer = _tokenizer(self.config, tokenizer)
+
+    @staticmethod
+    def _providers(ort: Any, device: str) -> list[str]:
+        have = ort.get_available_providers()
+        if device in ("cuda", "gpu") and "CUDAExecutionProvider" not in have:
+            raise BackendError("--device cuda with --backend onnx needs onnxruntime-gpu (pip install lmaczs[gpu])")
+        if device != "cpu" and "CUDAExecutionProvider" in have:
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return ["CPUExecutionProvider"]
+
+    def session(self, graph: str) -> Any:
+        """The ORT session of ``graph`` (audio_encoder | text_encoder | explainer), made once."""
+        if graph not in self._sessions:
+            import onnxruntime as ort
+
+            path = self.folder / self.config["graphs"][graph]["file"]
+            self._sessions[graph] = ort.InferenceSession(str(path), self._options, providers=self.providers)
+        return self._sessions[graph]
+
+    def explain(self, waves: torch.Tensor, text: torch.Tensor, check: bool = True) -> dict[str, torch.Tensor]:
+        feeds = {"waves": _np32(waves), "text": _np32(text)}
+        outs = self.session("explainer").run(list(self.OUTPUTS), feeds)
+        result = {k: torch.from_numpy(v) for k, v in zip(self.OUTPUTS, outs)}
+        if not check:
+            del result["masked_similarity"]   # the graph always computes it
+        return result
+
+    def embed_audio(self, waves: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session("audio_encoder").run(["embedding"], {"waves": _np32(waves)})[0])
+
+    def embed_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        names = list(self.config["graphs"]["text_encoder"]["inputs"])
+        feeds = _token_feeds(self._tokenizer(list(prompts)), names)
+        return torch.from_numpy(self.session("text_encoder").run(["embedding"], feeds)[0])
+
+
+def _np32(x: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+
+
+class TrtRunner(Runner):
+    """TensorRT engines built by ``lmaczs export --trt`` (one CUDA GPU). Each engine is checked
+    against its sidecar key (ONNX sha256, TensorRT version, GPU, precision, profile)."""
+
+    OUTPUTS = OnnxRunner.OUTPUTS
+
+    def __init__(self, folder: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> None:
+        from .export.to_onnx import read_manifest
+        from .export.to_trt import load_engine, require_trt
+
+        require_trt()
+        self.folder = Path(folder)
+        self.config = read_manifest(self.folder)
+        self.domain = self.config["domain"]
+        self.device = torch.device("cuda")
+        self._engines = {g: load_engine(self.folder, g) for g in ("explainer", "audio_encoder", "text_encoder")}
+        self._tokenizer = _tokenizer(self.config, tokenizer)
+
+    def explain(self, waves: torch.Tensor, text: torch.Tensor, check: bool = True) -> dict[str, torch.Tensor]:
+        out = self._engines["explainer"].run({"waves": waves, "text": text})
+        if not check:
+            del out["masked_similarity"]
+        return out
+
+    def embed_audio(self, waves: torch.Tensor) -> torch.Tensor:
+        return self._engines["audio_encoder"].run({"waves": waves})["embedding"]
+
+    def embed_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        names = list(self.config["graphs"]["text_encoder"]["inputs"])
+        feeds = {k: torch.from_numpy(v) for k, v in _token_feeds(self._tokenizer(list(prompts)), names).items()}
+        return self._engines["text_encoder"].run(feeds)["embedding"]
+
+
+# --------------------------------------------------------------------------- Explainer over a runner
+
+
+class RunnerExplainer(Explainer):
+    """`Explainer` whose model steps run on a `Runner` (no torch CLAP or decoder held)."""
+
+    def __init__(self, runner: Runner, batch_size: int = 8) -> None:
+        # Explainer.__init__ is not called: it moves torch models to the device; there are none here
+        self.runner = runner
+        self.device = runner.device
+        self.config = runner.config
+        self.domain = runner.domain
+        self.batch_size = batch_size
+        self._text: dict[str, torch.Tensor] = {}
+
+    def text_embedding(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(len(prompts), D), each distinct prompt encoded once and cached."""
+        from .inputs import ExplainError
+
+        new = [p for p in dict.fromkeys(prompts) if p not in self._text]
+        if any(not p.strip() for p in new):
+            raise ExplainError("empty prompt: give a text such as --prompt 'dog barking'")
+        if new:
+            for p, e in zip(new, self.runner.embed_text(new)):
+                self._text[p] = e
+        return torch.stack([self._text[p] for p in prompts])
+
+    def run_batch(self, waves: torch.Tensor, text: torch.Tensor, check: bool = True) -> dict[str, torch.Tensor]:
+        return {k: v.float() for k, v in self.runner.explain(waves, text, check=check).items()}
+
+    def embed_windows(self, wave: np.ndarray, starts: Sequence[int] | None = None) -> torch.Tensor:
+        starts = audio_mod.window_starts(wave.size) if starts is None else starts
+        out = []
+        for k in range(0, len(starts), self.batch_size):
+            win = torch.from_numpy(np.stack([_window_at(wave, s) for s in starts[k: k + self.batch_size]]))
+            out.append(self.runner.embed_audio(win).float())
+        return torch.cat(out)
+
+
+def load_explainer(backend: str, *, engines: str | os.PathLike | None = None, device: str = "auto",
+                   tokenizer: str | os.PathLike | None = None, batch_size: int = 8,
+                   threads: int | None = None) -> Explainer:
+    """An `Explainer` for ``--backend onnx|trt`` over the export folder ``engines``."""
+    if backend not in ("onnx", "trt"):
+        raise BackendError(f"load_explainer is for onnx and trt; use Explainer.load for {backend!r}")
+    if engines is None:
+        raise BackendError(f"--backend {backend} needs --engines DIR (a folder written by `lmaczs export`)")
+    if backend == "onnx":
+        runner: Runner = OnnxRunner(engines, device=device, tokenizer=tokenizer, threads=threads)
+    else:
+        runner = TrtRunner(engines, tokenizer=tokenizer)
+    return RunnerExplainer(runner, batch_size=batch_size)

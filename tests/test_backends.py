@@ -1,0 +1,179 @@
+"""`lmaczs explain --backend onnx|trt` through one Runner interface, from `lmaczs export`'s folder."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from click.testing import CliRunner
+
+pytest.importorskip("onnxruntime")
+
+from lmaczs_cli.cli import main  # noqa: E402
+from lmaczs_cli.decoder import DecoderConfig, MaskDecoder, save_decoder  # noqa: E402
+
+PROMPTS = ("dog barking", "rain")
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def decoder_dir(tiny_clap, tmp_path_factory):
+    """A (random) decoder saved as `lmaczs train` saves one, for --clap random:tiny."""
+    torch.manual_seed(0)
+    decoder = MaskDecoder(DecoderConfig.for_clap(tiny_clap, width=16, heads=2, text_tokens=4))
+    out = tmp_path_factory.mktemp("decoder")
+    save_decoder(decoder, out, {"clap": {"identity": tiny_clap.identity(), "source": "random:tiny"}, "domain": "mel"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def engines(decoder_dir, tmp_path_factory):
+    """`lmaczs export` of the tiny CLAP + decoder (the CLI, end to end)."""
+    out = tmp_path_factory.mktemp("engines")
+    result = _invoke("export", "--clap", "random:tiny", "--decoder", str(decoder_dir), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "TensorRT 10.15 operator audit: ok" in result.output
+    assert {p.name for p in out.iterdir()} >= {"audio_encoder.onnx", "text_encoder.onnx", "explainer.onnx",
+                                               "manifest.json"}
+    return out
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """A 3-s clip (repeat-padded to one window) and a 14-s one (two stitched windows)."""
+    d = tmp_path_factory.mktemp("clips")
+    rng = np.random.default_rng(0)
+    for name, seconds, f in (("short.wav", 3, 440), ("long.wav", 14, 1500)):
+        t = np.arange(seconds * 48_000) / 48_000
+        sf.write(d / name, (0.3 * np.sin(2 * np.pi * f * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32),
+                 48_000)
+    return d
+
+
+@pytest.fixture(scope="module")
+def torch_run(clips, decoder_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("torch_out")
+    args = [a for p in PROMPTS for a in ("-p", p)]
+    result = _invoke("explain", str(clips), *args, "--clap", "random:tiny", "--decoder", str(decoder_dir),
+                     "--out", str(out), "--save-mask")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _results(out) -> dict[tuple, dict]:
+    lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    return {(r["file"], r["prompt"], r["window"]): r for r in lines}
+
+
+def test_explain_backend_onnx_matches_torch_from_the_export_folder_alone(clips, engines, torch_run, tmp_path,
+                                                                          monkeypatch):
+    import lmaczs_cli.clap as clap_mod
+    import lmaczs_cli.explain as explain_mod
+
+    def no_torch_weights(*a, **k):
+        raise AssertionError("--backend onnx loaded torch weights")
+
+    for mod, name in ((clap_mod, "build_laion_clap"), (clap_mod, "load_clap"), (explain_mod, "load_clap"),
+                      (explain_mod, "load_decoder")):
+        monkeypatch.setattr(mod, name, no_torch_weights)
+    out = tmp_path / "onnx_out"
+    args = [a for p in PROMPTS for a in ("-p", p)]
+    result = _invoke("explain", str(clips), *args, "--backend", "onnx", "--engines", str(engines),
+                     "--out", str(out), "--save-mask")
+    assert result.exit_code == 0, result.output
+    ours, ref = _results(out), _results(torch_run)
+    assert set(ours) == set(ref) and len(ref) == 2 * 1 + 2 * 2    # short: 1 window, long: 2, x 2 prompts
+    for key, r in ref.items():
+        assert abs(ours[key]["similarity"] - r["similarity"]) <= 1e-4 * max(1.0, abs(r["similarity"]))
+        assert abs(ours[key]["masked_similarity"] - r["masked_similarity"]) <= 1e-4
+        assert abs(ours[key]["mask_mean"] - r["mask_mean"]) <= 1e-4
+    wavs = sorted(p.relative_to(torch_run) for p in torch_run.rglob("*.wav"))
+    assert len(wavs) == 4
+    for rel in wavs:
+        a, _ = sf.read(out / rel, dtype="float32")
+        b, _ = sf.read(torch_run / rel, dtype="float32")
+        snr = 10 * np.log10((b ** 2).sum() / max(((a - b) ** 2).sum(), 1e-30))
+        assert snr >= 40, rel
+    for mask in torch_run.rglob("*.npz"):
+        m_ours = np.load(out / mask.relative_to(torch_run))["mask"]
+        assert np.abs(m_ours - np.load(mask)["mask"]).max() <= 1e-3
+
+
+def test_runner_explainer_explain_prompts_matches_torch(engines, decoder_dir):
+    from lmaczs_cli.backends import load_explainer
+    from lmaczs_cli.explain import Explainer
+
+    wave = (0.2 * np.sin(2 * np.pi * 700 * np.arange(5 * 48_000) / 48_000)).astype(np.float32)
+    ref = Explainer.load(clap="random:tiny", decoder=decoder_dir, device="cpu").explain_prompts(wave, PROMPTS)
+    got = load_explainer("onnx", engines=engines, device="cpu").explain_prompts(wave, PROMPTS)
+    for a, b in zip(got, ref):
+        assert a.prompt == b.prompt and a.mask.shape == b.mask.shape == (5 * 100 + 1, 64)
+        assert np.abs(a.mask - b.mask).max() <= 1e-3
+        assert abs(a.similarity - b.similarity) <= 1e-5
+        assert 10 * np.log10((b.audio ** 2).sum() / ((a.audio - b.audio) ** 2).sum()) >= 40
+
+
+def test_onnx_backend_refuses_a_changed_graph(engines, tmp_path):
+    import shutil
+
+    from lmaczs_cli.backends import BackendError, OnnxRunner
+
+    copy = tmp_path / "copy"
+    shutil.copytree(engines, copy)
+    with open(copy / "text_encoder.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(BackendError, match="does not match its manifest"):
+        OnnxRunner(copy)
+
+
+def test_backend_onnx_needs_engines(clips, tmp_path):
+    result = _invoke("explain", str(clips), "-p", "dog", "--backend", "onnx", "--out", str(tmp_path / "o"))
+    assert result.exit_code == 2
+    assert "--backend onnx needs --engines DIR" in result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_trt_without_a_gpu_exits_2_saying_so(clips, engines, tmp_path):
+    result = _invoke("export", "--clap", "random:tiny", "--trt", "--out", str(tmp_path / "e"))
+    assert result.exit_code == 2
+    assert "--trt: TensorRT engines need a CUDA GPU, and none is visible here" in result.output
+    assert not (tmp_path / "e").exists()
+    result = _invoke("explain", str(clips), "-p", "dog", "--backend", "trt", "--engines", str(engines),
+                     "--out", str(tmp_path / "o"))
+    assert result.exit_code == 2
+    assert "--backend trt: TensorRT engines need a CUDA GPU" in result.output
+
+
+@pytest.mark.requires_trt
+def test_trt_engines_match_onnx_runtime(engines):
+    """TensorRT build + run (GPU with tensorrt only): fp32 engines vs ONNX Runtime, batch 1 and 3."""
+    pytest.importorskip("tensorrt", reason="tensorrt is not installed")
+    if not torch.cuda.is_available():
+        pytest.skip("requires a CUDA GPU")
+    from lmaczs_cli.backends import OnnxRunner, TrtRunner
+    from lmaczs_cli.export.to_trt import engine_key, export_engines
+
+    keys = export_engines(engines, fp16=False, max_batch=4, max_prompts=4)
+    assert engine_key(engines / "explainer.engine") == keys["explainer"]
+    trt_runner, ort_runner = TrtRunner(engines), OnnxRunner(engines, device="cpu")
+    g = torch.Generator().manual_seed(0)
+    for B in (1, 3):
+        waves = 0.1 * torch.randn(B, 480_000, generator=g)
+        text = torch.nn.functional.normalize(torch.randn(B, 2, 512, generator=g), dim=-1)
+        a, b = trt_runner.explain(waves, text), ort_runner.explain(waves, text)
+        assert (a["masks"].cpu() - b["masks"]).abs().max() <= 1e-3
+        assert (a["similarity"].cpu() - b["similarity"]).abs().max() <= 1e-4
+    again = export_engines(engines, fp16=False, max_batch=4, max_prompts=4)   # keys match: kept, not rebuilt
+    assert again == keys
+
+
+def test_backend_onnx_refuses_a_model_option_it_would_ignore(clips, engines, decoder_dir, tmp_path):
+    result = _invoke("explain", str(clips), "-p", "dog", "--backend", "onnx", "--engines", str(engines),
+                     "--decoder", str(decoder_dir), "--out", str(tmp_path / "o"))
+    assert result.exit_code == 2
+    assert "--backend onnx runs the model exported in --engines; drop --clap/--decoder" in result.output
