@@ -5,7 +5,7 @@ onnxruntime, ...) are imported inside the command that needs them, so `lmaczs --
 stays fast.
 
 Exit codes: 0 all fine, 1 some work failed (a domain error, or some files failed),
-2 usage error (click's own code for bad options, and for commands not built yet).
+2 usage error (click's own code for bad options; also a backend this machine cannot run, such as --trt without a GPU).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import json
 import platform
 import sys
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable
 
 import click
 
@@ -45,12 +45,6 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except DOMAIN_ERRORS as e:
             raise click.ClickException(str(e)) from e
-
-
-def not_built(ctx: click.Context) -> NoReturn:
-    """Say that a command exists in the design but is not built yet, and exit 2."""
-    click.echo(f"lmaczs {ctx.info_name}: not implemented yet", err=True)
-    ctx.exit(EXIT_USAGE)
 
 
 def clap_options(f: Callable) -> Callable:
@@ -128,8 +122,10 @@ def main() -> None:
     Applied to the spectrogram with the original phase and inverted, the mask is a wav
     you can play: the part of the sound the model used for that prompt.
 
-    Status: `info`, `train` and `explain` work; `export` and `eval` are under
-    construction and exit 2 with "not implemented yet".
+    Commands: `explain` (listenable explanations of files and folders), `train` (a
+    decoder on audio + captions), `export` (ONNX graphs and TensorRT engines for
+    `explain --backend onnx|trt`), `eval` (faithfulness metrics against GradCAM,
+    GradCAM++, SmoothGrad and Integrated Gradients), `info`, `completion`.
 
     Examples:
 
@@ -137,9 +133,10 @@ def main() -> None:
       lmaczs info
       lmaczs info --json
       lmaczs explain clips/ --prompt "dog barking" --out explanations/
-      lmaczs explain a.wav b.ogg -p siren -p rain --clap 630k-audioset-best.pt --decoder dec.safetensors --out out/
+      lmaczs explain a.wav b.ogg -p siren -p rain --clap 630k-audioset-best.pt --decoder runs/dec1 --out out/
       lmaczs train --data captions.jsonl --clap random:tiny --out runs/dec1
-      lmaczs eval --data labelled/ --methods lmaczs,gradcam --out eval/
+      lmaczs export --out engines/ && lmaczs explain clips/ -p siren --backend onnx --engines engines/ --out out/
+      lmaczs eval --data demo --limit 16 --out eval/
     """
 
 

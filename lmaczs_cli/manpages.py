@@ -63,7 +63,7 @@ def _option_records(ctx: click.Context) -> list[tuple[str, str]]:
 
 def render(command: click.Command, path: list[str], parent: click.Context | None = None) -> str:
     """One man page (roff source) for `command`, reached as `path` from the group."""
-    ctx = click.Context(command, info_name=path[-1], parent=parent)
+    ctx = click.Context(command, info_name=path[-1], parent=parent, **command.context_settings)
     name = page_name(path)
     prose, blocks = _paragraphs(command.help or "")
     short = command.get_short_help_str(limit=80)
@@ -104,7 +104,7 @@ def _subcommands(command: click.Command, ctx: click.Context) -> list[tuple[str, 
 
 def all_pages(group: click.Group, name: str = "lmaczs") -> dict[str, str]:
     """File name -> roff source for the group and each of its commands."""
-    root = click.Context(group, info_name=name)
+    root = click.Context(group, info_name=name, **group.context_settings)   # -h as well as --help
     pages = {f"{name}.{SECTION}": render(group, [name])}
     for sub_name, sub in _subcommands(group, root):
         pages[f"{page_name([name, sub_name])}.{SECTION}"] = render(sub, [name, sub_name], parent=root)

@@ -36,3 +36,122 @@ def region_auc(mask: np.ndarray, region: np.ndarray) -> float:
     if region.all() or not region.any():
         return float("nan")
     return float(roc_auc_score(region, np.asarray(mask, dtype=np.float64).ravel()))
+
+
+# --------------------------------------------------------------------------- faithfulness
+# PAPER.md "Evaluation". Class probabilities are p_c(X) = softmax_c(t_cᵀ f_audio(X)) over the
+# label prompts; ĉ = argmax_c of the original clip's. Every function below takes per-clip
+# arrays and returns per-clip values (N,); `summarise` averages them with the paper's scale.
+
+FAITHFULNESS = ("AI", "AD", "AG", "FF", "Fid-In")
+MASK_METRICS = ("SPS", "COMP", "MM")
+HIGHER_IS_BETTER = {"AI": True, "AD": False, "AG": True, "FF": True, "Fid-In": True, "SPS": True,
+                    "COMP": False, "MM": None, "loc_mass": True, "loc_auc": True}
+PERCENT = ("AI", "AD", "AG")  # reported as 100/N Σ, the others as 1/N Σ
+
+
+def class_probabilities(similarity: np.ndarray, logit_scale: float = 1.0) -> np.ndarray:
+    """similarity (N, C) of each clip to the C label prompts -> probabilities (N, C).
+
+    ``logit_scale`` 1 is PAPER.md's formula (a softmax of the raw cosine similarities);
+    CLAP's own logit scale (exp(logit_scale_a), ~33 when trained) sharpens it."""
+    z = logit_scale * np.asarray(similarity, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def increase(p: np.ndarray, p_masked: np.ndarray) -> np.ndarray:
+    """AI per clip: 1 where the masked input raises the predicted class's probability. (N,) -> (N,)."""
+    return (np.asarray(p_masked) > np.asarray(p)).astype(np.float64)
+
+
+def drop(p: np.ndarray, p_masked: np.ndarray) -> np.ndarray:
+    """AD per clip: max(0, p − p_masked) / p, the relative probability lost. (N,) -> (N,)."""
+    p, p_masked = np.asarray(p, np.float64), np.asarray(p_masked, np.float64)
+    return np.maximum(0.0, p - p_masked) / p
+
+
+def gain(p: np.ndarray, p_masked: np.ndarray) -> np.ndarray:
+    """AG per clip: max(0, p_masked − p) / (1 − p), the share of the possible gain won. (N,) -> (N,)."""
+    p, p_masked = np.asarray(p, np.float64), np.asarray(p_masked, np.float64)
+    return np.maximum(0.0, p_masked - p) / (1.0 - p)
+
+
+def faithfulness_removal(p: np.ndarray, p_removed: np.ndarray) -> np.ndarray:
+    """FF per clip: p_ĉ(X) − p_ĉ(X − X_int), the probability lost when the explanation is removed."""
+    return np.asarray(p, np.float64) - np.asarray(p_removed, np.float64)
+
+
+def fidelity_in(pred: np.ndarray, pred_masked: np.ndarray) -> np.ndarray:
+    """Fid-In per clip: 1 where the masked input keeps the original top class. (N,) ints -> (N,)."""
+    return (np.asarray(pred) == np.asarray(pred_masked)).astype(np.float64)
+
+
+def _flat_abs(mask: np.ndarray) -> np.ndarray:
+    """(N, ...) -> (N, n) float64 |mask|, one row per clip."""
+    m = np.abs(np.asarray(mask, dtype=np.float64))
+    return m.reshape(m.shape[0], -1)
+
+
+def sparseness(mask: np.ndarray) -> np.ndarray:
+    """SPS per clip: Gini index of the flattened |mask|, Σ(2i−n−1)a_(i) / (n Σ a_(i)) with a
+    sorted ascending, i = 1..n. One-hot -> (n−1)/n, constant -> 0. mask (N, ...) -> (N,);
+    an all-zero mask has no distribution and gives NaN."""
+    a = np.sort(_flat_abs(mask), axis=1)
+    n = a.shape[1]
+    i = np.arange(1, n + 1, dtype=np.float64)
+    total = a.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return ((2 * i - n - 1) * a).sum(axis=1) / (n * total)
+
+
+def complexity(mask: np.ndarray) -> np.ndarray:
+    """COMP per clip: entropy (nats) of |mask| / Σ|mask|. Constant -> log n, one-hot -> 0.
+    mask (N, ...) -> (N,); an all-zero mask gives NaN."""
+    a = _flat_abs(mask)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        q = a / a.sum(axis=1, keepdims=True)
+        logs = np.where(q > 0, np.log(np.where(q > 0, q, 1.0)), 0.0)
+    return -(q * logs).sum(axis=1)
+
+
+def mask_mean(mask: np.ndarray) -> np.ndarray:
+    """MM per clip: the mean mask value. (N, ...) -> (N,)."""
+    return np.asarray(mask, dtype=np.float64).reshape(len(mask), -1).mean(axis=1)
+
+
+def per_clip_metrics(prob: np.ndarray, prob_masked: np.ndarray, prob_removed: np.ndarray,
+                     masks: np.ndarray) -> dict[str, np.ndarray]:
+    """Every metric of PAPER.md per clip, from the class probabilities of the original input
+    (N, C), the masked input M⊙X (N, C) and the input with the explanation removed X − X_int
+    (N, C), and the masks (N, T, F). ĉ is the original's top class."""
+    pred = prob.argmax(axis=1)
+    rows = np.arange(len(pred))
+    p, pm, pr = prob[rows, pred], prob_masked[rows, pred], prob_removed[rows, pred]
+    return {
+        "AI": increase(p, pm), "AD": drop(p, pm), "AG": gain(p, pm),
+        "FF": faithfulness_removal(p, pr), "Fid-In": fidelity_in(pred, prob_masked.argmax(axis=1)),
+        "SPS": sparseness(masks), "COMP": complexity(masks), "MM": mask_mean(masks),
+    }
+
+
+def summarise(values: dict[str, np.ndarray]) -> dict[str, float]:
+    """Per-clip values -> the paper's aggregates: 100/N Σ for AI, AD, AG; 1/N Σ for the rest
+    (NaN clips, e.g. an all-zero mask's SPS or a clip without ground truth, left out)."""
+    out = {}
+    for name, v in values.items():
+        v = np.asarray(v, dtype=np.float64)
+        v = v[np.isfinite(v)]
+        mean = float(v.mean()) if v.size else float("nan")
+        out[name] = 100.0 * mean if name in PERCENT else mean
+    return out
+
+
+def localization(mask: np.ndarray, region: np.ndarray) -> dict[str, float]:
+    """How well a (T, F) mask finds a (T, F) bool ground-truth region: ``loc_mass`` is the
+    share of mask mass inside the region dilated by half a token (chance: ``loc_chance``, the
+    dilated region's share of the grid), ``loc_auc`` the ROC AUC of mask vs region (0.5 chance)."""
+    grown = dilate(region)
+    return {"loc_mass": mass_in_region(mask, grown), "loc_auc": region_auc(mask, region),
+            "loc_chance": float(grown.mean())}

@@ -18,7 +18,6 @@ from lmaczs_cli.cli import CLAP_HELP, main
 
 REPO = Path(__file__).resolve().parent.parent
 COMMANDS = ["train", "export", "explain", "eval", "info", "completion"]
-UNBUILT: list[str] = []   # every command is built (export: issue E)
 MODEL_COMMANDS = ["train", "export", "explain", "eval"]
 
 
@@ -29,16 +28,6 @@ def runner() -> CliRunner:
 
 def _example_lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip().startswith("lmaczs ")]
-
-
-def _unbuilt_args(command: str, tmp_path: Path) -> list[str]:
-    """Arguments that parse for each unbuilt command, so it reaches its body."""
-    out = str(tmp_path / "out")
-    return {
-        "train": ["--data", str(tmp_path), "--out", out],
-        "export": ["--out", out],
-        "eval": ["--data", str(tmp_path), "--out", out],
-    }[command]
 
 
 def test_version_prints_package_version(runner: CliRunner) -> None:
@@ -72,15 +61,6 @@ def test_model_commands_share_the_clap_options(runner: CliRunner, command: str) 
     assert "--clap" in result.output and "--tokenizer DIRECTORY" in result.output
     assert CLAP_HELP in result.output
     assert "[default: demo]" in result.output
-
-
-@pytest.mark.parametrize("command", UNBUILT)
-def test_unbuilt_commands_say_so_and_exit_2(runner: CliRunner, command: str, tmp_path: Path) -> None:
-    result = runner.invoke(main, [command, *_unbuilt_args(command, tmp_path)])
-    assert result.exit_code == 2
-    assert result.stderr == f"lmaczs {command}: not implemented yet\n"
-    assert result.stdout == ""
-    assert not (tmp_path / "out").exists()
 
 
 def test_missing_required_option_is_a_usage_error(runner: CliRunner, tmp_path: Path) -> None:

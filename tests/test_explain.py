@@ -555,8 +555,8 @@ def test_prompts_csv_and_prompts_file_resume_per_prompt_at_another_rate(tmp_path
     (["-p", "dog", "--labels", "LABELS"], "--labels (top-k mode) chooses the prompts itself; do not combine "
                                           "it with --prompt, --prompts-file or --prompts-csv"),
     (["--labels", "LABELS", "--top-k", "3"], "--top-k 3 exceeds the 2 labels in LABELS"),
-    (["-p", "dog", "--backend", "onnx"], "--backend onnx: not implemented yet; use --backend torch"),
-    (["-p", "dog", "--backend", "trt"], "--backend trt: not implemented yet; use --backend torch"),
+    (["-p", "dog", "--backend", "onnx"], "--backend onnx needs --engines DIR (a folder written by `lmaczs export`)"),
+    (["-p", "dog", "--backend", "trt"], "--backend trt needs --engines DIR (a folder written by `lmaczs export`)"),
     (["-p", " "], "--prompt: an empty prompt; give a text such as --prompt 'dog barking'"),
     (["-p", "dog", "--clap", "random:tiny"], "--clap random:tiny needs --decoder DIR (a folder written by `lmaczs train`)"),
     (["-p", "dog", "--merge", "IN"], "--merge DIR only joins the shards of a run in DIR; give no PATHS, prompts or --out"),

@@ -1,7 +1,6 @@
 """The LMAC-ZS objective on hand-computed cases, and where its gradients go."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -127,9 +127,17 @@ def presence_loss(audio: torch.Tensor, prompts: torch.Tensor, presence: torch.Te
 
 
 def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_single: int,
-               presence_weight: float = 1.0) -> ClapModel:
+               presence_weight: float = 1.0, init: Path | None = None) -> ClapModel:
+    """Train the demo CLAP from scratch, or go on from the CLAP saved in `init`."""
     torch.manual_seed(seed)
-    model = ClapModel(build_laion_clap(DEMO_CLAP), DEMO_CLAP, ClipBpeTokenizer(DEMO_CLAP.context_length), source="demo")
+    if init is not None:
+        from ..clap import load_clap_dir
+
+        model = load_clap_dir(init)
+        log(f"starting from the CLAP in {init}")
+    else:
+        model = ClapModel(build_laion_clap(DEMO_CLAP), DEMO_CLAP, ClipBpeTokenizer(DEMO_CLAP.context_length),
+                          source="demo")
     clap = model.clap
     log(f"rendering {n_scenes} scenes + {n_single} single-event clips")
     mels, captions, presence, bits = render_pool(n_scenes, n_single, seed)
@@ -225,6 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lambda-sparsity", type=float, default=0.05)
     ap.add_argument("--lambda-diversity", type=float, default=1.0)
     ap.add_argument("--skip-clap", action="store_true", help="reuse the CLAP already in --out")
+    ap.add_argument("--clap-init", type=Path, default=None,
+                    help="fine-tune the CLAP saved in this folder instead of training from scratch")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     t_start = time.time()
@@ -239,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
         model = load_clap_dir(out)
     else:
         model = train_clap(args.clap_steps, args.clap_batch, args.clap_lr, args.seed, args.scenes, args.singles,
-                           args.presence_weight)
+                           args.presence_weight, args.clap_init)
         save_clap(model, out, dtype=torch.float16)
         model = load_clap_dir(out)
     zs = zero_shot_accuracy(model, per_class=20, seed=args.seed)

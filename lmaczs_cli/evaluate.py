@@ -1,0 +1,529 @@
+"""`lmaczs eval`: LMAC-ZS against GradCAM, GradCAM++, SmoothGrad and Integrated Gradients.
+
+For each clip (its first 10-s window; shorter clips repeat-padded as CLAP was trained):
+CLAP scores it against every label prompt, ĉ is the top prompt, and each method explains
+the similarity to ĉ's prompt with a mask on the decoder's grid. The masked input M⊙X
+(the mask a gain on magnitude before the log) and the input with the explanation removed
+(x − x_int, x_int the listenable explanation, PAPER.md Eq. 8) are scored again, giving the
+metrics of `metrics` (AI, AD, AG, FF, Fid-In, SPS, COMP, MM) and, where the data has ground
+truth (the demo world), localization of ĉ's event.
+
+Data (`load_dataset`): ``demo`` (world scenes of the test split with ground truth), a
+labelled folder (``class/clip.wav``), ESC-50's layout (``meta/esc50.csv`` + ``audio/``,
+``fold``) or UrbanSound8K's (``metadata/UrbanSound8K.csv`` + ``audio/foldN/``).
+
+Studies: contamination at an SNR (`contaminate`), cascading randomisation of the audio
+encoder (`randomization_study`) and prompt sensitivity (`prompt_sensitivity_study`).
+Per-clip records go to ``OUT/clips/<method>.jsonl`` as they are computed, so a rerun
+resumes each method where it stopped; tables and plots are written from them (`report_eval`).
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import functools
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import metrics, spectral
+from .audio import CLIP_SAMPLES, load_audio, pad_clip
+from .baselines import BASELINES, BaselineSettings, explain_baseline
+from .errors import LmaczsError
+from .files import atomic_path
+
+METHODS = ("lmaczs", *BASELINES)
+CONTAMINATIONS = ("mix", "white-noise", "speech")
+RUN_FORMAT = "lmaczs-eval/1"
+
+
+class EvalError(LmaczsError):
+    """An evaluation that cannot run as asked; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One `lmaczs eval` run; stored in OUT/run.json (a rerun must match it to resume)."""
+
+    data: str                                  # "demo", a labelled folder, ESC-50 or UrbanSound8K root
+    out: str
+    methods: tuple[str, ...] = METHODS
+    clap: str = "demo"
+    decoder: str | None = None                 # `lmaczs train` folder; None: the demo decoder
+    tokenizer: str | None = None
+    force: bool = False
+    batch_size: int = 8
+    device: str = "auto"
+    fold: int | None = None                    # ESC-50 / UrbanSound8K: only this fold
+    limit: int | None = None                   # first N clips (demo: N scenes, default 32)
+    contaminate: str | None = None             # mix | white-noise | speech
+    snr: float = 3.0                           # dB, clip power over contamination power
+    speech: str | None = None                  # folder of speech audio for contaminate=speech
+    randomization: bool = False
+    prompt_sensitivity: bool = False
+    study_clips: int = 4                       # clips the two studies use (the first N)
+    logit_scale: float = 1.0                   # softmax temperature of p_c; 1 = PAPER.md
+    seed: int = 0
+    baselines: BaselineSettings = field(default_factory=BaselineSettings)
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise EvalError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        if self.contaminate not in (None, *CONTAMINATIONS):
+            raise EvalError(f"unknown contamination {self.contaminate!r}; use one of {', '.join(CONTAMINATIONS)}")
+        if self.contaminate == "speech" and not self.speech:
+            raise EvalError("--contaminate speech needs --speech DIR (a folder of speech recordings)")
+
+    def settings(self) -> dict[str, Any]:
+        """What the numbers depend on (not where they are written or on which device)."""
+        d = dataclasses.asdict(self)
+        for k in ("out", "device", "batch_size", "methods"):
+            d.pop(k)
+        return d
+
+    def identity(self) -> dict[str, Any]:
+        """What per-clip records depend on: a rerun resumes only when this matches (the
+        studies are recomputed every run, so their options may change)."""
+        d = self.settings()
+        for k in ("randomization", "prompt_sensitivity", "study_clips"):
+            d.pop(k)
+        return d
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class EvalClip:
+    """One clip to explain: where its audio comes from, its labels and ground truth."""
+
+    key: str                                   # unique in the run (relative path or scene id)
+    labels: tuple[int, ...]                    # class indices present (one for labelled data)
+    path: Path | None = None
+    scene_seed: int | None = None              # demo world scene
+
+    def wave(self) -> np.ndarray:
+        """The first 10-s window, float32 (480000,)."""
+        if self.scene_seed is not None:
+            return _scene(self.scene_seed).wave
+        x = load_audio(self.path)
+        return pad_clip(x) if x.size <= CLIP_SAMPLES else x[:CLIP_SAMPLES].copy()
+
+    def regions(self, classes: Sequence[str]) -> dict[int, np.ndarray]:
+        """Ground truth: class index -> bool (1001, 64) mel-grid region; {} without truth."""
+        if self.scene_seed is None:
+            return {}
+        scene = _scene(self.scene_seed)
+        return {classes.index(n): m for n, m in scene.mel_masks.items()}
+
+
+@functools.lru_cache(maxsize=32)
+def _scene(seed: int) -> Any:
+    """A demo world scene, rendered once per batch rather than once per method and look-up."""
+    from .demo import world
+
+    return world.render_scene(seed)
+
+
+@dataclass
+class Dataset:
+    classes: list[str]
+    prompts: list[str]                         # one per class: what CLAP scores and LMAC-ZS is conditioned on
+    clips: list[EvalClip]
+    layout: str
+
+
+def load_dataset(data: str, fold: int | None = None, limit: int | None = None, seed: int = 0) -> Dataset:
+    """Find the clips and classes of ``data`` (see module docstring)."""
+    if data == "demo":
+        return _demo_dataset(limit or 32, seed)
+    root = Path(data)
+    if (root / "meta" / "esc50.csv").is_file():
+        ds = _table_dataset(root, root / "meta" / "esc50.csv", "esc50", "filename", "category", fold,
+                            lambda row: root / "audio" / row["filename"])
+    elif (root / "metadata" / "UrbanSound8K.csv").is_file():
+        ds = _table_dataset(root, root / "metadata" / "UrbanSound8K.csv", "urbansound8k", "slice_file_name",
+                            "class", fold, lambda row: root / "audio" / f"fold{row['fold']}" / row["slice_file_name"])
+    elif root.is_dir():
+        if fold is not None:
+            raise EvalError("--fold applies to ESC-50 and UrbanSound8K layouts, not to a labelled folder")
+        ds = _folder_dataset(root)
+    else:
+        raise EvalError(f"--data {data}: use demo, a labelled folder (class/clip.wav), ESC-50's folder "
+                        "(meta/esc50.csv + audio/) or UrbanSound8K's (metadata/UrbanSound8K.csv + audio/foldN/)")
+    if not ds.clips:
+        raise EvalError(f"--data {data}: no clips" + (f" in fold {fold}" if fold is not None else ""))
+    ds.clips = ds.clips[:limit] if limit else ds.clips
+    return ds
+
+
+def _demo_dataset(n: int, seed: int) -> Dataset:
+    from .demo import world
+
+    classes = list(world.EVENTS)
+    clips = []
+    for i in range(n):
+        s = world.scene_seed(seed, "test", i)
+        names = _demo_events(s)
+        clips.append(EvalClip(f"test/scene_{i:05d}", tuple(classes.index(x) for x in names), scene_seed=s))
+    return Dataset(classes, [world.prompt_for(c) for c in classes], clips, "demo")
+
+
+def _demo_events(seed: int) -> list[str]:
+    return [e.name for e in _scene(seed).events]
+
+
+def _table_dataset(root: Path, table: Path, layout: str, file_col: str, class_col: str, fold: int | None,
+                   path_of: Callable[[dict[str, str]], Path]) -> Dataset:
+    from .data import class_caption
+
+    with open(table, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or file_col not in rows[0] or class_col not in rows[0]:
+        raise EvalError(f"{table}: expected columns {file_col}, {class_col}, fold")
+    classes = sorted({r[class_col] for r in rows})
+    keep = [r for r in rows if fold is None or int(r["fold"]) == fold]
+    clips = [EvalClip(str(path_of(r).relative_to(root)), (classes.index(r[class_col]),), path=path_of(r))
+             for r in keep]
+    missing = [c.key for c in clips if not c.path.is_file()]
+    if missing:
+        raise EvalError(f"{root}: {len(missing)} clips listed in {table.name} are missing, e.g. {missing[0]}")
+    return Dataset(classes, [class_caption(c) for c in classes], clips, layout)
+
+
+def _folder_dataset(root: Path) -> Dataset:
+    from .data import read_manifest
+
+    items, _ = read_manifest(root)
+    classes = sorted({Path(i.source).parts[1] for i in items})
+    from .data import class_caption
+
+    clips = [EvalClip("/".join(Path(i.source).parts[1:]), (classes.index(Path(i.source).parts[1]),), path=i.audio)
+             for i in items]
+    return Dataset(classes, [class_caption(c) for c in classes], clips, "folder")
+
+
+# ----------------------------------------------------------------------------- contamination
+
+
+def mix_at_snr(wave: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
+    """wave + noise scaled so that 10·log10(P_wave / P_noise) = snr_db. Both (n,) float32."""
+    pw, pn = float(np.mean(wave.astype(np.float64) ** 2)), float(np.mean(noise.astype(np.float64) ** 2))
+    if pn <= 0:
+        return wave.copy()
+    gain = np.sqrt(pw / (pn * 10 ** (snr_db / 10)))
+    return (wave + gain * noise).astype(np.float32)
+
+
+class Contaminator:
+    """Adds mix (the next clip of the set), white noise or speech (a folder, cycled) at an SNR."""
+
+    def __init__(self, kind: str, snr: float, clips: Sequence[EvalClip], speech: str | None, seed: int) -> None:
+        self.kind, self.snr, self.clips, self.seed = kind, snr, list(clips), seed
+        self.speech: list[Path] = []
+        if kind == "speech":
+            from .data import AUDIO_EXTENSIONS
+
+            folder = Path(speech or "")
+            self.speech = sorted(p for p in folder.rglob("*") if p.suffix[1:].lower() in AUDIO_EXTENSIONS)
+            if not self.speech:
+                raise EvalError(f"--speech {speech}: no audio files there")
+
+    def noise(self, index: int) -> np.ndarray:
+        if self.kind == "white-noise":
+            return np.random.default_rng([self.seed, index]).standard_normal(CLIP_SAMPLES).astype(np.float32)
+        if self.kind == "mix":
+            return self.clips[(index + 1) % len(self.clips)].wave()
+        x = load_audio(self.speech[index % len(self.speech)])
+        return pad_clip(x) if x.size <= CLIP_SAMPLES else x[:CLIP_SAMPLES]
+
+    def __call__(self, wave: np.ndarray, index: int) -> np.ndarray:
+        return mix_at_snr(wave, self.noise(index), self.snr)
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+class MaskMethods:
+    """Every method's mask for a batch, on the decoder's grid (B, 1001, bins) in [0, 1]."""
+
+    def __init__(self, clap: Any, decoder: nn.Module, domain: str, text: torch.Tensor,
+                 settings: BaselineSettings) -> None:
+        self.clap, self.decoder, self.domain = clap, decoder, domain
+        self.text, self.settings = text, settings      # text (C, D) label prompt embeddings
+
+    def __call__(self, method: str, waves: torch.Tensor, target: torch.Tensor) -> np.ndarray:
+        """waves (B, 480000), target (B,) class indices -> masks (B, 1001, bins) float32."""
+        P = spectral.power(spectral.stft(waves))
+        logmel = spectral.to_db(spectral.mel_power(P))
+        if method == "lmaczs":
+            with torch.no_grad():
+                _, hidden = self.clap.encode(logmel)
+                lp = spectral.to_db(P) if self.domain == "stft" else None
+                return self.decoder(hidden, self.text[target], logmel, lp).float().cpu().numpy()
+        masks = explain_baseline(method, self.clap, self.text, logmel, target, self.settings)
+        if self.domain == "stft":   # the same grid as LMAC-ZS: mel-grid maps spread over linear bins
+            masks = spectral.mel_mask_to_linear(torch.from_numpy(masks)).numpy()
+        return masks
+
+
+@torch.no_grad()
+def probabilities(clap: Any, text: torch.Tensor, logmel: torch.Tensor, logit_scale: float) -> np.ndarray:
+    """log-mel (B, 1001, 64) -> p_c (B, C) over the label prompts."""
+    emb, _ = clap.encode(logmel)
+    return metrics.class_probabilities((emb @ text.T).cpu().numpy(), logit_scale)
+
+
+@torch.no_grad()
+def masked_probabilities(clap: Any, text: torch.Tensor, waves: torch.Tensor, masks: np.ndarray, domain: str,
+                         logit_scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """p_c of M⊙X and of X − X_int (the explanation removed from the waveform): two (B, C)."""
+    m = torch.from_numpy(masks).to(waves.device)
+    P = spectral.power(spectral.stft(waves))
+    masked = (spectral.masked_log_mel_from_mel(spectral.mel_power(P), m) if domain == "mel"
+              else spectral.masked_log_mel_from_power(P, m))
+    removed = waves - spectral.listenable(waves, m, domain)
+    return (probabilities(clap, text, masked, logit_scale),
+            probabilities(clap, text, spectral.log_mel(removed), logit_scale))
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class Records:
+    """OUT/clips/<method>.jsonl: one line per explained clip, appended as computed."""
+
+    def __init__(self, out: Path) -> None:
+        self.dir = out / "clips"
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, method: str) -> Path:
+        return self.dir / f"{method.replace('+', 'p')}.jsonl"
+
+    def read(self, method: str) -> list[dict[str, Any]]:
+        p = self.path(method)
+        if not p.is_file():
+            return []
+        out = []
+        for line in p.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:   # a line cut by a crash: that clip is redone
+                continue
+        return out
+
+    def done(self, method: str) -> set[str]:
+        return {r["key"] for r in self.read(method)}
+
+    def append(self, method: str, records: Sequence[dict[str, Any]]) -> None:
+        with open(self.path(method), "a", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, allow_nan=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _check_run(out: Path, cfg: EvalConfig) -> None:
+    """A rerun in the same OUT must have the same settings (then it resumes)."""
+    path = out / "run.json"
+    mine = {"format": RUN_FORMAT, "settings": json.loads(json.dumps(cfg.identity()))}
+    if path.is_file():
+        theirs = json.loads(path.read_text())
+        if theirs != mine:
+            diff = sorted(k for k in mine["settings"] if theirs.get("settings", {}).get(k) != mine["settings"][k])
+            raise EvalError(f"{out} holds an eval run with other settings ({', '.join(diff) or 'format'}); "
+                            "use another --out, or delete it to start over")
+        return
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(mine, indent=2) + "\n")
+
+
+def _clip_records(method: str, batch: Sequence[EvalClip], pred: np.ndarray, prob: np.ndarray,
+                  values: dict[str, np.ndarray], masks: np.ndarray, classes: Sequence[str],
+                  seconds: float) -> list[dict[str, Any]]:
+    out = []
+    for i, clip in enumerate(batch):
+        c = int(pred[i])
+        rec = {"key": clip.key, "method": method, "labels": [classes[k] for k in clip.labels],
+               "pred": classes[c], "correct": c in clip.labels, "p_pred": float(prob[i, c]),
+               "seconds": seconds / len(batch), **{k: float(v[i]) for k, v in values.items()}}
+        regions = clip.regions(classes)
+        if c in regions and masks.shape[-1] == regions[c].shape[-1]:
+            rec.update(metrics.localization(masks[i], regions[c]))
+        out.append(rec)
+    return out
+
+
+def load_models(cfg: EvalConfig) -> tuple[Any, nn.Module, str]:
+    """(CLAP, decoder, mask domain) from the run's model options."""
+    from .explain import Explainer
+
+    ex = Explainer.load(clap=cfg.clap, decoder=cfg.decoder, tokenizer=cfg.tokenizer, device=cfg.device,
+                        force=cfg.force)
+    return ex.clap, ex.decoder, ex.domain
+
+
+def run_eval(cfg: EvalConfig, on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) an evaluation; write the tables and plots; return the summary (metrics.json)."""
+    emit = on_event or (lambda e: None)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_run(out, cfg)
+    ds = load_dataset(cfg.data, cfg.fold, cfg.limit, cfg.seed)
+    clap, decoder, domain = load_models(cfg)
+    text = clap.encode_text(ds.prompts).detach()
+    masker = MaskMethods(clap, decoder, domain, text, cfg.baselines)
+    dirty = Contaminator(cfg.contaminate, cfg.snr, ds.clips, cfg.speech, cfg.seed) if cfg.contaminate else None
+    records = Records(out)
+    done = {m: records.done(m) for m in cfg.methods}
+    todo = [i for i, c in enumerate(ds.clips) if any(c.key not in done[m] for m in cfg.methods)]
+    emit({"event": "start", "clips": len(ds.clips), "methods": list(cfg.methods),
+          "todo": sum(c.key not in done[m] for c in ds.clips for m in cfg.methods), "layout": ds.layout})
+    for k in range(0, len(todo), cfg.batch_size):       # each batch decoded once for every method
+        idx = todo[k: k + cfg.batch_size]
+        waves = _waves([ds.clips[i] for i in idx], idx, dirty).to(clap.device)
+        prob = probabilities(clap, text, spectral.log_mel(waves), cfg.logit_scale)
+        for method in cfg.methods:
+            rows = [j for j, i in enumerate(idx) if ds.clips[i].key not in done[method]]
+            if rows:
+                _run_method(method, masker, [ds.clips[idx[j]] for j in rows], waves[rows], prob[rows],
+                            ds.classes, records, cfg.logit_scale)
+                emit({"event": "batch", "method": method, "clips": len(rows)})
+    studies: dict[str, Any] = {}
+    study = ds.clips[: cfg.study_clips]
+    if cfg.randomization or cfg.prompt_sensitivity:
+        waves = _waves(study, list(range(len(study))), dirty).to(clap.device)
+        if cfg.randomization:
+            emit({"event": "study", "name": "randomization"})
+            studies["randomization"] = randomization_study(clap, decoder, domain, text, waves, cfg)
+        if cfg.prompt_sensitivity:
+            emit({"event": "study", "name": "prompt_sensitivity"})
+            studies["prompt_sensitivity"] = prompt_sensitivity_study(masker, clap, text, waves, study, cfg)
+    qualitative = _qualitative(masker, clap, text, ds, dirty, cfg)
+    from .eval_report import report_eval
+
+    return report_eval(out, cfg, ds, {m: records.read(m) for m in cfg.methods}, studies, qualitative)
+
+
+def _run_method(method: str, masker: MaskMethods, batch: Sequence[EvalClip], waves: torch.Tensor,
+                prob: np.ndarray, classes: Sequence[str], records: Records, logit_scale: float) -> None:
+    """One method on one batch: masks for ĉ, re-scored inputs, per-clip records appended."""
+    pred = prob.argmax(axis=1)
+    t0 = time.perf_counter()
+    masks = masker(method, waves, torch.from_numpy(pred).to(waves.device))
+    seconds = time.perf_counter() - t0
+    pm, pr = masked_probabilities(masker.clap, masker.text, waves, masks, masker.domain, logit_scale)
+    values = metrics.per_clip_metrics(prob, pm, pr, masks)
+    records.append(method, _clip_records(method, batch, pred, prob, values, masks, classes, seconds))
+
+
+def _waves(batch: Sequence[EvalClip], idx: Sequence[int], dirty: Contaminator | None) -> torch.Tensor:
+    waves = [c.wave() for c in batch]
+    if dirty is not None:
+        waves = [dirty(w, i) for w, i in zip(waves, idx)]
+    return torch.from_numpy(np.stack(waves))
+
+
+# ----------------------------------------------------------------------------- studies
+
+
+def encoder_stages(clap: Any) -> list[tuple[str, list[nn.Module]]]:
+    """The audio encoder's stages from the top (projection) down, for cascading randomisation."""
+    b = clap.branch
+    top = [clap.clap.audio_projection]
+    if clap.cfg.is_htsat:
+        stages = [("projection", top), ("stage 4", [b.layers[3], b.norm])]
+        stages += [(f"stage {i + 1}", [b.layers[i]]) for i in (2, 1, 0)]
+        return stages + [("patch embedding", [b.patch_embed])]
+    stages = [("projection", top + [b.fc1])]
+    return stages + [(f"conv block {i}", [getattr(b, f"conv_block{i}")]) for i in range(6, 0, -1)]
+
+
+def reinitialise_(modules: Sequence[nn.Module], seed: int) -> None:
+    """Fresh random weights: reset_parameters() where a layer has it (Linear, Conv, norms), a
+    truncated normal (σ 0.02, Swin's init) for other parameters (relative position tables)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for top in modules:
+            for m in top.modules():
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+                else:
+                    for p in m.parameters(recurse=False):
+                        nn.init.trunc_normal_(p, std=0.02)
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Structural similarity of two (T, F) masks in [0, 1] (scikit-image, data range 1)."""
+    from skimage.metrics import structural_similarity
+
+    return float(structural_similarity(np.asarray(a, np.float64), np.asarray(b, np.float64), data_range=1.0))
+
+
+def randomization_study(clap: Any, decoder: nn.Module, domain: str, text: torch.Tensor, waves: torch.Tensor,
+                        cfg: EvalConfig) -> dict[str, Any]:
+    """Cascading randomisation (Adebayo et al. 2018): re-initialise encoder stages from the top
+    down, cumulatively; each method's masks for the original ĉ are compared by SSIM with the
+    masks of the intact model. Returns {"stages": [...], "ssim": {method: [mean per stage]}}."""
+    prob = probabilities(clap, text, spectral.log_mel(waves), cfg.logit_scale)
+    target = torch.from_numpy(prob.argmax(axis=1)).to(waves.device)
+    original = {m: MaskMethods(clap, decoder, domain, text, cfg.baselines)(m, waves, target) for m in cfg.methods}
+    broken = type(clap)(copy.deepcopy(clap.clap), clap.cfg, clap.tokenizer, f"{clap.source} (randomised)")
+    stages = encoder_stages(broken)
+    result: dict[str, Any] = {"stages": [name for name, _ in stages], "ssim": {m: [] for m in cfg.methods}}
+    for s, (_, modules) in enumerate(stages):
+        reinitialise_(modules, cfg.seed + s)
+        masker = MaskMethods(broken, decoder, domain, text, cfg.baselines)
+        for m in cfg.methods:
+            masks = masker(m, waves, target)
+            result["ssim"][m].append(float(np.mean([ssim(a, b) for a, b in zip(original[m], masks)])))
+    return result
+
+
+def prompt_sensitivity_study(masker: MaskMethods, clap: Any, text: torch.Tensor, waves: torch.Tensor,
+                             clips: Sequence[EvalClip], cfg: EvalConfig) -> dict[str, Any]:
+    """Each method's mask for every label prompt of each study clip: mask mean vs the prompt's
+    similarity, matched (the class is in the clip) vs mismatched. Returns per method the points
+    and summaries (mean MM matched / mismatched, Pearson r of MM with similarity)."""
+    with torch.no_grad():
+        sims = (clap.encode(spectral.log_mel(waves))[0] @ text.T).cpu().numpy()   # (B, C)
+    out: dict[str, Any] = {}
+    for m in cfg.methods:
+        points = []
+        for c in range(text.shape[0]):
+            target = torch.full((waves.shape[0],), c, device=waves.device, dtype=torch.long)
+            mm = metrics.mask_mean(masker(m, waves, target))
+            points += [{"similarity": float(sims[i, c]), "mask_mean": float(mm[i]),
+                        "matched": c in clips[i].labels} for i in range(len(clips))]
+        sim = np.array([p["similarity"] for p in points])
+        mm = np.array([p["mask_mean"] for p in points])
+        matched = np.array([p["matched"] for p in points])
+        r = float(np.corrcoef(sim, mm)[0, 1]) if mm.std() > 0 and sim.std() > 0 else float("nan")
+        out[m] = {"points": points, "pearson_r": r,
+                  "mask_mean_matched": float(mm[matched].mean()) if matched.any() else float("nan"),
+                  "mask_mean_mismatched": float(mm[~matched].mean()) if (~matched).any() else float("nan")}
+    return out
+
+
+def _qualitative(masker: MaskMethods, clap: Any, text: torch.Tensor, ds: Dataset, dirty: Contaminator | None,
+                 cfg: EvalConfig) -> dict[str, Any]:
+    """Masks of every method for the first clip: the top prompt (matched) and the least similar
+    prompt (mismatched)."""
+    waves = _waves(ds.clips[:1], [0], dirty).to(clap.device)
+    with torch.no_grad():
+        sims = (clap.encode(spectral.log_mel(waves))[0] @ text.T)[0]
+    best, worst = int(sims.argmax()), int(sims.argmin())
+    masks = {m: {kind: masker(m, waves, torch.tensor([c], device=waves.device))[0]
+                 for kind, c in (("matched", best), ("mismatched", worst))} for m in cfg.methods}
+    return {"key": ds.clips[0].key, "wave": waves[0].cpu().numpy(), "domain": masker.domain,
+            "prompts": {"matched": ds.prompts[best], "mismatched": ds.prompts[worst]}, "masks": masks}

@@ -1,0 +1,32 @@
+"""bench/run.py --quick: the one benchmark entry point runs and writes valid outputs
+(a smoke test; no timing is asserted)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_run_quick_writes_json_markdown_and_plot(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    [js] = tmp_path.glob("*.json")
+    result = json.loads(js.read_text())
+    assert result["quick"] and result["machine"]["threads"] >= 1
+    rows = result["rows"]
+    sections = {(r["section"], r.get("backend", r.get("method"))) for r in rows}
+    assert {("embed", "torch"), ("explain", "torch"), ("explain", "onnx")} <= sections
+    assert {m for s, m in sections if s == "methods"} == {"lmaczs", "gradcam", "gradcam++", "smoothgrad", "ig"}
+    for r in rows:
+        fig = r.get("clips_per_s") or r["seconds_per_clip"]
+        assert fig["min"] <= fig["median"] <= fig["max"] and fig["median"] > 0
+    assert "trt" in result["skipped"] or ("explain", "trt") in sections
+    assert any(k.startswith("explain onnx / torch") for k in result["ratios"])
+    md = js.with_suffix(".md").read_text()
+    assert "| explain | onnx |" in md and "| ig |" in md
+    assert js.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
