@@ -18,46 +18,30 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
 
-from lmaczs_cli.audio import CLIP_SAMPLES, SAMPLE_RATE, load_audio
+from lmaczs_cli.audio import SAMPLE_RATE, load_audio
 from lmaczs_cli.explain import Explainer
 from lmaczs_cli.runs import ExplainJob, auto_workers, run_explain
+from run import clips, timed  # bench/run.py: the shared timing and test clips
 
 
 def _median_rate(fn, clips: int, repeats: int, sync) -> dict[str, float]:
-    fn()   # warm-up
-    rates = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        rates.append(clips / (time.perf_counter() - t0))
-    rates.sort()
-    return {"clips_per_s": round(statistics.median(rates), 3), "min": round(rates[0], 3), "max": round(rates[-1], 3)}
+    r = timed(fn, clips, repeats, sync)
+    return {"clips_per_s": round(r["median"], 3), "min": round(r["min"], 3), "max": round(r["max"], 3)}
 
 
 def _files(folder: Path, n: int) -> list[Path]:
-    """n 10-s scenes at 48 kHz: noise floor plus two tone bursts at seeded times and pitches."""
-    rng = np.random.default_rng(0)
-    t = np.arange(CLIP_SAMPLES) / SAMPLE_RATE
-    paths = []
-    for k in range(n):
-        x = 0.01 * rng.standard_normal(CLIP_SAMPLES)
-        for _ in range(2):
-            a = rng.uniform(0, 8)
-            on = (t >= a) & (t < a + rng.uniform(0.5, 2))
-            x[on] += 0.3 * np.sin(2 * np.pi * rng.uniform(200, 6000) * t[on])
-        paths.append(folder / f"scene{k:04d}.wav")
-        sf.write(paths[-1], x.astype(np.float32), SAMPLE_RATE, subtype="PCM_16")
+    """n 10-s scenes at 48 kHz (bench/run.py's `clips`) written as 16-bit WAV files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"scene{k:04d}.wav" for k in range(n)]
+    for path, wave in zip(paths, clips(n).numpy()):
+        sf.write(path, wave, SAMPLE_RATE, subtype="PCM_16")
     return paths
 
 
