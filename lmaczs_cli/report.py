@@ -211,9 +211,10 @@ def write_mask(path: str | os.PathLike, mask: np.ndarray, domain: str, prompt: s
 
 
 # ----------------------------------------------------------------------------- PNG
-# Written by hand (numpy + zlib): matplotlib is not a dependency of lmaczs and would add
-# ~40 MB and a font cache for three heat maps; a PNG is a header, filtered rows through
-# zlib and CRCs, and the few labels need only the 5x7 bitmap glyphs below.
+# Written by hand (numpy + zlib) while matplotlib was not a dependency: a PNG is a header,
+# filtered rows through zlib and CRCs, and the few labels need only the 5x7 bitmap glyphs
+# below. `lmaczs eval` now depends on matplotlib; drawing these panels with it instead is
+# a known follow-up (it would drop this writer and its glyph table).
 
 _GLYPHS = {   # 5 x 7 bitmaps, rows separated by "/"
     "0": ".###./#...#/#..##/#.#.#/##..#/#...#/.###.", "1": "..#../.##../..#../..#../..#../..#../.###.",
