@@ -14,7 +14,8 @@ Shape of the computation (HTSAT-tiny; PANN-14 in brackets):
   sigmoid -> mask in [0, 1]
 
 Cross-attention: queries are the audio feature map's positions, keys/values the K text tokens
-(as in Stable Diffusion's U-Net). Fixed resampling steps are precomputed matrices (MatMul),
+(as in Stable Diffusion's U-Net); each "xattn" is followed by a text FiLM (per-channel scale and
+shift from t; `film=False` for decoders saved before it existed). Fixed resampling steps are precomputed matrices (MatMul),
 so the decoder exports without Resize ops.
 """
 from __future__ import annotations
@@ -114,6 +115,7 @@ class DecoderConfig:
     width: int = 64                            # channels of the deep decoder stages
     heads: int = 4                             # attention heads per cross-attention
     logmel_skip: bool = True                   # feed the clip's normalised log-mel at full resolution
+    film: bool = True                          # text FiLM (per-channel scale and shift) after each attention
 
     def __post_init__(self) -> None:
         if self.domain not in spectral.MASK_DOMAINS:
@@ -136,7 +138,7 @@ class DecoderConfig:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "DecoderConfig":
-        return cls(**d)
+        return cls(**{"film": False, **d})     # configs written before `film` existed have none
 
     @classmethod
     def for_clap(cls, clap: Any, **kwargs: Any) -> "DecoderConfig":
@@ -171,6 +173,22 @@ class CrossAttention(nn.Module):
         q = self.norm(x.flatten(2).transpose(1, 2))          # (B, T*F, C)
         out, _ = self.attn(q, tokens, tokens, need_weights=False)
         return x + out.transpose(1, 2).reshape(B, C, T, Fq)
+
+
+class FiLM(nn.Module):
+    """x (B, C, T, F) * (1 + scale(t)) + shift(t), per channel (Perez et al. 2018). Starts as the
+    identity. Cross-attention adds a text-dependent vector at each position; FiLM lets the text
+    *gate* the audio features, the multiplicative interaction a prompt-specific mask needs."""
+
+    def __init__(self, text_dim: int, channels: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(text_dim, 2 * channels)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.proj(text)[:, :, None, None].chunk(2, dim=1)
+        return x * (1 + scale) + shift
 
 
 class ConvBlock(nn.Sequential):
@@ -220,6 +238,7 @@ class MaskDecoder(nn.Module):
         self.token_norm = nn.LayerNorm(w)
         self.token_proj = nn.ModuleList(nn.Linear(w, c) for c in (w, w, w // 2))
         self.attn = nn.ModuleList(CrossAttention(c, cfg.heads if c % cfg.heads == 0 else 1) for c in (w, w, w // 2))
+        self.film = nn.ModuleList(FiLM(cfg.text_dim, c) for c in (w, w, w // 2)) if cfg.film else None
         self.mix = nn.ModuleList([ConvBlock(w, w), ConvBlock(w, w), ConvBlock(w // 2, w // 2)])
         self.up_deep = Up(w, w)                            # deep -> h2 grid
         self.up_mid = Up(w, w // 2)                        # h2 -> h1 grid
@@ -245,6 +264,11 @@ class MaskDecoder(nn.Module):
             return [unfold_htsat(h) for h in hidden]
         return list(hidden)
 
+    def condition(self, level: int, x: torch.Tensor, tok: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The text's way in at one level: cross-attention to the K tokens, then FiLM."""
+        x = self.attn[level](x, self.token_proj[level](tok))
+        return self.film[level](x, text) if self.film is not None else x
+
     def forward(
         self,
         hidden: Sequence[torch.Tensor],
@@ -258,11 +282,11 @@ class MaskDecoder(nn.Module):
         g1, g2, g3, g4 = self.grids(hidden)
         tok = self.tokens(text)
         x = self.lateral[3](g4) + _fit(self.lateral[2](g3), g4.shape[-2], g4.shape[-1])
-        x = self.attn[0](self.mix[0](x), self.token_proj[0](tok))
+        x = self.condition(0, self.mix[0](x), tok, text)
         x = _fit(self.up_deep(x), g2.shape[-2], g2.shape[-1]) + self.lateral[1](g2)
-        x = self.attn[1](self.mix[1](x), self.token_proj[1](tok))
+        x = self.condition(1, self.mix[1](x), tok, text)
         x = _fit(self.up_mid(x), g1.shape[-2], g1.shape[-1]) + self.lateral[0](g1)
-        x = self.attn[2](self.mix[2](x), self.token_proj[2](tok))
+        x = self.condition(2, self.mix[2](x), tok, text)
         x = self.up_full(x)                                # (B, c, 8*T1, 8*F1) = (B, c, 1024, 64)
         x = _fit(x, self.full_time, N_MELS)
         if self.cfg.logmel_skip:

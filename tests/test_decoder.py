@@ -66,6 +66,46 @@ def test_mask_shape_range_and_prompt_dependence(tiny_clap, domain, bins):
     assert (m1 - m2).abs().mean().item() > 1e-3
 
 
+def test_film_starts_as_identity_and_trains_to_gate_by_text(tiny_clap):
+    """A FiLM decoder at initialisation equals the same decoder without FiLM; after a few steps on
+    'mask the first half for prompt A, the second half for prompt B' its FiLM is no longer zero and
+    the two prompts' masks differ."""
+    torch.manual_seed(0)
+    cfg = D.DecoderConfig.for_clap(tiny_clap)
+    assert cfg.film
+    with_film = D.MaskDecoder(cfg).eval()
+    plain = D.MaskDecoder(D.DecoderConfig(**{**cfg.to_json(), "film": False})).eval()
+    missing = plain.load_state_dict(with_film.state_dict(), strict=False)
+    assert not missing.missing_keys and all(k.startswith("film.") for k in missing.unexpected_keys)
+    _, logmel, hidden, _ = _inputs(tiny_clap, batch=1)
+    text = tiny_clap.encode_text(["glass breaking", "a dog barking"])
+    hidden2 = [h.expand(2, *h.shape[1:]) for h in hidden]
+    with torch.no_grad():
+        torch.testing.assert_close(with_film(hidden2, text, logmel.expand(2, -1, -1)),
+                                   plain(hidden2, text, logmel.expand(2, -1, -1)))
+    target = torch.zeros(2, N_FRAMES, N_MELS)
+    target[0, : N_FRAMES // 2] = 1.0
+    target[1, N_FRAMES // 2:] = 1.0
+    with_film.train()
+    opt = torch.optim.Adam(with_film.parameters(), lr=3e-3)
+    for _ in range(30):
+        loss = torch.nn.functional.binary_cross_entropy(with_film(hidden2, text, logmel.expand(2, -1, -1)), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert any(f.proj.weight.abs().sum() > 0 for f in with_film.film)
+    with torch.no_grad():
+        m = with_film.eval()(hidden2, text, logmel.expand(2, -1, -1))
+    assert m[0, : N_FRAMES // 2].mean() > m[1, : N_FRAMES // 2].mean() + 0.2
+
+
+def test_configs_saved_before_film_load_without_it():
+    cfg = D.DecoderConfig("htsat", (8, 16, 32, 32), (128, 64, 32, 32), (8, 4, 2, 2), text_dim=16, width=16)
+    old = {k: v for k, v in cfg.to_json().items() if k != "film"}
+    assert D.DecoderConfig.from_json(old).film is False
+    assert D.DecoderConfig.from_json(cfg.to_json()).film is True
+
+
 def test_decoder_needs_at_least_four_text_tokens(tiny_clap):
     with pytest.raises(D.DecoderError, match="single key is a constant bias"):
         D.DecoderConfig.for_clap(tiny_clap, text_tokens=1)

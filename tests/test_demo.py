@@ -53,9 +53,10 @@ def _held_out_scenes():
 
 def test_masks_lie_on_present_events_more_than_chance_and_keep_similarity(demo):
     """What the bundled decoder achieves today. Issue C asks for >= 60 % of the mask in the
-    event's region and absent-prompt masks <= 0.3x matched ones; the current demo decoder
-    reaches ~0.20 (chance ~0.11) and is not yet prompt-specific, so those bounds are not
-    asserted here — they stay open work, reported by this test's printout."""
+    event's region and absent-prompt masks <= 0.3x matched ones; the bundled decoder reaches
+    ~0.30 (chance ~0.11) with absent-prompt masks ~0.75x matched ones, so those two bounds are
+    not asserted here — they stay open work, reported by this test's printout. Asserted: mass
+    in region >= 1.5x chance, absent-prompt masks smaller than matched ones, similarity kept."""
     inside, chance, matched_mean, absent_mean, sim_gap = [], [], [], [], []
     rng = np.random.default_rng(0)
     for scene in _held_out_scenes():
@@ -75,6 +76,7 @@ def test_masks_lie_on_present_events_more_than_chance_and_keep_similarity(demo):
               f"{np.mean(sim_gap):.3f} max {np.max(sim_gap):.3f}")
     print(report)
     assert np.mean(inside) >= 1.5 * np.mean(chance), report
+    assert np.mean(absent_mean) < np.mean(matched_mean), report
     assert np.mean(sim_gap) <= 0.1, report
 
 
@@ -108,3 +110,40 @@ def test_drop_events_masks_the_cells_of_dropped_events_and_clears_their_presence
         assert (out[row, 100:500] == -20.0).all() and (out[row, 600:] == -20.0).all()
     dropped = 1 - kept[:, [0, 3]].mean().item()
     assert 0.3 < dropped < 0.7, dropped        # p_drop = 0.5 over 128 draws
+
+
+def test_drop_events_can_floor_the_background_too():
+    from lmaczs_cli.demo.build import drop_events
+
+    E = len(world.EVENTS)
+    logmel = torch.full((8, N_FRAMES, N_MELS), -20.0)
+    presence = torch.zeros(8, E)
+    presence[:, 2] = 1.0
+    bits = torch.zeros(8, N_FRAMES, N_MELS, dtype=torch.int16)
+    bits[:, 200:300, 10:20] = 1 << 2
+    out, kept = drop_events(logmel, presence, bits, torch.Generator().manual_seed(1), p_drop=0.0, p_background=1.0)
+    floor = float(spectral.to_db(torch.zeros(())))
+    assert torch.equal(kept, presence)                         # nothing dropped: the event is still there
+    assert (out[:, 200:300, 10:20] == -20.0).all()             # its cells untouched
+    outside = torch.ones(N_FRAMES, N_MELS, dtype=torch.bool)
+    outside[200:300, 10:20] = False
+    assert (out[:, outside] == floor).all()                    # everything else at the floor
+
+
+def test_presence_loss_is_zero_on_target_and_weighs_present_and_absent_halves():
+    from lmaczs_cli.demo.build import ABSENT_COS, PRESENT_COS, presence_loss
+
+    prompts = torch.eye(3)[:2]                                 # two orthonormal prompt embeddings
+    rest = (1 - PRESENT_COS**2 - ABSENT_COS**2) ** 0.5
+    audio = torch.tensor([[PRESENT_COS, ABSENT_COS, rest]])    # cosines (0.6, 0.1) to the two prompts
+    assert presence_loss(audio, prompts, torch.tensor([[1.0, 0.0]])).item() == pytest.approx(0.0, abs=1e-12)
+    swapped = presence_loss(audio, prompts, torch.tensor([[0.0, 1.0]])).item()
+    assert swapped == pytest.approx((PRESENT_COS - ABSENT_COS) ** 2, rel=1e-5)
+    # one present entry among many absent ones still weighs half of the loss
+    many = torch.eye(11)[:10]
+    clip = torch.zeros(1, 11)
+    clip[0, 10] = 1.0                                          # cosine 0 to every prompt
+    target = torch.zeros(1, 10)
+    target[0, 0] = 1.0
+    expected = 0.5 * PRESENT_COS**2 + 0.5 * ABSENT_COS**2
+    assert presence_loss(clip, many, target).item() == pytest.approx(expected, rel=1e-5)

@@ -3,12 +3,15 @@ demo world, then an LMAC-ZS decoder trained with `lmaczs train` on a world manif
 
     python -m lmaczs_cli.demo.build --out lmaczs_cli/demo/model
 
-Steps (all seeded; ~25 min on 2 CPU cores, see README):
+Steps (all seeded; ~45 min on 2 CPU cores, see README):
   1. render a pool of world scenes (1-3 events each, captions) and single-event clips, and
      their log-mels, once;
   2. train laion's CLAP classes at a small size (HTSAT 32 wide, one block per stage, and a
      2-layer CLIP-style text tower with the CLIP BPE tokenizer of the laion-clap wheel) with
-     the symmetric contrastive loss (multi-positive targets where captions repeat);
+     a per-event presence regression (`presence_loss`: cosine to each event prompt -> 0.6 if
+     the clip holds the event, 0.1 if not, on clips, on clips with events and background
+     masked away by `drop_events`, and on an empty clip) beside a small caption InfoNCE;
+     `presence_report` prints how masked scenes score;
   3. round the weights to fp16 (that is what ships) and measure zero-shot accuracy on held-out
      single-event clips with the prompts ``world.prompt_for(name)``;
   4. write a world manifest and train the decoder with ``lmaczs_cli.train.train``;
@@ -18,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import time
@@ -40,6 +42,7 @@ DEMO_CLAP = ClapConfig(
     htsat_heads=(2, 4, 8, 8), text_width=64, text_layers=2, text_heads=2,
 )
 EXAMPLES = 3  # example sounds shipped for the README's first command
+PRESENT_COS, ABSENT_COS = 0.6, 0.1  # presence-loss targets: cosine to a present / absent event's prompt
 
 
 def log(msg: str) -> None:
@@ -87,20 +90,24 @@ def render_pool(n_scenes: int, n_single: int, seed: int) -> tuple[torch.Tensor, 
 
 
 def drop_events(logmel: torch.Tensor, presence: torch.Tensor, bits: torch.Tensor,
-                generator: torch.Generator, p_drop: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+                generator: torch.Generator, p_drop: float = 0.5,
+                p_background: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask augmentation for the presence loss: remove each present event with probability
     `p_drop` by setting the mel cells it owns to the floor a zero LMAC-ZS mask gives
-    (`spectral.to_db(0)`), and clear its presence. logmel (B, 1001, 64) dB, presence (B, E),
-    bits (B, 1001, 64) int16 -> (masked log-mel, presence after removal).
+    (`spectral.to_db(0)`), and clear its presence; with probability `p_background` per clip
+    also floor every cell no event owns (the background). logmel (B, 1001, 64) dB,
+    presence (B, E), bits (B, 1001, 64) int16 -> (masked log-mel, presence after removal).
 
     This teaches the demo CLAP what masked inputs mean: a scene with an event masked away no
-    longer holds it, a scene masked down to one event still holds that one, and a clip masked
-    to nothing holds none — the behaviour LMAC-ZS's objective relies on to prefer a mask that
-    isolates the prompted event."""
+    longer holds it, a scene masked down to one event (background gone too) still holds that
+    one, and a clip masked to nothing holds none — the behaviour LMAC-ZS's objective relies on
+    to prefer a mask that isolates the prompted event."""
     drop = (torch.rand(presence.shape, generator=generator) < p_drop) & (presence > 0)
     weights = torch.tensor([1 << e for e in range(presence.shape[1])], dtype=torch.int32)
     drop_bits = (drop.int() * weights).sum(1)                                 # (B,)
     removed = (bits.int() & drop_bits[:, None, None]) != 0
+    no_background = torch.rand(len(bits), generator=generator) < p_background
+    removed |= no_background[:, None, None] & (bits == 0)
     floor = float(spectral.to_db(torch.zeros(())))
     return logmel.masked_fill(removed, floor), presence * (~drop).float()
 
@@ -113,22 +120,53 @@ def contrastive_loss(audio: torch.Tensor, text: torch.Tensor, captions: list[str
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
-def presence_loss(audio: torch.Tensor, prompts: torch.Tensor, presence: torch.Tensor, scale: torch.Tensor,
-                  bias: torch.Tensor) -> torch.Tensor:
-    """Pairwise sigmoid loss of every clip against every event prompt (SigLIP-style): a scene
-    is a positive for *each* event it holds, so its similarity to one event's prompt stays
-    high beside other events. audio (B, D), prompts (E, D), presence (B, E) in {0, 1}.
+def presence_loss(audio: torch.Tensor, prompts: torch.Tensor, presence: torch.Tensor,
+                  present: float = PRESENT_COS, absent: float = ABSENT_COS) -> torch.Tensor:
+    """Regress every clip's cosine to every event prompt onto `present` where the clip holds
+    that event and `absent` where it does not (squared error, present and absent entries
+    averaged separately). audio (B, D), prompts (E, D),
+    presence (B, E) in {0, 1}, with at least one present and one absent entry.
 
-    Without it a two-event scene sits between its events' prompts (cosine ~0.2 to each while
-    the isolated event scores ~0.8), and LMAC-ZS's similarity-preservation term then prefers
-    a mask keeping every event over one that isolates the prompted event."""
-    logits = scale * audio @ prompts.T + bias
-    return F.binary_cross_entropy_with_logits(logits, presence)
+    Why a fixed target: LMAC-ZS's similarity term asks the masked clip to keep the *original*
+    similarity. If a two-event scene scores lower on one event's prompt than that event alone
+    (a contrastive CLAP puts the scene between its events' prompts: ~0.6 against ~0.9 with a
+    sigmoid loss, ~0.2 against ~0.8 with InfoNCE alone), the objective prefers a mask that keeps
+    every event over one that isolates the prompted event. With a similarity that depends only
+    on whether the event is there, both masks keep the similarity and the sparsity term picks
+    the smaller one — the event's own cells."""
+    target = absent + (present - absent) * presence
+    err = (audio @ prompts.T - target).square()
+    # present and absent entries weigh half each: most (clip, prompt) pairs are absent ones
+    on = presence > 0
+    return 0.5 * (err[on].mean() + err[~on].mean())
+
+
+def load_pool(n_scenes: int, n_single: int, seed: int, cache: Path | None = None):
+    """`render_pool`, kept in `cache/pool-<seed>-<scenes>-<singles>.pt` when a folder is given
+    (rendering 3400 clips takes ~4 min on 2 cores; the file is ~0.9 GB)."""
+    path = None if cache is None else cache / f"pool-{seed}-{n_scenes}-{n_single}.pt"
+    if path is not None and path.exists():
+        log(f"reusing the rendered pool {path}")
+        return torch.load(path)
+    log(f"rendering {n_scenes} scenes + {n_single} single-event clips")
+    pool = render_pool(n_scenes, n_single, seed)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(pool, tmp)
+        tmp.replace(path)
+    return pool
 
 
 def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_single: int,
-               presence_weight: float = 1.0, init: Path | None = None) -> ClapModel:
-    """Train the demo CLAP from scratch, or go on from the CLAP saved in `init`."""
+               presence_weight: float = 10.0, caption_weight: float = 0.1, init: Path | None = None,
+               cache: Path | None = None) -> ClapModel:
+    """Train the demo CLAP from scratch, or go on from the CLAP saved in `init`.
+
+    Loss per step: `caption_weight` x InfoNCE of clips against their captions, plus
+    `presence_weight` x `presence_loss` of the clips, of as many clips again with events (and,
+    for half of them, the background) masked away by `drop_events`, and of one clip masked to
+    nothing, against the 14 event prompts."""
     torch.manual_seed(seed)
     if init is not None:
         from ..clap import load_clap_dir
@@ -139,14 +177,12 @@ def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_si
         model = ClapModel(build_laion_clap(DEMO_CLAP), DEMO_CLAP, ClipBpeTokenizer(DEMO_CLAP.context_length),
                           source="demo")
     clap = model.clap
-    log(f"rendering {n_scenes} scenes + {n_single} single-event clips")
-    mels, captions, presence, bits = render_pool(n_scenes, n_single, seed)
+    mels, captions, presence, bits = load_pool(n_scenes, n_single, seed, cache)
     event_prompts = [world.prompt_for(n) for n in world.EVENTS]
+    floor = float(spectral.to_db(torch.zeros(())))
     clap.requires_grad_(True)
     clap.train()
-    # temperature and bias of the presence loss (SigLIP's initial values); not shipped
-    sig_scale, sig_bias = torch.nn.Parameter(torch.tensor(math.log(10.0))), torch.nn.Parameter(torch.tensor(-10.0))
-    params = [p for p in clap.parameters() if p.requires_grad] + [sig_scale, sig_bias]
+    params = [p for p in clap.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     g = torch.Generator().manual_seed(seed)
@@ -154,26 +190,25 @@ def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_si
     for step in range(steps):
         idx = torch.randperm(len(captions), generator=g)[:batch]
         caps = [captions[i] for i in idx.tolist()]
-        logmel = mels[idx].float()
-        logmel = logmel + torch.empty(len(idx), 1, 1).uniform_(-6, 6, generator=g)  # level augmentation
-        a, _ = model.encode(logmel)
+        level = torch.empty(2 * len(idx), 1, 1).uniform_(-6, 6, generator=g)   # level augmentation
+        clean = mels[idx].float()
+        masked, masked_presence = drop_events(clean, presence[idx], bits[idx], g, p_drop=0.5, p_background=0.5)
+        nothing = torch.full((1, *clean.shape[1:]), floor)
+        a, _ = model.encode(torch.cat([torch.cat([clean, masked]) + level, nothing]))
         tokens = model.tokenize(caps + event_prompts)
         t = F.normalize(clap.encode_text(tokens, device="cpu"), dim=-1)
         t_caps, t_events = t[: len(caps)], t[len(caps):]
-        loss = contrastive_loss(a, t_caps, caps, clap.logit_scale_a.exp().clamp(max=100))
-        aug = torch.randperm(len(captions), generator=g)[: batch // 2]
-        aug_mel = mels[aug].float() + torch.empty(len(aug), 1, 1).uniform_(-6, 6, generator=g)
-        aug_mel, aug_presence = drop_events(aug_mel, presence[aug], bits[aug], g)
-        a_aug, _ = model.encode(aug_mel)
-        loss = loss + presence_weight * presence_loss(torch.cat([a, a_aug]), t_events,
-                                                      torch.cat([presence[idx], aug_presence]),
-                                                      sig_scale.exp(), sig_bias)
+        cap_loss = contrastive_loss(a[: len(idx)], t_caps, caps, clap.logit_scale_a.exp().clamp(max=100))
+        targets = torch.cat([presence[idx], masked_presence, torch.zeros(1, presence.shape[1])])
+        pres_loss = presence_loss(a, t_events, targets)
+        loss = caption_weight * cap_loss + presence_weight * pres_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         if step % 25 == 0 or step == steps - 1:
-            log(f"clap step {step}/{steps} loss {loss.item():.3f} ({(time.time() - t0) / (step + 1):.2f} s/step)")
+            log(f"clap step {step}/{steps} loss {loss.item():.3f} caption {cap_loss.item():.3f} "
+                f"presence {pres_loss.item():.4f} ({(time.time() - t0) / (step + 1):.2f} s/step)")
     clap.eval()
     clap.requires_grad_(False)
     with torch.no_grad():  # what ships is fp16: make the in-memory model exactly that
@@ -182,6 +217,38 @@ def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_si
                 p.copy_(p.half().float())
     model._identity = None
     return model
+
+
+@torch.no_grad()
+def presence_report(model: ClapModel, n_scenes: int = 24, seed: int = 0) -> dict[str, float]:
+    """How the CLAP scores masked versions of held-out scenes with two or three events, mean
+    cosine to an event's prompt for: the scene ("scene"), the event alone with everything else
+    at the floor ("alone"), the scene with that event floored ("others"), the scene against
+    prompts of events it lacks ("absent"), and a clip floored everywhere ("nothing").
+    LMAC-ZS can isolate the event only where "alone" ~ "scene" and "others" ~ "absent"."""
+    text = model.encode_text([world.prompt_for(n) for n in world.EVENTS])
+    floor = float(spectral.to_db(torch.zeros(())))
+    rows: dict[str, list[float]] = {k: [] for k in ("scene", "alone", "others", "absent")}
+    for i in range(n_scenes):
+        s = world.render_scene(world.scene_seed(seed, "test", i), n_events=2 + i % 2)
+        logmel = spectral.log_mel(torch.from_numpy(s.wave)[None])[0]
+        names = sorted(s.mel_masks)
+        variants = [logmel]
+        for n in names:
+            m = torch.from_numpy(s.mel_masks[n])
+            variants += [logmel.masked_fill(~m, floor), logmel.masked_fill(m, floor)]
+        a, _ = model.encode(torch.stack(variants))
+        cos = a @ text.T                                                    # (1 + 2n, E)
+        for k, n in enumerate(names):
+            e = world.EVENTS.index(n)
+            rows["scene"].append(float(cos[0, e]))
+            rows["alone"].append(float(cos[1 + 2 * k, e]))
+            rows["others"].append(float(cos[2 + 2 * k, e]))
+        rows["absent"] += [float(cos[0, e]) for e, n in enumerate(world.EVENTS) if n not in names]
+    nothing, _ = model.encode(torch.full((1, N_FRAMES, N_MELS), floor))
+    out = {k: float(np.mean(v)) for k, v in rows.items()}
+    out["nothing"] = float((nothing @ text.T).mean())
+    return out
 
 
 @torch.no_grad()
@@ -220,18 +287,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--clap-steps", type=int, default=600)
     ap.add_argument("--clap-batch", type=int, default=32)
     ap.add_argument("--clap-lr", type=float, default=2e-3)
-    ap.add_argument("--presence-weight", type=float, default=1.0,
-                    help="weight of the per-event sigmoid loss beside the caption contrastive loss")
+    ap.add_argument("--presence-weight", type=float, default=10.0,
+                    help="weight of the per-event presence regression (see presence_loss)")
+    ap.add_argument("--caption-weight", type=float, default=0.1,
+                    help="weight of the caption contrastive loss")
     ap.add_argument("--scenes", type=int, default=2000)
     ap.add_argument("--singles", type=int, default=1400)
     ap.add_argument("--decoder-scenes", type=int, default=400)
-    ap.add_argument("--decoder-texts", choices=world.WORLD_TEXTS, default="both",
+    ap.add_argument("--decoder-texts", choices=world.WORLD_TEXTS, default="events",
                     help="decoder training texts: scene captions, per-event prompts, or both")
-    ap.add_argument("--decoder-epochs", type=int, default=4)
+    ap.add_argument("--decoder-epochs", type=int, default=3)
     ap.add_argument("--decoder-batch", type=int, default=4)
     ap.add_argument("--decoder-lr", type=float, default=1e-3)
-    ap.add_argument("--lambda-sparsity", type=float, default=0.05)
-    ap.add_argument("--lambda-diversity", type=float, default=1.0)
+    ap.add_argument("--lambda-sparsity", type=float, default=0.1)
+    ap.add_argument("--lambda-diversity", type=float, default=0.5)
     ap.add_argument("--skip-clap", action="store_true", help="reuse the CLAP already in --out")
     ap.add_argument("--clap-init", type=Path, default=None,
                     help="fine-tune the CLAP saved in this folder instead of training from scratch")
@@ -249,12 +318,14 @@ def main(argv: list[str] | None = None) -> None:
         model = load_clap_dir(out)
     else:
         model = train_clap(args.clap_steps, args.clap_batch, args.clap_lr, args.seed, args.scenes, args.singles,
-                           args.presence_weight, args.clap_init)
+                           args.presence_weight, args.caption_weight, args.clap_init, cache=work)
         save_clap(model, out, dtype=torch.float16)
         model = load_clap_dir(out)
     zs = zero_shot_accuracy(model, per_class=20, seed=args.seed)
     log(f"zero-shot accuracy on held-out single-event clips: {zs['accuracy']:.3f}")
     report["zero_shot"] = zs
+    report["presence"] = presence_report(model)
+    log("cosine to an event's prompt: " + ", ".join(f"{k} {v:.2f}" for k, v in report["presence"].items()))
 
     manifest = world.write_world(work / "world", args.decoder_scenes, seed=args.seed, split="train",
                                  texts=args.decoder_texts)
