@@ -54,12 +54,17 @@ def _max_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def test_training_lowers_the_similarity_term(dataset, tmp_path, tiny_clap):
-    T.train(_cfg(dataset, tmp_path / "run", max_steps=20, lr=3e-4), clap=tiny_clap)
+def test_training_lowers_the_similarity_term(dataset, tmp_path):
+    """On the demo CLAP: a random tiny CLAP's embeddings barely move under any mask (similarity
+    errors ~0.002, noise larger than the trend); the demo CLAP's move (~0.05), so the decrease is
+    measurable in 20 steps. Batch-2 steps are noisy: compare 5-step means."""
+    from lmaczs_cli.clap import load_clap
+
+    T.train(_cfg(dataset, tmp_path / "run", clap="demo", max_steps=20, epochs=10, lr=1e-3), clap=load_clap("demo"))
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     sim = [x["similarity"] for x in lines if "similarity" in x]
     assert len(sim) == 20
-    first, last = np.mean(sim[:4]), np.mean(sim[-4:])
+    first, last = np.mean(sim[:5]), np.mean(sim[-5:])
     assert last < 0.7 * first, (first, last)
 
 
