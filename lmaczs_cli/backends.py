@@ -210,17 +210,8 @@ class RunnerExplainer(Explainer):
         self.batch_size = batch_size
         self._text: dict[str, torch.Tensor] = {}
 
-    def text_embedding(self, prompts: Sequence[str]) -> torch.Tensor:
-        """(len(prompts), D), each distinct prompt encoded once and cached."""
-        from .inputs import ExplainError
-
-        new = [p for p in dict.fromkeys(prompts) if p not in self._text]
-        if any(not p.strip() for p in new):
-            raise ExplainError("empty prompt: give a text such as --prompt 'dog barking'")
-        if new:
-            for p, e in zip(new, self.runner.embed_text(new)):
-                self._text[p] = e
-        return torch.stack([self._text[p] for p in prompts])
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self.runner.embed_text(prompts)
 
     def run_batch(self, waves: torch.Tensor, text: torch.Tensor, check: bool = True) -> dict[str, torch.Tensor]:
         return {k: v.float() for k, v in self.runner.explain(waves, text, check=check).items()}

@@ -183,7 +183,7 @@ def smoothgrad(clap: ClapModel, text: torch.Tensor, logmel: torch.Tensor, target
 def ig_baseline(logmel: torch.Tensor, kind: str) -> torch.Tensor:
     """IG's reference input for logmel (B, 1001, 64): silence (the −100 dB floor) or the clip's mean."""
     if kind == "silence":
-        return torch.full_like(logmel, float(spectral.to_db(torch.tensor(0.0))))
+        return torch.full_like(logmel, spectral.SILENCE_DB)
     if kind == "mean":
         return logmel.mean(dim=(1, 2), keepdim=True).expand_as(logmel).clone()
     raise BaselineError(f"unknown IG baseline {kind!r}; use one of {', '.join(IG_BASELINES)}")

@@ -122,12 +122,16 @@ class Explainer:
     @torch.no_grad()
     def text_embedding(self, prompts: Sequence[str]) -> torch.Tensor:
         """(len(prompts), D), each distinct prompt encoded once and cached."""
-        for p in dict.fromkeys(prompts):
-            if p not in self._text:
-                if not p.strip():
-                    raise ExplainError("empty prompt: give a text such as --prompt 'dog barking'")
-                self._text[p] = self.clap.encode_text([p])[0].to(self.device)
+        new = [p for p in dict.fromkeys(prompts) if p not in self._text]
+        if any(not p.strip() for p in new):
+            raise ExplainError("empty prompt: give a text such as --prompt 'dog barking'")
+        if new:
+            self._text.update(zip(new, self.encode_prompts(new)))
         return torch.stack([self._text[p] for p in prompts])
+
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(len(prompts), D) text embeddings on the model's device, one prompt at a time."""
+        return torch.stack([self.clap.encode_text([p])[0] for p in prompts]).to(self.device)
 
     # ---- the batched step
 

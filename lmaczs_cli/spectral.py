@@ -90,6 +90,7 @@ def log_mel(wave: torch.Tensor) -> torch.Tensor:
 # *before* the log, so a mask of 0 is silence (the AMIN floor), never 0 dB.
 
 MASK_DOMAINS = ("mel", "stft")
+SILENCE_DB = 10.0 * float(np.log10(AMIN))  # -100 dB: the log-mel a zero mask gives (= to_db(0))
 
 
 def masked_log_mel_from_mel(mel: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -94,7 +94,7 @@ def drop_events(logmel: torch.Tensor, presence: torch.Tensor, bits: torch.Tensor
                 p_background: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask augmentation for the presence loss: remove each present event with probability
     `p_drop` by setting the mel cells it owns to the floor a zero LMAC-ZS mask gives
-    (`spectral.to_db(0)`), and clear its presence; with probability `p_background` per clip
+    (`spectral.SILENCE_DB`), and clear its presence; with probability `p_background` per clip
     also floor every cell no event owns (the background). logmel (B, 1001, 64) dB,
     presence (B, E), bits (B, 1001, 64) int16 -> (masked log-mel, presence after removal).
 
@@ -108,8 +108,7 @@ def drop_events(logmel: torch.Tensor, presence: torch.Tensor, bits: torch.Tensor
     removed = (bits.int() & drop_bits[:, None, None]) != 0
     no_background = torch.rand(len(bits), generator=generator) < p_background
     removed |= no_background[:, None, None] & (bits == 0)
-    floor = float(spectral.to_db(torch.zeros(())))
-    return logmel.masked_fill(removed, floor), presence * (~drop).float()
+    return logmel.masked_fill(removed, spectral.SILENCE_DB), presence * (~drop).float()
 
 
 def contrastive_loss(audio: torch.Tensor, text: torch.Tensor, captions: list[str], scale: torch.Tensor) -> torch.Tensor:
@@ -179,7 +178,6 @@ def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_si
     clap = model.clap
     mels, captions, presence, bits = load_pool(n_scenes, n_single, seed, cache)
     event_prompts = [world.prompt_for(n) for n in world.EVENTS]
-    floor = float(spectral.to_db(torch.zeros(())))
     clap.requires_grad_(True)
     clap.train()
     params = [p for p in clap.parameters() if p.requires_grad]
@@ -193,7 +191,7 @@ def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_si
         level = torch.empty(2 * len(idx), 1, 1).uniform_(-6, 6, generator=g)   # level augmentation
         clean = mels[idx].float()
         masked, masked_presence = drop_events(clean, presence[idx], bits[idx], g, p_drop=0.5, p_background=0.5)
-        nothing = torch.full((1, *clean.shape[1:]), floor)
+        nothing = torch.full((1, *clean.shape[1:]), spectral.SILENCE_DB)
         a, _ = model.encode(torch.cat([torch.cat([clean, masked]) + level, nothing]))
         tokens = model.tokenize(caps + event_prompts)
         t = F.normalize(clap.encode_text(tokens, device="cpu"), dim=-1)
@@ -227,7 +225,7 @@ def presence_report(model: ClapModel, n_scenes: int = 24, seed: int = 0) -> dict
     prompts of events it lacks ("absent"), and a clip floored everywhere ("nothing").
     LMAC-ZS can isolate the event only where "alone" ~ "scene" and "others" ~ "absent"."""
     text = model.encode_text([world.prompt_for(n) for n in world.EVENTS])
-    floor = float(spectral.to_db(torch.zeros(())))
+    floor = spectral.SILENCE_DB
     rows: dict[str, list[float]] = {k: [] for k in ("scene", "alone", "others", "absent")}
     for i in range(n_scenes):
         s = world.render_scene(world.scene_seed(seed, "test", i), n_events=2 + i % 2)
