@@ -147,3 +147,15 @@ def test_presence_loss_is_zero_on_target_and_weighs_present_and_absent_halves():
     target[0, 0] = 1.0
     expected = 0.5 * PRESENT_COS**2 + 0.5 * ABSENT_COS**2
     assert presence_loss(clip, many, target).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_prompt_overlap_is_the_mean_squared_cosine_between_different_prompts():
+    from lmaczs_cli.demo.build import prompt_overlap
+
+    assert prompt_overlap(torch.eye(4)).item() == pytest.approx(0.0, abs=1e-12)      # orthonormal prompts
+    same = torch.nn.functional.normalize(torch.ones(3, 5), dim=-1)
+    assert prompt_overlap(same).item() == pytest.approx(1.0, rel=1e-6)               # one prompt three times
+    c = 0.6                                                    # two prompts at cosine 0.6, one orthogonal
+    prompts = torch.tensor([[1.0, 0.0, 0.0], [c, (1 - c * c) ** 0.5, 0.0], [0.0, 0.0, 1.0]])
+    # six ordered off-diagonal pairs, two of them at cosine 0.6
+    assert prompt_overlap(prompts).item() == pytest.approx(2 * c * c / 6, rel=1e-6)

@@ -140,6 +140,18 @@ def presence_loss(audio: torch.Tensor, prompts: torch.Tensor, presence: torch.Te
     return 0.5 * (err[on].mean() + err[~on].mean())
 
 
+def prompt_overlap(prompts: torch.Tensor) -> torch.Tensor:
+    """Mean squared cosine between different event prompts; prompts (E, D) L2-normalised.
+
+    Why: LMAC-ZS's diversity term asks the masked clips for two prompts to be as similar as
+    the two prompts' text embeddings. A text tower that puts every event prompt at cosine
+    ~0.5-0.7 to the others (what the presence loss alone leaves) makes the decoder draw the
+    same mask whatever the prompt; near-orthogonal prompts ask for different masks."""
+    cos = prompts @ prompts.T
+    off = ~torch.eye(len(prompts), dtype=torch.bool, device=prompts.device)
+    return cos[off].square().mean()
+
+
 def load_pool(n_scenes: int, n_single: int, seed: int, cache: Path | None = None):
     """`render_pool`, kept in `cache/pool-<seed>-<scenes>-<singles>.pt` when a folder is given
     (rendering 3400 clips takes ~4 min on 2 cores; the file is ~0.9 GB)."""
@@ -159,13 +171,14 @@ def load_pool(n_scenes: int, n_single: int, seed: int, cache: Path | None = None
 
 def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_single: int,
                presence_weight: float = 10.0, caption_weight: float = 0.1, init: Path | None = None,
-               cache: Path | None = None) -> ClapModel:
+               cache: Path | None = None, present_cos: float = PRESENT_COS,
+               text_weight: float = 0.0) -> ClapModel:
     """Train the demo CLAP from scratch, or go on from the CLAP saved in `init`.
 
     Loss per step: `caption_weight` x InfoNCE of clips against their captions, plus
     `presence_weight` x `presence_loss` of the clips, of as many clips again with events (and,
     for half of them, the background) masked away by `drop_events`, and of one clip masked to
-    nothing, against the 14 event prompts."""
+    nothing, against the 14 event prompts, with `present_cos` as the present events' target."""
     torch.manual_seed(seed)
     if init is not None:
         from ..clap import load_clap_dir
@@ -198,15 +211,16 @@ def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_si
         t_caps, t_events = t[: len(caps)], t[len(caps):]
         cap_loss = contrastive_loss(a[: len(idx)], t_caps, caps, clap.logit_scale_a.exp().clamp(max=100))
         targets = torch.cat([presence[idx], masked_presence, torch.zeros(1, presence.shape[1])])
-        pres_loss = presence_loss(a, t_events, targets)
-        loss = caption_weight * cap_loss + presence_weight * pres_loss
+        pres_loss = presence_loss(a, t_events, targets, present=present_cos)
+        text_loss = prompt_overlap(t_events)
+        loss = caption_weight * cap_loss + presence_weight * pres_loss + text_weight * text_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         if step % 25 == 0 or step == steps - 1:
             log(f"clap step {step}/{steps} loss {loss.item():.3f} caption {cap_loss.item():.3f} "
-                f"presence {pres_loss.item():.4f} ({(time.time() - t0) / (step + 1):.2f} s/step)")
+                f"presence {pres_loss.item():.4f} prompts {text_loss.item():.4f} ({(time.time() - t0) / (step + 1):.2f} s/step)")
     clap.eval()
     clap.requires_grad_(False)
     with torch.no_grad():  # what ships is fp16: make the in-memory model exactly that
@@ -223,7 +237,8 @@ def presence_report(model: ClapModel, n_scenes: int = 24, seed: int = 0) -> dict
     cosine to an event's prompt for: the scene ("scene"), the event alone with everything else
     at the floor ("alone"), the scene with that event floored ("others"), the scene against
     prompts of events it lacks ("absent"), and a clip floored everywhere ("nothing").
-    LMAC-ZS can isolate the event only where "alone" ~ "scene" and "others" ~ "absent"."""
+    LMAC-ZS can isolate the event only where "alone" ~ "scene" and "others" ~ "absent".
+    "prompt_cos" is the mean cosine between different event prompts (see `prompt_overlap`)."""
     text = model.encode_text([world.prompt_for(n) for n in world.EVENTS])
     floor = spectral.SILENCE_DB
     rows: dict[str, list[float]] = {k: [] for k in ("scene", "alone", "others", "absent")}
@@ -246,6 +261,8 @@ def presence_report(model: ClapModel, n_scenes: int = 24, seed: int = 0) -> dict
     nothing, _ = model.encode(torch.full((1, N_FRAMES, N_MELS), floor))
     out = {k: float(np.mean(v)) for k, v in rows.items()}
     out["nothing"] = float((nothing @ text.T).mean())
+    cos = text @ text.T
+    out["prompt_cos"] = float(cos[~torch.eye(len(cos), dtype=torch.bool)].mean())
     return out
 
 
@@ -289,6 +306,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="weight of the per-event presence regression (see presence_loss)")
     ap.add_argument("--caption-weight", type=float, default=0.1,
                     help="weight of the caption contrastive loss")
+    ap.add_argument("--present-cos", type=float, default=PRESENT_COS,
+                    help="presence-loss target cosine for a present event (absent events: ABSENT_COS)")
+    ap.add_argument("--text-weight", type=float, default=0.0,
+                    help="weight of prompt_overlap: pushes the event prompts' text embeddings apart")
     ap.add_argument("--scenes", type=int, default=2000)
     ap.add_argument("--singles", type=int, default=1400)
     ap.add_argument("--decoder-scenes", type=int, default=400)
@@ -316,7 +337,8 @@ def main(argv: list[str] | None = None) -> None:
         model = load_clap_dir(out)
     else:
         model = train_clap(args.clap_steps, args.clap_batch, args.clap_lr, args.seed, args.scenes, args.singles,
-                           args.presence_weight, args.caption_weight, args.clap_init, cache=work)
+                           args.presence_weight, args.caption_weight, args.clap_init, cache=work,
+                           present_cos=args.present_cos, text_weight=args.text_weight)
         save_clap(model, out, dtype=torch.float16)
         model = load_clap_dir(out)
     zs = zero_shot_accuracy(model, per_class=20, seed=args.seed)
