@@ -159,3 +159,19 @@ def test_prompt_overlap_is_the_mean_squared_cosine_between_different_prompts():
     prompts = torch.tensor([[1.0, 0.0, 0.0], [c, (1 - c * c) ** 0.5, 0.0], [0.0, 0.0, 1.0]])
     # six ordered off-diagonal pairs, two of them at cosine 0.6
     assert prompt_overlap(prompts).item() == pytest.approx(2 * c * c / 6, rel=1e-6)
+
+
+def test_geometry_loss_compares_audio_and_text_cosines_of_single_event_clips_of_different_kinds():
+    from lmaczs_cli.demo.build import geometry_loss
+
+    prompts = torch.eye(3)                                    # text-text cosine 0 between kinds
+    c = 0.6
+    audio = torch.tensor([[1.0, 0.0, 0.0], [c, (1 - c * c) ** 0.5, 0.0],   # kinds 0 and 1 at cosine 0.6
+                          [0.0, 0.0, 1.0],                                  # kind 0 again: no pair with clip 0
+                          [0.0, 1.0, 0.0]])                                 # two events: skipped
+    presence = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [1.0, 0, 0], [0, 1.0, 1.0]])
+    # ordered pairs of different kinds among the three single-event clips: (0,1) and (1,0) at
+    # audio cosine 0.6, (2,1) and (1,2) at 0; every text cosine is 0
+    expected = (2 * c * c + 0 + 0) / 4
+    assert geometry_loss(audio, prompts, presence).item() == pytest.approx(expected, rel=1e-5)
+    assert geometry_loss(audio[:1], prompts, presence[:1]).item() == 0.0

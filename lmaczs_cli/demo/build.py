@@ -152,6 +152,26 @@ def prompt_overlap(prompts: torch.Tensor) -> torch.Tensor:
     return cos[off].square().mean()
 
 
+def geometry_loss(audio: torch.Tensor, prompts: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
+    """Mean squared gap between audio-audio and text-text cosines over pairs of clips that each
+    hold exactly one event, of different kinds: (a_p·a_q - t_kp·t_kq)². audio (B, D),
+    prompts (E, D), presence (B, E). Zero when fewer than two such clips.
+
+    Why: LMAC-ZS's diversity term asks the masked clips for two prompts to be as similar as the
+    two prompts' text embeddings. Where isolated events of two kinds embed as close to each
+    other as their prompts do, the masks that isolate each prompted event satisfy it and one
+    mask for every prompt does not."""
+    single = presence.sum(1) == 1
+    if int(single.sum()) < 2:
+        return audio.new_zeros(())
+    a, kind = audio[single], presence[single].argmax(1)
+    t = prompts[kind]
+    differ = kind[:, None] != kind[None, :]
+    if not bool(differ.any()):
+        return audio.new_zeros(())
+    return (a @ a.T - t @ t.T)[differ].square().mean()
+
+
 def load_pool(n_scenes: int, n_single: int, seed: int, cache: Path | None = None):
     """`render_pool`, kept in `cache/pool-<seed>-<scenes>-<singles>.pt` when a folder is given
     (rendering 3400 clips takes ~4 min on 2 cores; the file is ~0.9 GB)."""
@@ -172,13 +192,16 @@ def load_pool(n_scenes: int, n_single: int, seed: int, cache: Path | None = None
 def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_single: int,
                presence_weight: float = 10.0, caption_weight: float = 0.1, init: Path | None = None,
                cache: Path | None = None, present_cos: float = PRESENT_COS,
-               text_weight: float = 0.0) -> ClapModel:
+               absent_cos: float = ABSENT_COS, text_weight: float = 0.0,
+               geometry_weight: float = 0.0) -> ClapModel:
     """Train the demo CLAP from scratch, or go on from the CLAP saved in `init`.
 
     Loss per step: `caption_weight` x InfoNCE of clips against their captions, plus
     `presence_weight` x `presence_loss` of the clips, of as many clips again with events (and,
     for half of them, the background) masked away by `drop_events`, and of one clip masked to
-    nothing, against the 14 event prompts, with `present_cos` as the present events' target."""
+    nothing, against the 14 event prompts, with `present_cos` / `absent_cos` as targets; plus
+    `text_weight` x `prompt_overlap` of the event prompts and `geometry_weight` x
+    `geometry_loss` of the batch's single-event clips."""
     torch.manual_seed(seed)
     if init is not None:
         from ..clap import load_clap_dir
@@ -211,16 +234,18 @@ def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_si
         t_caps, t_events = t[: len(caps)], t[len(caps):]
         cap_loss = contrastive_loss(a[: len(idx)], t_caps, caps, clap.logit_scale_a.exp().clamp(max=100))
         targets = torch.cat([presence[idx], masked_presence, torch.zeros(1, presence.shape[1])])
-        pres_loss = presence_loss(a, t_events, targets, present=present_cos)
+        pres_loss = presence_loss(a, t_events, targets, present=present_cos, absent=absent_cos)
         text_loss = prompt_overlap(t_events)
-        loss = caption_weight * cap_loss + presence_weight * pres_loss + text_weight * text_loss
+        geo_loss = geometry_loss(a, t_events, targets)
+        loss = (caption_weight * cap_loss + presence_weight * pres_loss + text_weight * text_loss
+                + geometry_weight * geo_loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         if step % 25 == 0 or step == steps - 1:
             log(f"clap step {step}/{steps} loss {loss.item():.3f} caption {cap_loss.item():.3f} "
-                f"presence {pres_loss.item():.4f} prompts {text_loss.item():.4f} ({(time.time() - t0) / (step + 1):.2f} s/step)")
+                f"presence {pres_loss.item():.4f} prompts {text_loss.item():.4f} geometry {geo_loss.item():.4f} ({(time.time() - t0) / (step + 1):.2f} s/step)")
     clap.eval()
     clap.requires_grad_(False)
     with torch.no_grad():  # what ships is fp16: make the in-memory model exactly that
@@ -307,9 +332,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--caption-weight", type=float, default=0.1,
                     help="weight of the caption contrastive loss")
     ap.add_argument("--present-cos", type=float, default=PRESENT_COS,
-                    help="presence-loss target cosine for a present event (absent events: ABSENT_COS)")
+                    help="presence-loss target cosine for a present event")
+    ap.add_argument("--absent-cos", type=float, default=ABSENT_COS,
+                    help="presence-loss target cosine for an absent event")
     ap.add_argument("--text-weight", type=float, default=0.0,
                     help="weight of prompt_overlap: pushes the event prompts' text embeddings apart")
+    ap.add_argument("--geometry-weight", type=float, default=0.0,
+                    help="weight of geometry_loss: audio-audio cosines of single events -> their prompts' cosines")
     ap.add_argument("--scenes", type=int, default=2000)
     ap.add_argument("--singles", type=int, default=1400)
     ap.add_argument("--decoder-scenes", type=int, default=400)
@@ -338,7 +367,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         model = train_clap(args.clap_steps, args.clap_batch, args.clap_lr, args.seed, args.scenes, args.singles,
                            args.presence_weight, args.caption_weight, args.clap_init, cache=work,
-                           present_cos=args.present_cos, text_weight=args.text_weight)
+                           present_cos=args.present_cos, absent_cos=args.absent_cos,
+                           text_weight=args.text_weight, geometry_weight=args.geometry_weight)
         save_clap(model, out, dtype=torch.float16)
         model = load_clap_dir(out)
     zs = zero_shot_accuracy(model, per_class=20, seed=args.seed)
