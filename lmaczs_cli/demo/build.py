@@ -140,6 +140,11 @@ def presence_loss(audio: torch.Tensor, prompts: torch.Tensor, presence: torch.Te
     return 0.5 * (err[on].mean() + err[~on].mean())
 
 
+def _off_diagonal(square: torch.Tensor) -> torch.Tensor:
+    """The entries of an (N, N) matrix off its diagonal, flattened."""
+    return square[~torch.eye(len(square), dtype=torch.bool, device=square.device)]
+
+
 def prompt_overlap(prompts: torch.Tensor) -> torch.Tensor:
     """Mean squared cosine between different event prompts; prompts (E, D) L2-normalised.
 
@@ -147,9 +152,7 @@ def prompt_overlap(prompts: torch.Tensor) -> torch.Tensor:
     the two prompts' text embeddings. A text tower that puts every event prompt at cosine
     ~0.5-0.7 to the others (what the presence loss alone leaves) makes the decoder draw the
     same mask whatever the prompt; near-orthogonal prompts ask for different masks."""
-    cos = prompts @ prompts.T
-    off = ~torch.eye(len(prompts), dtype=torch.bool, device=prompts.device)
-    return cos[off].square().mean()
+    return _off_diagonal(prompts @ prompts.T).square().mean()
 
 
 def geometry_loss(audio: torch.Tensor, prompts: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
@@ -162,8 +165,6 @@ def geometry_loss(audio: torch.Tensor, prompts: torch.Tensor, presence: torch.Te
     other as their prompts do, the masks that isolate each prompted event satisfy it and one
     mask for every prompt does not."""
     single = presence.sum(1) == 1
-    if int(single.sum()) < 2:
-        return audio.new_zeros(())
     a, kind = audio[single], presence[single].argmax(1)
     t = prompts[kind]
     differ = kind[:, None] != kind[None, :]
@@ -286,8 +287,7 @@ def presence_report(model: ClapModel, n_scenes: int = 24, seed: int = 0) -> dict
     nothing, _ = model.encode(torch.full((1, N_FRAMES, N_MELS), floor))
     out = {k: float(np.mean(v)) for k, v in rows.items()}
     out["nothing"] = float((nothing @ text.T).mean())
-    cos = text @ text.T
-    out["prompt_cos"] = float(cos[~torch.eye(len(cos), dtype=torch.bool)].mean())
+    out["prompt_cos"] = float(_off_diagonal(text @ text.T).mean())
     return out
 
 
