@@ -291,22 +291,29 @@ def test_stft_domain_explainer_matches_torch(tiny_clap, inputs, tmp_path):
 
 
 def test_fp16_engines_keep_the_spectral_nodes_fp32(exported):
-    """The TensorRT fp16 build pins `spectral_node`s to fp32: every Log, every DFT/iDFT MatMul and
-    the mel MatMul are such nodes; no convolution or attention node is."""
+    """The TensorRT fp16 build pins `spectral_node`s to fp32: every Log, every DFT/iDFT stage
+    MatMul and the mel MatMul are such nodes; no convolution or attention node is."""
     from onnx import numpy_helper
 
     from lmaczs_cli.export.to_trt import spectral_node
 
     folder, _ = exported
     model = onnx.load(str(folder / "explainer.onnx"))
-    shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     for n in model.graph.node:
         if n.op_type == "Constant":
-            shapes.update({o: tuple(numpy_helper.to_array(n.attribute[0].t).shape) for o in n.output})
-    bases = {(1024, 513), (513, 1024), (513, 64)}
-    spectral_matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and shapes.get(n.input[1]) in bases]
-    assert len(spectral_matmuls) >= 5                      # DFT cos/sin, mel (x2), iDFT cos/sin
-    assert all(spectral_node(n.name) for n in spectral_matmuls)
+            consts.update({o: numpy_helper.to_array(n.attribute[0].t) for o in n.output})
+    fwd, inv = ops._fft_np(), ops._ifft_np()
+    stages = [fwd[0], fwd[3], inv[0], inv[3]]
+
+    def is_stage(name: str) -> bool:
+        a = consts.get(name)
+        return a is not None and any(a.shape == s.shape and np.array_equal(a, s) for s in stages)
+
+    stage_matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and any(is_stage(x) for x in n.input)]
+    mel_matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and getattr(consts.get(n.input[1]), "shape", None) == (513, 64)]
+    assert len(stage_matmuls) == 4 and mel_matmuls             # DFT stages 1, 2; iDFT stages 1, 2; mel
+    assert all(spectral_node(n.name) for n in stage_matmuls + mel_matmuls)
     assert all(spectral_node(n.name) for n in model.graph.node if n.op_type == "Log")
     model_ops = [n for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose", "Softmax", "LayerNormalization")]
     assert model_ops and not any(spectral_node(n.name) for n in model_ops)
