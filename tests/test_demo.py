@@ -175,3 +175,30 @@ def test_geometry_loss_compares_audio_and_text_cosines_of_single_event_clips_of_
     expected = (2 * c * c + 0 + 0) / 4
     assert geometry_loss(audio, prompts, presence).item() == pytest.approx(expected, rel=1e-5)
     assert geometry_loss(audio[:1], prompts, presence[:1]).item() == 0.0
+
+
+def test_clip_objective_by_hand():
+    from lmaczs_cli.demo.build import clip_objective
+
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])               # orthogonal prompts
+    audio = torch.tensor([0.6, 0.8])                             # cosines 0.6 and 0.8 to them
+    masked = torch.tensor([[1.0, 0.0], [0.6, 0.8]])              # prompt 1's mask raises it to 1; prompt 2's keeps 0.8
+    masks = torch.tensor([[[1.0, 1.0]], [[0.0, 0.0]]])
+    got = clip_objective(text, audio, masked, masks, lambda_sparsity=0.1, lambda_diversity=0.5)
+    # similarity (|0.6 - 1| + |0.8 - 0.8|) / 2; sparsity 0.5; diversity |0 - 0.6| for both ordered pairs
+    assert got["similarity"] == pytest.approx(0.2)
+    assert got["sparsity"] == pytest.approx(0.5)
+    assert got["diversity"] == pytest.approx(0.6)
+    assert got["total"] == pytest.approx(0.2 + 0.05 + 0.3)
+
+
+def test_plan_objective_scores_the_three_plans_under_the_demo_clap():
+    from lmaczs_cli.demo.build import PLANS, plan_objective
+
+    plans = plan_objective(load_clap("demo"), n_scenes=2)
+    assert set(plans) == set(PLANS)
+    for terms in plans.values():
+        assert all(np.isfinite(v) for v in terms.values())
+        assert terms["total"] == pytest.approx(terms["similarity"] + 0.1 * terms["sparsity"] + 0.5 * terms["diversity"])
+    # the plans' masks nest: isolated events within isolated + absent-all within every event for all
+    assert plans["isolate"]["sparsity"] < plans["isolate, absent all"]["sparsity"] < plans["all events"]["sparsity"]

@@ -11,7 +11,8 @@ Steps (all seeded; ~45 min on 2 CPU cores, see README):
      a per-event presence regression (`presence_loss`: cosine to each event prompt -> 0.6 if
      the clip holds the event, 0.1 if not, on clips, on clips with events and background
      masked away by `drop_events`, and on an empty clip) beside a small caption InfoNCE;
-     `presence_report` prints how masked scenes score;
+     `presence_report` prints how masked scenes score, and `plan_objective` what the LMAC-ZS
+     objective makes of hand-made masks (isolating the prompted event vs keeping every event);
   3. round the weights to fp16 (that is what ships) and measure zero-shot accuracy on held-out
      single-event clips with the prompts ``world.prompt_for(name)``;
   4. write a world manifest and train the decoder with ``lmaczs_cli.train.train``;
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from .. import spectral
 from ..audio import N_FRAMES, N_MELS, SAMPLE_RATE
 from ..clap import ClapConfig, ClapModel, ClipBpeTokenizer, build_laion_clap, save_clap
+from ..loss import similarity_term, sparsity_term
 from . import world
 
 DEMO_CLAP = ClapConfig(
@@ -291,6 +293,56 @@ def presence_report(model: ClapModel, n_scenes: int = 24, seed: int = 0) -> dict
     return out
 
 
+
+PLANS = ("isolate", "all events", "isolate, absent all")
+
+
+def clip_objective(text: torch.Tensor, audio: torch.Tensor, masked: torch.Tensor, masks: torch.Tensor,
+                   lambda_sparsity: float, lambda_diversity: float) -> dict[str, float]:
+    """The LMAC-ZS objective (`lmaczs_cli.loss`) of one clip explained for E prompts: text (E, D),
+    audio (D,) the clip's embedding, masked (E, D) the embeddings of the clip under each prompt's
+    mask, masks (E, T, F). Similarity and sparsity as in the loss; diversity is Eq. 7 over the
+    clip's prompt pairs, | t_i . t_j - a_i . a_j |."""
+    sim = similarity_term(text @ audio, (text * masked).sum(-1))
+    spa = sparsity_term(masks)
+    div = (_off_diagonal(text @ text.T) - _off_diagonal(masked @ masked.T)).abs().mean()
+    total = sim + lambda_sparsity * spa + lambda_diversity * div
+    return {"total": float(total), "similarity": float(sim), "sparsity": float(spa), "diversity": float(div)}
+
+
+@torch.no_grad()
+def plan_objective(model: ClapModel, n_scenes: int = 24, seed: int = 0, lambda_sparsity: float = 0.1,
+                   lambda_diversity: float = 0.5) -> dict[str, dict[str, float]]:
+    """The LMAC-ZS objective, under this CLAP, of three hand-made mask plans on held-out scenes
+    with two or three events, explained for every event prompt (mean over scenes):
+
+      "isolate"              each present event's prompt keeps that event's cells, absent prompts
+                             keep nothing (what issue C's localization bounds ask for);
+      "all events"           every prompt keeps the cells of every event;
+      "isolate, absent all"  present prompts isolated, absent prompts keep every event.
+
+    A decoder trained on this CLAP with these weights can only be expected to isolate events
+    where "isolate" has the lowest total: the plans measure the CLAP, not a decoder."""
+    text = model.encode_text([world.prompt_for(n) for n in world.EVENTS])
+    floor = spectral.SILENCE_DB
+    rows: dict[str, list[dict[str, float]]] = {p: [] for p in PLANS}
+    for i in range(n_scenes):
+        s = world.render_scene(world.scene_seed(seed, "valid", i), n_events=2 + i % 2)
+        logmel = spectral.log_mel(torch.from_numpy(s.wave)[None])[0]
+        own = [torch.from_numpy(s.mel_masks[n]) if n in s.mel_masks else None for n in world.EVENTS]
+        union = torch.stack([m for m in own if m is not None]).any(0)
+        nothing = torch.zeros_like(union)
+        plans = {"isolate": [m if m is not None else nothing for m in own],
+                 "all events": [union] * len(own),
+                 "isolate, absent all": [m if m is not None else union for m in own]}
+        audio, _ = model.encode(logmel[None])
+        for name, masks in plans.items():
+            m = torch.stack(masks)                                              # (E, T, F) bool
+            masked, _ = model.encode(logmel.expand(len(m), -1, -1).masked_fill(~m, floor))
+            rows[name].append(clip_objective(text, audio[0], masked, m.float(), lambda_sparsity, lambda_diversity))
+    return {p: {k: float(np.mean([r[k] for r in v])) for k in v[0]} for p, v in rows.items()}
+
+
 @torch.no_grad()
 def zero_shot_accuracy(model: ClapModel, per_class: int, seed: int) -> dict[str, Any]:
     prompts = [world.prompt_for(n) for n in world.EVENTS]
@@ -376,6 +428,10 @@ def main(argv: list[str] | None = None) -> None:
     report["zero_shot"] = zs
     report["presence"] = presence_report(model)
     log("cosine to an event's prompt: " + ", ".join(f"{k} {v:.2f}" for k, v in report["presence"].items()))
+    report["plans"] = plan_objective(model, lambda_sparsity=args.lambda_sparsity,
+                                     lambda_diversity=args.lambda_diversity)
+    for name, terms in report["plans"].items():
+        log(f"LMAC-ZS objective of the plan '{name}': " + ", ".join(f"{k} {v:.3f}" for k, v in terms.items()))
 
     manifest = world.write_world(work / "world", args.decoder_scenes, seed=args.seed, split="train",
                                  texts=args.decoder_texts)
