@@ -184,12 +184,20 @@ def test_clip_objective_by_hand():
     audio = torch.tensor([0.6, 0.8])                             # cosines 0.6 and 0.8 to them
     masked = torch.tensor([[1.0, 0.0], [0.6, 0.8]])              # prompt 1's mask raises it to 1; prompt 2's keeps 0.8
     masks = torch.tensor([[[1.0, 1.0]], [[0.0, 0.0]]])
-    got = clip_objective(text, audio, masked, masks, lambda_sparsity=0.1, lambda_diversity=0.5)
+    got = clip_objective(text, audio, masked, masks, torch.tensor([True, True]), lambda_sparsity=0.1,
+                         lambda_diversity=0.5)
     # similarity (|0.6 - 1| + |0.8 - 0.8|) / 2; sparsity 0.5; diversity |0 - 0.6| for both ordered pairs
     assert got["similarity"] == pytest.approx(0.2)
     assert got["sparsity"] == pytest.approx(0.5)
     assert got["diversity"] == pytest.approx(0.6)
     assert got["total"] == pytest.approx(0.2 + 0.05 + 0.3)
+    # only matched prompts play the clip's own text in Eq. 7: a third, unmatched prompt adds the
+    # pairs (0, 2) and (1, 2) but not (2, 0), (2, 1)
+    text3 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    masked3 = torch.tensor([[1.0, 0.0], [0.6, 0.8], [1.0, 0.0]])
+    got3 = clip_objective(text3, audio, masked3, torch.zeros(3, 1, 2), torch.tensor([True, True, False]), 0.1, 0.5)
+    # pairs: (0,1) |0 - 0.6|, (0,2) |0.6 - 1|, (1,0) |0 - 0.6|, (1,2) |0.8 - 0.6|
+    assert got3["diversity"] == pytest.approx((0.6 + 0.4 + 0.6 + 0.2) / 4)
 
 
 def test_plan_objective_scores_the_three_plans_under_the_demo_clap():

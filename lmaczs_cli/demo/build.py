@@ -298,14 +298,16 @@ PLANS = ("isolate", "all events", "isolate, absent all")
 
 
 def clip_objective(text: torch.Tensor, audio: torch.Tensor, masked: torch.Tensor, masks: torch.Tensor,
-                   lambda_sparsity: float, lambda_diversity: float) -> dict[str, float]:
+                   matched: torch.Tensor, lambda_sparsity: float, lambda_diversity: float) -> dict[str, float]:
     """The LMAC-ZS objective (`lmaczs_cli.loss`) of one clip explained for E prompts: text (E, D),
     audio (D,) the clip's embedding, masked (E, D) the embeddings of the clip under each prompt's
-    mask, masks (E, T, F). Similarity and sparsity as in the loss; diversity is Eq. 7 over the
-    clip's prompt pairs, | t_i . t_j - a_i . a_j |."""
+    mask, masks (E, T, F), matched (E,) bool: the prompts the clip holds. Similarity and
+    sparsity as in the loss; diversity is Eq. 7 with each matched prompt i in the role of the
+    clip's own text: | t_i . t_j - a_i . a_j | over i matched, j != i."""
     sim = similarity_term(text @ audio, (text * masked).sum(-1))
     spa = sparsity_term(masks)
-    div = (_off_diagonal(text @ text.T) - _off_diagonal(masked @ masked.T)).abs().mean()
+    rows = ~torch.eye(len(text), dtype=torch.bool) & matched[:, None]
+    div = ((text @ text.T)[rows] - (masked @ masked.T)[rows]).abs().mean()
     total = sim + lambda_sparsity * spa + lambda_diversity * div
     return {"total": float(total), "similarity": float(sim), "sparsity": float(spa), "diversity": float(div)}
 
@@ -332,6 +334,7 @@ def plan_objective(model: ClapModel, n_scenes: int = 24, seed: int = 0, lambda_s
         own = [torch.from_numpy(s.mel_masks[n]) if n in s.mel_masks else None for n in world.EVENTS]
         union = torch.stack([m for m in own if m is not None]).any(0)
         nothing = torch.zeros_like(union)
+        present = torch.tensor([m is not None for m in own])
         plans = {"isolate": [m if m is not None else nothing for m in own],
                  "all events": [union] * len(own),
                  "isolate, absent all": [m if m is not None else union for m in own]}
@@ -339,7 +342,8 @@ def plan_objective(model: ClapModel, n_scenes: int = 24, seed: int = 0, lambda_s
         for name, masks in plans.items():
             m = torch.stack(masks)                                              # (E, T, F) bool
             masked, _ = model.encode(logmel.expand(len(m), -1, -1).masked_fill(~m, floor))
-            rows[name].append(clip_objective(text, audio[0], masked, m.float(), lambda_sparsity, lambda_diversity))
+            rows[name].append(clip_objective(text, audio[0], masked, m.float(), present, lambda_sparsity,
+                                             lambda_diversity))
     return {p: {k: float(np.mean([r[k] for r in v])) for k in v[0]} for p, v in rows.items()}
 
 
