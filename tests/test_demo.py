@@ -210,3 +210,24 @@ def test_plan_objective_scores_the_three_plans_under_the_demo_clap():
         assert terms["total"] == pytest.approx(terms["similarity"] + 0.1 * terms["sparsity"] + 0.5 * terms["diversity"])
     # the plans' masks nest: isolated events within isolated + absent-all within every event for all
     assert plans["isolate"]["sparsity"] < plans["isolate, absent all"]["sparsity"] < plans["all events"]["sparsity"]
+
+
+def test_isolation_loss_by_hand():
+    from lmaczs_cli.demo.build import isolation_loss
+
+    prompts = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    clip = torch.tensor([[0.6, 0.8]])
+    nothing = torch.tensor([0.0, 1.0])
+    # one clip holding events 0 and 1 (not 2); its views masked down to event 0 and to event 1
+    views = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    got = isolation_loss(clip, views, torch.tensor([0, 0]), torch.tensor([0, 1]), nothing, prompts,
+                         torch.tensor([[1.0, 1.0, 0.0]]))
+    sim_present = (abs(1.0 - 0.6) + abs(0.8 - 0.8)) / 2           # t_e . view vs t_e . clip
+    sim_absent = abs(0.8 - 1.0)                                   # t_2 . nothing vs t_2 . clip
+    div_absent = (abs(0.6 - 0.0) + abs(0.8 - 0.8)) / 2            # t_e . t_2 vs view_e . nothing
+    div_present = abs(0.0 - 0.6)                                  # t_0 . t_1 vs view_0 . view_1 (both orders)
+    assert float(got) == pytest.approx(sim_present + sim_absent + 0.5 * (div_absent + div_present))
+    # a clip with one event has no present pair: the diversity is the absent part alone
+    got1 = isolation_loss(clip, views[:1], torch.tensor([0]), torch.tensor([0]), nothing, prompts[:2],
+                          torch.tensor([[1.0, 0.0]]))
+    assert float(got1) == pytest.approx(abs(1.0 - 0.6) + abs(1.0 - 0.8) + abs(0.0 - 0.0))

@@ -142,6 +142,29 @@ def presence_loss(audio: torch.Tensor, prompts: torch.Tensor, presence: torch.Te
     return 0.5 * (err[on].mean() + err[~on].mean())
 
 
+def isolation_loss(clean_audio: torch.Tensor, views: torch.Tensor, view_clip: torch.Tensor, view_event: torch.Tensor,
+                   nothing: torch.Tensor, prompts: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
+    """The "isolate" plan of `plan_objective` as a CLAP loss: what LMAC-ZS's objective would charge
+    a decoder that keeps exactly the prompted event's cells and nothing for absent prompts.
+    clean_audio (B, D) the clips; views (V, D) clips masked down to one event (clip `view_clip`,
+    event `view_event`, both (V,)); nothing (D,) the all-floor clip; prompts (E, D); presence (B, E).
+
+      similarity  | t_e . view - t_e . clip |  and, per absent prompt a, | t_a . nothing - t_a . clip |
+      diversity   | t_e . t_j - view_e . view_j | for another present event j of the same clip,
+                  | t_e . t_a - view_e . nothing | for absent a
+    (means of each). Zero where the CLAP scores an isolated event as it scores the scene and an
+    empty clip as the scene for absent prompts, the CLAP under which isolating masks are optimal."""
+    t_e = prompts[view_event]                                               # (V, D)
+    sim_present = ((t_e * views).sum(-1) - (t_e * clean_audio[view_clip]).sum(-1)).abs().mean()
+    absent = presence < 0.5
+    sim_absent = ((prompts @ nothing)[None, :] - clean_audio @ prompts.T).abs()[absent].mean()
+    div_absent = ((t_e @ prompts.T) - (views @ nothing)[:, None]).abs()[absent[view_clip]].mean()
+    same_clip = (view_clip[:, None] == view_clip[None, :]) & (view_event[:, None] != view_event[None, :])
+    div_present = ((t_e @ t_e.T) - (views @ views.T)).abs()[same_clip]
+    div = div_absent if div_present.numel() == 0 else 0.5 * (div_absent + div_present.mean())
+    return sim_present + sim_absent + div
+
+
 def _off_diagonal(square: torch.Tensor) -> torch.Tensor:
     """The entries of an (N, N) matrix off its diagonal, flattened."""
     return square[~torch.eye(len(square), dtype=torch.bool, device=square.device)]
@@ -192,11 +215,22 @@ def load_pool(n_scenes: int, n_single: int, seed: int, cache: Path | None = None
     return pool
 
 
+def _isolation_views(presence: torch.Tensor, generator: torch.Generator, per_clip: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to `per_clip` present events of each clip, drawn at random: (clip index, event index), each (V,)."""
+    clips, events = [], []
+    for b in range(len(presence)):
+        held = presence[b].nonzero().flatten()
+        for e in held[torch.randperm(len(held), generator=generator)[:per_clip]].tolist():
+            clips.append(b)
+            events.append(e)
+    return torch.tensor(clips, dtype=torch.long), torch.tensor(events, dtype=torch.long)
+
+
 def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_single: int,
                presence_weight: float = 10.0, caption_weight: float = 0.1, init: Path | None = None,
                cache: Path | None = None, present_cos: float = PRESENT_COS,
                absent_cos: float = ABSENT_COS, text_weight: float = 0.0,
-               geometry_weight: float = 0.0) -> ClapModel:
+               geometry_weight: float = 0.0, isolation_weight: float = 0.0) -> ClapModel:
     """Train the demo CLAP from scratch, or go on from the CLAP saved in `init`.
 
     Loss per step: `caption_weight` x InfoNCE of clips against their captions, plus
@@ -204,7 +238,8 @@ def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_si
     for half of them, the background) masked away by `drop_events`, and of one clip masked to
     nothing, against the 14 event prompts, with `present_cos` / `absent_cos` as targets; plus
     `text_weight` x `prompt_overlap` of the event prompts and `geometry_weight` x
-    `geometry_loss` of the batch's single-event clips."""
+    `geometry_loss` of the batch's single-event clips; plus `isolation_weight` x `isolation_loss`
+    on views of the batch's clips masked down to one or two of their events."""
     torch.manual_seed(seed)
     if init is not None:
         from ..clap import load_clap_dir
@@ -231,7 +266,11 @@ def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_si
         clean = mels[idx].float()
         masked, masked_presence = drop_events(clean, presence[idx], bits[idx], g, p_drop=0.5, p_background=0.5)
         nothing = torch.full((1, *clean.shape[1:]), spectral.SILENCE_DB)
-        a, _ = model.encode(torch.cat([torch.cat([clean, masked]) + level, nothing]))
+        view_clip, view_event = _isolation_views(presence[idx], g)
+        one = (bits[idx][view_clip].int() & (1 << view_event).int()[:, None, None]) != 0
+        views = clean[view_clip].masked_fill(~one, spectral.SILENCE_DB)
+        a, _ = model.encode(torch.cat([torch.cat([clean, masked]) + level, nothing, views + level[view_clip]]))
+        a, a_views = a[: 2 * len(idx) + 1], a[2 * len(idx) + 1:]
         tokens = model.tokenize(caps + event_prompts)
         t = F.normalize(clap.encode_text(tokens, device="cpu"), dim=-1)
         t_caps, t_events = t[: len(caps)], t[len(caps):]
@@ -240,15 +279,17 @@ def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_si
         pres_loss = presence_loss(a, t_events, targets, present=present_cos, absent=absent_cos)
         text_loss = prompt_overlap(t_events)
         geo_loss = geometry_loss(a, t_events, targets)
+        iso_loss = isolation_loss(a[: len(idx)], a_views, view_clip, view_event, a[-1], t_events, presence[idx])
         loss = (caption_weight * cap_loss + presence_weight * pres_loss + text_weight * text_loss
-                + geometry_weight * geo_loss)
+                + geometry_weight * geo_loss + isolation_weight * iso_loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         if step % 25 == 0 or step == steps - 1:
             log(f"clap step {step}/{steps} loss {loss.item():.3f} caption {cap_loss.item():.3f} "
-                f"presence {pres_loss.item():.4f} prompts {text_loss.item():.4f} geometry {geo_loss.item():.4f} ({(time.time() - t0) / (step + 1):.2f} s/step)")
+                f"presence {pres_loss.item():.4f} prompts {text_loss.item():.4f} geometry {geo_loss.item():.4f} "
+                f"isolation {iso_loss.item():.4f} ({(time.time() - t0) / (step + 1):.2f} s/step)")
     clap.eval()
     clap.requires_grad_(False)
     with torch.no_grad():  # what ships is fp16: make the in-memory model exactly that
@@ -395,6 +436,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="weight of prompt_overlap: pushes the event prompts' text embeddings apart")
     ap.add_argument("--geometry-weight", type=float, default=0.0,
                     help="weight of geometry_loss: audio-audio cosines of single events -> their prompts' cosines")
+    ap.add_argument("--isolation-weight", type=float, default=0.0,
+                    help="weight of isolation_loss: the LMAC-ZS objective of event-isolating masks, on the CLAP")
     ap.add_argument("--scenes", type=int, default=2000)
     ap.add_argument("--singles", type=int, default=1400)
     ap.add_argument("--decoder-scenes", type=int, default=400)
@@ -424,7 +467,8 @@ def main(argv: list[str] | None = None) -> None:
         model = train_clap(args.clap_steps, args.clap_batch, args.clap_lr, args.seed, args.scenes, args.singles,
                            args.presence_weight, args.caption_weight, args.clap_init, cache=work,
                            present_cos=args.present_cos, absent_cos=args.absent_cos,
-                           text_weight=args.text_weight, geometry_weight=args.geometry_weight)
+                           text_weight=args.text_weight, geometry_weight=args.geometry_weight,
+                           isolation_weight=args.isolation_weight)
         save_clap(model, out, dtype=torch.float16)
         model = load_clap_dir(out)
     zs = zero_shot_accuracy(model, per_class=20, seed=args.seed)
