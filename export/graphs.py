@@ -8,7 +8,8 @@ trace with a dynamic batch and without a bicubic ``Resize``.
                       audio (B, K, 480000), similarity (B, K), masked_similarity (B, K)
 
 All three compute in eager mode exactly what ``ClapModel`` / ``ExplainerModule`` compute (the
-tests hold them to it); only the ops differ (``ops``: framing + DFT MatMul instead of STFT).
+tests hold them to it); only the ops differ (``ops``: framing + factorised DFT MatMuls instead of
+STFT, the spectrum kept in the DFT's own bin order).
 """
 from __future__ import annotations
 
@@ -72,11 +73,13 @@ def export_patches(clap: ClapModel) -> Iterator[None]:
         del clap.branch.reshape_wav2img
 
 
-def log_mel_parts(waves: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """waves (B, 480000) -> Re X, Im X (B, 1001, 513), power P (B, 1001, 513), mel power (B, 1001, 64)."""
-    re, im = ops.stft_matmul(waves)
-    P = re.square() + im.square()
-    return re, im, P, spectral.mel_power(P)
+def log_mel_parts(waves: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """waves (B, 480000) -> STFT in DFT order X (B, 1001, 32, 64) (`ops.stft_dft_order`), its
+    power in DFT order (B, 1001, 1024), mel power (B, 1001, 64)."""
+    X = ops.stft_dft_order(waves)
+    power = ops.power_dft_order(X)
+    fb = ops.mel_matrix_dft_order(spectral._mel_np())
+    return X, power, power @ ops.const(fb, power)
 
 
 class AudioEncoderGraph(nn.Module):
@@ -121,15 +124,19 @@ class ExplainerGraph(nn.Module):
         """waves (B, 480000), text (B, K, D) -> masks (B, K, 1001, bins), audio (B, K, 480000),
         similarity (B, K), masked_similarity (B, K)."""
         B, K, D = text.shape
-        re, im, P, mel = log_mel_parts(waves)                   # (B, 1001, 513) x3, (B, 1001, 64)
+        X, power, mel = log_mel_parts(waves)                    # DFT order; (B, 1001, 64)
+        P = ops.natural_power(power) if self.domain == "stft" else None   # (B, 1001, 513)
         logmel = spectral.to_db(mel)
         emb, hidden = self.clap.encode(logmel)                  # (B, D), h1..h4
         similarity = (text * emb[:, None]).sum(-1)              # (B, K)
         flat_text = text.reshape(-1, D)                         # (B*K, D)
         log_power = _repeat_rows(spectral.to_db(P), K) if self.domain == "stft" else None
         masks = self.decoder([_repeat_rows(h, K) for h in hidden], flat_text, _repeat_rows(logmel, K), log_power)
-        gain = spectral.mel_mask_to_linear(masks, self.mel_to_linear) if self.domain == "mel" else masks
-        audio = ops.istft_matmul(_repeat_rows(re, K) * gain, _repeat_rows(im, K) * gain)   # (B*K, 480000)
+        if self.domain == "mel":
+            gain = ops.mel_gain_dft_order(masks, self.mel_to_linear)
+        else:
+            gain = ops.gain_dft_order(masks)
+        audio = ops.istft_dft_order(_repeat_rows(X, K) * gain)  # (B*K, 480000)
         if self.domain == "mel":
             masked_logmel = spectral.masked_log_mel_from_mel(_repeat_rows(mel, K), masks)
         else:

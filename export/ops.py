@@ -86,7 +86,6 @@ def _bicubic_np(n_in: int, n_out: int) -> np.ndarray:
 P = Q = 32                                          # N_FFT = P * Q for the factorised DFTs
 if P * Q != N_FFT:
     raise ImportError("export.ops factorises a 1024-point DFT as 32 x 32")
-K2 = N_FREQS // P + 1                               # 17: output columns k2 that reach bin 512
 
 
 def _angles(rows: int, cols: int, n: int) -> np.ndarray:
@@ -102,14 +101,13 @@ def _fft_np() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
       Y[k1, n2] = sum_n1 W_P^(n1 k1) x[n1, n2]        stage 1: (2P, P) @ x (P, Q) -> [Re; Im]
       Z[k1, n2] = Y[k1, n2] W_N^(n2 k1)               twiddle (P, Q), cos and sin
-      X[k1, k2] = sum_n2 Z[k1, n2] W_Q^(n2 k2)         stage 2: [Re Z, Im Z] (P, 2Q) @ (2Q, 2 K2)
+      X[k1, k2] = sum_n2 Z[k1, n2] W_Q^(n2 k2)         stage 2: [Re Z, Im Z] (P, 2Q) @ (2Q, 2Q)
 
-    with W_M = exp(-2 pi i / M); only k2 < K2 is formed (bins up to 512). Returns
-    (stage1 (2P, P), twiddle cos (P, Q), twiddle sin (P, Q), stage2 (2Q, 2 K2)) in float32."""
+    with W_M = exp(-2 pi i / M). Returns (stage1, twiddle cos, twiddle sin, stage2) in float32."""
     a1 = _angles(P, P, P)                                            # (k1, n1)
     stage1 = np.concatenate([np.cos(a1), -np.sin(a1)], axis=0)      # W = cos - i sin
     tw = _angles(P, Q, N_FFT)                                        # (k1, n2)
-    a2 = _angles(Q, K2, Q)                                           # (n2, k2)
+    a2 = _angles(Q, Q, Q)                                            # (n2, k2)
     c2, s2 = np.cos(a2), np.sin(a2)
     # (zr + i zi)(c - i s) = zr c + zi s + i (zi c - zr s)
     stage2 = np.block([[c2, -s2], [s2, c2]])
@@ -118,22 +116,41 @@ def _fft_np() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 @functools.lru_cache(maxsize=None)
 def _ifft_np() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Constants of the factorised inverse DFT of a full (Hermitian) spectrum, with k = Q k1 + k2
-    and n = n1 + P n2:
+    """Constants of the factorised inverse DFT of a spectrum in DFT order (see `stft_dft_order`):
+    F[a, b] = X[a + P b], i.e. X[Q k1 + k2] = F[k2, k1]; output n = n1 + P n2:
 
-      A[n1, k2] = sum_k1 W_P^(-n1 k1) X[k1, k2]        stage 1: (2P, 2P) @ [Re X; Im X] (2P, Q)
-      B[n1, k2] = A[n1, k2] W_N^(-n1 k2)               twiddle (P, Q), cos and sin
-      x[n1, n2] = Re sum_k2 B[n1, k2] W_Q^(-n2 k2)     stage 2: [Re B, Im B] (P, 2Q) @ (2Q, Q)
+      A[k2, n1] = sum_k1 F[k2, k1] W_P^(-n1 k1)         stage 1: [Re F, Im F] (Q, 2P) @ (2P, 2P)
+      B[k2, n1] = A[k2, n1] W_N^(-n1 k2)                twiddle (Q, P), cos and sin
+      x[n2, n1] = Re sum_k2 W_Q^(-n2 k2) B[k2, n1]      stage 2: (Q, 2Q) @ [Re B; Im B] (2Q, P)
 
     The 1 / N of the inverse is folded into stage 2. Returns (stage1, twiddle cos, twiddle sin,
     stage2) in float32."""
-    a1 = _angles(P, P, P)                                            # (n1, k1)
+    a1 = _angles(P, P, P)                                            # (k1, n1)
     c1, s1 = np.cos(a1), np.sin(a1)
-    stage1 = np.block([[c1, -s1], [s1, c1]])                        # (c + i s)(xr + i xi)
-    tw = _angles(P, Q, N_FFT)                                        # (n1, k2)
-    a2 = _angles(Q, Q, Q)                                            # (k2, n2)
-    stage2 = np.concatenate([np.cos(a2), -np.sin(a2)], axis=0) / N_FFT   # Re((br + i bi)(c + i s))
+    stage1 = np.block([[c1, s1], [-s1, c1]])                        # (fr + i fi)(c + i s), right-multiplied
+    tw = _angles(Q, P, N_FFT)                                        # (k2, n1)
+    a2 = _angles(Q, Q, Q)                                            # (n2, k2)
+    stage2 = np.concatenate([np.cos(a2), -np.sin(a2)], axis=1) / N_FFT   # Re((br + i bi)(c + i s))
     return tuple(a.astype(np.float32) for a in (stage1, np.cos(tw), np.sin(tw), stage2))
+
+
+@functools.lru_cache(maxsize=None)
+def _dft_order_np() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Index maps between natural bin order and DFT order (P, 2Q) = [Re X[k1 + P k2] | Im ...]:
+    (source (P*2Q,) into concat(re, im) of natural (N_FREQS,) halves, with bins past Nyquist
+    read from their mirror; its sign (-1 on mirrored imaginary parts); natural (N_FREQS,) into a
+    (P*Q,) DFT-order power)."""
+    k1 = np.arange(P)[:, None]
+    col = np.arange(2 * Q)[None, :]
+    k = k1 + P * (col % Q)                                           # (P, 2Q) bin of each entry
+    mirrored = k > N_FFT // 2
+    b = np.where(mirrored, N_FFT - k, k)
+    imag = col >= Q
+    source = (b + imag * N_FREQS).reshape(-1)
+    sign = np.where(imag & mirrored, -1.0, 1.0).reshape(-1)
+    kn = np.arange(N_FREQS)
+    natural = (kn % P) * Q + kn // P
+    return source.astype(np.int64), sign.astype(np.float32), natural.astype(np.int64)
 
 
 def const(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
@@ -164,17 +181,77 @@ def frames(wave: torch.Tensor) -> torch.Tensor:
                       chunks[:, 2:, :TAIL]], dim=2)
 
 
-def stft_matmul(wave: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """wave (B, 480000) -> (Re X, Im X), each (B, 1001, 513); equals ``spectral.stft``."""
+def stft_dft_order(wave: torch.Tensor) -> torch.Tensor:
+    """wave (B, 480000) -> STFT in DFT order (B, 1001, P, 2Q): entry [k1, k2] is Re X[k1 + P k2]
+    and [k1, Q + k2] its Im, all 1024 bins (past Nyquist: conjugates). The order the factorised
+    DFT leaves them in; consumers take it as it is (`power_dft_order`, `to_dft_order`,
+    `istft_dft_order`), so no transpose is spent on reordering."""
     fr = frames(wave) * const(_hann_np(), wave)
     stage1, tw_c, tw_s, stage2 = (const(a, wave) for a in _fft_np())
     y = stage1 @ fr.reshape(*fr.shape[:-1], P, Q)                   # (B, T, 2P, Q): Re Y over Im Y
     yr, yi = y[..., :P, :], y[..., P:, :]
     z = torch.cat([yr * tw_c + yi * tw_s, yi * tw_c - yr * tw_s], dim=-1)   # (B, T, P, 2Q)
-    x = z @ stage2                                                   # (B, T, P, 2 K2): (k1, k2)
-    re = x[..., :K2].transpose(-1, -2).reshape(*fr.shape[:-1], P * K2)[..., :N_FREQS]
-    im = x[..., K2:].transpose(-1, -2).reshape(*fr.shape[:-1], P * K2)[..., :N_FREQS]
-    return re, im
+    return z @ stage2
+
+
+def power_dft_order(X: torch.Tensor) -> torch.Tensor:
+    """|X|^2 of a DFT-order STFT (B, T, P, 2Q) -> (B, T, P * Q), bin k1 + P k2 at k1 * Q + k2."""
+    return (X[..., :Q].square() + X[..., Q:].square()).flatten(-2)
+
+
+def mel_matrix_dft_order(fb: np.ndarray) -> np.ndarray:
+    """A (N_FREQS, M) matrix on natural bins -> (P * Q, M) on DFT-order bins, zero past Nyquist,
+    so that ``power_dft_order(X) @ it`` equals ``natural power @ fb``."""
+    k = np.arange(P)[:, None] + P * np.arange(Q)[None, :]            # (P, Q) bin of each entry
+    out = np.where((k <= N_FFT // 2)[..., None], fb[np.minimum(k, N_FREQS - 1)], 0.0)
+    return out.reshape(P * Q, -1).astype(np.float32)
+
+
+def natural_power(power: torch.Tensor) -> torch.Tensor:
+    """DFT-order power (B, T, P * Q) -> natural (B, T, N_FREQS) (one Gather)."""
+    return power[..., torch.from_numpy(_dft_order_np()[2]).to(power.device)]
+
+
+def gain_dft_order(gain: torch.Tensor) -> torch.Tensor:
+    """A real gain on natural bins (B, T, N_FREQS) -> DFT order (B, T, P, 2Q), the same gain on
+    Re and Im of each bin and on a bin's mirror (one Gather)."""
+    source = torch.from_numpy(_dft_order_np()[0] % N_FREQS).to(gain.device)
+    return gain[..., source].unflatten(-1, (P, 2 * Q))
+
+
+@functools.lru_cache(maxsize=None)
+def _mel_gain_np() -> np.ndarray:
+    """``spectral``'s mel -> linear mask weights (N_MELS, N_FREQS) with columns in DFT order (N_MELS, P * 2Q)."""
+    from lmaczs_cli.spectral import _mel_to_linear_np
+
+    return np.ascontiguousarray(_mel_to_linear_np()[:, _dft_order_np()[0] % N_FREQS])
+
+
+def mel_gain_dft_order(masks: torch.Tensor, method: str = "linear") -> torch.Tensor:
+    """``spectral.mel_mask_to_linear`` straight into DFT order: masks (B, T, N_MELS) -> gain
+    (B, T, P, 2Q) (one MatMul, no Gather)."""
+    w = const(_mel_gain_np(), masks)
+    if method == "linear":
+        gain = masks @ w
+    elif method == "power":
+        gain = (masks.square() @ w).clamp_min(0).sqrt()
+    else:
+        raise ValueError(f"unknown mel-to-linear method {method!r}; use linear or power")
+    return gain.unflatten(-1, (P, 2 * Q))
+
+
+def to_dft_order(re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
+    """Natural (Re X, Im X) (B, T, N_FREQS) -> DFT order (B, T, P, 2Q), mirrors conjugated."""
+    source, sign, _ = _dft_order_np()
+    x = torch.cat([re, im], dim=-1)[..., torch.from_numpy(source).to(re.device)] * const(sign, re)
+    return x.unflatten(-1, (P, 2 * Q))
+
+
+def stft_matmul(wave: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """wave (B, 480000) -> (Re X, Im X), each (B, 1001, 513) in natural order; equals ``spectral.stft``."""
+    X = stft_dft_order(wave)
+    nat = torch.from_numpy(_dft_order_np()[2]).to(wave.device)
+    return X[..., :Q].flatten(-2)[..., nat], X[..., Q:].flatten(-2)[..., nat]
 
 
 def overlap_add(fr: torch.Tensor) -> torch.Tensor:
@@ -186,17 +263,18 @@ def overlap_add(fr: torch.Tensor) -> torch.Tensor:
     return (a + b + c).reshape(-1, N_CHUNKS * HOP)
 
 
-def istft_matmul(re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
-    """(Re X, Im X) (B, 1001, 513) -> wave (B, 480000); equals ``spectral.istft(X, 480000)``."""
-    stage1, tw_c, tw_s, stage2 = (const(a, re) for a in _ifft_np())
-    lead = re.shape[:-1]
-    # the full spectrum: bins 513..1023 are the conjugates of bins 511..1
-    xr = torch.cat([re, re[..., 1: N_FREQS - 1].flip(-1)], dim=-1).reshape(*lead, P, Q)
-    xi = torch.cat([im, -im[..., 1: N_FREQS - 1].flip(-1)], dim=-1).reshape(*lead, P, Q)
-    a = stage1 @ torch.cat([xr, xi], dim=-2)                          # (B, T, 2P, Q): Re A over Im A
-    ar, ai = a[..., :P, :], a[..., P:, :]
-    b = torch.cat([ar * tw_c - ai * tw_s, ai * tw_c + ar * tw_s], dim=-1)   # (B, T, P, 2Q)
-    x = (b @ stage2).transpose(-1, -2).reshape(*lead, N_FFT)          # (n2, n1) -> n = n1 + P n2
-    fr = x * const(_hann_np(), x)                                     # windowed frames (B, 1001, 1024)
+def istft_dft_order(X: torch.Tensor) -> torch.Tensor:
+    """A spectrum in DFT order (B, 1001, P, 2Q), Hermitian, -> wave (B, 480000); with the
+    spectrum of `stft_dft_order` it equals ``spectral.istft`` of the natural one."""
+    stage1, tw_c, tw_s, stage2 = (const(a, X) for a in _ifft_np())
+    a = X @ stage1                                                    # (B, T, Q, 2P): [Re A | Im A]
+    ar, ai = a[..., :P], a[..., P:]
+    b = torch.cat([ar * tw_c - ai * tw_s, ai * tw_c + ar * tw_s], dim=-2)   # (B, T, 2Q, P)
+    fr = (stage2 @ b).flatten(-2) * const(_hann_np(), X)              # (n2, n1) -> n = n1 + P n2, windowed
     y = overlap_add(fr)[:, PAD: PAD + CLIP_SAMPLES]
     return y * const(_inv_norm_np(), y)
+
+
+def istft_matmul(re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
+    """(Re X, Im X) (B, 1001, 513) -> wave (B, 480000); equals ``spectral.istft(X, 480000)``."""
+    return istft_dft_order(to_dft_order(re, im))
