@@ -393,6 +393,9 @@ def _explain_report(summary: dict[str, Any], as_json: bool) -> None:
               help="Weight of the diversity term (paper Eq. 7).")
 @click.option("--mismatched", type=click.IntRange(min=0), default=None,
               help="Mismatched captions per clip in the pair term; default: every pair (B*B encoder passes).")
+@click.option("--group-by-audio", is_flag=True, default=False,
+              help="Keep a clip's several captions in the same micro-batches, so the diversity term compares "
+                   "the clip's masks for its different captions (e.g. one line per sound event).")
 @click.option("--width", type=click.IntRange(min=8), default=64, show_default=True, help="Decoder width.")
 @click.option("--text-tokens", type=click.IntRange(min=4), default=8, show_default=True,
               help="Text tokens the decoder cross-attends to.")

@@ -26,7 +26,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, NamedTuple
@@ -415,20 +415,35 @@ class MicroBatch(NamedTuple):
     last: bool           # completes `step` on this rank: all-reduce, then optimizer.step()
 
 
-def batches_for_step(n_items: int, batch_size: int, epoch: int, seed: int) -> list[list[int]]:
+def batches_for_step(n_items: int, batch_size: int, epoch: int, seed: int,
+                     groups: Sequence[Hashable] | None = None) -> list[list[int]]:
     """One epoch's micro-batches: a shuffled split of range(n_items), the same everywhere.
 
     The permutation comes from ``np.random.default_rng((seed, epoch))`` alone, so every
     process (and every world size) plans the same micro-batches. They hold `batch_size`
     indices each except the last, which keeps the remainder (1..batch_size indices) rather
     than dropping samples; `shard` decides whether it trains (only in a complete step).
+
+    With `groups` (one key per item, e.g. its audio file) the groups are shuffled instead and
+    laid out whole, one after another, before the split: items of a group sit side by side,
+    so a clip's texts mostly share a micro-batch. Same number of micro-batches either way.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if n_items < 0 or epoch < 0:
         raise ValueError(f"n_items and epoch must be >= 0, got {n_items} and {epoch}")
     _check_seed(seed)
-    order = np.random.default_rng((seed, epoch)).permutation(n_items).tolist()
+    rng = np.random.default_rng((seed, epoch))
+    if groups is None:
+        order = rng.permutation(n_items).tolist()
+    else:
+        if len(groups) != n_items:
+            raise ValueError(f"groups must hold one key per item: {len(groups)} keys for {n_items} items")
+        members: dict[Hashable, list[int]] = {}
+        for i, key in enumerate(groups):
+            members.setdefault(key, []).append(i)
+        lists = list(members.values())
+        order = [i for g in rng.permutation(len(lists)).tolist() for i in lists[g]]
     return [order[k: k + batch_size] for k in range(0, n_items, batch_size)]
 
 

@@ -67,6 +67,7 @@ class TrainConfig:
     lambda_sparsity: float = 0.05       # λ1, weight of the mean mask value
     lambda_diversity: float = 1.0       # λ2, weight of the diversity term (Eq. 7)
     mismatched: int | None = None       # mismatched texts per clip; None = every pair (B² passes)
+    group_by_audio: bool = False        # a clip's texts share micro-batches (data.batches_for_step)
     width: int = 64                     # decoder width (DecoderConfig.width)
     text_tokens: int = 8                # decoder cross-attention keys (>= 4)
     workers: int = 0                    # DataLoader worker processes (decode + resample)
@@ -419,7 +420,8 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict[str, 
             break
         dataset.set_epoch(epoch)
         first = progress["step_in_epoch"] if epoch == progress["epoch"] else 0
-        plan = [mb for mb in data.shard(data.batches_for_step(len(train_items), cfg.batch_size, epoch, cfg.seed),
+        groups = [str(it.audio) for it in train_items] if cfg.group_by_audio else None
+        plan = [mb for mb in data.shard(data.batches_for_step(len(train_items), cfg.batch_size, epoch, cfg.seed, groups),
                                         dd.rank, dd.world, cfg.accum) if mb.step >= first]
         loader = _loader(dataset, [mb.indices for mb in plan], cfg, device)
         step_in_epoch, position, sums = first, 0, {}

@@ -358,6 +358,23 @@ def test_epoch_plan_is_a_seeded_shuffle_of_every_index():
     assert batches_for_step(0, 5, epoch=0, seed=1) == []
 
 
+def test_grouped_epoch_plan_keeps_each_group_contiguous():
+    # 10 clips with 1, 2 or 3 texts each (one item per text), items of a clip not adjacent
+    clip_of = [k % 10 for k in range(20)] + [0, 3, 6, 9]
+    plan = batches_for_step(len(clip_of), 4, epoch=2, seed=3, groups=clip_of)
+    assert len(plan) == len(batches_for_step(len(clip_of), 4, epoch=2, seed=3))   # same number of micro-batches
+    flat = [i for mb in plan for i in mb]
+    assert sorted(flat) == list(range(len(clip_of)))
+    runs = [clip_of[i] for i in flat]
+    # every clip's items form one run in the epoch's order
+    assert all(runs[a] != runs[b] or all(runs[c] == runs[a] for c in range(a, b))
+               for a in range(len(runs)) for b in range(a + 1, len(runs)))
+    assert plan == batches_for_step(len(clip_of), 4, epoch=2, seed=3, groups=clip_of)
+    assert plan != batches_for_step(len(clip_of), 4, epoch=3, seed=3, groups=clip_of)
+    with pytest.raises(ValueError, match="one key per item"):
+        batches_for_step(5, 2, epoch=0, seed=0, groups=[0, 1])
+
+
 @pytest.mark.parametrize("world,accum", [(1, 1), (2, 1), (2, 3), (3, 2), (4, 1)])
 def test_ranks_together_form_the_steps_of_a_single_process(world, accum):
     micro = batches_for_step(101, 4, epoch=2, seed=0)                      # 26 micro-batches

@@ -101,6 +101,21 @@ def test_stft_domain_trains_and_records_its_domain(dataset, tmp_path, tiny_clap)
     assert config["domain"] == "stft" and dec.cfg.mask_bins == 513
 
 
+def test_group_by_audio_plans_a_clips_texts_together(dataset, tmp_path, tiny_clap, monkeypatch):
+    """Two captions per clip: with --group-by-audio each micro-batch of 2 holds one clip's pair."""
+    rows = [json.loads(x) for x in dataset.read_text().splitlines()][:4]
+    lines = [dict(r, caption=f"{r['caption']} ({k})") for r in rows for k in range(2)]
+    manifest = dataset.parent / "two-captions.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    seen = []
+    planner = T.data.batches_for_step
+    monkeypatch.setattr(T.data, "batches_for_step", lambda *a, **k: seen.append(planner(*a, **k)) or seen[-1])
+    T.train(_cfg(manifest, tmp_path / "g", max_steps=4, epochs=1, group_by_audio=True), clap=tiny_clap)
+    assert json.loads((tmp_path / "g" / "config.json").read_text())["train"]["group_by_audio"] is True
+    audio = [lines[i]["audio"] for mb in seen[0] for i in mb]
+    assert all(audio[2 * k] == audio[2 * k + 1] for k in range(4))
+
+
 def test_bad_manifest_rows_end_up_in_skipped_jsonl(dataset, tmp_path, tiny_clap):
     T.train(_cfg(dataset, tmp_path / "run", max_steps=5, epochs=1), clap=tiny_clap)
     skipped = [json.loads(x) for x in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
