@@ -6,18 +6,22 @@ Here the same maths is slicing, concatenation and MatMul with precomputed bases:
 
   wave (B, 480000) --reflect pad by slice/concat--> (B, 481024)
        --framing: three slices of 480-sample chunks, concatenated--> frames (B, 1001, 1024)
-       --window, DFT as two 32-point MatMul stages--> re, im (B, 1001, 513)
-  re, im --Hermitian extension, inverse DFT as two 32-point MatMul stages, synthesis window-->
-       frames (B, 1001, 1024)
+       --window, DFT as two 32-point MatMul stages--> X in DFT order (B, 1001, 32, 64)
+  X * gain --inverse DFT as two 32-point MatMul stages, synthesis window--> frames (B, 1001, 1024)
        --overlap-add by constant pads and adds of chunk views--> (B, 481440)
        --divide by the summed squared window, cut the centre padding--> wave (B, 480000)
 
-The DFTs are factorised 1024 = 32 x 32 (Cooley-Tukey's "four-step" form): a 32-point DFT
-along one axis of the frame viewed as a 32 x 32 matrix (one MatMul), a twiddle product
-(elementwise), a 32-point DFT along the other axis (one MatMul) and a transpose. That is
-~10x fewer multiply-adds than one dense (1024 x 513) basis per direction, still only
-MatMul/Mul/Add/Transpose/Concat/Slice. The dense bases (`_dft_np`, `_idft_np`) stay as the
-reference the Triton kernel uses.
+The DFTs are factorised 1024 = 32 x 32 (Cooley-Tukey's "four-step" form without its
+transposes): a 32-point DFT along one axis of the frame viewed as a 32 x 32 matrix (one
+MatMul), a twiddle product (elementwise), a 32-point DFT along the other axis (one MatMul).
+That is ~10x fewer multiply-adds than one dense (1024 x 513) basis per direction. The
+spectrum stays in the order the factorisation leaves it ("DFT order": bin k1 + 32 k2 at row
+k1, column k2, all 1024 bins) and everything downstream reads that order: the mel filterbank
+and the mel -> linear mask weights have their rows/columns permuted once, at export, and the
+inverse DFT's first stage is written for it — so no transpose, Hermitian extension or
+reordering runs per clip. ``stft_matmul`` / ``istft_matmul`` give natural order for callers
+that want it (one Gather each). The dense bases (`_dft_np`, `_idft_np`) stay as the reference
+the Triton kernel uses.
 
 HTSAT's bicubic 1001 -> 1024 frame stretch becomes one MatMul with the matrix torch's own
 ``interpolate`` implies (align_corners=True, as laion calls it).
