@@ -421,8 +421,8 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict[str, 
         dataset.set_epoch(epoch)
         first = progress["step_in_epoch"] if epoch == progress["epoch"] else 0
         groups = [str(it.audio) for it in train_items] if cfg.group_by_audio else None
-        plan = [mb for mb in data.shard(data.batches_for_step(len(train_items), cfg.batch_size, epoch, cfg.seed, groups),
-                                        dd.rank, dd.world, cfg.accum) if mb.step >= first]
+        micro = data.batches_for_step(len(train_items), cfg.batch_size, epoch, cfg.seed, groups)
+        plan = [mb for mb in data.shard(micro, dd.rank, dd.world, cfg.accum) if mb.step >= first]
         loader = _loader(dataset, [mb.indices for mb in plan], cfg, device)
         step_in_epoch, position, sums = first, 0, {}
         for mb, batch in zip(plan, loader):

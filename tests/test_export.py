@@ -311,7 +311,8 @@ def test_fp16_engines_keep_the_spectral_nodes_fp32(exported):
         return a is not None and any(a.shape == s.shape and np.array_equal(a, s) for s in stages)
 
     stage_matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and any(is_stage(x) for x in n.input)]
-    mel_matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and getattr(consts.get(n.input[1]), "shape", None) == (1024, 64)]
+    mel_matmuls = [n for n in model.graph.node
+                   if n.op_type == "MatMul" and getattr(consts.get(n.input[1]), "shape", None) == (1024, 64)]
     assert len(stage_matmuls) == 4 and mel_matmuls             # DFT stages 1, 2; iDFT stages 1, 2; mel
     assert all(spectral_node(n.name) for n in stage_matmuls + mel_matmuls)
     assert all(spectral_node(n.name) for n in model.graph.node if n.op_type == "Log")

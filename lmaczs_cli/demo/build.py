@@ -215,7 +215,8 @@ def load_pool(n_scenes: int, n_single: int, seed: int, cache: Path | None = None
     return pool
 
 
-def _isolation_views(presence: torch.Tensor, generator: torch.Generator, per_clip: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+def _isolation_views(presence: torch.Tensor, generator: torch.Generator,
+                      per_clip: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """Up to `per_clip` present events of each clip, drawn at random: (clip index, event index), each (V,)."""
     clips, events = [], []
     for b in range(len(presence)):
