@@ -133,10 +133,12 @@ class ExplainerGraph(nn.Module):
         log_power = _repeat_rows(spectral.to_db(P), K) if self.domain == "stft" else None
         masks = self.decoder([_repeat_rows(h, K) for h in hidden], flat_text, _repeat_rows(logmel, K), log_power)
         if self.domain == "mel":
-            gain = ops.mel_gain_dft_order(masks, self.mel_to_linear)
+            gain = ops.mel_gain_dft_order(masks, self.mel_to_linear)     # (B*K, 1001, 32, 1, 32)
         else:
             gain = ops.gain_dft_order(masks)
-        audio = ops.istft_dft_order(_repeat_rows(X, K) * gain)  # (B*K, 480000)
+        # X viewed (B, 1, 1001, 32, 2, 32): one gain per bin on Re and Im, broadcast over K (no copy of X)
+        masked_X = X.unflatten(-1, (2, ops.Q))[:, None] * gain.reshape(B, K, *gain.shape[1:])
+        audio = ops.istft_dft_order(masked_X.reshape(B * K, *X.shape[1:]))   # (B*K, 480000)
         if self.domain == "mel":
             masked_logmel = spectral.masked_log_mel_from_mel(_repeat_rows(mel, K), masks)
         else:

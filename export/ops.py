@@ -216,24 +216,30 @@ def natural_power(power: torch.Tensor) -> torch.Tensor:
     return power[..., torch.from_numpy(_dft_order_np()[2]).to(power.device)]
 
 
+def _gain_source_np() -> np.ndarray:
+    """(P * Q,) natural bin (its mirror past Nyquist) of each DFT-order bin: a real gain's source."""
+    return _dft_order_np()[0].reshape(P, 2 * Q)[:, :Q].reshape(-1)
+
+
 def gain_dft_order(gain: torch.Tensor) -> torch.Tensor:
-    """A real gain on natural bins (B, T, N_FREQS) -> DFT order (B, T, P, 2Q), the same gain on
-    Re and Im of each bin and on a bin's mirror (one Gather)."""
-    source = torch.from_numpy(_dft_order_np()[0] % N_FREQS).to(gain.device)
-    return gain[..., source].unflatten(-1, (P, 2 * Q))
+    """A real gain on natural bins (B, T, N_FREQS) -> DFT order (B, T, P, 1, Q): one value per
+    bin (a bin's mirror takes the bin's), to multiply a spectrum viewed as (B, T, P, 2, Q), Re and
+    Im alike (one Gather)."""
+    source = torch.from_numpy(_gain_source_np()).to(gain.device)
+    return gain[..., source].unflatten(-1, (P, 1, Q))
 
 
 @functools.lru_cache(maxsize=None)
 def _mel_gain_np() -> np.ndarray:
-    """``spectral``'s mel -> linear mask weights (N_MELS, N_FREQS) with columns in DFT order (N_MELS, P * 2Q)."""
+    """``spectral``'s mel -> linear mask weights (N_MELS, N_FREQS) with columns in DFT order (N_MELS, P * Q)."""
     from lmaczs_cli.spectral import _mel_to_linear_np
 
-    return np.ascontiguousarray(_mel_to_linear_np()[:, _dft_order_np()[0] % N_FREQS])
+    return np.ascontiguousarray(_mel_to_linear_np()[:, _gain_source_np()])
 
 
 def mel_gain_dft_order(masks: torch.Tensor, method: str = "linear") -> torch.Tensor:
     """``spectral.mel_mask_to_linear`` straight into DFT order: masks (B, T, N_MELS) -> gain
-    (B, T, P, 2Q) (one MatMul, no Gather)."""
+    (B, T, P, 1, Q) as `gain_dft_order` gives it (one MatMul, no Gather)."""
     w = const(_mel_gain_np(), masks)
     if method == "linear":
         gain = masks @ w
@@ -241,7 +247,7 @@ def mel_gain_dft_order(masks: torch.Tensor, method: str = "linear") -> torch.Ten
         gain = (masks.square() @ w).clamp_min(0).sqrt()
     else:
         raise ValueError(f"unknown mel-to-linear method {method!r}; use linear or power")
-    return gain.unflatten(-1, (P, 2 * Q))
+    return gain.unflatten(-1, (P, 1, Q))
 
 
 def to_dft_order(re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
