@@ -267,10 +267,12 @@ def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_si
         clean = mels[idx].float()
         masked, masked_presence = drop_events(clean, presence[idx], bits[idx], g, p_drop=0.5, p_background=0.5)
         nothing = torch.full((1, *clean.shape[1:]), spectral.SILENCE_DB)
-        view_clip, view_event = _isolation_views(presence[idx], g)
-        one = (bits[idx][view_clip].int() & (1 << view_event).int()[:, None, None]) != 0
-        views = clean[view_clip].masked_fill(~one, spectral.SILENCE_DB)
-        a, _ = model.encode(torch.cat([torch.cat([clean, masked]) + level, nothing, views + level[view_clip]]))
+        inputs = [torch.cat([clean, masked]) + level, nothing]
+        if isolation_weight > 0:  # clips masked down to one of their events (no draws from g otherwise)
+            view_clip, view_event = _isolation_views(presence[idx], g)
+            one = (bits[idx][view_clip].int() & (1 << view_event).int()[:, None, None]) != 0
+            inputs.append(clean[view_clip].masked_fill(~one, spectral.SILENCE_DB) + level[view_clip])
+        a, _ = model.encode(torch.cat(inputs))
         a, a_views = a[: 2 * len(idx) + 1], a[2 * len(idx) + 1:]
         tokens = model.tokenize(caps + event_prompts)
         t = F.normalize(clap.encode_text(tokens, device="cpu"), dim=-1)
@@ -280,7 +282,8 @@ def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_si
         pres_loss = presence_loss(a, t_events, targets, present=present_cos, absent=absent_cos)
         text_loss = prompt_overlap(t_events)
         geo_loss = geometry_loss(a, t_events, targets)
-        iso_loss = isolation_loss(a[: len(idx)], a_views, view_clip, view_event, a[-1], t_events, presence[idx])
+        iso_loss = (isolation_loss(a[: len(idx)], a_views, view_clip, view_event, a[-1], t_events, presence[idx])
+                    if isolation_weight > 0 else a.new_zeros(()))
         loss = (caption_weight * cap_loss + presence_weight * pres_loss + text_weight * text_loss
                 + geometry_weight * geo_loss + isolation_weight * iso_loss)
         opt.zero_grad(set_to_none=True)
