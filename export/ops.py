@@ -88,8 +88,8 @@ def _bicubic_np(n_in: int, n_out: int) -> np.ndarray:
 
 
 P = Q = 32                                          # N_FFT = P * Q for the factorised DFTs
-if P * Q != N_FFT:
-    raise ImportError("export.ops factorises a 1024-point DFT as 32 x 32")
+if P * Q != N_FFT or P != Q:
+    raise ImportError("export.ops factorises a 1024-point DFT as 32 x 32 (the inverse reads rows as columns: P == Q)")
 
 
 def _angles(rows: int, cols: int, n: int) -> np.ndarray:

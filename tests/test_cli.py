@@ -235,3 +235,15 @@ def test_ci_fails_when_the_first_command_fails(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "== setup:run: exit 1" in proc.stdout
     assert "+ echo never" not in proc.stdout
+
+
+def test_resume_refuses_to_change_group_by_audio(runner: CliRunner, tmp_path: Path) -> None:
+    from lmaczs_cli.train import TrainConfig
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = TrainConfig(manifest=str(tmp_path / "m.jsonl"), out=str(run))
+    (run / "config.json").write_text(json.dumps({"train": cfg.to_json()}))
+    result = runner.invoke(main, ["train", "--resume", str(run), "--group-by-audio"])
+    assert result.exit_code == 2
+    assert "--group-by-audio cannot change on --resume" in result.output

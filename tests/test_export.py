@@ -108,6 +108,21 @@ def test_matmul_istft_equals_torch_istft():
     assert snr_db(ours.numpy(), ref.numpy()) > 100
 
 
+@pytest.mark.parametrize("method", ["linear", "power"])
+def test_gains_in_dft_order_equal_the_natural_gains(method):
+    """mel_gain_dft_order (one MatMul with permuted weights) = spectral.mel_mask_to_linear then
+    gain_dft_order (a Gather); a bin past Nyquist takes its mirror's gain."""
+    masks = torch.rand(2, 1001, 64, generator=torch.Generator().manual_seed(5))
+    natural = spectral.mel_mask_to_linear(masks, method)
+    ours = ops.mel_gain_dft_order(masks, method)
+    assert ours.shape == (2, 1001, 32, 1, 32)
+    assert float((ours - ops.gain_dft_order(natural)).abs().max()) <= 1e-5
+    flat = ours.flatten(-3)                                   # bin k1 + 32 k2 at k1 * 32 + k2
+    for k in (0, 1, 100, 511, 512, 513, 1000):
+        src = k if k <= 512 else 1024 - k
+        assert float((flat[..., (k % 32) * 32 + k // 32] - natural[..., src]).abs().max()) <= 1e-5, k
+
+
 def test_bicubic_matrix_equals_torch_interpolate():
     x = torch.randn(3, 1, 1001, 64, generator=torch.Generator().manual_seed(3))
     ref = torch.nn.functional.interpolate(x, (1024, 64), mode="bicubic", align_corners=True)
@@ -185,12 +200,16 @@ def test_explainer_takes_any_prompt_count(exported, inputs, model):
     folder, _ = exported
     waves, text = inputs
     text5 = torch.nn.functional.normalize(torch.randn(2, 5, 512, generator=torch.Generator().manual_seed(4)), dim=-1)
-    masks, sim = session(folder, "explainer.onnx").run(["masks", "similarity"],
-                                                        {"waves": waves[:2].numpy(), "text": text5.numpy()})
-    assert masks.shape == (2, 5, 1001, 64) and sim.shape == (2, 5)
+    masks, audio, sim = session(folder, "explainer.onnx").run(["masks", "audio", "similarity"],
+                                                               {"waves": waves[:2].numpy(), "text": text5.numpy()})
+    assert masks.shape == (2, 5, 1001, 64) and audio.shape == (2, 5, CLIP_SAMPLES) and sim.shape == (2, 5)
     with torch.no_grad():
         ref = ExplainerModule(*model, "mel").eval()(waves[:2], text5, check=False)
     assert np.abs(masks - ref["masks"].numpy()).max() <= 1e-3
+    # the mask gain is broadcast over the prompts: each (clip, prompt) wav is its own
+    for b in range(2):
+        for k in range(5):
+            assert snr_db(audio[b, k], ref["audio"][b, k].numpy()) >= 40, (b, k)
 
 
 # --------------------------------------------------------------------------- graph audit and manifest

@@ -144,8 +144,10 @@ def presence_loss(audio: torch.Tensor, prompts: torch.Tensor, presence: torch.Te
 
 def isolation_loss(clean_audio: torch.Tensor, views: torch.Tensor, view_clip: torch.Tensor, view_event: torch.Tensor,
                    nothing: torch.Tensor, prompts: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
-    """The "isolate" plan of `plan_objective` as a CLAP loss: what LMAC-ZS's objective would charge
-    a decoder that keeps exactly the prompted event's cells and nothing for absent prompts.
+    """The "isolate" plan of `plan_objective` as a CLAP loss: the similarity and diversity errors
+    LMAC-ZS's objective finds in masks that keep exactly the prompted event's cells and nothing for
+    absent prompts (weighted here as below, not by the decoder's lambdas; no sparsity, which the
+    CLAP cannot change).
     clean_audio (B, D) the clips; views (V, D) clips masked down to one event (clip `view_clip`,
     event `view_event`, both (V,)); nothing (D,) the all-floor clip; prompts (E, D); presence (B, E).
 
@@ -154,6 +156,8 @@ def isolation_loss(clean_audio: torch.Tensor, views: torch.Tensor, view_clip: to
                   | t_e . t_a - view_e . nothing | for absent a
     (means of each). Zero where the CLAP scores an isolated event as it scores the scene and an
     empty clip as the scene for absent prompts, the CLAP under which isolating masks are optimal."""
+    if len(views) == 0 or bool((presence > 0.5).all()):
+        raise ValueError("isolation_loss needs at least one view and one absent (clip, prompt) entry")
     t_e = prompts[view_event]                                               # (V, D)
     sim_present = ((t_e * views).sum(-1) - (t_e * clean_audio[view_clip]).sum(-1)).abs().mean()
     absent = presence < 0.5
@@ -352,7 +356,7 @@ def clip_objective(text: torch.Tensor, audio: torch.Tensor, masked: torch.Tensor
     sim = similarity_term(text @ audio, (text * masked).sum(-1))
     spa = sparsity_term(masks)
     rows = ~torch.eye(len(text), dtype=torch.bool) & matched[:, None]
-    div = ((text @ text.T)[rows] - (masked @ masked.T)[rows]).abs().mean()
+    div = ((text @ text.T)[rows] - (masked @ masked.T)[rows]).abs().mean() if rows.any() else text.new_zeros(())
     total = sim + lambda_sparsity * spa + lambda_diversity * div
     return {"total": float(total), "similarity": float(sim), "sparsity": float(spa), "diversity": float(div)}
 
