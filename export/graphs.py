@@ -78,8 +78,7 @@ def log_mel_parts(waves: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     power in DFT order (B, 1001, 1024), mel power (B, 1001, 64)."""
     X = ops.stft_dft_order(waves)
     power = ops.power_dft_order(X)
-    fb = ops.mel_matrix_dft_order(spectral._mel_np())
-    return X, power, power @ ops.const(fb, power)
+    return X, power, ops.mel_power_dft_order(power)
 
 
 class AudioEncoderGraph(nn.Module):
@@ -125,7 +124,7 @@ class ExplainerGraph(nn.Module):
         similarity (B, K), masked_similarity (B, K)."""
         B, K, D = text.shape
         X, power, mel = log_mel_parts(waves)                    # DFT order; (B, 1001, 64)
-        P = ops.natural_power(power) if self.domain == "stft" else None   # (B, 1001, 513)
+        P = ops.natural_order(power) if self.domain == "stft" else None   # (B, 1001, 513)
         logmel = spectral.to_db(mel)
         emb, hidden = self.clap.encode(logmel)                  # (B, D), h1..h4
         similarity = (text * emb[:, None]).sum(-1)              # (B, K)

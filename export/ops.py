@@ -20,8 +20,8 @@ k1, column k2, all 1024 bins) and everything downstream reads that order: the me
 and the mel -> linear mask weights have their rows/columns permuted once, at export, and the
 inverse DFT's first stage is written for it — so no transpose, Hermitian extension or
 reordering runs per clip. ``stft_matmul`` / ``istft_matmul`` give natural order for callers
-that want it (one Gather each). The dense bases (`_dft_np`, `_idft_np`) stay as the reference
-the Triton kernel uses.
+that want it (one Gather each). The dense inverse basis (`_idft_np`) stays: the Triton kernel
+uses it.
 
 HTSAT's bicubic 1001 -> 1024 frame stretch becomes one MatMul with the matrix torch's own
 ``interpolate`` implies (align_corners=True, as laion calls it).
@@ -42,16 +42,6 @@ TAIL = N_FFT - 2 * HOP                              # 64: the part of a frame in
 N_CHUNKS = N_FRAMES + 2                             # 480-sample chunks the padded signal spans
 if N_FFT > 3 * HOP or N_FRAMES != CLIP_SAMPLES // HOP + 1:
     raise ImportError("export.ops assumes a frame spans three hop-sized chunks and 10-s clips")
-
-
-@functools.lru_cache(maxsize=None)
-def _dft_np() -> tuple[np.ndarray, np.ndarray]:
-    """Windowed forward DFT bases (N_FFT, N_FREQS): frames @ cos = Re X, frames @ sin = Im X."""
-    n = np.arange(N_FFT)[:, None]
-    k = np.arange(N_FREQS)[None, :]
-    ang = 2.0 * np.pi * ((n * k) % N_FFT) / N_FFT
-    win = _hann_np().astype(np.float64)[:, None]
-    return (win * np.cos(ang)).astype(np.float32), (-win * np.sin(ang)).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=None)
@@ -138,15 +128,19 @@ def _ifft_np() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return tuple(a.astype(np.float32) for a in (stage1, np.cos(tw), np.sin(tw), stage2))
 
 
+def _bins_np() -> np.ndarray:
+    """(P, Q) the DFT bin k1 + P k2 that DFT-order entry [k1, k2] holds (0..1023)."""
+    return np.arange(P)[:, None] + P * np.arange(Q)[None, :]
+
+
 @functools.lru_cache(maxsize=None)
 def _dft_order_np() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Index maps between natural bin order and DFT order (P, 2Q) = [Re X[k1 + P k2] | Im ...]:
     (source (P*2Q,) into concat(re, im) of natural (N_FREQS,) halves, with bins past Nyquist
     read from their mirror; its sign (-1 on mirrored imaginary parts); natural (N_FREQS,) into a
     (P*Q,) DFT-order power)."""
-    k1 = np.arange(P)[:, None]
     col = np.arange(2 * Q)[None, :]
-    k = k1 + P * (col % Q)                                           # (P, 2Q) bin of each entry
+    k = np.concatenate([_bins_np()] * 2, axis=1)                     # (P, 2Q) bin of each entry
     mirrored = k > N_FFT // 2
     b = np.where(mirrored, N_FFT - k, k)
     imag = col >= Q
@@ -188,7 +182,7 @@ def frames(wave: torch.Tensor) -> torch.Tensor:
 def stft_dft_order(wave: torch.Tensor) -> torch.Tensor:
     """wave (B, 480000) -> STFT in DFT order (B, 1001, P, 2Q): entry [k1, k2] is Re X[k1 + P k2]
     and [k1, Q + k2] its Im, all 1024 bins (past Nyquist: conjugates). The order the factorised
-    DFT leaves them in; consumers take it as it is (`power_dft_order`, `to_dft_order`,
+    DFT leaves them in; consumers take it as it is (`power_dft_order`, `mel_power_dft_order`,
     `istft_dft_order`), so no transpose is spent on reordering."""
     fr = frames(wave) * const(_hann_np(), wave)
     stage1, tw_c, tw_s, stage2 = (const(a, wave) for a in _fft_np())
@@ -203,17 +197,24 @@ def power_dft_order(X: torch.Tensor) -> torch.Tensor:
     return (X[..., :Q].square() + X[..., Q:].square()).flatten(-2)
 
 
-def mel_matrix_dft_order(fb: np.ndarray) -> np.ndarray:
-    """A (N_FREQS, M) matrix on natural bins -> (P * Q, M) on DFT-order bins, zero past Nyquist,
-    so that ``power_dft_order(X) @ it`` equals ``natural power @ fb``."""
-    k = np.arange(P)[:, None] + P * np.arange(Q)[None, :]            # (P, Q) bin of each entry
-    out = np.where((k <= N_FFT // 2)[..., None], fb[np.minimum(k, N_FREQS - 1)], 0.0)
-    return out.reshape(P * Q, -1).astype(np.float32)
+@functools.lru_cache(maxsize=None)
+def _mel_fb_np() -> np.ndarray:
+    """``spectral``'s mel filterbank (N_FREQS, N_MELS) with rows in DFT order (P * Q, N_MELS),
+    zero past Nyquist: ``power_dft_order(X) @ it`` equals ``natural power @ filterbank``."""
+    from lmaczs_cli.spectral import _mel_np
+
+    below = (_bins_np() <= N_FFT // 2).reshape(-1, 1)
+    return np.ascontiguousarray(np.where(below, _mel_np()[_gain_source_np()], 0.0).astype(np.float32))
 
 
-def natural_power(power: torch.Tensor) -> torch.Tensor:
-    """DFT-order power (B, T, P * Q) -> natural (B, T, N_FREQS) (one Gather)."""
-    return power[..., torch.from_numpy(_dft_order_np()[2]).to(power.device)]
+def mel_power_dft_order(power: torch.Tensor) -> torch.Tensor:
+    """DFT-order power (B, T, P * Q) -> mel power (B, T, N_MELS), as ``spectral.mel_power``."""
+    return power @ const(_mel_fb_np(), power)
+
+
+def natural_order(x: torch.Tensor) -> torch.Tensor:
+    """Values on DFT-order bins (B, T, P * Q) -> natural order (B, T, N_FREQS) (one Gather)."""
+    return x[..., torch.from_numpy(_dft_order_np()[2]).to(x.device)]
 
 
 def _gain_source_np() -> np.ndarray:
@@ -260,8 +261,7 @@ def to_dft_order(re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
 def stft_matmul(wave: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """wave (B, 480000) -> (Re X, Im X), each (B, 1001, 513) in natural order; equals ``spectral.stft``."""
     X = stft_dft_order(wave)
-    nat = torch.from_numpy(_dft_order_np()[2]).to(wave.device)
-    return X[..., :Q].flatten(-2)[..., nat], X[..., Q:].flatten(-2)[..., nat]
+    return natural_order(X[..., :Q].flatten(-2)), natural_order(X[..., Q:].flatten(-2))
 
 
 def overlap_add(fr: torch.Tensor) -> torch.Tensor:

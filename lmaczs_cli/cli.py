@@ -437,7 +437,7 @@ def train(ctx: click.Context, data: Path | None, out: Path | None, resume: Path 
     if resume is not None:
         stored = _stored_train_config(resume)
         overrides = {k: v for k, v in _given(ctx, options).items()}
-        if overrides.get("group_by_audio", stored.get("group_by_audio", False)) != stored.get("group_by_audio", False):
+        if "group_by_audio" in overrides and overrides["group_by_audio"] != stored.get("group_by_audio", False):
             raise click.UsageError("--group-by-audio cannot change on --resume: it would re-plan the epoch in "
                                    "progress (some clips twice, some never); start a new run instead")
         cfg = training.TrainConfig.from_json({**stored, **overrides, "out": str(resume)})

@@ -415,12 +415,12 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict[str, 
     step = progress["step"]
     last_saved = step
     t_last, clips_since = time.perf_counter(), 0
+    groups = [str(it.audio) for it in train_items] if cfg.group_by_audio else None   # one key per clip
     for epoch in range(progress["epoch"], cfg.epochs):
         if step >= total:
             break
         dataset.set_epoch(epoch)
         first = progress["step_in_epoch"] if epoch == progress["epoch"] else 0
-        groups = [str(it.audio) for it in train_items] if cfg.group_by_audio else None
         micro = data.batches_for_step(len(train_items), cfg.batch_size, epoch, cfg.seed, groups)
         plan = [mb for mb in data.shard(micro, dd.rank, dd.world, cfg.accum) if mb.step >= first]
         loader = _loader(dataset, [mb.indices for mb in plan], cfg, device)

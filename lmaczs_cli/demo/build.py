@@ -342,7 +342,6 @@ def presence_report(model: ClapModel, n_scenes: int = 24, seed: int = 0) -> dict
     return out
 
 
-
 PLANS = ("isolate", "all events", "isolate, absent all")
 
 
