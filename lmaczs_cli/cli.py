@@ -399,6 +399,9 @@ def _explain_report(summary: dict[str, Any], as_json: bool) -> None:
 @click.option("--width", type=click.IntRange(min=8), default=64, show_default=True, help="Decoder width.")
 @click.option("--text-tokens", type=click.IntRange(min=4), default=8, show_default=True,
               help="Text tokens the decoder cross-attends to.")
+@click.option("--text-readout", is_flag=True, default=False,
+              help="Add a mask logit per cell from a dot product of the prompt with the decoder's audio features, "
+                   "so masks differ by prompt from the first step.")
 @click.option("--resume", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Continue the run in this folder exactly where it stopped (its settings are reused).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)

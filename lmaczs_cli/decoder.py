@@ -7,6 +7,7 @@ Shape of the computation (HTSAT-tiny; PANN-14 in brackets):
       h3 (B,768, 32,2) [(B,1024,31,2)]  h4 (B,768, 32,2) [(B,2048,31,2)]
   text t (B,512) --> K learned tokens (B,K,D)            (K >= 4: a softmax over one key is 1)
   deep = lat4(h4) + lat3(h3) -> xattn -> up(ConvT) + lat2(h2) -> xattn -> up + lat1(h1) -> xattn
+      (text_readout: + a logit map <q(t), k(x)> read off this h1-grid map, brought onto the mask grid)
       -> 3 x up(ConvT)          (B, c, 1024, 64) [(B, c, 1000, 64)]
       (+ the clip's normalised log-mel as a skip channel, brought onto the same grid)
       -> conv -> logits -> fixed time map to 1001 frames          (B, 1001, 64)
@@ -116,6 +117,7 @@ class DecoderConfig:
     heads: int = 4                             # attention heads per cross-attention
     logmel_skip: bool = True                   # feed the clip's normalised log-mel at full resolution
     film: bool = True                          # text FiLM (per-channel scale and shift) after each attention
+    text_readout: bool = False                 # add a text-audio dot-product logit map (TextReadout)
 
     def __post_init__(self) -> None:
         if self.domain not in spectral.MASK_DOMAINS:
@@ -138,7 +140,7 @@ class DecoderConfig:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "DecoderConfig":
-        return cls(**{"film": False, **d})     # configs written before `film` existed have none
+        return cls(**{"film": False, "text_readout": False, **d})   # configs written before these existed
 
     @classmethod
     def for_clap(cls, clap: Any, **kwargs: Any) -> "DecoderConfig":
@@ -189,6 +191,27 @@ class FiLM(nn.Module):
     def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         scale, shift = self.proj(text)[:, :, None, None].chunk(2, dim=1)
         return x * (1 + scale) + shift
+
+
+class TextReadout(nn.Module):
+    """A mask logit per cell from the text: <q(t), k(x_cell)> / sqrt(d), x (B, C, T, F) -> (B, 1, T, F).
+
+    The last text-conditioned feature map is read out against a projection of the prompt, so two
+    prompts give different masks from the first step and a prompt moves its own mask directly
+    towards the cells whose features match it. Without it the text reaches the logits only
+    through attention and FiLM followed by three normalised up-sampling stages, and a decoder that
+    starts with the same mask for every prompt sits where Eq. 7's gradient vanishes (identical
+    masked clips give a cosine of 1, its maximum)."""
+
+    def __init__(self, text_dim: int, channels: int, dim: int = 32) -> None:
+        super().__init__()
+        self.query = nn.Linear(text_dim, dim)
+        self.key = nn.Conv2d(channels, dim, 1)
+        self.scale = dim ** -0.5
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        q = self.query(text)[:, :, None, None]               # (B, d, 1, 1)
+        return (q * self.key(x)).sum(1, keepdim=True) * self.scale
 
 
 class ConvBlock(nn.Sequential):
@@ -245,6 +268,7 @@ class MaskDecoder(nn.Module):
         self.up_full = nn.Sequential(Up(w // 2, w // 4), Up(w // 4, w // 8), Up(w // 8, w // 8))
         skip = 1 if cfg.logmel_skip else 0
         self.head = nn.Sequential(ConvBlock(w // 8 + skip, w // 8), nn.Conv2d(w // 8, 1, 3, padding=1))
+        self.readout = TextReadout(cfg.text_dim, w // 2) if cfg.text_readout else None
         if cfg.domain == "stft":
             # refine the mel-resolution logits on the linear grid, seeing the clip's log power
             self.refine = nn.Sequential(ConvBlock(2, 8), nn.Conv2d(8, 1, 3, padding=1))
@@ -287,6 +311,7 @@ class MaskDecoder(nn.Module):
         x = self.condition(1, self.mix[1](x), tok, text)
         x = _fit(self.up_mid(x), g1.shape[-2], g1.shape[-1]) + self.lateral[0](g1)
         x = self.condition(2, self.mix[2](x), tok, text)
+        read = self.readout(x, text) if self.readout is not None else None      # (B, 1, T1, F1)
         x = self.up_full(x)                                # (B, c, 8*T1, 8*F1) = (B, c, 1024, 64)
         x = _fit(x, self.full_time, N_MELS)
         if self.cfg.logmel_skip:
@@ -295,6 +320,9 @@ class MaskDecoder(nn.Module):
             skip = resample_time(_normalise(logmel.unsqueeze(1)), self.full_time)
             x = torch.cat([x, skip], dim=1)
         logits = resample_time(self.head(x), N_FRAMES)     # (B, 1, 1001, 64)
+        if read is not None:                               # onto the mask grid: two fixed MatMuls
+            fmap = interp_matrix(int(read.shape[-1]), N_MELS, read.device).to(read.dtype)
+            logits = logits + resample_time(read, N_FRAMES) @ fmap.T
         if self.cfg.domain == "stft":
             logits = logits @ spectral.mel_to_linear_weights(logits.device).to(logits.dtype)  # (B,1,1001,513)
             if log_power is None:

@@ -70,6 +70,7 @@ class TrainConfig:
     group_by_audio: bool = False        # a clip's texts share micro-batches (data.batches_for_step)
     width: int = 64                     # decoder width (DecoderConfig.width)
     text_tokens: int = 8                # decoder cross-attention keys (>= 4)
+    text_readout: bool = False          # decoder's text-audio dot-product logits (DecoderConfig)
     workers: int = 0                    # DataLoader worker processes (decode + resample)
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     amp: bool = False                   # autocast the decoder and masked encoder pass
@@ -374,7 +375,8 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict[str, 
     clap = clap or load_clap(cfg.clap, cfg.tokenizer)
     clap.to(device)
     torch.manual_seed(cfg.seed)
-    dec_cfg = DecoderConfig.for_clap(clap, domain=cfg.domain, width=cfg.width, text_tokens=cfg.text_tokens)
+    dec_cfg = DecoderConfig.for_clap(clap, domain=cfg.domain, width=cfg.width, text_tokens=cfg.text_tokens,
+                                      text_readout=cfg.text_readout)
     decoder = MaskDecoder(dec_cfg).to(device)
     opt = torch.optim.Adam(decoder.parameters(), lr=cfg.lr)
 

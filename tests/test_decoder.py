@@ -106,6 +106,38 @@ def test_configs_saved_before_film_load_without_it():
     assert D.DecoderConfig.from_json(cfg.to_json()).film is True
 
 
+def test_text_readout_adds_a_prompt_feature_dot_product_and_nothing_when_its_query_is_zero(tiny_clap):
+    torch.manual_seed(0)
+    cfg = D.DecoderConfig.for_clap(tiny_clap, text_readout=True)
+    with_readout = D.MaskDecoder(cfg).eval()
+    plain = D.MaskDecoder(D.DecoderConfig(**{**cfg.to_json(), "text_readout": False})).eval()
+    extra = plain.load_state_dict(with_readout.state_dict(), strict=False).unexpected_keys
+    assert extra and all(k.startswith("readout.") for k in extra)
+    _, logmel, hidden, _ = _inputs(tiny_clap)
+    text = tiny_clap.encode_text(["glass breaking", "a dog barking"])
+    # the readout by hand on a small map: <W t + b, K x_cell + c> / sqrt(d)
+    r = with_readout.readout
+    x = torch.randn(2, r.key.in_channels, 3, 2)
+    q = text @ r.query.weight.T + r.query.bias
+    k = torch.einsum("oc,bctf->botf", r.key.weight[:, :, 0, 0], x) + r.key.bias[:, None, None]
+    want = torch.einsum("bo,botf->btf", q, k)[:, None] / r.query.out_features ** 0.5
+    torch.testing.assert_close(r(x, text), want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        with_mask = with_readout(hidden, text, logmel)
+        assert (with_mask - plain(hidden, text, logmel)).abs().max() > 1e-3
+        r.query.weight.zero_()
+        r.query.bias.zero_()
+        torch.testing.assert_close(with_readout(hidden, text, logmel), plain(hidden, text, logmel))
+
+
+def test_configs_saved_before_text_readout_load_without_it():
+    cfg = D.DecoderConfig("htsat", (8, 16, 32, 32), (128, 64, 32, 32), (8, 4, 2, 2), text_dim=16, width=16,
+                          text_readout=True)
+    old = {k: v for k, v in cfg.to_json().items() if k != "text_readout"}
+    assert D.DecoderConfig.from_json(old).text_readout is False
+    assert D.DecoderConfig.from_json(cfg.to_json()).text_readout is True
+
+
 def test_decoder_needs_at_least_four_text_tokens(tiny_clap):
     with pytest.raises(D.DecoderError, match="single key is a constant bias"):
         D.DecoderConfig.for_clap(tiny_clap, text_tokens=1)

@@ -36,7 +36,9 @@ def snr_db(test: np.ndarray, ref: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def model(tiny_clap):
     torch.manual_seed(0)
-    decoder = MaskDecoder(DecoderConfig.for_clap(tiny_clap, width=16, heads=2, text_tokens=4)).eval()
+    # with the text readout here; the STFT-domain test below exports a decoder without it
+    decoder = MaskDecoder(DecoderConfig.for_clap(tiny_clap, width=16, heads=2, text_tokens=4,
+                                                 text_readout=True)).eval()
     return tiny_clap, decoder
 
 
