@@ -10,6 +10,7 @@ Exit codes: 0 all fine, 1 some work failed (a domain error, or some files failed
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import importlib.metadata
 import json
@@ -440,9 +441,11 @@ def train(ctx: click.Context, data: Path | None, out: Path | None, resume: Path 
     if resume is not None:
         stored = _stored_train_config(resume)
         overrides = {k: v for k, v in _given(ctx, options).items()}
-        if "group_by_audio" in overrides and overrides["group_by_audio"] != stored.get("group_by_audio", False):
-            raise click.UsageError("--group-by-audio cannot change on --resume: it would re-plan the epoch in "
-                                   "progress (some clips twice, some never); start a new run instead")
+        defaults = {f.name: f.default for f in dataclasses.fields(training.TrainConfig)}
+        for name, why in FIXED_ON_RESUME.items():
+            if name in overrides and overrides[name] != stored.get(name, defaults[name]):
+                raise click.UsageError(f"--{name.replace('_', '-')} cannot change on --resume: {why}; "
+                                       "start a new run instead")
         cfg = training.TrainConfig.from_json({**stored, **overrides, "out": str(resume)})
     else:
         if data is None or out is None:
@@ -457,6 +460,13 @@ def train(ctx: click.Context, data: Path | None, out: Path | None, resume: Path 
         return
     click.echo(f"decoder written to {summary['out']} after {summary['steps']} steps"
                + (f"; {summary['skipped']} rows skipped (see skipped.jsonl)" if summary.get("skipped") else ""))
+
+
+_ARCHITECTURE = "the checkpoint holds a decoder of the stored shape"
+FIXED_ON_RESUME = {   # TrainConfig fields a resumed run must keep, and why
+    "group_by_audio": "it would re-plan the epoch in progress (some clips twice, some never)",
+    "domain": _ARCHITECTURE, "width": _ARCHITECTURE, "text_tokens": _ARCHITECTURE, "text_readout": _ARCHITECTURE,
+}
 
 
 def _given(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any]:

@@ -247,3 +247,7 @@ def test_resume_refuses_to_change_group_by_audio(runner: CliRunner, tmp_path: Pa
     result = runner.invoke(main, ["train", "--resume", str(run), "--group-by-audio"])
     assert result.exit_code == 2
     assert "--group-by-audio cannot change on --resume" in result.output
+    # the decoder's shape is fixed by the checkpoint: a clear refusal, not a state-dict error
+    result = runner.invoke(main, ["train", "--resume", str(run), "--text-readout"])
+    assert result.exit_code == 2
+    assert "--text-readout cannot change on --resume: the checkpoint holds a decoder" in result.output
