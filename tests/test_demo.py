@@ -130,6 +130,27 @@ def test_drop_events_can_floor_the_background_too():
     assert (out[:, outside] == floor).all()                    # everything else at the floor
 
 
+def test_soft_removal_attenuates_removed_cells_by_one_drawn_amount_per_clip():
+    from lmaczs_cli.demo.build import attenuate
+
+    logmel = torch.linspace(-60.0, 0.0, 4 * 20 * 8).reshape(4, 20, 8)
+    removed = torch.zeros(4, 20, 8, dtype=torch.bool)
+    removed[:, 5:10, 2:6] = True
+    logmel[removed] = 0.0                                       # 0 dB: no draw reaches the floor
+    hard = attenuate(logmel, removed, torch.Generator().manual_seed(0))
+    assert (hard[removed] == spectral.SILENCE_DB).all() and torch.equal(hard[~removed], logmel[~removed])
+    soft = attenuate(logmel, removed, torch.Generator().manual_seed(0), soft_db=20.0)
+    assert torch.equal(soft[~removed], logmel[~removed])
+    drop = (logmel - soft)[:, 5:10, 2:6]
+    for b in range(4):
+        assert 20.0 <= drop[b].min() and drop[b].max() <= 100.0
+        assert torch.allclose(drop[b], drop[b, 0, 0])            # one attenuation per clip
+    low = attenuate(torch.full((2, 3, 3), -90.0), torch.ones(2, 3, 3, dtype=torch.bool),
+                    torch.Generator().manual_seed(0), soft_db=20.0)
+    assert (low == spectral.SILENCE_DB).all()                   # -90 dB less >= 20 dB stops at the floor
+    assert len({round(float(drop[b, 0, 0]), 3) for b in range(4)}) > 1
+
+
 def test_presence_loss_is_zero_on_target_and_weighs_present_and_absent_halves():
     from lmaczs_cli.demo.build import ABSENT_COS, PRESENT_COS, presence_loss
 
@@ -200,7 +221,7 @@ def test_clip_objective_by_hand():
     assert got3["diversity"] == pytest.approx((0.6 + 0.4 + 0.6 + 0.2) / 4)
 
 
-def test_plan_objective_scores_the_three_plans_under_the_demo_clap():
+def test_plan_objective_scores_the_plans_under_the_demo_clap():
     from lmaczs_cli.demo.build import PLANS, plan_objective
 
     plans = plan_objective(load_clap("demo"), n_scenes=2)
@@ -210,6 +231,9 @@ def test_plan_objective_scores_the_three_plans_under_the_demo_clap():
         assert terms["total"] == pytest.approx(terms["similarity"] + 0.1 * terms["sparsity"] + 0.5 * terms["diversity"])
     # the plans' masks nest: isolated events within isolated + absent-all within every event for all
     assert plans["isolate"]["sparsity"] < plans["isolate, absent all"]["sparsity"] < plans["all events"]["sparsity"]
+    # the soft plan keeps 10^(-30/20) of every cell the hard one drops
+    iso, r = plans["isolate"]["sparsity"], 10 ** -1.5
+    assert plans["isolate, -30 dB"]["sparsity"] == pytest.approx(iso + r * (1 - iso), rel=1e-5)
 
 
 def test_isolation_loss_by_hand():

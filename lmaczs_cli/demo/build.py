@@ -91,9 +91,23 @@ def render_pool(n_scenes: int, n_single: int, seed: int) -> tuple[torch.Tensor, 
     return torch.cat(mels), captions, torch.tensor(presence), torch.stack(bits)
 
 
+def attenuate(logmel: torch.Tensor, removed: torch.Tensor, generator: torch.Generator,
+              soft_db: float | None = None) -> torch.Tensor:
+    """Take the `removed` cells of logmel (B, T, F) dB away: down to the floor a zero mask gives
+    (`spectral.SILENCE_DB`), or, with `soft_db`, down by an attenuation drawn per clip from
+    U(soft_db, 100) dB (never below the floor) — what a sigmoid mask, which is never exactly 0,
+    does to the cells it leaves out. A CLAP taught only hard floors reads a cell 30 dB down as
+    still there, and LMAC-ZS's objective then cannot tell an isolating mask from one that keeps
+    everything."""
+    if soft_db is None:
+        return logmel.masked_fill(removed, spectral.SILENCE_DB)
+    drop = torch.empty(len(logmel), 1, 1).uniform_(soft_db, 100.0, generator=generator)
+    return torch.where(removed, (logmel - drop).clamp(min=spectral.SILENCE_DB), logmel)
+
+
 def drop_events(logmel: torch.Tensor, presence: torch.Tensor, bits: torch.Tensor,
                 generator: torch.Generator, p_drop: float = 0.5,
-                p_background: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                p_background: float = 0.0, soft_db: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask augmentation for the presence loss: remove each present event with probability
     `p_drop` by setting the mel cells it owns to the floor a zero LMAC-ZS mask gives
     (`spectral.SILENCE_DB`), and clear its presence; with probability `p_background` per clip
@@ -110,7 +124,7 @@ def drop_events(logmel: torch.Tensor, presence: torch.Tensor, bits: torch.Tensor
     removed = (bits.int() & drop_bits[:, None, None]) != 0
     no_background = torch.rand(len(bits), generator=generator) < p_background
     removed |= no_background[:, None, None] & (bits == 0)
-    return logmel.masked_fill(removed, spectral.SILENCE_DB), presence * (~drop).float()
+    return attenuate(logmel, removed, generator, soft_db), presence * (~drop).float()
 
 
 def contrastive_loss(audio: torch.Tensor, text: torch.Tensor, captions: list[str], scale: torch.Tensor) -> torch.Tensor:
@@ -235,7 +249,8 @@ def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_si
                presence_weight: float = 10.0, caption_weight: float = 0.1, init: Path | None = None,
                cache: Path | None = None, present_cos: float = PRESENT_COS,
                absent_cos: float = ABSENT_COS, text_weight: float = 0.0,
-               geometry_weight: float = 0.0, isolation_weight: float = 0.0) -> ClapModel:
+               geometry_weight: float = 0.0, isolation_weight: float = 0.0,
+               soft_db: float | None = None) -> ClapModel:
     """Train the demo CLAP from scratch, or go on from the CLAP saved in `init`.
 
     Loss per step: `caption_weight` x InfoNCE of clips against their captions, plus
@@ -269,13 +284,14 @@ def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_si
         caps = [captions[i] for i in idx.tolist()]
         level = torch.empty(2 * len(idx), 1, 1).uniform_(-6, 6, generator=g)   # level augmentation
         clean = mels[idx].float()
-        masked, masked_presence = drop_events(clean, presence[idx], bits[idx], g, p_drop=0.5, p_background=0.5)
+        masked, masked_presence = drop_events(clean, presence[idx], bits[idx], g, p_drop=0.5, p_background=0.5,
+                                              soft_db=soft_db)
         nothing = torch.full((1, *clean.shape[1:]), spectral.SILENCE_DB)
         inputs = [torch.cat([clean, masked]) + level, nothing]
         if isolation_weight > 0:  # clips masked down to one of their events (no draws from g otherwise)
             view_clip, view_event = _isolation_views(presence[idx], g)
             one = (bits[idx][view_clip].int() & (1 << view_event).int()[:, None, None]) != 0
-            inputs.append(clean[view_clip].masked_fill(~one, spectral.SILENCE_DB) + level[view_clip])
+            inputs.append(attenuate(clean[view_clip], ~one, g, soft_db) + level[view_clip])
         a, _ = model.encode(torch.cat(inputs))
         a, a_views = a[: 2 * len(idx) + 1], a[2 * len(idx) + 1:]
         tokens = model.tokenize(caps + event_prompts)
@@ -342,7 +358,8 @@ def presence_report(model: ClapModel, n_scenes: int = 24, seed: int = 0) -> dict
     return out
 
 
-PLANS = ("isolate", "all events", "isolate, absent all")
+PLANS = ("isolate", "isolate, -30 dB", "all events", "isolate, absent all")
+SOFT_PLAN_DB = 30.0   # "isolate, -30 dB": what a sigmoid mask of ~0.03 leaves of the cells it drops
 
 
 def clip_objective(text: torch.Tensor, audio: torch.Tensor, masked: torch.Tensor, masks: torch.Tensor,
@@ -363,18 +380,21 @@ def clip_objective(text: torch.Tensor, audio: torch.Tensor, masked: torch.Tensor
 @torch.no_grad()
 def plan_objective(model: ClapModel, n_scenes: int = 24, seed: int = 0, lambda_sparsity: float = 0.1,
                    lambda_diversity: float = 0.5) -> dict[str, dict[str, float]]:
-    """The LMAC-ZS objective, under this CLAP, of three hand-made mask plans on held-out scenes
+    """The LMAC-ZS objective, under this CLAP, of hand-made mask plans on held-out scenes
     with two or three events, explained for every event prompt (mean over scenes):
 
       "isolate"              each present event's prompt keeps that event's cells, absent prompts
                              keep nothing (what issue C's localization bounds ask for);
+      "isolate, -30 dB"      the same, with the dropped cells 30 dB down instead of at the floor
+                             (mask 10^(-30/20) there): a sigmoid mask never reaches 0;
       "all events"           every prompt keeps the cells of every event;
       "isolate, absent all"  present prompts isolated, absent prompts keep every event.
 
     A decoder trained on this CLAP with these weights can only be expected to isolate events
-    where "isolate" has the lowest total: the plans measure the CLAP, not a decoder."""
+    where the isolating plans have the lowest totals: the plans measure the CLAP, not a decoder."""
     text = model.encode_text([world.prompt_for(n) for n in world.EVENTS])
     floor = spectral.SILENCE_DB
+    residual = 10.0 ** (-SOFT_PLAN_DB / 20.0)
     rows: dict[str, list[dict[str, float]]] = {p: [] for p in PLANS}
     for i in range(n_scenes):
         s = world.render_scene(world.scene_seed(seed, "valid", i), n_events=2 + i % 2)
@@ -383,14 +403,19 @@ def plan_objective(model: ClapModel, n_scenes: int = 24, seed: int = 0, lambda_s
         union = torch.stack([m for m in own if m is not None]).any(0)
         nothing = torch.zeros_like(union)
         present = torch.tensor([m is not None for m in own])
-        plans = {"isolate": [m if m is not None else nothing for m in own],
-                 "all events": [union] * len(own),
+        isolate = [m if m is not None else nothing for m in own]
+        plans = {"isolate": isolate, "isolate, -30 dB": isolate, "all events": [union] * len(own),
                  "isolate, absent all": [m if m is not None else union for m in own]}
         audio, _ = model.encode(logmel[None])
         for name, masks in plans.items():
             m = torch.stack(masks)                                              # (E, T, F) bool
-            masked, _ = model.encode(logmel.expand(len(m), -1, -1).masked_fill(~m, floor))
-            rows[name].append(clip_objective(text, audio[0], masked, m.float(), present, lambda_sparsity,
+            clip = logmel.expand(len(m), -1, -1)
+            if name == "isolate, -30 dB":
+                inputs, values = torch.where(m, clip, (clip - SOFT_PLAN_DB).clamp(min=floor)), m + residual * ~m
+            else:
+                inputs, values = clip.masked_fill(~m, floor), m.float()
+            masked, _ = model.encode(inputs)
+            rows[name].append(clip_objective(text, audio[0], masked, values.float(), present, lambda_sparsity,
                                              lambda_diversity))
     return {p: {k: float(np.mean([r[k] for r in v])) for k in v[0]} for p, v in rows.items()}
 
@@ -445,6 +470,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="weight of geometry_loss: audio-audio cosines of single events -> their prompts' cosines")
     ap.add_argument("--isolation-weight", type=float, default=0.0,
                     help="weight of isolation_loss: the LMAC-ZS objective of event-isolating masks, on the CLAP")
+    ap.add_argument("--soft-db", type=float, default=None,
+                    help="take masked-away cells down by U(SOFT_DB, 100) dB instead of to the floor (see attenuate)")
     ap.add_argument("--scenes", type=int, default=2000)
     ap.add_argument("--singles", type=int, default=1400)
     ap.add_argument("--decoder-scenes", type=int, default=400)
@@ -453,6 +480,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--decoder-epochs", type=int, default=3)
     ap.add_argument("--decoder-batch", type=int, default=4)
     ap.add_argument("--decoder-lr", type=float, default=1e-3)
+    ap.add_argument("--decoder-text-readout", action="store_true", help="lmaczs train --text-readout")
+    ap.add_argument("--decoder-group-by-audio", action="store_true", help="lmaczs train --group-by-audio")
     ap.add_argument("--lambda-sparsity", type=float, default=0.1)
     ap.add_argument("--lambda-diversity", type=float, default=0.5)
     ap.add_argument("--skip-clap", action="store_true", help="reuse the CLAP already in --out")
@@ -475,7 +504,7 @@ def main(argv: list[str] | None = None) -> None:
                            args.presence_weight, args.caption_weight, args.clap_init, cache=work,
                            present_cos=args.present_cos, absent_cos=args.absent_cos,
                            text_weight=args.text_weight, geometry_weight=args.geometry_weight,
-                           isolation_weight=args.isolation_weight)
+                           isolation_weight=args.isolation_weight, soft_db=args.soft_db)
         save_clap(model, out, dtype=torch.float16)
         model = load_clap_dir(out)
     zs = zero_shot_accuracy(model, per_class=20, seed=args.seed)
@@ -496,7 +525,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = TrainConfig(manifest=str(manifest), out=str(run), clap=str(out), epochs=args.decoder_epochs,
                       batch_size=args.decoder_batch, lr=args.decoder_lr, lambda_sparsity=args.lambda_sparsity,
                       lambda_diversity=args.lambda_diversity, val_fraction=0.1, workers=0, device="cpu",
-                      log_every=10, save_every=10_000, seed=args.seed)
+                      log_every=10, save_every=10_000, seed=args.seed, text_readout=args.decoder_text_readout,
+                      group_by_audio=args.decoder_group_by_audio)
     t_dec = time.time()
     summary = train(cfg, clap=model, on_event=lambda e: log(
         f"decoder step {e['step']} sim {e.get('similarity', 0):.4f} spa {e.get('sparsity', 0):.3f} "
