@@ -110,8 +110,9 @@ def drop_events(logmel: torch.Tensor, presence: torch.Tensor, bits: torch.Tensor
                 p_background: float = 0.0, soft_db: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask augmentation for the presence loss: remove each present event with probability
     `p_drop` by setting the mel cells it owns to the floor a zero LMAC-ZS mask gives
-    (`spectral.SILENCE_DB`), and clear its presence; with probability `p_background` per clip
-    also floor every cell no event owns (the background). logmel (B, 1001, 64) dB,
+    (`spectral.SILENCE_DB`; with `soft_db`, some way towards it: see `attenuate`), and clear its
+    presence; with probability `p_background` per clip also remove every cell no event owns
+    (the background). logmel (B, 1001, 64) dB,
     presence (B, E), bits (B, 1001, 64) int16 -> (masked log-mel, presence after removal).
 
     This teaches the demo CLAP what masked inputs mean: a scene with an event masked away no
