@@ -383,7 +383,10 @@ def _explain_report(summary: dict[str, Any], as_json: bool) -> None:
 @click.option("--accum", type=click.IntRange(min=1), default=1, show_default=True,
               help="Micro-batches per optimizer step (gradient accumulation).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
-              help="Adam learning rate.")
+              help="Adam learning rate (the peak, with --lr-schedule cosine).")
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
+              help="constant: --lr throughout; cosine: linear warm-up over the first 5% of steps, then half a "
+                   "cosine down towards 0 at the end of the run.")
 @click.option(
     "--domain", type=click.Choice(["mel", "stft"]), default="mel", show_default=True,
     help="Mask on the 64-band mel grid or on the 513-bin linear STFT grid.",

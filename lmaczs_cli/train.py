@@ -46,6 +46,23 @@ class TrainError(LmaczsError):
     """Training cannot start or continue; the message names the fix."""
 
 
+LR_SCHEDULES = ("constant", "cosine")
+WARMUP_SHARE = 0.05   # cosine: share of the run's steps spent warming up linearly
+
+
+def learning_rate(cfg: "TrainConfig", step: int, total: int) -> float:
+    """Adam's learning rate for optimizer step ``step`` (0-based) of ``total``: ``cfg.lr`` throughout,
+    or (cosine) a linear warm-up over the first 5 % of the steps, then half a cosine from ``cfg.lr``
+    towards 0, reached just after the last step. A pure function of the step, so a resumed run continues the same
+    curve (with more ``--epochs`` the curve stretches to the new total)."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    warm = max(1, round(WARMUP_SHARE * total))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a run needs; stored in config.json so ``--resume DIR`` needs nothing else."""
@@ -64,6 +81,7 @@ class TrainConfig:
     batch_size: int = 2                 # clips per micro-batch (paper: 2)
     accum: int = 1                      # micro-batches per optimizer step and rank
     lr: float = 1e-4                    # Adam learning rate (paper: 1e-5, see README)
+    lr_schedule: str = "constant"       # constant | cosine (see learning_rate)
     lambda_sparsity: float = 0.05       # λ1, weight of the mean mask value
     lambda_diversity: float = 1.0       # λ2, weight of the diversity term (Eq. 7)
     mismatched: int | None = None       # mismatched texts per clip; None = every pair (B² passes)
@@ -78,6 +96,10 @@ class TrainConfig:
     log_every: int = 10                 # optimizer steps between metrics lines
     save_every: int = 200               # optimizer steps between checkpoints (and each epoch end)
     strict: bool = False                # a missing/unreadable manifest row is fatal
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise TrainError(f"unknown lr schedule {self.lr_schedule!r}; use one of {', '.join(LR_SCHEDULES)}")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -446,12 +468,15 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict[str, 
             position += 1
             if not mb.last:
                 continue
+            lr = learning_rate(cfg, step, total)
+            for group in opt.param_groups:
+                group["lr"] = lr
             opt.step()
             opt.zero_grad(set_to_none=True)
             step, step_in_epoch, position = step + 1, mb.step + 1, 0
             now = time.perf_counter()
             record = {"step": step, "epoch": epoch, **sums,
-                      "clips_per_s": clips_since * dd.world / max(now - t_last, 1e-9), "lr": cfg.lr}
+                      "clips_per_s": clips_since * dd.world / max(now - t_last, 1e-9), "lr": lr}
             sums, t_last, clips_since = {}, now, 0
             emit({"event": "step", **record})
             if step % cfg.log_every == 0 or step == total:

@@ -68,6 +68,31 @@ def test_training_lowers_the_similarity_term(dataset, tmp_path):
     assert last < 0.7 * first, (first, last)
 
 
+def test_learning_rate_schedules():
+    const = T.TrainConfig(manifest="m", out="o", lr=1e-3)
+    assert [T.learning_rate(const, k, 100) for k in (0, 50, 99)] == [1e-3] * 3
+    cos = T.TrainConfig(manifest="m", out="o", lr=1e-3, lr_schedule="cosine")
+    lrs = [T.learning_rate(cos, k, 1000) for k in range(1000)]
+    warm = round(T.WARMUP_SHARE * 1000)
+    assert lrs[0] == pytest.approx(1e-3 / warm) and lrs[warm - 1] == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lrs[:warm - 1], lrs[1:warm]))          # rising while warming up
+    assert lrs[warm] == pytest.approx(1e-3)
+    assert all(a > b for a, b in zip(lrs[warm:], lrs[warm + 1:]))            # then falling
+    assert 0 < lrs[-1] < 1e-3 * 1e-4                                          # towards 0, every step still moves
+    assert T.learning_rate(cos, 0, 1) == pytest.approx(1e-3)                  # a one-step run trains at --lr
+    with pytest.raises(T.TrainError, match="lr schedule"):
+        T.TrainConfig(manifest="m", out="o", lr_schedule="linear")
+
+
+def test_cosine_schedule_reaches_the_optimizer_and_the_log(dataset, tmp_path, tiny_clap):
+    cfg = _cfg(dataset, tmp_path / "run", max_steps=4, lr=1e-3, lr_schedule="cosine")
+    T.train(cfg, clap=tiny_clap)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [x["lr"] for x in lines if "lr" in x]
+    assert logged == pytest.approx([T.learning_rate(cfg, k, 4) for k in range(4)])
+    assert logged[-1] < logged[0]                       # the optimizer really ran on the falling curve
+
+
 def test_checkpoint_round_trip_gives_identical_masks(dataset, tmp_path, tiny_clap):
     run = tmp_path / "run"
     T.train(_cfg(dataset, run, max_steps=2), clap=tiny_clap)
