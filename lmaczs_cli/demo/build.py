@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
@@ -395,7 +396,6 @@ def plan_objective(model: ClapModel, n_scenes: int = 24, seed: int = 0, lambda_s
     where the isolating plans have the lowest totals: the plans measure the CLAP, not a decoder."""
     text = model.encode_text([world.prompt_for(n) for n in world.EVENTS])
     floor = spectral.SILENCE_DB
-    residual = 10.0 ** (-SOFT_PLAN_DB / 20.0)
     rows: dict[str, list[dict[str, float]]] = {p: [] for p in PLANS}
     for i in range(n_scenes):
         s = world.render_scene(world.scene_seed(seed, "valid", i), n_events=2 + i % 2)
@@ -405,18 +405,17 @@ def plan_objective(model: ClapModel, n_scenes: int = 24, seed: int = 0, lambda_s
         nothing = torch.zeros_like(union)
         present = torch.tensor([m is not None for m in own])
         isolate = [m if m is not None else nothing for m in own]
-        plans = {"isolate": isolate, "isolate, -30 dB": isolate, "all events": [union] * len(own),
-                 "isolate, absent all": [m if m is not None else union for m in own]}
+        hard = math.inf                                  # dropped cells at the floor of a zero mask
+        plans = {"isolate": (isolate, hard), "isolate, -30 dB": (isolate, SOFT_PLAN_DB),
+                 "all events": ([union] * len(own), hard),
+                 "isolate, absent all": ([m if m is not None else union for m in own], hard)}
         audio, _ = model.encode(logmel[None])
-        for name, masks in plans.items():
+        for name, (masks, drop_db) in plans.items():
             m = torch.stack(masks)                                              # (E, T, F) bool
             clip = logmel.expand(len(m), -1, -1)
-            if name == "isolate, -30 dB":
-                inputs, values = torch.where(m, clip, (clip - SOFT_PLAN_DB).clamp(min=floor)), m + residual * ~m
-            else:
-                inputs, values = clip.masked_fill(~m, floor), m.float()
-            masked, _ = model.encode(inputs)
-            rows[name].append(clip_objective(text, audio[0], masked, values.float(), present, lambda_sparsity,
+            masked, _ = model.encode(torch.where(m, clip, (clip - drop_db).clamp(min=floor)))
+            values = m + 10.0 ** (-drop_db / 20.0) * ~m                         # the mask those inputs mean
+            rows[name].append(clip_objective(text, audio[0], masked, values, present, lambda_sparsity,
                                              lambda_diversity))
     return {p: {k: float(np.mean([r[k] for r in v])) for k in v[0]} for p, v in rows.items()}
 
