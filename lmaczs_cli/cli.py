@@ -406,6 +406,10 @@ def _explain_report(summary: dict[str, Any], as_json: bool) -> None:
 @click.option("--text-readout", is_flag=True, default=False,
               help="Add a mask logit per cell from a dot product of the prompt with the decoder's audio features, "
                    "so masks differ by prompt from the first step.")
+@click.option("--mask-noise", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Scale of logistic noise added to the mask logits in training (0: none). At 1 the decoder must "
+                   "commit each cell to kept or dropped instead of turning everything down a little; the saved "
+                   "decoder's masks are noise-free.")
 @click.option("--resume", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Continue the run in this folder exactly where it stopped (its settings are reused).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)

@@ -89,6 +89,7 @@ class TrainConfig:
     width: int = 64                     # decoder width (DecoderConfig.width)
     text_tokens: int = 8                # decoder cross-attention keys (>= 4)
     text_readout: bool = False          # decoder's text-audio dot-product logits (DecoderConfig)
+    mask_noise: float = 0.0             # scale of logistic noise on the mask logits in training (binarising_noise)
     workers: int = 0                    # DataLoader worker processes (decode + resample)
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     amp: bool = False                   # autocast the decoder and masked encoder pass
@@ -180,15 +181,35 @@ def clap_features(clap: ClapModel, waves: torch.Tensor, domain: str) -> Features
     return Features(logmel, mel, P if domain == "stft" else None, audio, hidden)
 
 
+def binarising_noise(masks: torch.Tensor, scale: float, generator: torch.Generator) -> torch.Tensor:
+    """sigmoid(logit(M) + scale * g), g ~ Logistic(0, 1) drawn from `generator` (on the CPU).
+
+    At scale 1 a cell whose logit is 0 becomes uniform on [0, 1] and one at logit +-5 stays within
+    ~0.05 of 0 or 1 most of the time: only masks that commit to keeping or dropping a cell keep the
+    similarity term steady. Without it a uniform attenuation (mask ~0.3 everywhere, a few dB down:
+    CLAP hardly notices a gain change) meets the similarity term and pays little sparsity, and
+    training settles there instead of isolating the prompted sound. Training only: the saved
+    decoder's mask is the clean sigmoid."""
+    eps = 1e-6
+    u = torch.rand(masks.shape, generator=generator).to(masks.device).clamp(eps, 1 - eps)
+    logistic = u.log() - (-u).log1p()
+    return torch.sigmoid(torch.logit(masks.clamp(eps, 1 - eps)) + scale * logistic.to(masks.dtype))
+
+
 def masked_embeddings(
-    clap: ClapModel, decoder: torch.nn.Module, feats: Features, text: torch.Tensor, pairs: torch.Tensor, domain: str
+    clap: ClapModel, decoder: torch.nn.Module, feats: Features, text: torch.Tensor, pairs: torch.Tensor, domain: str,
+    noise: float = 0.0, generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masks for every (text i, audio j) pair and the embeddings of the masked audio.
+    """Masks for every (text i, audio j) pair and the embeddings of the masked audio; with `noise`,
+    the masks pass through `binarising_noise` first (`generator` required).
     -> (masked embeddings (P, D), masks (P, 1001, bins)). Gradients flow through the frozen CLAP."""
     ti, aj = pairs[:, 0], pairs[:, 1]
     hidden = [h[aj] for h in feats.hidden]
     log_power = spectral.to_db(feats.power[aj]) if domain == "stft" else None
     masks = decoder(hidden, text[ti], feats.logmel[aj], log_power)
+    if noise > 0:
+        assert generator is not None, "mask noise needs a generator"
+        masks = binarising_noise(masks, noise, generator)
     with torch.autocast(device_type=masks.device.type, enabled=False):
         if domain == "mel":
             masked_logmel = spectral.masked_log_mel_from_mel(feats.mel[aj], masks.float())
@@ -220,7 +241,7 @@ def micro_batch_loss(
     use_amp = cfg.amp
     amp_dtype = torch.float16 if waves.device.type == "cuda" else torch.bfloat16
     with torch.autocast(device_type=waves.device.type, dtype=amp_dtype, enabled=use_amp):
-        masked, masks = masked_embeddings(clap, decoder, feats, text, pairs, cfg.domain)
+        masked, masks = masked_embeddings(clap, decoder, feats, text, pairs, cfg.domain, cfg.mask_noise, generator)
     terms = lmac_zs_loss(text, feats.audio, pairs, masked.float(), masks.float(),
                          cfg.lambda_sparsity, cfg.lambda_diversity)
     return terms, len(pairs)

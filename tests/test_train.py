@@ -93,6 +93,37 @@ def test_cosine_schedule_reaches_the_optimizer_and_the_log(dataset, tmp_path, ti
     assert logged[-1] < logged[0]                       # the optimizer really ran on the falling curve
 
 
+def test_binarising_noise_spreads_undecided_cells_and_spares_decided_ones():
+    g = torch.Generator().manual_seed(0)
+    undecided = T.binarising_noise(torch.full((20_000,), 0.5), 1.0, g)
+    # sigmoid(Logistic(0, 1)) is uniform on [0, 1]
+    assert undecided.mean().item() == pytest.approx(0.5, abs=0.01)
+    assert (undecided < 0.1).float().mean().item() == pytest.approx(0.1, abs=0.01)
+    decided = T.binarising_noise(torch.full((20_000,), torch.sigmoid(torch.tensor(-8.0)).item()), 1.0, g)
+    assert (decided < 0.05).float().mean().item() > 0.95
+    again = T.binarising_noise(torch.full((5,), 0.3), 1.0, torch.Generator().manual_seed(3))
+    assert torch.equal(again, T.binarising_noise(torch.full((5,), 0.3), 1.0, torch.Generator().manual_seed(3)))
+
+
+def test_mask_noise_changes_training_but_not_validation(dataset, tmp_path, tiny_clap):
+    plain, noisy = tmp_path / "plain", tmp_path / "noisy"
+    T.train(_cfg(dataset, plain, max_steps=2), clap=tiny_clap)
+    T.train(_cfg(dataset, noisy, max_steps=2, mask_noise=1.0), clap=tiny_clap)
+    assert json.loads((noisy / "config.json").read_text())["train"]["mask_noise"] == 1.0
+    assert _max_diff(_weights(plain), _weights(noisy)) > 0       # the noise reached the gradients
+    # the noise enters only where asked: the default path gives the decoder's own (saved) masks
+    feats = T.clap_features(tiny_clap, 0.1 * torch.randn(1, 480_000, generator=torch.Generator().manual_seed(1)), "mel")
+    dec, _ = D.load_decoder(noisy, clap=tiny_clap)
+    pairs = torch.tensor([[0, 0]])
+    text = tiny_clap.encode_text(["a tone at 300 hertz"])
+    with torch.no_grad():
+        clean, masks = T.masked_embeddings(tiny_clap, dec, feats, text, pairs, "mel")
+        same = dec([h for h in feats.hidden], text, feats.logmel, None)
+        _, shaken = T.masked_embeddings(tiny_clap, dec, feats, text, pairs, "mel", 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(masks, same)
+    assert (shaken - masks).abs().max() > 0.1 and 0 <= shaken.min() and shaken.max() <= 1
+
+
 def test_checkpoint_round_trip_gives_identical_masks(dataset, tmp_path, tiny_clap):
     run = tmp_path / "run"
     T.train(_cfg(dataset, run, max_steps=2), clap=tiny_clap)

@@ -482,6 +482,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--decoder-lr", type=float, default=1e-3)
     ap.add_argument("--decoder-text-readout", action="store_true", help="lmaczs train --text-readout")
     ap.add_argument("--decoder-group-by-audio", action="store_true", help="lmaczs train --group-by-audio")
+    ap.add_argument("--decoder-mask-noise", type=float, default=0.0, help="lmaczs train --mask-noise")
     ap.add_argument("--lambda-sparsity", type=float, default=0.1)
     ap.add_argument("--lambda-diversity", type=float, default=0.5)
     ap.add_argument("--skip-clap", action="store_true", help="reuse the CLAP already in --out")
@@ -526,6 +527,7 @@ def main(argv: list[str] | None = None) -> None:
                       batch_size=args.decoder_batch, lr=args.decoder_lr, lambda_sparsity=args.lambda_sparsity,
                       lambda_diversity=args.lambda_diversity, val_fraction=0.1, workers=0, device="cpu",
                       log_every=10, save_every=10_000, seed=args.seed, text_readout=args.decoder_text_readout,
+                      mask_noise=args.decoder_mask_noise,
                       group_by_audio=args.decoder_group_by_audio)
     t_dec = time.time()
     summary = train(cfg, clap=model, on_event=lambda e: log(
