@@ -7,6 +7,9 @@ bands each way; chance is the dilated region's share of the mask grid.
 """
 from __future__ import annotations
 
+import argparse
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -270,3 +273,17 @@ def test_train_clap_step_with_the_isolation_loss_runs_and_moves_the_weights():
     # parameters only: BatchNorm's running statistics differ anyway (the views share its batch)
     sa, sb = dict(a.clap.named_parameters()), dict(b.clap.named_parameters())
     assert any(not torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_build_history_carries_the_init_folders_rounds_and_adds_this_one(tmp_path):
+    from lmaczs_cli.demo import build
+
+    assert build.clap_history(tmp_path) == []
+    (tmp_path / "build.json").write_text(json.dumps({"clap_history": ["600 steps from scratch"]}))
+    args = argparse.Namespace(clap_init=tmp_path, clap_steps=300, clap_batch=16, clap_lr=2e-3, seed=0,
+                              presence_weight=10.0, caption_weight=0.1, text_weight=1.0, geometry_weight=0.0,
+                              isolation_weight=2.0, soft_db=20.0)
+    line = build.clap_round(args)
+    assert line.startswith(f"300 steps from {tmp_path}, batch 16, lr 0.002")
+    assert "isolation 2" in line and "geometry" not in line and "soft removal 20-100 dB" in line
+    assert build.clap_history(tmp_path) + [line] == ["600 steps from scratch", line]

@@ -448,6 +448,23 @@ def write_examples(folder: Path, seed: int) -> list[dict[str, Any]]:
     return out
 
 
+def clap_history(folder: Path) -> list[str]:
+    """The CLAP rounds recorded in a model folder's build.json (empty if there is none)."""
+    path = Path(folder) / "build.json"
+    return list(json.loads(path.read_text()).get("clap_history", [])) if path.is_file() else []
+
+
+def clap_round(args: argparse.Namespace) -> str:
+    """One line for build.json's history: how this build trained its CLAP."""
+    start = f"from {args.clap_init}" if args.clap_init else "from scratch"
+    weights = {"presence": args.presence_weight, "caption": args.caption_weight, "text": args.text_weight,
+               "geometry": args.geometry_weight, "isolation": args.isolation_weight}
+    given = ", ".join(f"{k} {v:g}" for k, v in weights.items() if v)
+    soft = f", soft removal {args.soft_db:g}-100 dB" if args.soft_db is not None else ""
+    return (f"{args.clap_steps} steps {start}, batch {args.clap_batch}, lr {args.clap_lr:g}, seed {args.seed}; "
+            f"loss weights {given}{soft}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "model")
@@ -500,7 +517,9 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.skip_clap:
         model = load_clap_dir(out)
+        report["clap_history"] = clap_history(out)
     else:
+        report["clap_history"] = (clap_history(args.clap_init) if args.clap_init else []) + [clap_round(args)]
         model = train_clap(args.clap_steps, args.clap_batch, args.clap_lr, args.seed, args.scenes, args.singles,
                            args.presence_weight, args.caption_weight, args.clap_init, cache=work,
                            present_cos=args.present_cos, absent_cos=args.absent_cos,
