@@ -500,6 +500,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--decoder-text-readout", action="store_true", help="lmaczs train --text-readout")
     ap.add_argument("--decoder-group-by-audio", action="store_true", help="lmaczs train --group-by-audio")
     ap.add_argument("--decoder-mask-noise", type=float, default=0.0, help="lmaczs train --mask-noise")
+    ap.add_argument("--decoder-lr-schedule", choices=("constant", "cosine"), default="constant",
+                    help="lmaczs train --lr-schedule")
     ap.add_argument("--lambda-sparsity", type=float, default=0.1)
     ap.add_argument("--lambda-diversity", type=float, default=0.5)
     ap.add_argument("--skip-clap", action="store_true", help="reuse the CLAP already in --out")
@@ -546,12 +548,16 @@ def main(argv: list[str] | None = None) -> None:
                       batch_size=args.decoder_batch, lr=args.decoder_lr, lambda_sparsity=args.lambda_sparsity,
                       lambda_diversity=args.lambda_diversity, val_fraction=0.1, workers=0, device="cpu",
                       log_every=10, save_every=10_000, seed=args.seed, text_readout=args.decoder_text_readout,
-                      mask_noise=args.decoder_mask_noise,
+                      mask_noise=args.decoder_mask_noise, lr_schedule=args.decoder_lr_schedule,
                       group_by_audio=args.decoder_group_by_audio)
     t_dec = time.time()
     summary = train(cfg, clap=model, on_event=lambda e: log(
         f"decoder step {e['step']} sim {e.get('similarity', 0):.4f} spa {e.get('sparsity', 0):.3f} "
         f"div {e.get('diversity', 0):.4f}") if e["event"] == "step" and e["step"] % 25 == 0 else None)
+    settings = cfg.to_json()
+    report["decoder"] = {"texts": args.decoder_texts, **{k: settings[k] for k in (
+        "epochs", "batch_size", "lr", "lr_schedule", "lambda_sparsity", "lambda_diversity", "text_readout",
+        "group_by_audio", "mask_noise")}}
     report["decoder_train_s"] = time.time() - t_dec
     report["decoder_steps"] = summary["steps"]
     for name in ("decoder.safetensors", "config.json"):
