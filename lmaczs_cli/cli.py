@@ -406,6 +406,9 @@ def _explain_report(summary: dict[str, Any], as_json: bool) -> None:
 @click.option("--text-readout", is_flag=True, default=False,
               help="Add a mask logit per cell from a dot product of the prompt with the decoder's audio features, "
                    "so masks differ by prompt from the first step.")
+@click.option("--logmel-skip/--no-logmel-skip", default=True, show_default=True,
+              help="Feed the decoder the clip's log-mel at full resolution beside CLAP's hidden states. Without it "
+                   "the mask can only follow what the encoder saw (the randomization check falls harder).")
 @click.option("--mask-noise", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Scale of logistic noise added to the mask logits in training (0: none). At 1 the decoder must "
                    "commit each cell to kept or dropped instead of turning everything down a little; the saved "
@@ -473,6 +476,7 @@ _ARCHITECTURE = "the checkpoint holds a decoder of the stored shape"
 FIXED_ON_RESUME = {   # TrainConfig fields a resumed run must keep, and why
     "group_by_audio": "it would re-plan the epoch in progress (some clips twice, some never)",
     "domain": _ARCHITECTURE, "width": _ARCHITECTURE, "text_tokens": _ARCHITECTURE, "text_readout": _ARCHITECTURE,
+    "logmel_skip": _ARCHITECTURE,
 }
 
 

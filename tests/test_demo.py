@@ -287,3 +287,23 @@ def test_build_history_carries_the_init_folders_rounds_and_adds_this_one(tmp_pat
     assert line.startswith(f"300 steps from {tmp_path}, batch 16, lr 0.002")
     assert "isolation 2" in line and "geometry" not in line and "soft removal 20-100 dB" in line
     assert build.clap_history(tmp_path) + [line] == ["600 steps from scratch", line]
+
+
+def test_build_clap_only_writes_the_clap_and_its_history_and_trains_no_decoder(tmp_path, monkeypatch):
+    from lmaczs_cli.demo import build
+
+    monkeypatch.setattr(build, "zero_shot_accuracy", lambda model, per_class, seed: {"accuracy": 0.5})
+    monkeypatch.setattr(build, "presence_report", lambda model: {"scene": 0.0})
+    monkeypatch.setattr(build, "plan_objective", lambda model, **kw: {})
+    out = tmp_path / "model"
+    build.main(["--out", str(out), "--work", str(tmp_path / "work"), "--clap-only", "--clap-steps", "1",
+                "--clap-batch", "2", "--scenes", "4", "--singles", "2"])
+    report = json.loads((out / "build.json").read_text())
+    assert sorted(p.name for p in out.iterdir()) == ["build.json", "clap.json", "clap.safetensors"]
+    assert report["zero_shot"] == {"accuracy": 0.5}
+    assert report["clap_history"] == [report["clap_history"][0]] and "1 steps from scratch" in report["clap_history"][0]
+    again = tmp_path / "model2"
+    build.main(["--out", str(again), "--work", str(tmp_path / "work"), "--clap-only", "--clap-steps", "1",
+                "--clap-batch", "2", "--scenes", "4", "--singles", "2", "--clap-init", str(out)])
+    history = json.loads((again / "build.json").read_text())["clap_history"]
+    assert history[0] == report["clap_history"][0] and history[1].startswith(f"1 steps from {out}")

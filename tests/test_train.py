@@ -124,6 +124,19 @@ def test_mask_noise_changes_training_but_not_validation(dataset, tmp_path, tiny_
     assert (shaken - masks).abs().max() > 0.1 and 0 <= shaken.min() and shaken.max() <= 1
 
 
+def test_no_logmel_skip_trains_a_decoder_that_sees_only_the_encoder(dataset, tmp_path, tiny_clap):
+    run = tmp_path / "run"
+    T.train(_cfg(dataset, run, max_steps=1, logmel_skip=False), clap=tiny_clap)
+    dec, _ = D.load_decoder(run, clap=tiny_clap)
+    assert dec.cfg.logmel_skip is False
+    feats = T.clap_features(tiny_clap, 0.1 * torch.randn(1, 480_000, generator=torch.Generator().manual_seed(2)), "mel")
+    text = tiny_clap.encode_text(["a tone at 300 hertz"])
+    with torch.no_grad():
+        a = dec(list(feats.hidden), text, feats.logmel, None)
+        b = dec(list(feats.hidden), text, feats.logmel.flip(1), None)   # another log-mel, same hidden states
+    assert torch.equal(a, b)
+
+
 def test_checkpoint_round_trip_gives_identical_masks(dataset, tmp_path, tiny_clap):
     run = tmp_path / "run"
     T.train(_cfg(dataset, run, max_steps=2), clap=tiny_clap)

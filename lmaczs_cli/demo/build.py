@@ -499,12 +499,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--decoder-lr", type=float, default=1e-3)
     ap.add_argument("--decoder-text-readout", action="store_true", help="lmaczs train --text-readout")
     ap.add_argument("--decoder-group-by-audio", action="store_true", help="lmaczs train --group-by-audio")
+    ap.add_argument("--decoder-no-logmel-skip", action="store_true", help="lmaczs train --no-logmel-skip")
     ap.add_argument("--decoder-mask-noise", type=float, default=0.0, help="lmaczs train --mask-noise")
     ap.add_argument("--decoder-lr-schedule", choices=("constant", "cosine"), default="constant",
                     help="lmaczs train --lr-schedule")
     ap.add_argument("--lambda-sparsity", type=float, default=0.1)
     ap.add_argument("--lambda-diversity", type=float, default=0.5)
     ap.add_argument("--skip-clap", action="store_true", help="reuse the CLAP already in --out")
+    ap.add_argument("--clap-only", action="store_true",
+                    help="stop after the CLAP and its reports (one fine-tuning round; the next goes on with "
+                         "--clap-init)")
     ap.add_argument("--clap-init", type=Path, default=None,
                     help="fine-tune the CLAP saved in this folder instead of training from scratch")
     args = ap.parse_args(argv)
@@ -539,6 +543,12 @@ def main(argv: list[str] | None = None) -> None:
     for name, terms in report["plans"].items():
         log(f"LMAC-ZS objective of the plan '{name}': " + ", ".join(f"{k} {v:.3f}" for k, v in terms.items()))
 
+    if args.clap_only:
+        report["build_s"] = time.time() - t_start
+        (out / "build.json").write_text(json.dumps(report, indent=2) + "\n")
+        log(f"demo CLAP written to {out} in {report['build_s'] / 60:.1f} min")
+        return
+
     manifest = world.write_world(work / "world", args.decoder_scenes, seed=args.seed, split="train",
                                  texts=args.decoder_texts)
     run = work / "decoder"
@@ -548,7 +558,8 @@ def main(argv: list[str] | None = None) -> None:
                       batch_size=args.decoder_batch, lr=args.decoder_lr, lambda_sparsity=args.lambda_sparsity,
                       lambda_diversity=args.lambda_diversity, val_fraction=0.1, workers=0, device="cpu",
                       log_every=10, save_every=10_000, seed=args.seed, text_readout=args.decoder_text_readout,
-                      mask_noise=args.decoder_mask_noise, lr_schedule=args.decoder_lr_schedule,
+                      mask_noise=args.decoder_mask_noise, logmel_skip=not args.decoder_no_logmel_skip,
+                      lr_schedule=args.decoder_lr_schedule,
                       group_by_audio=args.decoder_group_by_audio)
     t_dec = time.time()
     summary = train(cfg, clap=model, on_event=lambda e: log(
@@ -557,7 +568,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = cfg.to_json()
     report["decoder"] = {"texts": args.decoder_texts, **{k: settings[k] for k in (
         "epochs", "batch_size", "lr", "lr_schedule", "lambda_sparsity", "lambda_diversity", "text_readout",
-        "group_by_audio", "mask_noise")}}
+        "group_by_audio", "mask_noise", "logmel_skip")}}
     report["decoder_train_s"] = time.time() - t_dec
     report["decoder_steps"] = summary["steps"]
     for name in ("decoder.safetensors", "config.json"):
