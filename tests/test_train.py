@@ -105,7 +105,7 @@ def test_binarising_noise_spreads_undecided_cells_and_spares_decided_ones():
     assert torch.equal(again, T.binarising_noise(torch.full((5,), 0.3), 1.0, torch.Generator().manual_seed(3)))
 
 
-def test_mask_noise_changes_training_but_not_validation(dataset, tmp_path, tiny_clap):
+def test_mask_noise_changes_training_but_not_the_saved_decoders_masks(dataset, tmp_path, tiny_clap):
     plain, noisy = tmp_path / "plain", tmp_path / "noisy"
     T.train(_cfg(dataset, plain, max_steps=2), clap=tiny_clap)
     T.train(_cfg(dataset, noisy, max_steps=2, mask_noise=1.0), clap=tiny_clap)
@@ -118,7 +118,7 @@ def test_mask_noise_changes_training_but_not_validation(dataset, tmp_path, tiny_
     text = tiny_clap.encode_text(["a tone at 300 hertz"])
     with torch.no_grad():
         clean, masks = T.masked_embeddings(tiny_clap, dec, feats, text, pairs, "mel")
-        same = dec([h for h in feats.hidden], text, feats.logmel, None)
+        same = dec(list(feats.hidden), text, feats.logmel, None)
         _, shaken = T.masked_embeddings(tiny_clap, dec, feats, text, pairs, "mel", 1.0, torch.Generator().manual_seed(0))
     assert torch.equal(masks, same)
     assert (shaken - masks).abs().max() > 0.1 and 0 <= shaken.min() and shaken.max() <= 1

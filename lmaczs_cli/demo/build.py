@@ -38,6 +38,7 @@ from .. import spectral
 from ..audio import N_FRAMES, N_MELS, SAMPLE_RATE
 from ..clap import ClapConfig, ClapModel, ClipBpeTokenizer, build_laion_clap, save_clap
 from ..loss import similarity_term, sparsity_term
+from ..train import LR_SCHEDULES
 from . import world
 
 DEMO_CLAP = ClapConfig(
@@ -501,7 +502,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--decoder-group-by-audio", action="store_true", help="lmaczs train --group-by-audio")
     ap.add_argument("--decoder-no-logmel-skip", action="store_true", help="lmaczs train --no-logmel-skip")
     ap.add_argument("--decoder-mask-noise", type=float, default=0.0, help="lmaczs train --mask-noise")
-    ap.add_argument("--decoder-lr-schedule", choices=("constant", "cosine"), default="constant",
+    ap.add_argument("--decoder-lr-schedule", choices=LR_SCHEDULES, default="constant",
                     help="lmaczs train --lr-schedule")
     ap.add_argument("--lambda-sparsity", type=float, default=0.1)
     ap.add_argument("--lambda-diversity", type=float, default=0.5)
@@ -543,10 +544,13 @@ def main(argv: list[str] | None = None) -> None:
     for name, terms in report["plans"].items():
         log(f"LMAC-ZS objective of the plan '{name}': " + ", ".join(f"{k} {v:.3f}" for k, v in terms.items()))
 
-    if args.clap_only:
+    def finish(what: str) -> None:
         report["build_s"] = time.time() - t_start
         (out / "build.json").write_text(json.dumps(report, indent=2) + "\n")
-        log(f"demo CLAP written to {out} in {report['build_s'] / 60:.1f} min")
+        log(f"demo {what} written to {out} in {report['build_s'] / 60:.1f} min")
+
+    if args.clap_only:
+        finish("CLAP")
         return
 
     manifest = world.write_world(work / "world", args.decoder_scenes, seed=args.seed, split="train",
@@ -574,9 +578,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("decoder.safetensors", "config.json"):
         shutil.copy(run / name, out / name)
     report["examples"] = write_examples(out.parent / "examples", args.seed)
-    report["build_s"] = time.time() - t_start
-    (out / "build.json").write_text(json.dumps(report, indent=2) + "\n")
-    log(f"demo model written to {out} in {report['build_s'] / 60:.1f} min")
+    finish("model")
 
 
 if __name__ == "__main__":
