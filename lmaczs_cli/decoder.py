@@ -2,7 +2,8 @@
 
 Shape of the computation (HTSAT-tiny; PANN-14 in brackets):
 
-  h1..h4 (folded HTSAT grids) --unfold--> (time, mel) grids
+  h1..h4 (folded HTSAT grids) --lateral 1x1 conv to the decoder's width, unfold--> (time, mel) grids
+  (unfolded CLAP shapes, before the lateral conv:)
       h1 (B,192,128,8) [(B,256,125,8)]  h2 (B,384,64,4) [(B,512,62,4)]
       h3 (B,768, 32,2) [(B,1024,31,2)]  h4 (B,768, 32,2) [(B,2048,31,2)]
   text t (B,512) --> K learned tokens (B,K,D)            (K >= 4: a softmax over one key is 1)
@@ -283,10 +284,16 @@ class MaskDecoder(nn.Module):
         return self.token_norm(tok + self.token_pos)
 
     def grids(self, hidden: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """CLAP hidden states -> (time, frequency) grids."""
+        """CLAP hidden states -> their lateral projections on (time, frequency) grids.
+
+        The 1x1 lateral convolutions act per position, so they commute with the unfolding; they
+        run first, on the folded grids, so the unfolding permutes `width` channels instead of
+        CLAP's 192-768 (that permutation, with its small inner axes, was the slowest op of the
+        decoder in ONNX Runtime)."""
+        lat = [conv(h) for conv, h in zip(self.lateral, hidden)]
         if self.cfg.backbone == "htsat":
-            return [unfold_htsat(h) for h in hidden]
-        return list(hidden)
+            return [unfold_htsat(x) for x in lat]
+        return lat
 
     def condition(self, level: int, x: torch.Tensor, tok: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """The text's way in at one level: cross-attention to the K tokens, then FiLM."""
@@ -305,11 +312,11 @@ class MaskDecoder(nn.Module):
         (STFT domain only; the refinement sees it).  ->  mask (B, 1001, bins) in [0, 1]."""
         g1, g2, g3, g4 = self.grids(hidden)
         tok = self.tokens(text)
-        x = self.lateral[3](g4) + _fit(self.lateral[2](g3), g4.shape[-2], g4.shape[-1])
+        x = g4 + _fit(g3, g4.shape[-2], g4.shape[-1])
         x = self.condition(0, self.mix[0](x), tok, text)
-        x = _fit(self.up_deep(x), g2.shape[-2], g2.shape[-1]) + self.lateral[1](g2)
+        x = _fit(self.up_deep(x), g2.shape[-2], g2.shape[-1]) + g2
         x = self.condition(1, self.mix[1](x), tok, text)
-        x = _fit(self.up_mid(x), g1.shape[-2], g1.shape[-1]) + self.lateral[0](g1)
+        x = _fit(self.up_mid(x), g1.shape[-2], g1.shape[-1]) + g1
         x = self.condition(2, self.mix[2](x), tok, text)
         read = self.readout(x, text) if self.readout is not None else None      # (B, 1, T1, F1)
         x = self.up_full(x)                                # (B, c, 8*T1, 8*F1) = (B, c, 1024, 64)

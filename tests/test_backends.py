@@ -177,3 +177,31 @@ def test_backend_onnx_refuses_a_model_option_it_would_ignore(clips, engines, dec
                      "--decoder", str(decoder_dir), "--out", str(tmp_path / "o"))
     assert result.exit_code == 2
     assert "--backend onnx runs the model exported in --engines; drop --clap/--decoder" in result.output
+
+
+def test_onnx_runner_calls_flush_denormals_on_every_thread():
+    """HTSAT's shifted-window softmax leaves denormal weights that make ORT's MatMul ~18x slower;
+    the runner's ORT calls run where denormals are flushed: ORT's pool threads (its session
+    option) and the calling worker thread (`DenormalFreeCaller`)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from lmaczs_cli.backends import DenormalFreeCaller, session_options
+
+    caller = DenormalFreeCaller()
+    if not caller.flushes:
+        pytest.skip("this CPU has no flush-to-zero mode (torch.set_flush_denormal returned False)")
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "one"], ["y"])], "times_one",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])],
+        initializer=[helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = np.full(100_000, 1e-40, np.float32)                    # denormal in float32
+    plain = ort.InferenceSession(model.SerializeToString(), ort.SessionOptions(), providers=["CPUExecutionProvider"])
+    assert (plain.run(None, {"x": x})[0] == x).all()          # by default ORT keeps them
+    ours = ort.InferenceSession(model.SerializeToString(), session_options(threads=2),
+                                providers=["CPUExecutionProvider"])
+    assert (caller(ours.run, None, {"x": x})[0] == 0).all()   # split over both threads, all flushed
+    assert (caller(ours.run, None, {"x": x[:4]})[0] == 0).all()   # small: the calling thread alone

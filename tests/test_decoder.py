@@ -44,6 +44,21 @@ def test_unfold_is_exact_at_full_resolution_on_1024_frames(tiny_clap):
     assert torch.equal(D.unfold_htsat(folded), x)
 
 
+def test_lateral_projections_on_folded_grids_equal_those_of_the_unfolded_grids(tiny_clap):
+    """The decoder projects each folded HTSAT grid (1x1 conv) before unfolding it, which is
+    cheaper to permute; per-position convolutions commute with the unfolding, so the grids are
+    those of unfolding first."""
+    torch.manual_seed(0)
+    dec = D.MaskDecoder(D.DecoderConfig.for_clap(tiny_clap, width=16, heads=2, text_tokens=4))
+    _, _, hidden, _ = _inputs(tiny_clap)
+    with torch.no_grad():
+        got = dec.grids(hidden)
+        want = [conv(D.unfold_htsat(h)) for conv, h in zip(dec.lateral, hidden)]
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
 def test_interp_matrix_is_identity_when_sizes_match_and_keeps_constants():
     assert torch.equal(D.interp_matrix(7, 7), torch.eye(7))
     m = D.interp_matrix(1024, 1001)

@@ -12,6 +12,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from lmaczs_cli import spectral  # noqa: E402
 from lmaczs_cli.audio import CLIP_SAMPLES  # noqa: E402
+from lmaczs_cli.backends import session_options  # noqa: E402
 from lmaczs_cli.decoder import DecoderConfig, MaskDecoder  # noqa: E402
 from lmaczs_cli.explain import ExplainerModule  # noqa: E402
 from lmaczs_cli.export import audit, ops  # noqa: E402
@@ -62,9 +63,7 @@ def inputs():
 
 
 def session(folder, name):
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    return ort.InferenceSession(str(folder / name), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(folder / name), session_options(threads=2), providers=["CPUExecutionProvider"])
 
 
 @pytest.fixture(scope="module")
