@@ -406,6 +406,9 @@ def _explain_report(summary: dict[str, Any], as_json: bool) -> None:
 @click.option("--text-readout", is_flag=True, default=False,
               help="Add a mask logit per cell from a dot product of the prompt with the decoder's audio features, "
                    "so masks differ by prompt from the first step.")
+@click.option("--levels", type=click.IntRange(2, 4), default=4, show_default=True,
+              help="CLAP stages the decoder reads, from the first: 4 (all), 3, or 2 (the first two: local features, "
+                   "so a mask can only keep what looks like the prompt where it is, not follow the whole clip).")
 @click.option("--logmel-skip/--no-logmel-skip", default=True, show_default=True,
               help="Feed the decoder the clip's log-mel at full resolution beside CLAP's hidden states. Without it "
                    "the mask can only follow what the encoder saw (the randomization check falls harder).")
@@ -476,7 +479,7 @@ _ARCHITECTURE = "the checkpoint holds a decoder of the stored shape"
 FIXED_ON_RESUME = {   # TrainConfig fields a resumed run must keep, and why
     "group_by_audio": "it would re-plan the epoch in progress (some clips twice, some never)",
     "domain": _ARCHITECTURE, "width": _ARCHITECTURE, "text_tokens": _ARCHITECTURE, "text_readout": _ARCHITECTURE,
-    "logmel_skip": _ARCHITECTURE,
+    "logmel_skip": _ARCHITECTURE, "levels": _ARCHITECTURE,
 }
 
 

@@ -8,6 +8,8 @@ Shape of the computation (HTSAT-tiny; PANN-14 in brackets):
       h3 (B,768, 32,2) [(B,1024,31,2)]  h4 (B,768, 32,2) [(B,2048,31,2)]
   text t (B,512) --> K learned tokens (B,K,D)            (K >= 4: a softmax over one key is 1)
   deep = lat4(h4) + lat3(h3) -> xattn -> up(ConvT) + lat2(h2) -> xattn -> up + lat1(h1) -> xattn
+      (levels=3: deep = lat3(h3); levels=2: no deep stage, start from lat2(h2) -- the decoder reads
+       only CLAP's first stages, whose tokens see a neighbourhood of the clip, not all of it)
       (text_readout: + a logit map <q(t), k(x)> read off this h1-grid map, brought onto the mask grid)
       -> 3 x up(ConvT)          (B, c, 1024, 64) [(B, c, 1000, 64)]
       (+ the clip's normalised log-mel as a skip channel, brought onto the same grid)
@@ -119,6 +121,7 @@ class DecoderConfig:
     logmel_skip: bool = True                   # feed the clip's normalised log-mel at full resolution
     film: bool = True                          # text FiLM (per-channel scale and shift) after each attention
     text_readout: bool = False                 # add a text-audio dot-product logit map (TextReadout)
+    levels: int = 4                            # CLAP stages read, from the first: 4 (h1..h4), 3, or 2 (h1, h2)
 
     def __post_init__(self) -> None:
         if self.domain not in spectral.MASK_DOMAINS:
@@ -129,6 +132,8 @@ class DecoderConfig:
             raise DecoderError("text_tokens must be >= 4: attention over a single key is a constant bias")
         if self.width % self.heads or self.width % 8:
             raise DecoderError("width must be a multiple of heads and of 8")
+        if self.levels not in (2, 3, 4):
+            raise DecoderError(f"levels must be 2, 3 or 4 (CLAP stages read from the first), not {self.levels}")
         for name in ("hidden_channels", "hidden_time", "hidden_freq"):
             object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
 
@@ -142,6 +147,7 @@ class DecoderConfig:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "DecoderConfig":
         return cls(**{"film": False, "text_readout": False, **d})   # configs written before these existed
+                                                                    # (levels: its default, all four)
 
     @classmethod
     def for_clap(cls, clap: Any, **kwargs: Any) -> "DecoderConfig":
@@ -255,16 +261,17 @@ class MaskDecoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         w = cfg.width
-        widths = (w // 2, w, w, w)                         # per level h1..h4
+        widths = (w // 2, w, w, w)[: cfg.levels]           # per level h1..h4
         self.lateral = nn.ModuleList(nn.Conv2d(c, wl, 1) for c, wl in zip(cfg.hidden_channels, widths))
         self.text_tokens = nn.Linear(cfg.text_dim, cfg.text_tokens * w)
         self.token_pos = nn.Parameter(torch.randn(cfg.text_tokens, w) * 0.02)
         self.token_norm = nn.LayerNorm(w)
-        self.token_proj = nn.ModuleList(nn.Linear(w, c) for c in (w, w, w // 2))
-        self.attn = nn.ModuleList(CrossAttention(c, cfg.heads if c % cfg.heads == 0 else 1) for c in (w, w, w // 2))
-        self.film = nn.ModuleList(FiLM(cfg.text_dim, c) for c in (w, w, w // 2)) if cfg.film else None
-        self.mix = nn.ModuleList([ConvBlock(w, w), ConvBlock(w, w), ConvBlock(w // 2, w // 2)])
-        self.up_deep = Up(w, w)                            # deep -> h2 grid
+        stages = (w, w, w // 2) if cfg.levels > 2 else (w, w // 2)   # widths where the text comes in
+        self.token_proj = nn.ModuleList(nn.Linear(w, c) for c in stages)
+        self.attn = nn.ModuleList(CrossAttention(c, cfg.heads if c % cfg.heads == 0 else 1) for c in stages)
+        self.film = nn.ModuleList(FiLM(cfg.text_dim, c) for c in stages) if cfg.film else None
+        self.mix = nn.ModuleList(ConvBlock(c, c) for c in stages)
+        self.up_deep = Up(w, w) if cfg.levels > 2 else None   # deep (h3, h4) -> h2 grid
         self.up_mid = Up(w, w // 2)                        # h2 -> h1 grid
         self.up_full = nn.Sequential(Up(w // 2, w // 4), Up(w // 4, w // 8), Up(w // 8, w // 8))
         skip = 1 if cfg.logmel_skip else 0
@@ -290,7 +297,7 @@ class MaskDecoder(nn.Module):
         run first, on the folded grids, so the unfolding permutes `width` channels instead of
         CLAP's 192-768 (that permutation, with its small inner axes, was the slowest op of the
         decoder in ONNX Runtime)."""
-        lat = [conv(h) for conv, h in zip(self.lateral, hidden)]
+        lat = [conv(h.contiguous()) for conv, h in zip(self.lateral, hidden)]   # same kernel for any layout
         if self.cfg.backbone == "htsat":
             return [unfold_htsat(x) for x in lat]
         return lat
@@ -310,14 +317,19 @@ class MaskDecoder(nn.Module):
         """hidden: CLAP's h1..h4 (B, C_i, H_i, W_i); text: (B, text_dim) L2-normalised;
         logmel: (B, 1001, 64) dB (needed when cfg.logmel_skip); log_power: (B, 1001, 513) dB
         (STFT domain only; the refinement sees it).  ->  mask (B, 1001, bins) in [0, 1]."""
-        g1, g2, g3, g4 = self.grids(hidden)
+        g1, g2, *deep = self.grids(hidden)
         tok = self.tokens(text)
-        x = g4 + _fit(g3, g4.shape[-2], g4.shape[-1])
-        x = self.condition(0, self.mix[0](x), tok, text)
-        x = _fit(self.up_deep(x), g2.shape[-2], g2.shape[-1]) + g2
-        x = self.condition(1, self.mix[1](x), tok, text)
+        stage = 0
+        if deep:                                           # h4 + h3 (or h3 alone) on the deepest grid
+            x = deep[-1] + _fit(deep[0], deep[-1].shape[-2], deep[-1].shape[-1]) if len(deep) == 2 else deep[0]
+            x = self.condition(0, self.mix[0](x), tok, text)
+            x = _fit(self.up_deep(x), g2.shape[-2], g2.shape[-1]) + g2
+            stage = 1
+        else:
+            x = g2
+        x = self.condition(stage, self.mix[stage](x), tok, text)
         x = _fit(self.up_mid(x), g1.shape[-2], g1.shape[-1]) + g1
-        x = self.condition(2, self.mix[2](x), tok, text)
+        x = self.condition(stage + 1, self.mix[stage + 1](x), tok, text)
         read = self.readout(x, text) if self.readout is not None else None      # (B, 1, T1, F1)
         x = self.up_full(x)                                # (B, c, 8*T1, 8*F1) = (B, c, 1024, 64)
         x = _fit(x, self.full_time, N_MELS)

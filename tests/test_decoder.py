@@ -59,6 +59,26 @@ def test_lateral_projections_on_folded_grids_equal_those_of_the_unfolded_grids(t
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("levels", [2, 3])
+def test_a_decoder_of_fewer_levels_reads_only_clap_s_first_stages(tiny_clap, levels):
+    torch.manual_seed(0)
+    dec = D.MaskDecoder(D.DecoderConfig.for_clap(tiny_clap, width=16, heads=2, text_tokens=4, levels=levels)).eval()
+    full = D.MaskDecoder(D.DecoderConfig.for_clap(tiny_clap, width=16, heads=2, text_tokens=4)).eval()
+    assert len(dec.lateral) == levels and D.parameter_count(dec) < D.parameter_count(full)
+    _, logmel, hidden, _ = _inputs(tiny_clap)
+    text = torch.nn.functional.normalize(torch.randn(2, tiny_clap.cfg.joint_dim), dim=-1)
+    later = list(hidden[:levels]) + [torch.randn_like(h) for h in hidden[levels:]]   # other deeper stages
+    earlier = [torch.randn_like(h) for h in hidden[:levels]] + list(hidden[levels:])  # other read stages
+    with torch.no_grad():
+        m = dec(list(hidden), text, logmel)
+        assert m.shape == (2, N_FRAMES, N_MELS) and 0 <= m.min() and m.max() <= 1
+        assert torch.equal(dec(later, text, logmel), m)
+        assert (dec(earlier, text, logmel) - m).abs().max() > 1e-4
+        assert (full(later, text, logmel) - full(list(hidden), text, logmel)).abs().max() > 1e-4
+    with pytest.raises(D.DecoderError, match="levels"):
+        D.DecoderConfig.for_clap(tiny_clap, levels=1)
+
+
 def test_interp_matrix_is_identity_when_sizes_match_and_keeps_constants():
     assert torch.equal(D.interp_matrix(7, 7), torch.eye(7))
     m = D.interp_matrix(1024, 1001)
