@@ -412,6 +412,9 @@ def _explain_report(summary: dict[str, Any], as_json: bool) -> None:
 @click.option("--logmel-skip/--no-logmel-skip", default=True, show_default=True,
               help="Feed the decoder the clip's log-mel at full resolution beside CLAP's hidden states. Without it "
                    "the mask can only follow what the encoder saw (the randomization check falls harder).")
+@click.option("--skip-gate", is_flag=True, default=False,
+              help="Let the log-mel skip only gate the mask (a text-independent gate that can remove quiet cells) "
+                   "instead of joining the decoder's features: which events a prompt keeps must then come from CLAP.")
 @click.option("--mask-noise", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Scale of logistic noise added to the mask logits in training (0: none). At 1 the decoder must "
                    "commit each cell to kept or dropped instead of turning everything down a little; the saved "
@@ -479,7 +482,7 @@ _ARCHITECTURE = "the checkpoint holds a decoder of the stored shape"
 FIXED_ON_RESUME = {   # TrainConfig fields a resumed run must keep, and why
     "group_by_audio": "it would re-plan the epoch in progress (some clips twice, some never)",
     "domain": _ARCHITECTURE, "width": _ARCHITECTURE, "text_tokens": _ARCHITECTURE, "text_readout": _ARCHITECTURE,
-    "logmel_skip": _ARCHITECTURE, "levels": _ARCHITECTURE,
+    "logmel_skip": _ARCHITECTURE, "levels": _ARCHITECTURE, "skip_gate": _ARCHITECTURE,
 }
 
 

@@ -12,7 +12,8 @@ Shape of the computation (HTSAT-tiny; PANN-14 in brackets):
        only CLAP's first stages, whose tokens see a neighbourhood of the clip, not all of it)
       (text_readout: + a logit map <q(t), k(x)> read off this h1-grid map, brought onto the mask grid)
       -> 3 x up(ConvT)          (B, c, 1024, 64) [(B, c, 1000, 64)]
-      (+ the clip's normalised log-mel as a skip channel, brought onto the same grid)
+      (+ the clip's normalised log-mel as a skip channel, brought onto the same grid;
+       skip_gate: instead, a text-independent gate on the log-mel multiplies the final mask)
       -> conv -> logits -> fixed time map to 1001 frames          (B, 1001, 64)
   STFT domain: logits -> fixed mel->linear map (B,1001,513) -> refine with the log-power skip
   sigmoid -> mask in [0, 1]
@@ -122,6 +123,7 @@ class DecoderConfig:
     film: bool = True                          # text FiLM (per-channel scale and shift) after each attention
     text_readout: bool = False                 # add a text-audio dot-product logit map (TextReadout)
     levels: int = 4                            # CLAP stages read, from the first: 4 (h1..h4), 3, or 2 (h1, h2)
+    skip_gate: bool = False                    # the log-mel skip gates the mask (SkipGate) instead of joining the features
 
     def __post_init__(self) -> None:
         if self.domain not in spectral.MASK_DOMAINS:
@@ -132,6 +134,8 @@ class DecoderConfig:
             raise DecoderError("text_tokens must be >= 4: attention over a single key is a constant bias")
         if self.width % self.heads or self.width % 8:
             raise DecoderError("width must be a multiple of heads and of 8")
+        if self.skip_gate and (not self.logmel_skip or self.domain != "mel"):
+            raise DecoderError("skip_gate needs the log-mel skip and the mel domain")
         if self.levels not in (2, 3, 4):
             raise DecoderError(f"levels must be 2, 3 or 4 (CLAP stages read from the first), not {self.levels}")
         for name in ("hidden_channels", "hidden_time", "hidden_freq"):
@@ -221,6 +225,27 @@ class TextReadout(nn.Module):
         return (q * self.key(x)).sum(1, keepdim=True) * self.scale
 
 
+class SkipGate(nn.Module):
+    """The log-mel skip as a gate: mask = sigmoid(logits) * sigmoid(g(log-mel)), returned as the
+    logits of that product. g sees neither the prompt nor CLAP, so it can only take away cells (the
+    quiet ones between and around events) from what the CLAP-fed logits keep; *which* events a
+    prompt keeps must come from CLAP's hidden states, and a re-initialised CLAP changes the masks
+    (the randomization check). Starts open (g = 4 everywhere: sigmoid 0.98)."""
+
+    def __init__(self, channels: int = 8) -> None:
+        super().__init__()
+        self.net = nn.Sequential(ConvBlock(1, channels), nn.Conv2d(channels, 1, 3, padding=1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.constant_(self.net[-1].bias, 4.0)
+
+    def forward(self, logits: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """logits (B, 1, T, F), skip (B, 1, T, F) -> logit(sigmoid(logits) * sigmoid(g(skip)))."""
+        g = self.net(skip)
+        # log p = log sigmoid(a) + log sigmoid(g); logit = log p - log(1 - p), computed stably
+        log_p = F.logsigmoid(logits) + F.logsigmoid(g)
+        return log_p - torch.log1p(-torch.exp(log_p).clamp_max(1 - 1e-7))
+
+
 class ConvBlock(nn.Sequential):
     def __init__(self, c_in: int, c_out: int) -> None:
         super().__init__(
@@ -274,8 +299,9 @@ class MaskDecoder(nn.Module):
         self.up_deep = Up(w, w) if cfg.levels > 2 else None   # deep (h3, h4) -> h2 grid
         self.up_mid = Up(w, w // 2)                        # h2 -> h1 grid
         self.up_full = nn.Sequential(Up(w // 2, w // 4), Up(w // 4, w // 8), Up(w // 8, w // 8))
-        skip = 1 if cfg.logmel_skip else 0
+        skip = 1 if cfg.logmel_skip and not cfg.skip_gate else 0
         self.head = nn.Sequential(ConvBlock(w // 8 + skip, w // 8), nn.Conv2d(w // 8, 1, 3, padding=1))
+        self.gate = SkipGate() if cfg.skip_gate else None
         self.readout = TextReadout(cfg.text_dim, w // 2) if cfg.text_readout else None
         if cfg.domain == "stft":
             # refine the mel-resolution logits on the linear grid, seeing the clip's log power
@@ -336,12 +362,15 @@ class MaskDecoder(nn.Module):
         if self.cfg.logmel_skip:
             if logmel is None:
                 raise DecoderError("this decoder takes the log-mel as a skip input: pass logmel=")
-            skip = resample_time(_normalise(logmel.unsqueeze(1)), self.full_time)
-            x = torch.cat([x, skip], dim=1)
+            skip = _normalise(logmel.unsqueeze(1))          # (B, 1, 1001, 64)
+            if self.gate is None:
+                x = torch.cat([x, resample_time(skip, self.full_time)], dim=1)
         logits = resample_time(self.head(x), N_FRAMES)     # (B, 1, 1001, 64)
         if read is not None:                               # onto the mask grid: two fixed MatMuls
             fmap = interp_matrix(int(read.shape[-1]), N_MELS, read.device).to(read.dtype)
             logits = logits + resample_time(read, N_FRAMES) @ fmap.T
+        if self.gate is not None:                          # last: nothing the prompt brings can undo it
+            logits = self.gate(logits, skip)
         if self.cfg.domain == "stft":
             logits = logits @ spectral.mel_to_linear_weights(logits.device).to(logits.dtype)  # (B,1,1001,513)
             if log_power is None:

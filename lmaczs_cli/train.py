@@ -90,6 +90,7 @@ class TrainConfig:
     text_tokens: int = 8                # decoder cross-attention keys (>= 4)
     text_readout: bool = False          # decoder's text-audio dot-product logits (DecoderConfig)
     levels: int = 4                     # CLAP stages the decoder reads, from the first (DecoderConfig)
+    skip_gate: bool = False             # the log-mel skip gates the mask instead of joining the features
     logmel_skip: bool = True            # decoder input from the log-mel itself (DecoderConfig)
     mask_noise: float = 0.0             # scale of logistic noise on the mask logits in training (binarising_noise)
     workers: int = 0                    # DataLoader worker processes (decode + resample)
@@ -422,7 +423,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict[str, 
     torch.manual_seed(cfg.seed)
     dec_cfg = DecoderConfig.for_clap(clap, domain=cfg.domain, width=cfg.width, text_tokens=cfg.text_tokens,
                                       text_readout=cfg.text_readout, logmel_skip=cfg.logmel_skip,
-                                      levels=cfg.levels)
+                                      levels=cfg.levels, skip_gate=cfg.skip_gate)
     decoder = MaskDecoder(dec_cfg).to(device)
     opt = torch.optim.Adam(decoder.parameters(), lr=cfg.lr)
 

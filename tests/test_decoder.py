@@ -79,6 +79,25 @@ def test_a_decoder_of_fewer_levels_reads_only_clap_s_first_stages(tiny_clap, lev
         D.DecoderConfig.for_clap(tiny_clap, levels=1)
 
 
+def test_a_skip_gated_mask_is_the_clap_fed_mask_times_a_gate_on_the_log_mel(tiny_clap):
+    torch.manual_seed(0)
+    dec = D.MaskDecoder(D.DecoderConfig.for_clap(tiny_clap, width=16, heads=2, text_tokens=4, skip_gate=True)).eval()
+    assert dec.head[0][0].in_channels == 2          # the head sees no log-mel channel
+    for p in dec.gate.parameters():                 # a gate that is not all open
+        torch.nn.init.normal_(p, std=0.5)
+    _, logmel, hidden, _ = _inputs(tiny_clap)
+    text = torch.nn.functional.normalize(torch.randn(2, tiny_clap.cfg.joint_dim), dim=-1)
+    with torch.no_grad():
+        mask = dec(list(hidden), text, logmel)
+        gate = torch.sigmoid(dec.gate.net(D._normalise(logmel.unsqueeze(1))))[:, 0]
+        dec.gate.forward = lambda logits, skip: logits   # the same decoder with its gate left out
+        ungated = dec(list(hidden), text, logmel)
+    assert gate.min() < 0.2 and gate.max() > 0.8
+    torch.testing.assert_close(mask, ungated * gate, rtol=1e-4, atol=1e-6)
+    with pytest.raises(D.DecoderError, match="skip_gate"):
+        D.DecoderConfig.for_clap(tiny_clap, skip_gate=True, logmel_skip=False)
+
+
 def test_interp_matrix_is_identity_when_sizes_match_and_keeps_constants():
     assert torch.equal(D.interp_matrix(7, 7), torch.eye(7))
     m = D.interp_matrix(1024, 1001)

@@ -502,6 +502,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--decoder-group-by-audio", action="store_true", help="lmaczs train --group-by-audio")
     ap.add_argument("--decoder-no-logmel-skip", action="store_true", help="lmaczs train --no-logmel-skip")
     ap.add_argument("--decoder-levels", type=int, default=4, choices=(2, 3, 4), help="lmaczs train --levels")
+    ap.add_argument("--decoder-skip-gate", action="store_true", help="lmaczs train --skip-gate")
     ap.add_argument("--decoder-mask-noise", type=float, default=0.0, help="lmaczs train --mask-noise")
     ap.add_argument("--decoder-lr-schedule", choices=LR_SCHEDULES, default="constant",
                     help="lmaczs train --lr-schedule")
@@ -564,7 +565,7 @@ def main(argv: list[str] | None = None) -> None:
                       lambda_diversity=args.lambda_diversity, val_fraction=0.1, workers=0, device="cpu",
                       log_every=10, save_every=10_000, seed=args.seed, text_readout=args.decoder_text_readout,
                       mask_noise=args.decoder_mask_noise, logmel_skip=not args.decoder_no_logmel_skip,
-                      levels=args.decoder_levels,
+                      levels=args.decoder_levels, skip_gate=args.decoder_skip_gate,
                       lr_schedule=args.decoder_lr_schedule,
                       group_by_audio=args.decoder_group_by_audio)
     t_dec = time.time()
@@ -574,7 +575,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = cfg.to_json()
     report["decoder"] = {"texts": args.decoder_texts, **{k: settings[k] for k in (
         "epochs", "batch_size", "lr", "lr_schedule", "lambda_sparsity", "lambda_diversity", "text_readout",
-        "group_by_audio", "mask_noise", "logmel_skip", "levels")}}
+        "group_by_audio", "mask_noise", "logmel_skip", "levels", "skip_gate")}}
     report["decoder_train_s"] = time.time() - t_dec
     report["decoder_steps"] = summary["steps"]
     for name in ("decoder.safetensors", "config.json"):
