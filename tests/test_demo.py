@@ -17,6 +17,7 @@ import torch
 from lmaczs_cli import metrics, spectral
 from lmaczs_cli.clap import load_clap
 from lmaczs_cli.demo import world
+from lmaczs_cli.demo.scores import localization_report
 from lmaczs_cli.audio import N_FRAMES, N_MELS
 from lmaczs_cli.explain import Explainer, demo_dir
 
@@ -50,37 +51,19 @@ def test_demo_clap_zero_shot_accuracy_on_held_out_single_events():
     assert correct / total >= 0.9, correct / total
 
 
-def _held_out_scenes():
-    return [world.render_scene(world.scene_seed(0, "test", i)) for i in range(N_SCENES)]
-
-
 def test_masks_lie_on_present_events_more_than_chance_and_keep_similarity(demo):
     """What the bundled decoder achieves today. Issue C asks for >= 60 % of the mask in the
     event's region and absent-prompt masks <= 0.3x matched ones; the bundled decoder reaches
     ~0.30 (chance ~0.11) with absent-prompt masks ~0.75x matched ones, so those two bounds are
     not asserted here — they stay open work, reported by this test's printout. Asserted: mass
     in region >= 1.5x chance, absent-prompt masks smaller than matched ones, similarity kept."""
-    inside, chance, matched_mean, absent_mean, sim_gap = [], [], [], [], []
-    rng = np.random.default_rng(0)
-    for scene in _held_out_scenes():
-        present = [e.name for e in scene.events]
-        absent = rng.choice([n for n in world.EVENTS if n not in present])
-        prompts = [world.prompt_for(n) for n in present] + [world.prompt_for(absent)]
-        results = demo.explain_prompts(scene.wave, prompts)
-        for name, r in zip(present, results):
-            region = metrics.dilate(scene.mel_masks[name])
-            inside.append(metrics.mass_in_region(r.mask, region))
-            chance.append(region.mean())
-            matched_mean.append(r.mask_mean)
-            sim_gap.append(abs(r.similarity - r.masked_similarity))
-        absent_mean.append(results[-1].mask_mean)
-    report = (f"mass in region {np.mean(inside):.3f} (chance {np.mean(chance):.3f}); mask mean matched "
-              f"{np.mean(matched_mean):.3f} absent {np.mean(absent_mean):.3f}; |sim - masked sim| mean "
-              f"{np.mean(sim_gap):.3f} max {np.max(sim_gap):.3f}")
+    r = localization_report(demo, n_scenes=N_SCENES)
+    report = (f"mass in region {r['mass']:.3f} (chance {r['chance']:.3f}); mask mean matched {r['matched']:.3f} "
+              f"absent {r['absent']:.3f}; |sim - masked sim| mean {r['gap']:.3f} max {r['gap_max']:.3f}")
     print(report)
-    assert np.mean(inside) >= 1.5 * np.mean(chance), report
-    assert np.mean(absent_mean) < np.mean(matched_mean), report
-    assert np.mean(sim_gap) <= 0.1, report
+    assert r["mass"] >= 1.5 * r["chance"], report
+    assert r["absent"] < r["matched"], report
+    assert r["gap"] <= 0.1, report
 
 
 @pytest.mark.parametrize("name", ["steady tone", "hiss", "low rumble", "rising chirp"])
@@ -307,3 +290,36 @@ def test_build_clap_only_writes_the_clap_and_its_history_and_trains_no_decoder(t
                 "--clap-batch", "2", "--scenes", "4", "--singles", "2", "--clap-init", str(out)])
     history = json.loads((again / "build.json").read_text())["clap_history"]
     assert history[0] == report["clap_history"][0] and history[1].startswith(f"1 steps from {out}")
+
+
+def test_randomization_report_follows_the_encoder_stages_and_the_demo_masks_fall(demo):
+    from lmaczs_cli.demo.scores import randomization_report
+    from lmaczs_cli.evaluate import encoder_stages
+
+    before = {k: v.clone() for k, v in demo.clap.clap.state_dict().items()}
+    r = randomization_report(demo, n_scenes=2)
+    after = demo.clap.clap.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())   # the explainer's own CLAP untouched
+    assert list(r) == [name for name, _ in encoder_stages(demo.clap)]
+    print({k: round(v, 3) for k, v in r.items()})
+    assert r["projection"] > 0.9                   # the decoder does not read the projection
+    assert min(r.values()) < 0.8                   # but its masks depend on what CLAP's stages saw
+
+
+def test_build_trains_a_decoder_and_scores_it_on_held_out_scenes(tmp_path, monkeypatch):
+    from lmaczs_cli.demo import build
+
+    monkeypatch.setattr(build, "zero_shot_accuracy", lambda model, per_class, seed: {"accuracy": 0.5})
+    monkeypatch.setattr(build, "presence_report", lambda model: {"scene": 0.0})
+    monkeypatch.setattr(build, "plan_objective", lambda model, **kw: {})
+    out = tmp_path / "model"
+    build.main(["--out", str(out), "--work", str(tmp_path / "work"), "--clap-steps", "1", "--clap-batch", "2",
+                "--scenes", "4", "--singles", "2", "--decoder-scenes", "2", "--decoder-epochs", "1",
+                "--decoder-batch", "2", "--decoder-levels", "2", "--decoder-skip-gate", "--report-scenes", "2"])
+    report = json.loads((out / "build.json").read_text())
+    assert {"decoder.safetensors", "config.json", "clap.safetensors"} <= {p.name for p in out.iterdir()}
+    assert report["decoder"]["levels"] == 2 and report["decoder"]["skip_gate"] is True
+    loc = report["localization"]
+    assert loc["scenes"] == 2 and 0 <= loc["chance"] < 1 and 0 <= loc["mass"] <= 1 and loc["matched"] > 0
+    assert list(report["randomization"])[0] == "projection" and all(-1 <= v <= 1 for v in report["randomization"].values())
+    assert len(json.loads((tmp_path / "examples" / "examples.json").read_text())) == build.EXAMPLES

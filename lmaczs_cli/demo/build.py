@@ -15,7 +15,8 @@ Steps (all seeded; ~45 min on 2 CPU cores, see README):
      objective makes of hand-made masks (isolating the prompted event vs keeping every event);
   3. round the weights to fp16 (that is what ships) and measure zero-shot accuracy on held-out
      single-event clips with the prompts ``world.prompt_for(name)``;
-  4. write a world manifest and train the decoder with ``lmaczs_cli.train.train``;
+  4. write a world manifest and train the decoder with ``lmaczs_cli.train.train``, then score
+     it on held-out scenes (`scores.localization_report`, `scores.randomization_report`);
   5. write a few example sounds for the README's first command.
 """
 from __future__ import annotations
@@ -508,6 +509,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="lmaczs train --lr-schedule")
     ap.add_argument("--lambda-sparsity", type=float, default=0.1)
     ap.add_argument("--lambda-diversity", type=float, default=0.5)
+    ap.add_argument("--report-scenes", type=int, default=12,
+                    help="held-out scenes the decoder is scored on (localization figures, build.json)")
     ap.add_argument("--skip-clap", action="store_true", help="reuse the CLAP already in --out")
     ap.add_argument("--clap-only", action="store_true",
                     help="stop after the CLAP and its reports (one fine-tuning round; the next goes on with "
@@ -522,7 +525,9 @@ def main(argv: list[str] | None = None) -> None:
     report: dict[str, Any] = {"seed": args.seed}
 
     from ..clap import load_clap_dir
+    from ..explain import Explainer
     from ..train import TrainConfig, train
+    from .scores import localization_report, randomization_report
 
     if args.skip_clap:
         model = load_clap_dir(out)
@@ -580,6 +585,12 @@ def main(argv: list[str] | None = None) -> None:
     report["decoder_steps"] = summary["steps"]
     for name in ("decoder.safetensors", "config.json"):
         shutil.copy(run / name, out / name)
+    explainer = Explainer.load(clap=str(out), decoder=out, device="cpu")
+    report["localization"] = localization_report(explainer, n_scenes=args.report_scenes)
+    log("held-out scenes: " + ", ".join(f"{k} {v:.3f}" for k, v in report["localization"].items()))
+    report["randomization"] = randomization_report(explainer)
+    log("SSIM of the masks as CLAP is re-initialised from the top: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in report["randomization"].items()))
     report["examples"] = write_examples(out.parent / "examples", args.seed)
     finish("model")
 
