@@ -470,24 +470,31 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(structural_similarity(np.asarray(a, np.float64), np.asarray(b, np.float64), data_range=1.0))
 
 
+def cascading_ssim(clap: Any, decoder: nn.Module, domain: str, text: torch.Tensor, settings: BaselineSettings,
+                   methods: Sequence[str], waves: torch.Tensor, target: torch.Tensor,
+                   seed: int) -> dict[str, dict[str, float]]:
+    """Cascading randomisation (Adebayo et al. 2018) of a copy of `clap`: re-initialise encoder
+    stages from the top down, cumulatively; each method's masks for `target` (B,) (rows of
+    `text`) are compared by SSIM with the intact model's. Returns {stage: {method: mean SSIM}}."""
+    original = {m: MaskMethods(clap, decoder, domain, text, settings)(m, waves, target) for m in methods}
+    broken = type(clap)(copy.deepcopy(clap.clap), clap.cfg, clap.tokenizer, f"{clap.source} (randomised)")
+    out: dict[str, dict[str, float]] = {}
+    for s, (name, modules) in enumerate(encoder_stages(broken)):
+        reinitialise_(modules, seed + s)
+        masker = MaskMethods(broken, decoder, domain, text, settings)
+        out[name] = {m: float(np.mean([ssim(a, b) for a, b in zip(original[m], masker(m, waves, target))]))
+                     for m in methods}
+    return out
+
+
 def randomization_study(clap: Any, decoder: nn.Module, domain: str, text: torch.Tensor, waves: torch.Tensor,
                         cfg: EvalConfig) -> dict[str, Any]:
-    """Cascading randomisation (Adebayo et al. 2018): re-initialise encoder stages from the top
-    down, cumulatively; each method's masks for the original ĉ are compared by SSIM with the
-    masks of the intact model. Returns {"stages": [...], "ssim": {method: [mean per stage]}}."""
+    """`cascading_ssim` for the original ĉ of each clip. Returns {"stages": [...],
+    "ssim": {method: [mean per stage]}}."""
     prob = probabilities(clap, text, spectral.log_mel(waves), cfg.logit_scale)
     target = torch.from_numpy(prob.argmax(axis=1)).to(waves.device)
-    original = {m: MaskMethods(clap, decoder, domain, text, cfg.baselines)(m, waves, target) for m in cfg.methods}
-    broken = type(clap)(copy.deepcopy(clap.clap), clap.cfg, clap.tokenizer, f"{clap.source} (randomised)")
-    stages = encoder_stages(broken)
-    result: dict[str, Any] = {"stages": [name for name, _ in stages], "ssim": {m: [] for m in cfg.methods}}
-    for s, (_, modules) in enumerate(stages):
-        reinitialise_(modules, cfg.seed + s)
-        masker = MaskMethods(broken, decoder, domain, text, cfg.baselines)
-        for m in cfg.methods:
-            masks = masker(m, waves, target)
-            result["ssim"][m].append(float(np.mean([ssim(a, b) for a, b in zip(original[m], masks)])))
-    return result
+    per_stage = cascading_ssim(clap, decoder, domain, text, cfg.baselines, cfg.methods, waves, target, cfg.seed)
+    return {"stages": list(per_stage), "ssim": {m: [v[m] for v in per_stage.values()] for m in cfg.methods}}
 
 
 def prompt_sensitivity_study(masker: MaskMethods, clap: Any, text: torch.Tensor, waves: torch.Tensor,

@@ -10,13 +10,12 @@ share of the mask grid.
 """
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import numpy as np
 import torch
 
-from .. import metrics, spectral
+from .. import metrics
 from . import world
 
 
@@ -56,29 +55,18 @@ def localization_report(explainer: Any, n_scenes: int = 12, seed: int = 0) -> di
 
 
 def randomization_report(explainer: Any, n_scenes: int = 4, seed: int = 0) -> dict[str, float]:
-    """Cascading randomisation of the explainer's CLAP (`evaluate.encoder_stages`, from the
-    projection down), the decoder kept: mean SSIM of each scene's mask for its first event's
-    prompt to the intact model's, per stage. Masks that explain the classifier fall as its
-    stages are re-initialised; masks that stay put come from the decoder itself."""
-    from ..evaluate import encoder_stages, reinitialise_, ssim
+    """`evaluate.cascading_ssim` of the explainer's LMAC-ZS masks, each scene explained for its
+    first event's prompt: mean SSIM to the intact model's masks per re-initialised stage, from the
+    projection down. Masks that explain the classifier fall as its stages are re-initialised;
+    masks that stay put come from the decoder itself."""
+    from ..baselines import BaselineSettings
+    from ..evaluate import cascading_ssim
 
-    clap, decoder = explainer.clap, explainer.decoder
+    clap = explainer.clap
     scenes = held_out_scenes(n_scenes, seed)
     text = clap.encode_text([world.prompt_for(s.events[0].name) for s in scenes]).to(explainer.device)
     waves = torch.from_numpy(np.stack([s.wave for s in scenes])).to(explainer.device)
-
-    @torch.no_grad()
-    def masks(model: Any) -> np.ndarray:
-        P = spectral.power(spectral.stft(waves))
-        logmel = spectral.to_db(spectral.mel_power(P))
-        _, hidden = model.encode(logmel)
-        lp = spectral.to_db(P) if explainer.domain == "stft" else None
-        return decoder(hidden, text, logmel, lp).float().cpu().numpy()
-
-    original = masks(clap)
-    broken = type(clap)(copy.deepcopy(clap.clap), clap.cfg, clap.tokenizer, f"{clap.source} (randomised)")
-    out = {}
-    for s, (name, modules) in enumerate(encoder_stages(broken)):
-        reinitialise_(modules, seed + s)
-        out[name] = float(np.mean([ssim(a, b) for a, b in zip(original, masks(broken))]))
-    return out
+    target = torch.arange(n_scenes, device=explainer.device)
+    per_stage = cascading_ssim(clap, explainer.decoder, explainer.domain, text, BaselineSettings(), ["lmaczs"],
+                               waves, target, seed)
+    return {stage: v["lmaczs"] for stage, v in per_stage.items()}
