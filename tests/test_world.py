@@ -12,7 +12,7 @@ import torch
 from lmaczs_cli import spectral
 from lmaczs_cli.audio import CLIP_SAMPLES, HOP, N_FFT, N_FRAMES, N_FREQS, N_MELS, SAMPLE_RATE
 from lmaczs_cli.data import read_manifest
-from lmaczs_cli.demo import world
+from lmaczs_cli.demo import events, world
 from lmaczs_cli.demo.world import EVENTS, Event
 
 
@@ -46,7 +46,7 @@ def test_render_event_is_deterministic_float32_unit_rms(name):
     x = world.render_event(name, 1.5, seed=7)
     assert x.dtype == np.float32 and x.shape == (int(1.5 * SAMPLE_RATE),)
     assert np.isfinite(x).all()
-    a, b = world._active_span(x)
+    a, b = events.active_span(x)
     assert np.sqrt(np.mean(x[a:b].astype(np.float64) ** 2)) == pytest.approx(1.0, rel=1e-4)
     assert world.render_event(name, 1.5, seed=7).tobytes() == x.tobytes()
     assert not np.array_equal(world.render_event(name, 1.5, seed=8), x)
