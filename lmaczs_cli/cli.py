@@ -417,6 +417,9 @@ def _explain_report(summary: dict[str, Any], as_json: bool) -> None:
               help="Scale of logistic noise added to the mask logits in training (0: none). At 1 the decoder must "
                    "commit each cell to kept or dropped instead of turning everything down a little; the saved "
                    "decoder's masks are noise-free.")
+@click.option("--hard-mask", is_flag=True, default=False,
+              help="In training, show CLAP the mask thresholded at 0.5 (cells kept whole or removed) with the soft "
+                   "mask's gradient (straight-through); use with --mask-noise so the saved soft mask commits too.")
 @click.option("--resume", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Continue the run in this folder exactly where it stopped (its settings are reused).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)

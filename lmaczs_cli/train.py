@@ -93,6 +93,7 @@ class TrainConfig:
     skip_gate: bool = False             # the log-mel skip gates the mask instead of joining the features
     logmel_skip: bool = True            # decoder input from the log-mel itself (DecoderConfig)
     mask_noise: float = 0.0             # scale of logistic noise on the mask logits in training (binarising_noise)
+    hard_mask: bool = False             # straight-through binary masks in training (straight_through)
     workers: int = 0                    # DataLoader worker processes (decode + resample)
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     amp: bool = False                   # autocast the decoder and masked encoder pass
@@ -199,12 +200,26 @@ def binarising_noise(masks: torch.Tensor, scale: float, generator: torch.Generat
     return torch.sigmoid(torch.logit(masks.clamp(eps, 1 - eps)) + scale * logistic.to(masks.dtype))
 
 
+def straight_through(masks: torch.Tensor) -> torch.Tensor:
+    """Forward: the mask thresholded at 0.5 (each cell kept whole or dropped to the floor);
+    backward: the gradient of the soft mask (straight-through estimator).
+
+    A sigmoid mask leaves a dropped cell ~30 dB down, not gone, and a CLAP still hears an event
+    30 dB down: so in training the encoder is shown what a committed mask does (the events the
+    prompt does not name removed, as a listener of the explanation would hear them gone), while
+    the decoder still gets a gradient for every cell. Training only; the saved decoder's mask
+    is the clean sigmoid."""
+    hard = (masks > 0.5).to(masks.dtype)
+    return hard + masks - masks.detach()
+
+
 def masked_embeddings(
     clap: ClapModel, decoder: torch.nn.Module, feats: Features, text: torch.Tensor, pairs: torch.Tensor, domain: str,
-    noise: float = 0.0, generator: torch.Generator | None = None,
+    noise: float = 0.0, generator: torch.Generator | None = None, hard: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Masks for every (text i, audio j) pair and the embeddings of the masked audio; with `noise`,
-    the masks pass through `binarising_noise` first (`generator` required).
+    the masks pass through `binarising_noise` first (`generator` required); with `hard`, then
+    through `straight_through`.
     -> (masked embeddings (P, D), masks (P, 1001, bins)). Gradients flow through the frozen CLAP."""
     ti, aj = pairs[:, 0], pairs[:, 1]
     hidden = [h[aj] for h in feats.hidden]
@@ -213,6 +228,8 @@ def masked_embeddings(
     if noise > 0:
         assert generator is not None, "mask noise needs a generator"
         masks = binarising_noise(masks, noise, generator)
+    if hard:
+        masks = straight_through(masks)
     with torch.autocast(device_type=masks.device.type, enabled=False):
         if domain == "mel":
             masked_logmel = spectral.masked_log_mel_from_mel(feats.mel[aj], masks.float())
@@ -244,7 +261,8 @@ def micro_batch_loss(
     use_amp = cfg.amp
     amp_dtype = torch.float16 if waves.device.type == "cuda" else torch.bfloat16
     with torch.autocast(device_type=waves.device.type, dtype=amp_dtype, enabled=use_amp):
-        masked, masks = masked_embeddings(clap, decoder, feats, text, pairs, cfg.domain, cfg.mask_noise, generator)
+        masked, masks = masked_embeddings(clap, decoder, feats, text, pairs, cfg.domain, cfg.mask_noise, generator,
+                                          cfg.hard_mask)
     terms = lmac_zs_loss(text, feats.audio, pairs, masked.float(), masks.float(),
                          cfg.lambda_sparsity, cfg.lambda_diversity)
     return terms, len(pairs)

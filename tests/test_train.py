@@ -226,3 +226,19 @@ def test_two_process_gloo_run_equals_one_process_with_accumulation(dataset, tmp_
     assert _max_diff(a, b) <= 1e-5
     config = json.loads((tmp_path / "ddp" / "config.json").read_text())
     assert config["train"]["world"] == 2 and config["train"]["pairs"] == "rank-local"
+
+
+def test_straight_through_shows_clap_a_binary_mask_and_passes_the_soft_gradient():
+    soft = torch.tensor([0.1, 0.49, 0.51, 0.9], requires_grad=True)
+    hard = T.straight_through(soft)
+    assert hard.tolist() == [0.0, 0.0, 1.0, 1.0]
+    (hard * torch.tensor([1.0, 2.0, 3.0, 4.0])).sum().backward()
+    assert soft.grad.tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_hard_mask_changes_training_and_is_recorded(dataset, tmp_path, tiny_clap):
+    plain, hard = tmp_path / "plain", tmp_path / "hard"
+    T.train(_cfg(dataset, plain, max_steps=2, mask_noise=1.0), clap=tiny_clap)
+    T.train(_cfg(dataset, hard, max_steps=2, mask_noise=1.0, hard_mask=True), clap=tiny_clap)
+    assert json.loads((hard / "config.json").read_text())["train"]["hard_mask"] is True
+    assert _max_diff(_weights(plain), _weights(hard)) > 0
