@@ -422,6 +422,10 @@ def _explain_report(summary: dict[str, Any], as_json: bool) -> None:
                    "mask's gradient (straight-through); use with --mask-noise so the saved soft mask commits too.")
 @click.option("--resume", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Continue the run in this folder exactly where it stopped (its settings are reused).")
+@click.option("--init", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Start from the decoder saved in this folder (a `lmaczs train` output trained on the same CLAP) "
+                   "instead of random weights, with a fresh optimizer and schedule: fine-tuning, e.g. on new data or "
+                   "with other loss settings. Its architecture is reused.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @_device_option
 @click.option("--amp", is_flag=True, help="Autocast the decoder and masked encoder pass (fp16 on CUDA, bf16 on CPU).")
@@ -450,12 +454,15 @@ def train(ctx: click.Context, data: Path | None, out: Path | None, resume: Path 
       lmaczs train --data captions.jsonl --clap random:tiny --out runs/dec1
       lmaczs train --data clotho_captions_development.csv --clap 630k-audioset-best.pt --domain stft --out runs/stft
       lmaczs train --resume runs/stft --epochs 4
+      lmaczs train --data more.jsonl --init runs/dec1 --lr 1e-5 --out runs/dec1-ft
       torchrun --nproc-per-node 2 -m lmaczs_cli train --data captions.jsonl --device cpu --out runs/ddp
     """
     from . import train as training
 
     options["clap_spec"] = options.pop("clap")
     if resume is not None:
+        if options["init"] is not None:
+            raise click.UsageError("--init starts a new run; --resume continues from the run's own checkpoint")
         stored = _stored_train_config(resume)
         overrides = {k: v for k, v in _given(ctx, options).items()}
         defaults = {f.name: f.default for f in dataclasses.fields(training.TrainConfig)}
@@ -467,6 +474,9 @@ def train(ctx: click.Context, data: Path | None, out: Path | None, resume: Path 
     else:
         if data is None or out is None:
             raise click.UsageError("--data and --out are required (or --resume RUN_DIR)")
+        if options["init"] is not None:
+            options.update(_init_architecture(ctx, options))
+            options["init"] = str(options["init"])
         cfg = training.TrainConfig(
             manifest=str(data), out=str(out), clap=options.pop("clap_spec"),
             tokenizer=str(tokenizer) if tokenizer else None, audio_dir=str(audio_dir) if audio_dir else None,
@@ -485,6 +495,23 @@ FIXED_ON_RESUME = {   # TrainConfig fields a resumed run must keep, and why
     "domain": _ARCHITECTURE, "width": _ARCHITECTURE, "text_tokens": _ARCHITECTURE, "text_readout": _ARCHITECTURE,
     "logmel_skip": _ARCHITECTURE, "levels": _ARCHITECTURE, "skip_gate": _ARCHITECTURE,
 }
+
+
+def _init_architecture(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any]:
+    """The architecture options of the --init decoder; one typed on the command line must agree."""
+    from .decoder import DecoderConfig, read_decoder_config
+
+    stored = DecoderConfig.from_json(read_decoder_config(options["init"])["decoder"]).to_json()
+    given = _given(ctx, options)
+    out = {}
+    for name, why in FIXED_ON_RESUME.items():
+        if why != _ARCHITECTURE:
+            continue
+        if name in given and given[name] != stored[name]:
+            raise click.UsageError(f"--{name.replace('_', '-')} {given[name]} differs from the --init decoder's "
+                                   f"{stored[name]}: fine-tuning keeps its architecture")
+        out[name] = stored[name]
+    return out
 
 
 def _given(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any]:

@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from . import __version__, data, spectral
 from .clap import ClapModel, load_clap
-from .decoder import DecoderConfig, MaskDecoder, save_decoder
+from .decoder import DecoderConfig, MaskDecoder, load_decoder, save_decoder
 from .device import resolve_device
 from .files import atomic_path
 from .loss import LossTerms, all_pairs, lmac_zs_loss, sample_pairs
@@ -94,6 +94,7 @@ class TrainConfig:
     logmel_skip: bool = True            # decoder input from the log-mel itself (DecoderConfig)
     mask_noise: float = 0.0             # scale of logistic noise on the mask logits in training (binarising_noise)
     hard_mask: bool = False             # straight-through binary masks in training (straight_through)
+    init: str | None = None             # start from this saved decoder's weights (init_decoder)
     workers: int = 0                    # DataLoader worker processes (decode + resample)
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     amp: bool = False                   # autocast the decoder and masked encoder pass
@@ -304,6 +305,18 @@ def validate(clap: ClapModel, decoder: torch.nn.Module, texts: TextCache, loader
     return out
 
 
+def init_decoder(directory: str, clap: ClapModel, dec_cfg: DecoderConfig) -> MaskDecoder:
+    """The decoder saved in ``directory`` (a ``lmaczs train`` output), to fine-tune: it must have
+    been trained on this CLAP and have the architecture ``dec_cfg`` asks for."""
+    decoder, _ = load_decoder(directory, clap)
+    if decoder.cfg != dec_cfg:
+        have, want = decoder.cfg.to_json(), dec_cfg.to_json()
+        diff = ", ".join(f"{k} {have[k]!r} (asked: {want[k]!r})" for k in have if have[k] != want[k])
+        raise TrainError(f"--init {directory}: its decoder has another architecture: {diff}; "
+                         "pass the same architecture options or leave them out")
+    return decoder.train()
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
@@ -442,7 +455,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict[str, 
     dec_cfg = DecoderConfig.for_clap(clap, domain=cfg.domain, width=cfg.width, text_tokens=cfg.text_tokens,
                                       text_readout=cfg.text_readout, logmel_skip=cfg.logmel_skip,
                                       levels=cfg.levels, skip_gate=cfg.skip_gate)
-    decoder = MaskDecoder(dec_cfg).to(device)
+    decoder = (init_decoder(cfg.init, clap, dec_cfg) if cfg.init and not resume else MaskDecoder(dec_cfg)).to(device)
     opt = torch.optim.Adam(decoder.parameters(), lr=cfg.lr)
 
     progress = {"step": 0, "epoch": 0, "step_in_epoch": 0}

@@ -242,3 +242,36 @@ def test_hard_mask_changes_training_and_is_recorded(dataset, tmp_path, tiny_clap
     T.train(_cfg(dataset, hard, max_steps=2, mask_noise=1.0, hard_mask=True), clap=tiny_clap)
     assert json.loads((hard / "config.json").read_text())["train"]["hard_mask"] is True
     assert _max_diff(_weights(plain), _weights(hard)) > 0
+
+
+def test_init_starts_from_a_saved_decoder(dataset, tmp_path, tiny_clap):
+    base, tuned, fresh = tmp_path / "base", tmp_path / "tuned", tmp_path / "fresh"
+    T.train(_cfg(dataset, base, max_steps=2, text_readout=True), clap=tiny_clap)
+    T.train(_cfg(dataset, tuned, max_steps=1, lr=1e-9, text_readout=True, init=str(base), seed=1), clap=tiny_clap)
+    T.train(_cfg(dataset, fresh, max_steps=1, lr=1e-9, text_readout=True, seed=1), clap=tiny_clap)
+    assert _max_diff(_weights(base), _weights(tuned)) < 1e-6
+    assert _max_diff(_weights(base), _weights(fresh)) > 1e-2
+    assert json.loads((tuned / "config.json").read_text())["train"]["init"] == str(base)
+
+
+def test_init_refuses_another_architecture(dataset, tmp_path, tiny_clap):
+    T.train(_cfg(dataset, tmp_path / "base", max_steps=1), clap=tiny_clap)
+    with pytest.raises(T.TrainError, match=r"width 64 \(asked: 16\)"):
+        T.train(_cfg(dataset, tmp_path / "b", max_steps=1, width=16, init=str(tmp_path / "base")), clap=tiny_clap)
+
+
+def test_train_init_cli_reuses_the_architecture(dataset, tmp_path):
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    common = ["--data", str(dataset), "--clap", "random:tiny", "--workers", "0", "--max-steps", "1",
+              "--val-fraction", "0", "--device", "cpu"]
+    assert CliRunner().invoke(main, ["train", *common, "--out", str(base), "--text-readout", "--width", "16"]).exit_code == 0
+    result = CliRunner().invoke(main, ["train", *common, "--out", str(tuned), "--init", str(base)])
+    assert result.exit_code == 0, result.output
+    stored = json.loads((tuned / "config.json").read_text())
+    assert stored["decoder"]["width"] == 16 and stored["decoder"]["text_readout"] is True
+    clash = CliRunner().invoke(main, ["train", *common, "--out", str(tmp_path / "x"), "--init", str(base),
+                                      "--width", "32"])
+    assert clash.exit_code == 2 and "--width 32 differs from the --init decoder's 16" in clash.output
+    both = CliRunner().invoke(main, ["train", "--resume", str(tuned), "--init", str(base)])
+    assert both.exit_code == 2 and "--init starts a new run" in both.output
+    assert not (tmp_path / "x").exists()

@@ -506,6 +506,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--decoder-skip-gate", action="store_true", help="lmaczs train --skip-gate")
     ap.add_argument("--decoder-mask-noise", type=float, default=0.0, help="lmaczs train --mask-noise")
     ap.add_argument("--decoder-hard-mask", action="store_true", help="lmaczs train --hard-mask")
+    ap.add_argument("--decoder-init", type=Path, default=None,
+                    help="lmaczs train --init: start the decoder from one saved in this folder (same CLAP, same "
+                         "architecture flags)")
     ap.add_argument("--decoder-lr-schedule", choices=LR_SCHEDULES, default="constant",
                     help="lmaczs train --lr-schedule")
     ap.add_argument("--lambda-sparsity", type=float, default=0.1)
@@ -574,6 +577,7 @@ def main(argv: list[str] | None = None) -> None:
                       logmel_skip=not args.decoder_no_logmel_skip,
                       levels=args.decoder_levels, skip_gate=args.decoder_skip_gate,
                       lr_schedule=args.decoder_lr_schedule,
+                      init=str(args.decoder_init) if args.decoder_init else None,
                       group_by_audio=args.decoder_group_by_audio)
     t_dec = time.time()
     summary = train(cfg, clap=model, on_event=lambda e: log(
@@ -582,7 +586,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = cfg.to_json()
     report["decoder"] = {"texts": args.decoder_texts, **{k: settings[k] for k in (
         "epochs", "batch_size", "lr", "lr_schedule", "lambda_sparsity", "lambda_diversity", "text_readout",
-        "group_by_audio", "mask_noise", "hard_mask", "logmel_skip", "levels", "skip_gate")}}
+        "group_by_audio", "mask_noise", "hard_mask", "logmel_skip", "levels", "skip_gate", "init")}}
     report["decoder_train_s"] = time.time() - t_dec
     report["decoder_steps"] = summary["steps"]
     for name in ("decoder.safetensors", "config.json"):
