@@ -59,11 +59,33 @@ def test_masks_lie_on_present_events_more_than_chance_and_keep_similarity(demo):
     in region >= 1.5x chance, absent-prompt masks smaller than matched ones, similarity kept."""
     r = localization_report(demo, n_scenes=N_SCENES)
     report = (f"mass in region {r['mass']:.3f} (chance {r['chance']:.3f}); mask mean matched {r['matched']:.3f} "
-              f"absent {r['absent']:.3f}; |sim - masked sim| mean {r['gap']:.3f} max {r['gap_max']:.3f}")
+              f"absent {r['absent']:.3f}; |sim - masked sim| mean {r['gap']:.3f} max {r['gap_max']:.3f}; "
+              f"empty masks for present prompts {r['empty']:.2f}")
     print(report)
     assert r["mass"] >= 1.5 * r["chance"], report
     assert r["absent"] < r["matched"], report
     assert r["gap"] <= 0.1, report
+
+
+def test_localization_report_counts_present_prompts_given_up_on():
+    """A stand-in explainer that keeps the whole grid for every prompt but one event's: the share of
+    present prompts with an empty mask is that event's share of the present events."""
+    from lmaczs_cli.demo import scores
+    from lmaczs_cli.explain import Explanation
+
+    scenes = scores.held_out_scenes(6)
+    present = [e.name for s in scenes for e in s.events]
+    dead = max(set(present), key=present.count)
+
+    class GivesUpOn:
+        def explain_prompts(self, wave, prompts):
+            keep = [np.random.default_rng(k).random((N_FRAMES, N_MELS), np.float32) for k in range(len(prompts))]
+            return [Explanation(p, 0 * m if p == world.prompt_for(dead) else m, np.zeros(1, np.float32), 0.5, 0.5,
+                                "mel") for p, m in zip(prompts, keep)]
+
+    r = scores.localization_report(GivesUpOn(), n_scenes=6)
+    assert r["empty"] == pytest.approx(present.count(dead) / len(present))
+    assert 0 < r["empty"] < 1
 
 
 @pytest.mark.parametrize("name", ["steady tone", "hiss", "low rumble", "rising chirp"])

@@ -19,6 +19,9 @@ from .. import metrics
 from . import world
 
 
+EMPTY = 0.01   # a mask whose mean is below this keeps (next to) nothing
+
+
 def held_out_scenes(n_scenes: int, seed: int = 0) -> list[world.Scene]:
     return [world.render_scene(world.scene_seed(seed, "test", i)) for i in range(n_scenes)]
 
@@ -30,9 +33,12 @@ def localization_report(explainer: Any, n_scenes: int = 12, seed: int = 0) -> di
     share of the grid; ``matched`` / ``absent`` mask means for present / absent prompts and
     ``ratio`` = absent / matched; ``gap`` (and ``gap_max``) |similarity - masked similarity| for
     present prompts; ``prompt_corr`` the correlation of the masks of a scene's first two events'
-    prompts (1: the same mask whatever the prompt)."""
+    prompts where neither is constant (1: the same mask whatever the prompt); ``empty`` the share
+    of present prompts whose mask keeps less than ``EMPTY`` of the grid (a decoder that has given
+    up on those events: their masks drive ``gap``, and a randomization check on them compares
+    blank masks)."""
     rng = np.random.default_rng(0)
-    inside, chance, matched, absent, gap, corr = [], [], [], [], [], []
+    inside, chance, matched, absent, gap, corr, empty = [], [], [], [], [], [], []
     for scene in held_out_scenes(n_scenes, seed):
         present = [e.name for e in scene.events]
         lacking = rng.choice([n for n in world.EVENTS if n not in present])
@@ -43,13 +49,15 @@ def localization_report(explainer: Any, n_scenes: int = 12, seed: int = 0) -> di
             inside.append(metrics.mass_in_region(r.mask, region))
             chance.append(region.mean())
             matched.append(r.mask_mean)
+            empty.append(r.mask_mean < EMPTY)
             gap.append(abs(r.similarity - r.masked_similarity))
         absent.append(results[-1].mask_mean)
-        if len(present) >= 2:
+        if len(present) >= 2 and results[0].mask.std() > 0 and results[1].mask.std() > 0:
             corr.append(np.corrcoef(results[0].mask.ravel(), results[1].mask.ravel())[0, 1])
     out = {"mass": np.mean(inside), "chance": np.mean(chance), "matched": np.mean(matched),
            "absent": np.mean(absent), "ratio": np.mean(absent) / max(np.mean(matched), 1e-12),
            "gap": np.mean(gap), "gap_max": np.max(gap), "prompt_corr": np.mean(corr) if corr else np.nan,
+           "empty": np.mean(empty),
            "scenes": n_scenes}
     return {k: float(v) for k, v in out.items()}
 
