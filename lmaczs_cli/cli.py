@@ -420,6 +420,9 @@ def _explain_report(summary: dict[str, Any], as_json: bool) -> None:
 @click.option("--hard-mask", is_flag=True, default=False,
               help="In training, show CLAP the mask thresholded at 0.5 (cells kept whole or removed) with the soft "
                    "mask's gradient (straight-through); use with --mask-noise so the saved soft mask commits too.")
+@click.option("--logit-bound", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Pull the mask logits back inside ±B in training (a squared penalty beyond it; 0: off), so that a "
+                   "prompt's mask cannot sink so far below 0 that no gradient brings its events back.")
 @click.option("--resume", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Continue the run in this folder exactly where it stopped (its settings are reused).")
 @click.option("--init", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,

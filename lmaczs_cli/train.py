@@ -94,6 +94,7 @@ class TrainConfig:
     logmel_skip: bool = True            # decoder input from the log-mel itself (DecoderConfig)
     mask_noise: float = 0.0             # scale of logistic noise on the mask logits in training (binarising_noise)
     hard_mask: bool = False             # straight-through binary masks in training (straight_through)
+    logit_bound: float = 0.0            # pull mask logits back inside ±this (logit_penalty); 0: off
     init: str | None = None             # start from this saved decoder's weights (init_decoder)
     workers: int = 0                    # DataLoader worker processes (decode + resample)
     device: str = "auto"                # auto | cpu | cuda | cuda:N
@@ -214,18 +215,31 @@ def straight_through(masks: torch.Tensor) -> torch.Tensor:
     return hard + masks - masks.detach()
 
 
+def logit_penalty(masks: torch.Tensor, bound: float) -> torch.Tensor:
+    """mean(relu(|logit(m)| - bound)²): zero while every mask logit is inside ±bound. A sigmoid
+    mask whose logits for a prompt sink far below 0 has no gradient left to bring the prompt's
+    events back (an empty mask kept for good, whatever it costs in similarity); Adam's normalised
+    steps keep pushing them down regardless. This term holds them where the gradient still flows.
+    Logits below about -85 (masks under 1e-37) are out of its reach."""
+    m = masks.float().clamp(1e-37, 1.0)
+    logits = torch.log(m) - torch.log1p(-m.clamp_max(1 - 1e-7))
+    return torch.relu(logits.abs() - bound).square().mean()
+
+
 def masked_embeddings(
     clap: ClapModel, decoder: torch.nn.Module, feats: Features, text: torch.Tensor, pairs: torch.Tensor, domain: str,
-    noise: float = 0.0, generator: torch.Generator | None = None, hard: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    noise: float = 0.0, generator: torch.Generator | None = None, hard: bool = False, logit_bound: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Masks for every (text i, audio j) pair and the embeddings of the masked audio; with `noise`,
     the masks pass through `binarising_noise` first (`generator` required); with `hard`, then
-    through `straight_through`.
-    -> (masked embeddings (P, D), masks (P, 1001, bins)). Gradients flow through the frozen CLAP."""
+    through `straight_through`; with `logit_bound`, the decoder's own masks' `logit_penalty`.
+    -> (masked embeddings (P, D), masks (P, 1001, bins), penalty ()). Gradients flow through the
+    frozen CLAP."""
     ti, aj = pairs[:, 0], pairs[:, 1]
     hidden = [h[aj] for h in feats.hidden]
     log_power = spectral.to_db(feats.power[aj]) if domain == "stft" else None
     masks = decoder(hidden, text[ti], feats.logmel[aj], log_power)
+    penalty = logit_penalty(masks, logit_bound) if logit_bound > 0 else masks.new_zeros((), dtype=torch.float32)
     if noise > 0:
         assert generator is not None, "mask noise needs a generator"
         masks = binarising_noise(masks, noise, generator)
@@ -237,7 +251,7 @@ def masked_embeddings(
         else:
             masked_logmel = spectral.masked_log_mel_from_power(feats.power[aj], masks.float())
     masked, _ = clap.encode(masked_logmel)
-    return masked, masks
+    return masked, masks, penalty
 
 
 def pair_generator(seed: int, epoch: int, step: int, position: int) -> torch.Generator:
@@ -262,10 +276,12 @@ def micro_batch_loss(
     use_amp = cfg.amp
     amp_dtype = torch.float16 if waves.device.type == "cuda" else torch.bfloat16
     with torch.autocast(device_type=waves.device.type, dtype=amp_dtype, enabled=use_amp):
-        masked, masks = masked_embeddings(clap, decoder, feats, text, pairs, cfg.domain, cfg.mask_noise, generator,
-                                          cfg.hard_mask)
+        masked, masks, penalty = masked_embeddings(clap, decoder, feats, text, pairs, cfg.domain, cfg.mask_noise,
+                                                   generator, cfg.hard_mask, cfg.logit_bound)
     terms = lmac_zs_loss(text, feats.audio, pairs, masked.float(), masks.float(),
                          cfg.lambda_sparsity, cfg.lambda_diversity)
+    if cfg.logit_bound > 0:
+        terms = dataclasses.replace(terms, total=terms.total + penalty)
     return terms, len(pairs)
 
 
@@ -285,7 +301,7 @@ def validate(clap: ClapModel, decoder: torch.nn.Module, texts: TextCache, loader
         feats = clap_features(clap, waves, cfg.domain)
         text = texts(batch.captions)
         pairs = all_pairs(len(batch), device)
-        masked, masks = masked_embeddings(clap, decoder, feats, text, pairs, cfg.domain)
+        masked, masks, _ = masked_embeddings(clap, decoder, feats, text, pairs, cfg.domain)
         ti, aj = pairs[:, 0], pairs[:, 1]
         err = ((text[ti] * feats.audio[aj]).sum(-1) - (text[ti] * masked).sum(-1)).abs()
         mean = masks.flatten(1).mean(1)

@@ -117,9 +117,9 @@ def test_mask_noise_changes_training_but_not_the_saved_decoders_masks(dataset, t
     pairs = torch.tensor([[0, 0]])
     text = tiny_clap.encode_text(["a tone at 300 hertz"])
     with torch.no_grad():
-        clean, masks = T.masked_embeddings(tiny_clap, dec, feats, text, pairs, "mel")
+        clean, masks, _ = T.masked_embeddings(tiny_clap, dec, feats, text, pairs, "mel")
         same = dec(list(feats.hidden), text, feats.logmel, None)
-        _, shaken = T.masked_embeddings(tiny_clap, dec, feats, text, pairs, "mel", 1.0, torch.Generator().manual_seed(0))
+        _, shaken, _ = T.masked_embeddings(tiny_clap, dec, feats, text, pairs, "mel", 1.0, torch.Generator().manual_seed(0))
     assert torch.equal(masks, same)
     assert (shaken - masks).abs().max() > 0.1 and 0 <= shaken.min() and shaken.max() <= 1
 
@@ -275,3 +275,22 @@ def test_train_init_cli_reuses_the_architecture(dataset, tmp_path):
     both = CliRunner().invoke(main, ["train", "--resume", str(tuned), "--init", str(base)])
     assert both.exit_code == 2 and "--init starts a new run" in both.output
     assert not (tmp_path / "x").exists()
+
+
+def test_logit_penalty_is_zero_inside_the_bound_and_pulls_sunk_logits_back():
+    logits = torch.tensor([-30.0, -7.0, 0.0, 7.0, 12.0], requires_grad=True)
+    masks = torch.sigmoid(logits)
+    assert T.logit_penalty(masks[1:4], 8.0).item() == 0.0
+    penalty = T.logit_penalty(masks, 8.0)
+    assert penalty.item() == pytest.approx((22.0**2 + 4.0**2) / 5, rel=1e-3)
+    penalty.backward()
+    assert logits.grad[0] < 0 and logits.grad[4] > 0          # a descent step raises -30, lowers 12
+    assert logits.grad[1:4].abs().max() == 0
+
+
+def test_logit_bound_changes_training_and_is_recorded(dataset, tmp_path, tiny_clap):
+    plain, bounded = tmp_path / "plain", tmp_path / "bounded"
+    T.train(_cfg(dataset, plain, max_steps=2), clap=tiny_clap)
+    T.train(_cfg(dataset, bounded, max_steps=2, logit_bound=0.5), clap=tiny_clap)
+    assert json.loads((bounded / "config.json").read_text())["train"]["logit_bound"] == 0.5
+    assert _max_diff(_weights(plain), _weights(bounded)) > 0

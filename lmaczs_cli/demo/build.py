@@ -506,6 +506,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--decoder-skip-gate", action="store_true", help="lmaczs train --skip-gate")
     ap.add_argument("--decoder-mask-noise", type=float, default=0.0, help="lmaczs train --mask-noise")
     ap.add_argument("--decoder-hard-mask", action="store_true", help="lmaczs train --hard-mask")
+    ap.add_argument("--decoder-logit-bound", type=float, default=0.0, help="lmaczs train --logit-bound")
     ap.add_argument("--decoder-init", type=Path, default=None,
                     help="lmaczs train --init: start the decoder from one saved in this folder (same CLAP, same "
                          "architecture flags)")
@@ -574,6 +575,7 @@ def main(argv: list[str] | None = None) -> None:
                       lambda_diversity=args.lambda_diversity, val_fraction=0.1, workers=0, device="cpu",
                       log_every=10, save_every=10_000, seed=args.seed, text_readout=args.decoder_text_readout,
                       mask_noise=args.decoder_mask_noise, hard_mask=args.decoder_hard_mask,
+                      logit_bound=args.decoder_logit_bound,
                       logmel_skip=not args.decoder_no_logmel_skip,
                       levels=args.decoder_levels, skip_gate=args.decoder_skip_gate,
                       lr_schedule=args.decoder_lr_schedule,
@@ -586,7 +588,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = cfg.to_json()
     report["decoder"] = {"texts": args.decoder_texts, **{k: settings[k] for k in (
         "epochs", "batch_size", "lr", "lr_schedule", "lambda_sparsity", "lambda_diversity", "text_readout",
-        "group_by_audio", "mask_noise", "hard_mask", "logmel_skip", "levels", "skip_gate", "init")}}
+        "group_by_audio", "mask_noise", "hard_mask", "logit_bound", "logmel_skip", "levels", "skip_gate", "init")}}
     report["decoder_train_s"] = time.time() - t_dec
     report["decoder_steps"] = summary["steps"]
     for name in ("decoder.safetensors", "config.json"):
