@@ -220,7 +220,7 @@ def logit_penalty(masks: torch.Tensor, bound: float) -> torch.Tensor:
     mask whose logits for a prompt sink far below 0 has no gradient left to bring the prompt's
     events back (an empty mask kept for good, whatever it costs in similarity); Adam's normalised
     steps keep pushing them down regardless. This term holds them where the gradient still flows.
-    Logits below about -85 (masks under 1e-37) are out of its reach."""
+    Logits below about -85 or above about +16 (where float32 masks read 0 or 1) are out of its reach."""
     m = masks.float().clamp(1e-37, 1.0)
     logits = torch.log(m) - torch.log1p(-m.clamp_max(1 - 1e-7))
     return torch.relu(logits.abs() - bound).square().mean()
