@@ -492,11 +492,10 @@ def train(ctx: click.Context, data: Path | None, out: Path | None, resume: Path 
                + (f"; {summary['skipped']} rows skipped (see skipped.jsonl)" if summary.get("skipped") else ""))
 
 
-_ARCHITECTURE = "the checkpoint holds a decoder of the stored shape"
+ARCHITECTURE = ("domain", "width", "text_tokens", "text_readout", "logmel_skip", "levels", "skip_gate")  # TrainConfig
 FIXED_ON_RESUME = {   # TrainConfig fields a resumed run must keep, and why
     "group_by_audio": "it would re-plan the epoch in progress (some clips twice, some never)",
-    "domain": _ARCHITECTURE, "width": _ARCHITECTURE, "text_tokens": _ARCHITECTURE, "text_readout": _ARCHITECTURE,
-    "logmel_skip": _ARCHITECTURE, "levels": _ARCHITECTURE, "skip_gate": _ARCHITECTURE,
+    **dict.fromkeys(ARCHITECTURE, "the checkpoint holds a decoder of the stored shape"),
 }
 
 
@@ -507,9 +506,7 @@ def _init_architecture(ctx: click.Context, options: dict[str, Any]) -> dict[str,
     stored = DecoderConfig.from_json(read_decoder_config(options["init"])["decoder"]).to_json()
     given = _given(ctx, options)
     out = {}
-    for name, why in FIXED_ON_RESUME.items():
-        if why != _ARCHITECTURE:
-            continue
+    for name in ARCHITECTURE:
         if name in given and given[name] != stored[name]:
             raise click.UsageError(f"--{name.replace('_', '-')} {given[name]} differs from the --init decoder's "
                                    f"{stored[name]}: fine-tuning keeps its architecture")
