@@ -345,3 +345,33 @@ def test_build_trains_a_decoder_and_scores_it_on_held_out_scenes(tmp_path, monke
     assert loc["scenes"] == 2 and 0 <= loc["chance"] < 1 and 0 <= loc["mass"] <= 1 and loc["matched"] > 0
     assert list(report["randomization"])[0] == "projection" and all(-1 <= v <= 1 for v in report["randomization"].values())
     assert len(json.loads((tmp_path / "examples" / "examples.json").read_text())) == build.EXAMPLES
+
+
+class _StandInClap:
+    """A CLAP stand-in on the log-mel grid: every prompt embeds as (1, 0); a clip as its share of
+    cells above -60 dB, against a constant second axis (or as (1, 0) whatever it holds)."""
+
+    def __init__(self, constant: bool) -> None:
+        self.constant = constant
+
+    def encode(self, logmel):
+        loud = (logmel > -60).float().mean((1, 2))
+        v = torch.stack([torch.ones_like(loud) if self.constant else loud, 0.1 * torch.ones_like(loud)], -1)
+        return torch.nn.functional.normalize(v, dim=-1), []
+
+    def encode_text(self, prompts):
+        return torch.tensor([[1.0, 0.0]]).expand(len(prompts), -1)
+
+
+def test_oracle_report_measures_the_ground_truth_masks_gap():
+    """A CLAP that ignores what it hears leaves the perfect explanation no gap; one that scores a
+    clip by how much of it is loud scores each event alone below its scene, so the signed gap
+    (masked - original) is negative and its size is `gap`."""
+    from lmaczs_cli.demo import scores
+
+    deaf = scores.oracle_report(_StandInClap(constant=True), n_scenes=3)
+    assert deaf["gap"] == pytest.approx(0.0, abs=1e-6) and deaf["signed_gap"] == pytest.approx(0.0, abs=1e-6)
+    loud = scores.oracle_report(_StandInClap(constant=False), n_scenes=3)
+    assert loud["signed_gap"] < -0.01
+    assert loud["gap"] == pytest.approx(-loud["signed_gap"])
+    assert {k for k in loud if k.startswith("gap_")} <= {"gap_1", "gap_2", "gap_3"}

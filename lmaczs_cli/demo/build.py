@@ -532,7 +532,7 @@ def main(argv: list[str] | None = None) -> None:
     from ..clap import load_clap_dir
     from ..explain import Explainer
     from ..train import TrainConfig, train
-    from .scores import localization_report, randomization_report
+    from .scores import localization_report, oracle_report, randomization_report
 
     if args.skip_clap:
         model = load_clap_dir(out)
@@ -551,6 +551,9 @@ def main(argv: list[str] | None = None) -> None:
     report["zero_shot"] = zs
     report["presence"] = presence_report(model)
     log("cosine to an event's prompt: " + ", ".join(f"{k} {v:.2f}" for k, v in report["presence"].items()))
+    report["oracle"] = oracle_report(model, n_scenes=args.report_scenes)
+    log("ground-truth masks (the perfect explanation) on held-out scenes, similarity gap: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in report["oracle"].items()))
     report["plans"] = plan_objective(model, lambda_sparsity=args.lambda_sparsity,
                                      lambda_diversity=args.lambda_diversity)
     for name, terms in report["plans"].items():
