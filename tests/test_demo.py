@@ -300,10 +300,12 @@ def test_build_clap_only_writes_the_clap_and_its_history_and_trains_no_decoder(t
     monkeypatch.setattr(build, "zero_shot_accuracy", lambda model, per_class, seed: {"accuracy": 0.5})
     monkeypatch.setattr(build, "presence_report", lambda model: {"scene": 0.0})
     monkeypatch.setattr(build, "plan_objective", lambda model, **kw: {})
+    monkeypatch.setattr(build, "oracle_report", lambda model, n_scenes: {"gap": float(n_scenes)})
     out = tmp_path / "model"
     build.main(["--out", str(out), "--work", str(tmp_path / "work"), "--clap-only", "--clap-steps", "1",
-                "--clap-batch", "2", "--scenes", "4", "--singles", "2"])
+                "--clap-batch", "2", "--scenes", "4", "--singles", "2", "--report-scenes", "3"])
     report = json.loads((out / "build.json").read_text())
+    assert report["oracle"] == {"gap": 3.0}
     assert sorted(p.name for p in out.iterdir()) == ["build.json", "clap.json", "clap.safetensors"]
     assert report["zero_shot"] == {"accuracy": 0.5}
     assert report["clap_history"] == [report["clap_history"][0]] and "1 steps from scratch" in report["clap_history"][0]

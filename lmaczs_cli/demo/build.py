@@ -41,6 +41,7 @@ from ..clap import ClapConfig, ClapModel, ClipBpeTokenizer, build_laion_clap, sa
 from ..loss import similarity_term, sparsity_term
 from ..train import LR_SCHEDULES
 from . import world
+from .scores import oracle_report
 
 DEMO_CLAP = ClapConfig(
     "HTSAT-custom", "transformer", joint_dim=128, htsat_embed_dim=32, htsat_depths=(1, 1, 1, 1),
@@ -532,7 +533,7 @@ def main(argv: list[str] | None = None) -> None:
     from ..clap import load_clap_dir
     from ..explain import Explainer
     from ..train import TrainConfig, train
-    from .scores import localization_report, oracle_report, randomization_report
+    from .scores import localization_report, randomization_report
 
     if args.skip_clap:
         model = load_clap_dir(out)
