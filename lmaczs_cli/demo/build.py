@@ -11,8 +11,10 @@ Steps (all seeded; ~45 min on 2 CPU cores, see README):
      a per-event presence regression (`presence_loss`: cosine to each event prompt -> 0.6 if
      the clip holds the event, 0.1 if not, on clips, on clips with events and background
      masked away by `drop_events`, and on an empty clip) beside a small caption InfoNCE;
-     `presence_report` prints how masked scenes score, and `plan_objective` what the LMAC-ZS
-     objective makes of hand-made masks (isolating the prompted event vs keeping every event);
+     `presence_report` prints how masked scenes score, `scores.oracle_report` the similarity
+     gap of the ground-truth masks (the perfect explanation), and `plan_objective` what the
+     LMAC-ZS objective makes of hand-made masks (isolating the prompted event vs keeping every
+     event);
   3. round the weights to fp16 (that is what ships) and measure zero-shot accuracy on held-out
      single-event clips with the prompts ``world.prompt_for(name)``;
   4. write a world manifest and train the decoder with ``lmaczs_cli.train.train``, then score

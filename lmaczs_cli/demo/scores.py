@@ -69,8 +69,8 @@ def oracle_report(clap: Any, n_scenes: int = 12, seed: int = 0) -> dict[str, flo
     else at the floor a zero mask gives), for that event's prompt. Returns the mean similarity
     gap (masked - original: > 0 when the CLAP scores an event alone above the scene), its mean
     absolute value ``gap`` as `localization_report` counts it, and ``gap_<n>`` over scenes of n
-    events. Where ``gap`` is over the 0.1 bound, no decoder can both isolate the prompted event
-    and keep the similarity: LMAC-ZS's similarity term then favours masks that keep some of the
+    events. Where ``gap`` is over the 0.1 bound, a mask that isolates the prompted event cannot
+    also keep the similarity: LMAC-ZS's similarity term then favours masks that keep some of the
     other events, and the fix belongs to the CLAP, not the decoder."""
     from .. import spectral
 
