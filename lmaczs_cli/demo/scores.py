@@ -1,7 +1,7 @@
 """How right a demo model's explanations are, on held-out scenes of the demo world where the
 truth is known: the figures issue C asks for (`localization_report`), the similarity gap the
 ground truth itself would leave under a CLAP (`oracle_report`), and whether the masks depend on
-what CLAP saw (`randomization_report`). The build records both in build.json; the
+what CLAP saw (`randomization_report`). The build records all three in build.json; the
 demo tests assert on the first.
 
 Effective resolution: one HTSAT stage-1 token is 8 stretched frames x 8 mel bands
