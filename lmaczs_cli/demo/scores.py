@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import metrics
+from .. import metrics, spectral
 from . import world
 
 
@@ -73,8 +73,6 @@ def oracle_report(clap: Any, n_scenes: int = 12, seed: int = 0) -> dict[str, flo
     events. Where ``gap`` is over the 0.1 bound, a mask that isolates the prompted event cannot
     also keep the similarity: LMAC-ZS's similarity term then favours masks that keep some of the
     other events, and the fix belongs to the CLAP, not the decoder."""
-    from .. import spectral
-
     signed, count = [], []
     for scene in held_out_scenes(n_scenes, seed):
         present = [e.name for e in scene.events]
