@@ -393,6 +393,10 @@ def _explain_report(summary: dict[str, Any], as_json: bool) -> None:
               help="Weight of the mask-mean (L1) term.")
 @click.option("--lambda-diversity", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Weight of the diversity term (paper Eq. 7).")
+@click.option("--lambda-out", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Weight of a masked-out term (L-MAC's, on similarities; 0: off, as in LMAC-ZS): the clip with the "
+                   "mask removed must score its caption no higher than silence does, so a mask cannot leave out the "
+                   "sound its caption names. One more encoder pass per clip.")
 @click.option("--mismatched", type=click.IntRange(min=0), default=None,
               help="Mismatched captions per clip in the pair term; default: every pair (B*B encoder passes).")
 @click.option("--group-by-audio", is_flag=True, default=False,

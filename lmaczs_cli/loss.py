@@ -10,6 +10,17 @@ For a batch of B clips with captions, text embeddings t (B, D) and audio embeddi
                   | t_i · t_j  -  ã_ii · ã_ji |                              (Eq. 7)
   total       = similarity + λ1 · sparsity + λ2 · diversity
 
+An option beyond the paper, off by default (λ_out = 0): L-MAC's masked-out term, on similarities
+instead of class probabilities. With ã⁻_ii the embedding of clip i with its matched mask removed,
+(1 - M_ii) ⊙ X_i, and ∅ the embedding of a clip removed everywhere (silence),
+
+  removal     = mean over matched pairs  max(0, t_i · ã⁻_ii - t_i · ∅)
+  total      += λ_out · removal
+
+what the explanation leaves out must hold no more of the prompt than silence does. Eq. 6 and 7
+alone cannot tell an empty mask for a sound that is there from the empty mask of a prompt whose
+sound is absent; this term can (removing nothing leaves the whole clip).
+
 Means rather than sums keep the weights independent of batch size and pair subsampling.
 No logit scale multiplies C: the paper regresses raw cosine similarities.
 """
@@ -26,9 +37,11 @@ class LossTerms:
     similarity: torch.Tensor
     sparsity: torch.Tensor
     diversity: torch.Tensor
+    removal: torch.Tensor | None = None      # only when the masked-out term is on
 
     def as_floats(self) -> dict[str, float]:
-        return {k: float(getattr(self, k).detach()) for k in ("total", "similarity", "sparsity", "diversity")}
+        names = ("total", "similarity", "sparsity", "diversity") + (("removal",) if self.removal is not None else ())
+        return {k: float(getattr(self, k).detach()) for k in names}
 
 
 def all_pairs(batch: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -82,6 +95,13 @@ def diversity_term(text: torch.Tensor, pairs: torch.Tensor, masked: torch.Tensor
     text_sim = (text[torch.tensor(ti, device=device)] * text[torch.tensor(tj, device=device)]).sum(-1)
     masked_sim = (masked[rs] * masked[ro]).sum(-1)
     return (text_sim - masked_sim).abs().mean()
+
+
+def removal_term(text: torch.Tensor, removed: torch.Tensor, silence: torch.Tensor) -> torch.Tensor:
+    """The masked-out term: mean of max(0, t_i·ã⁻_ii - t_i·∅) over matched pairs. text (M, D) the
+    matched pairs' texts, removed (M, D) their clips' embeddings with the mask removed, silence (D,)
+    the embedding of a clip removed everywhere."""
+    return torch.relu((text * removed).sum(-1) - (text * silence).sum(-1)).mean()
 
 
 def lmac_zs_loss(

@@ -38,7 +38,7 @@ from .clap import ClapModel, load_clap
 from .decoder import DecoderConfig, MaskDecoder, load_decoder, save_decoder
 from .device import resolve_device
 from .files import atomic_path
-from .loss import LossTerms, all_pairs, lmac_zs_loss, sample_pairs
+from .loss import LossTerms, all_pairs, lmac_zs_loss, removal_term, sample_pairs
 from .errors import LmaczsError
 
 
@@ -95,6 +95,7 @@ class TrainConfig:
     mask_noise: float = 0.0             # scale of logistic noise on the mask logits in training (binarising_noise)
     hard_mask: bool = False             # straight-through binary masks in training (straight_through)
     logit_bound: float = 0.0            # pull mask logits back inside ±this (logit_penalty); 0: off
+    lambda_out: float = 0.0             # weight of the masked-out term (loss.removal_term); 0: off, as the paper
     init: str | None = None             # start from this saved decoder's weights (init_decoder)
     workers: int = 0                    # DataLoader worker processes (decode + resample)
     device: str = "auto"                # auto | cpu | cuda | cuda:N
@@ -245,13 +246,27 @@ def masked_embeddings(
         masks = binarising_noise(masks, noise, generator)
     if hard:
         masks = straight_through(masks)
+    masked, _ = clap.encode(masked_input(feats, aj, masks, domain))
+    return masked, masks, penalty
+
+
+def masked_input(feats: Features, clips: torch.Tensor, masks: torch.Tensor, domain: str) -> torch.Tensor:
+    """CLAP's log-mel input for clips `clips` (P,) of `feats` under `masks` (P, T, bins), in float32."""
     with torch.autocast(device_type=masks.device.type, enabled=False):
         if domain == "mel":
-            masked_logmel = spectral.masked_log_mel_from_mel(feats.mel[aj], masks.float())
-        else:
-            masked_logmel = spectral.masked_log_mel_from_power(feats.power[aj], masks.float())
-    masked, _ = clap.encode(masked_logmel)
-    return masked, masks, penalty
+            return spectral.masked_log_mel_from_mel(feats.mel[clips], masks.float())
+        return spectral.masked_log_mel_from_power(feats.power[clips], masks.float())
+
+
+def removal_loss(clap: ClapModel, feats: Features, text: torch.Tensor, pairs: torch.Tensor, masks: torch.Tensor,
+                 domain: str) -> torch.Tensor:
+    """`loss.removal_term` for the matched pairs among `pairs`, with the masks (after any training
+    noise) the similarity term saw: one encoder pass per matched pair, one for silence."""
+    matched = (pairs[:, 0] == pairs[:, 1]).nonzero().squeeze(1)
+    clips = pairs[matched, 1]
+    removed, _ = clap.encode(masked_input(feats, clips, 1.0 - masks[matched], domain))
+    silence, _ = clap.encode(masked_input(feats, clips[:1], torch.zeros_like(masks[matched[:1]]), domain))
+    return removal_term(text[pairs[matched, 0]], removed.float(), silence[0].float())
 
 
 def pair_generator(seed: int, epoch: int, step: int, position: int) -> torch.Generator:
@@ -282,6 +297,11 @@ def micro_batch_loss(
                          cfg.lambda_sparsity, cfg.lambda_diversity)
     if cfg.logit_bound > 0:
         terms = dataclasses.replace(terms, total=terms.total + penalty)
+    if cfg.lambda_out > 0:
+        with torch.autocast(device_type=waves.device.type, dtype=amp_dtype, enabled=use_amp):
+            out = removal_loss(clap, feats, text, pairs, masks, cfg.domain)
+        terms = dataclasses.replace(terms, total=terms.total + cfg.lambda_out * out, removal=out)
+        return terms, len(pairs) + int((pairs[:, 0] == pairs[:, 1]).sum()) + 1
     return terms, len(pairs)
 
 

@@ -90,3 +90,11 @@ def test_gradients_reach_the_decoder_and_not_the_clap(tiny_clap):
     grads = [p.grad for p in dec.parameters()]
     assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
     assert all(p.grad is None for p in tiny_clap.parameters())
+
+
+def test_removal_term_charges_only_what_the_rest_holds_above_silence():
+    t = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    silence = torch.tensor([0.6, 0.8])
+    removed = torch.tensor([[0.8, 0.6], [0.8, 0.6]])   # t·removed 0.8 and 0.6; t·silence 0.6 and 0.8
+    assert L.removal_term(t, removed, silence).item() == pytest.approx(0.1, abs=1e-6)   # (0.2 + 0) / 2
+    assert L.removal_term(t, silence.expand(2, 2), silence).item() == 0.0

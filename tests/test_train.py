@@ -294,3 +294,14 @@ def test_logit_bound_changes_training_and_is_recorded(dataset, tmp_path, tiny_cl
     T.train(_cfg(dataset, bounded, max_steps=2, logit_bound=0.5), clap=tiny_clap)
     assert json.loads((bounded / "config.json").read_text())["train"]["logit_bound"] == 0.5
     assert _max_diff(_weights(plain), _weights(bounded)) > 0
+
+
+def test_lambda_out_adds_the_masked_out_term_and_is_recorded(dataset, tmp_path, tiny_clap):
+    plain, out = tmp_path / "plain", tmp_path / "out"
+    T.train(_cfg(dataset, plain, max_steps=2), clap=tiny_clap)
+    T.train(_cfg(dataset, out, max_steps=2, lambda_out=1.0), clap=tiny_clap)
+    assert json.loads((out / "config.json").read_text())["train"]["lambda_out"] == 1.0
+    assert _max_diff(_weights(plain), _weights(out)) > 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["removal"] >= 0 for r in rows)
+    assert "removal" not in json.loads((plain / "metrics.jsonl").read_text().splitlines()[0])

@@ -270,6 +270,18 @@ def test_write_world_event_prompt_lines(tmp_path, texts):
     assert not skips and len(items) == len(rows)
 
 
+def test_write_world_fixes_the_number_of_events(tmp_path):
+    manifest = world.write_world(tmp_path, 4, seed=3, split="train", n_events=1)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert [len(r["events"]) for r in rows] == [1] * 4
+    for i, row in enumerate(rows):
+        scene = world.render_scene(world.scene_seed(3, "train", i), 1)
+        assert row["seed"] == scene.seed and row["events"][0]["name"] == scene.events[0].name
+    with pytest.raises(ValueError, match="n_events must be 1..3"):
+        world.write_world(tmp_path / "bad", 1, n_events=4)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_write_world_refuses_unknown_texts(tmp_path):
     with pytest.raises(ValueError, match="texts must be one of"):
         world.write_world(tmp_path, 1, texts="labels")

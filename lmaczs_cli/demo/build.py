@@ -499,6 +499,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--decoder-scenes", type=int, default=400)
     ap.add_argument("--decoder-texts", choices=world.WORLD_TEXTS, default="events",
                     help="decoder training texts: scene captions, per-event prompts, or both")
+    ap.add_argument("--decoder-events", type=int, default=None, choices=range(1, world.MAX_EVENTS + 1),
+                    help="every decoder training scene holds this many events (default: 1..3 at random)")
     ap.add_argument("--decoder-epochs", type=int, default=3)
     ap.add_argument("--decoder-batch", type=int, default=4)
     ap.add_argument("--decoder-lr", type=float, default=1e-3)
@@ -517,6 +519,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="lmaczs train --lr-schedule")
     ap.add_argument("--lambda-sparsity", type=float, default=0.1)
     ap.add_argument("--lambda-diversity", type=float, default=0.5)
+    ap.add_argument("--lambda-out", type=float, default=0.0, help="lmaczs train --lambda-out")
     ap.add_argument("--report-scenes", type=int, default=12,
                     help="held-out scenes the decoder is scored on (localization figures, build.json)")
     ap.add_argument("--skip-clap", action="store_true", help="reuse the CLAP already in --out")
@@ -571,8 +574,9 @@ def main(argv: list[str] | None = None) -> None:
         finish("CLAP")
         return
 
-    manifest = world.write_world(work / "world", args.decoder_scenes, seed=args.seed, split="train",
-                                 texts=args.decoder_texts)
+    folder = work / ("world" if args.decoder_events is None else f"world-{args.decoder_events}")
+    manifest = world.write_world(folder, args.decoder_scenes, seed=args.seed, split="train",
+                                 texts=args.decoder_texts, n_events=args.decoder_events)
     run = work / "decoder"
     if run.exists():
         shutil.rmtree(run)
@@ -581,7 +585,7 @@ def main(argv: list[str] | None = None) -> None:
                       lambda_diversity=args.lambda_diversity, val_fraction=0.1, workers=0, device="cpu",
                       log_every=10, save_every=10_000, seed=args.seed, text_readout=args.decoder_text_readout,
                       mask_noise=args.decoder_mask_noise, hard_mask=args.decoder_hard_mask,
-                      logit_bound=args.decoder_logit_bound,
+                      logit_bound=args.decoder_logit_bound, lambda_out=args.lambda_out,
                       logmel_skip=not args.decoder_no_logmel_skip,
                       levels=args.decoder_levels, skip_gate=args.decoder_skip_gate,
                       lr_schedule=args.decoder_lr_schedule,
@@ -590,10 +594,10 @@ def main(argv: list[str] | None = None) -> None:
     t_dec = time.time()
     summary = train(cfg, clap=model, on_event=lambda e: log(
         f"decoder step {e['step']} sim {e.get('similarity', 0):.4f} spa {e.get('sparsity', 0):.3f} "
-        f"div {e.get('diversity', 0):.4f}") if e["event"] == "step" and e["step"] % 25 == 0 else None)
+        f"div {e.get('diversity', 0):.4f} out {e.get('removal', 0):.4f}") if e["event"] == "step" and e["step"] % 25 == 0 else None)
     settings = cfg.to_json()
-    report["decoder"] = {"texts": args.decoder_texts, **{k: settings[k] for k in (
-        "epochs", "batch_size", "lr", "lr_schedule", "lambda_sparsity", "lambda_diversity", "text_readout",
+    report["decoder"] = {"texts": args.decoder_texts, "events": args.decoder_events, **{k: settings[k] for k in (
+        "epochs", "batch_size", "lr", "lr_schedule", "lambda_sparsity", "lambda_diversity", "lambda_out", "text_readout",
         "group_by_audio", "mask_noise", "hard_mask", "logit_bound", "logmel_skip", "levels", "skip_gate", "init")}}
     report["decoder_train_s"] = time.time() - t_dec
     report["decoder_steps"] = summary["steps"]

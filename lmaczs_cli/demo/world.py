@@ -371,7 +371,7 @@ WORLD_TEXTS = ("caption", "events", "both")
 
 
 def write_world(folder: str | os.PathLike, n_scenes: int, seed: int = 0, split: str = "train", *,
-                with_masks: bool = False, texts: str = "caption") -> Path:
+                with_masks: bool = False, texts: str = "caption", n_events: int | None = None) -> Path:
     """Write `n_scenes` scenes of one split and return the manifest's path.
 
     Layout under `folder`: ``<split>/scene_00000.flac`` (48 kHz mono, 24-bit FLAC) and the
@@ -387,18 +387,21 @@ def write_world(folder: str | os.PathLike, n_scenes: int, seed: int = 0, split: 
     lines). With ``with_masks=True`` each scene also gets ``<split>/scene_00000.masks.npz``
     holding ``linear/<name>`` bool (N_FRAMES, N_FREQS) and ``mel/<name>`` bool
     (N_FRAMES, N_MELS) per event, named in the line's "masks". Scene i is
-    ``render_scene(scene_seed(seed, split, i))``: deterministic, splits disjoint.
+    ``render_scene(scene_seed(seed, split, i), n_events)``: deterministic, splits disjoint;
+    `n_events` fixes every scene's number of events (None: 1..MAX_EVENTS at random).
     """
     if n_scenes < 1:
         raise ValueError(f"n_scenes must be at least 1, got {n_scenes}")
     if texts not in WORLD_TEXTS:
         raise ValueError(f"texts must be one of {', '.join(WORLD_TEXTS)}, got {texts!r}")
     scene_seed(seed, split, 0)   # validates split and seed before anything is written
+    if n_events is not None and not 1 <= n_events <= MAX_EVENTS:
+        raise ValueError(f"n_events must be 1..{MAX_EVENTS} (or None for random), got {n_events}")
     root = Path(folder)
     (root / split).mkdir(parents=True, exist_ok=True)
     lines = []
     for i in range(n_scenes):
-        scene = render_scene(scene_seed(seed, split, i))
+        scene = render_scene(scene_seed(seed, split, i), n_events)
         stem = f"{split}/scene_{i:05d}"
         sf.write(root / f"{stem}.flac", scene.wave, SAMPLE_RATE, format="FLAC", subtype="PCM_24")
         record = {"audio": f"{stem}.flac", "caption": scene.caption, "seed": scene.seed,
