@@ -264,7 +264,7 @@ def removal_loss(clap: ClapModel, feats: Features, text: torch.Tensor, pairs: to
     noise) the similarity term saw: one encoder pass per matched pair, one for silence."""
     matched = (pairs[:, 0] == pairs[:, 1]).nonzero().squeeze(1)
     clips = pairs[matched, 1]
-    removed, _ = clap.encode(masked_input(feats, clips, 1.0 - masks[matched], domain))
+    removed, _ = clap.encode(masked_input(feats, clips, 1.0 - masks[matched].float(), domain))
     silence, _ = clap.encode(masked_input(feats, clips[:1], torch.zeros_like(masks[matched[:1]]), domain))
     return removal_term(text[pairs[matched, 0]], removed.float(), silence[0].float())
 
@@ -508,7 +508,8 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict[str, 
         "domain": cfg.domain,
         "mel_to_linear": "linear",
         "loss": {"lambda_sparsity": cfg.lambda_sparsity, "lambda_diversity": cfg.lambda_diversity,
-                 "mismatched_per_clip": cfg.mismatched, "logit_scale": None, "reduction": "mean"},
+                 "mismatched_per_clip": cfg.mismatched, "logit_scale": None, "reduction": "mean",
+                 "lambda_out": cfg.lambda_out},
         "data": {"manifest": str(cfg.manifest), "manifest_hash": data.manifest_hash(train_items),
                  "train_clips": len(train_items), "val_clips": len(val_items)},
         "train": {**cfg.to_json(), "world": dd.world, "pairs": "rank-local"},

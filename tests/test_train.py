@@ -305,3 +305,19 @@ def test_lambda_out_adds_the_masked_out_term_and_is_recorded(dataset, tmp_path, 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["removal"] >= 0 for r in rows)
     assert "removal" not in json.loads((plain / "metrics.jsonl").read_text().splitlines()[0])
+
+
+def test_removal_loss_is_zero_when_the_mask_keeps_everything_and_the_clip_above_silence_when_it_keeps_nothing(
+        tiny_clap):
+    rng = np.random.default_rng(1)
+    waves = torch.from_numpy(0.3 * rng.standard_normal((3, 48_000 * 2)).astype(np.float32))
+    feats = T.clap_features(tiny_clap, waves, "mel")
+    text = torch.nn.functional.normalize(torch.randn(3, feats.audio.shape[1]), dim=-1)
+    pairs = torch.tensor([[1, 0], [0, 0], [2, 2], [1, 1], [2, 1]])     # matched rows not first, not in order
+    shape = (len(pairs), *feats.logmel.shape[1:])
+    with torch.no_grad():
+        assert T.removal_loss(tiny_clap, feats, text, pairs, torch.ones(shape), "mel").item() < 1e-6
+        silence, _ = tiny_clap.encode(T.masked_input(feats, torch.tensor([0]), torch.zeros(1, *shape[1:]), "mel"))
+        expected = torch.relu((text * feats.audio).sum(-1) - text @ silence[0]).mean()
+        got = T.removal_loss(tiny_clap, feats, text, pairs, torch.zeros(shape), "mel")
+    assert expected.item() > 1e-4 and got.item() == pytest.approx(expected.item(), abs=1e-5)
