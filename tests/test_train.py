@@ -46,6 +46,14 @@ def _cfg(dataset, out, **kw):
     return T.TrainConfig(**base)
 
 
+@pytest.fixture(scope="module")
+def plain_run(dataset, tmp_path_factory, tiny_clap):
+    """Two steps with the default loss: what a run with one option changed is compared against (read only)."""
+    run = tmp_path_factory.mktemp("plain") / "run"
+    T.train(_cfg(dataset, run, max_steps=2), clap=tiny_clap)
+    return run
+
+
 def _weights(run):
     return load_file(str(Path(run) / "decoder.safetensors"))
 
@@ -105,9 +113,8 @@ def test_binarising_noise_spreads_undecided_cells_and_spares_decided_ones():
     assert torch.equal(again, T.binarising_noise(torch.full((5,), 0.3), 1.0, torch.Generator().manual_seed(3)))
 
 
-def test_mask_noise_changes_training_but_not_the_saved_decoders_masks(dataset, tmp_path, tiny_clap):
-    plain, noisy = tmp_path / "plain", tmp_path / "noisy"
-    T.train(_cfg(dataset, plain, max_steps=2), clap=tiny_clap)
+def test_mask_noise_changes_training_but_not_the_saved_decoders_masks(dataset, tmp_path, tiny_clap, plain_run):
+    plain, noisy = plain_run, tmp_path / "noisy"
     T.train(_cfg(dataset, noisy, max_steps=2, mask_noise=1.0), clap=tiny_clap)
     assert json.loads((noisy / "config.json").read_text())["train"]["mask_noise"] == 1.0
     assert _max_diff(_weights(plain), _weights(noisy)) > 0       # the noise reached the gradients
@@ -288,17 +295,15 @@ def test_logit_penalty_is_zero_inside_the_bound_and_pulls_sunk_logits_back():
     assert logits.grad[1:4].abs().max() == 0
 
 
-def test_logit_bound_changes_training_and_is_recorded(dataset, tmp_path, tiny_clap):
-    plain, bounded = tmp_path / "plain", tmp_path / "bounded"
-    T.train(_cfg(dataset, plain, max_steps=2), clap=tiny_clap)
+def test_logit_bound_changes_training_and_is_recorded(dataset, tmp_path, tiny_clap, plain_run):
+    plain, bounded = plain_run, tmp_path / "bounded"
     T.train(_cfg(dataset, bounded, max_steps=2, logit_bound=0.5), clap=tiny_clap)
     assert json.loads((bounded / "config.json").read_text())["train"]["logit_bound"] == 0.5
     assert _max_diff(_weights(plain), _weights(bounded)) > 0
 
 
-def test_lambda_out_adds_the_masked_out_term_and_is_recorded(dataset, tmp_path, tiny_clap):
-    plain, out = tmp_path / "plain", tmp_path / "out"
-    T.train(_cfg(dataset, plain, max_steps=2), clap=tiny_clap)
+def test_lambda_out_adds_the_masked_out_term_and_is_recorded(dataset, tmp_path, tiny_clap, plain_run):
+    plain, out = plain_run, tmp_path / "out"
     T.train(_cfg(dataset, out, max_steps=2, lambda_out=1.0), clap=tiny_clap)
     assert json.loads((out / "config.json").read_text())["train"]["lambda_out"] == 1.0
     assert _max_diff(_weights(plain), _weights(out)) > 0

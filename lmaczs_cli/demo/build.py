@@ -594,7 +594,8 @@ def main(argv: list[str] | None = None) -> None:
     t_dec = time.time()
     summary = train(cfg, clap=model, on_event=lambda e: log(
         f"decoder step {e['step']} sim {e.get('similarity', 0):.4f} spa {e.get('sparsity', 0):.3f} "
-        f"div {e.get('diversity', 0):.4f} out {e.get('removal', 0):.4f}") if e["event"] == "step" and e["step"] % 25 == 0 else None)
+        f"div {e.get('diversity', 0):.4f} out {e.get('removal', 0):.4f}")
+        if e["event"] == "step" and e["step"] % 25 == 0 else None)
     settings = cfg.to_json()
     report["decoder"] = {"texts": args.decoder_texts, "events": args.decoder_events, **{k: settings[k] for k in (
         "epochs", "batch_size", "lr", "lr_schedule", "lambda_sparsity", "lambda_diversity", "lambda_out", "text_readout",
