@@ -397,6 +397,10 @@ def _explain_report(summary: dict[str, Any], as_json: bool) -> None:
               help="Weight of a masked-out term (L-MAC's, on similarities; 0: off, as in LMAC-ZS): the clip with the "
                    "mask removed must score its caption no higher than silence does, so a mask cannot leave out the "
                    "sound its caption names. One more encoder pass per clip.")
+@click.option("--lambda-overlap", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Weight of an overlap term (0: off, as in LMAC-ZS): two different texts' masks on one clip are "
+                   "charged for the cells both keep, in proportion to how much the texts differ, so each prompt "
+                   "keeps its own sound rather than everything. Pairs with --group-by-audio.")
 @click.option("--mismatched", type=click.IntRange(min=0), default=None,
               help="Mismatched captions per clip in the pair term; default: every pair (B*B encoder passes).")
 @click.option("--group-by-audio", is_flag=True, default=False,

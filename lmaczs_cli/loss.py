@@ -21,6 +21,18 @@ what the explanation leaves out must hold no more of the prompt than silence doe
 alone cannot tell an empty mask for a sound that is there from the empty mask of a prompt whose
 sound is absent; this term can (removing nothing leaves the whole clip).
 
+A second option beyond the paper, off by default (λ_ov = 0): for two texts i ≠ k whose pairs
+with the same clip j were both formed, their masks should not keep the same cells, to the degree
+the texts differ:
+
+  overlap     = mean over such (i, k, j)  max(0, 1 - t_i · t_k) · mean(M_ij ⊙ M_kj)
+  total      += λ_ov · overlap
+
+Where two prompts' masks on one clip are equal, Eq. 7 has no gradient (its masked embeddings are
+equal unit vectors), so a decoder whose masks keep every event for every prompt stays there; this
+term charges that state and lets the similarity and masked-out terms decide which prompt keeps
+which cells.
+
 Means rather than sums keep the weights independent of batch size and pair subsampling.
 No logit scale multiplies C: the paper regresses raw cosine similarities.
 """
@@ -38,9 +50,11 @@ class LossTerms:
     sparsity: torch.Tensor
     diversity: torch.Tensor
     removal: torch.Tensor | None = None      # only when the masked-out term is on
+    overlap: torch.Tensor | None = None      # only when the overlap term is on
 
     def as_floats(self) -> dict[str, float]:
-        names = ("total", "similarity", "sparsity", "diversity") + (("removal",) if self.removal is not None else ())
+        names = ("total", "similarity", "sparsity", "diversity") + tuple(
+            k for k in ("removal", "overlap") if getattr(self, k) is not None)
         return {k: float(getattr(self, k).detach()) for k in names}
 
 
@@ -102,6 +116,26 @@ def removal_term(text: torch.Tensor, removed: torch.Tensor, silence: torch.Tenso
     matched pairs' texts, removed (M, D) their clips' embeddings with the mask removed, silence (D,)
     the embedding of a clip removed everywhere."""
     return torch.relu((text * removed).sum(-1) - (text * silence).sum(-1)).mean()
+
+
+def overlap_term(text: torch.Tensor, pairs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Mean over pairs (i, j), (k, j) with i < k of max(0, 1 - t_i·t_k) · mean(M_ij ⊙ M_kj).
+    text (B, D); pairs (P, 2) = (text, audio); masks (P, T, F). Zero when no clip has two texts."""
+    rows_a, rows_b = [], []
+    listed = pairs.tolist()
+    for a, (ti, aj) in enumerate(listed):
+        for b in range(a + 1, len(listed)):
+            tk, ak = listed[b]
+            if ak == aj and tk != ti:
+                rows_a.append(a)
+                rows_b.append(b)
+    if not rows_a:
+        return masks.new_zeros((), dtype=torch.float32)
+    ra = torch.tensor(rows_a, device=masks.device)
+    rb = torch.tensor(rows_b, device=masks.device)
+    weight = torch.relu(1.0 - (text[pairs[ra, 0]] * text[pairs[rb, 0]]).sum(-1))
+    shared = (masks[ra].float() * masks[rb].float()).flatten(1).mean(1)
+    return (weight * shared).mean()
 
 
 def lmac_zs_loss(

@@ -38,7 +38,7 @@ from .clap import ClapModel, load_clap
 from .decoder import DecoderConfig, MaskDecoder, load_decoder, save_decoder
 from .device import resolve_device
 from .files import atomic_path
-from .loss import LossTerms, all_pairs, lmac_zs_loss, removal_term, sample_pairs
+from .loss import LossTerms, all_pairs, lmac_zs_loss, overlap_term, removal_term, sample_pairs
 from .errors import LmaczsError
 
 
@@ -96,6 +96,7 @@ class TrainConfig:
     hard_mask: bool = False             # straight-through binary masks in training (straight_through)
     logit_bound: float = 0.0            # pull mask logits back inside ±this (logit_penalty); 0: off
     lambda_out: float = 0.0             # weight of the masked-out term (loss.removal_term); 0: off, as the paper
+    lambda_overlap: float = 0.0         # weight of the overlap term (loss.overlap_term); 0: off, as the paper
     init: str | None = None             # start from this saved decoder's weights (init_decoder)
     workers: int = 0                    # DataLoader worker processes (decode + resample)
     device: str = "auto"                # auto | cpu | cuda | cuda:N
@@ -297,6 +298,9 @@ def micro_batch_loss(
                          cfg.lambda_sparsity, cfg.lambda_diversity)
     if cfg.logit_bound > 0:
         terms = dataclasses.replace(terms, total=terms.total + penalty)
+    if cfg.lambda_overlap > 0:
+        shared = overlap_term(text.float(), pairs, masks)
+        terms = dataclasses.replace(terms, total=terms.total + cfg.lambda_overlap * shared, overlap=shared)
     if cfg.lambda_out > 0:
         with torch.autocast(device_type=waves.device.type, dtype=amp_dtype, enabled=use_amp):
             out = removal_loss(clap, feats, text, pairs, masks, cfg.domain)
@@ -509,7 +513,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict[str, 
         "mel_to_linear": "linear",
         "loss": {"lambda_sparsity": cfg.lambda_sparsity, "lambda_diversity": cfg.lambda_diversity,
                  "mismatched_per_clip": cfg.mismatched, "logit_scale": None, "reduction": "mean",
-                 "lambda_out": cfg.lambda_out},
+                 "lambda_out": cfg.lambda_out, "lambda_overlap": cfg.lambda_overlap},
         "data": {"manifest": str(cfg.manifest), "manifest_hash": data.manifest_hash(train_items),
                  "train_clips": len(train_items), "val_clips": len(val_items)},
         "train": {**cfg.to_json(), "world": dd.world, "pairs": "rank-local"},

@@ -98,3 +98,20 @@ def test_removal_term_charges_only_what_the_rest_holds_above_silence():
     removed = torch.tensor([[0.8, 0.6], [0.8, 0.6]])   # t·removed 0.8 and 0.6; t·silence 0.6 and 0.8
     assert L.removal_term(t, removed, silence).item() == pytest.approx(0.1, abs=1e-6)   # (0.2 + 0) / 2
     assert L.removal_term(t, silence.expand(2, 2), silence).item() == 0.0
+
+
+def test_overlap_term_charges_shared_cells_of_different_texts_on_one_clip_by_how_much_the_texts_differ():
+    t = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    pairs = torch.tensor([[0, 0], [1, 0], [2, 0], [0, 1]])          # texts 0, 1, 2 on clip 0; text 0 on clip 1
+    masks = torch.zeros(4, 2, 2)
+    masks[0, 0] = 1.0                      # text 0 keeps row 0 of clip 0
+    masks[1] = 1.0                         # text 1 keeps all of clip 0
+    masks[2, 1] = 0.5                      # text 2 keeps half of row 1
+    masks[3] = 1.0                         # clip 1 has one text: nothing to compare
+    # (0,1): weight 1 x shared 0.5; (0,2): weight 0.4 x 0; (1,2): weight 0.2 x 0.25; mean of three
+    assert L.overlap_term(t, pairs, masks).item() == pytest.approx((0.5 + 0.0 + 0.05) / 3, abs=1e-6)
+    disjoint = masks.clone()
+    disjoint[1, 0] = 0.0
+    disjoint[1, 1] = 0.0
+    assert L.overlap_term(t, pairs, disjoint).item() == 0.0
+    assert L.overlap_term(t, torch.tensor([[0, 0], [1, 1]]), masks[:2]).item() == 0.0   # no clip with two texts

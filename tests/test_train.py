@@ -302,14 +302,16 @@ def test_logit_bound_changes_training_and_is_recorded(dataset, tmp_path, tiny_cl
     assert _max_diff(_weights(plain), _weights(bounded)) > 0
 
 
-def test_lambda_out_adds_the_masked_out_term_and_is_recorded(dataset, tmp_path, tiny_clap, plain_run):
-    plain, out = plain_run, tmp_path / "out"
-    T.train(_cfg(dataset, out, max_steps=2, lambda_out=1.0), clap=tiny_clap)
-    assert json.loads((out / "config.json").read_text())["train"]["lambda_out"] == 1.0
-    assert _max_diff(_weights(plain), _weights(out)) > 0
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["removal"] >= 0 for r in rows)
-    assert "removal" not in json.loads((plain / "metrics.jsonl").read_text().splitlines()[0])
+@pytest.mark.parametrize("option, term", [("lambda_out", "removal"), ("lambda_overlap", "overlap")])
+def test_an_extra_term_changes_training_is_recorded_and_logged(dataset, tmp_path, tiny_clap, plain_run, option, term):
+    plain, run = plain_run, tmp_path / option
+    T.train(_cfg(dataset, run, max_steps=2, **{option: 1.0}), clap=tiny_clap)
+    stored = json.loads((run / "config.json").read_text())
+    assert stored["train"][option] == 1.0 and stored["loss"][option] == 1.0
+    assert _max_diff(_weights(plain), _weights(run)) > 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(r[term] >= 0 for r in rows)
+    assert term not in json.loads((plain / "metrics.jsonl").read_text().splitlines()[0])
 
 
 def test_removal_loss_is_zero_when_the_mask_keeps_everything_and_the_clip_above_silence_when_it_keeps_nothing(

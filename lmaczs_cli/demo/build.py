@@ -520,6 +520,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lambda-sparsity", type=float, default=0.1)
     ap.add_argument("--lambda-diversity", type=float, default=0.5)
     ap.add_argument("--lambda-out", type=float, default=0.0, help="lmaczs train --lambda-out")
+    ap.add_argument("--lambda-overlap", type=float, default=0.0, help="lmaczs train --lambda-overlap")
     ap.add_argument("--report-scenes", type=int, default=12,
                     help="held-out scenes the decoder is scored on (localization figures, build.json)")
     ap.add_argument("--skip-clap", action="store_true", help="reuse the CLAP already in --out")
@@ -585,7 +586,7 @@ def main(argv: list[str] | None = None) -> None:
                       lambda_diversity=args.lambda_diversity, val_fraction=0.1, workers=0, device="cpu",
                       log_every=10, save_every=10_000, seed=args.seed, text_readout=args.decoder_text_readout,
                       mask_noise=args.decoder_mask_noise, hard_mask=args.decoder_hard_mask,
-                      logit_bound=args.decoder_logit_bound, lambda_out=args.lambda_out,
+                      logit_bound=args.decoder_logit_bound, lambda_out=args.lambda_out, lambda_overlap=args.lambda_overlap,
                       logmel_skip=not args.decoder_no_logmel_skip,
                       levels=args.decoder_levels, skip_gate=args.decoder_skip_gate,
                       lr_schedule=args.decoder_lr_schedule,
@@ -594,12 +595,12 @@ def main(argv: list[str] | None = None) -> None:
     t_dec = time.time()
     summary = train(cfg, clap=model, on_event=lambda e: log(
         f"decoder step {e['step']} sim {e.get('similarity', 0):.4f} spa {e.get('sparsity', 0):.3f} "
-        f"div {e.get('diversity', 0):.4f} out {e.get('removal', 0):.4f}")
+        f"div {e.get('diversity', 0):.4f} out {e.get('removal', 0):.4f} ov {e.get('overlap', 0):.4f}")
         if e["event"] == "step" and e["step"] % 25 == 0 else None)
     settings = cfg.to_json()
     report["decoder"] = {"texts": args.decoder_texts, "events": args.decoder_events, **{k: settings[k] for k in (
-        "epochs", "batch_size", "lr", "lr_schedule", "lambda_sparsity", "lambda_diversity", "lambda_out", "text_readout",
-        "group_by_audio", "mask_noise", "hard_mask", "logit_bound", "logmel_skip", "levels", "skip_gate", "init")}}
+        "epochs", "batch_size", "lr", "lr_schedule", "lambda_sparsity", "lambda_diversity", "lambda_out",
+        "lambda_overlap", "text_readout", "group_by_audio", "mask_noise", "hard_mask", "logit_bound", "logmel_skip", "levels", "skip_gate", "init")}}
     report["decoder_train_s"] = time.time() - t_dec
     report["decoder_steps"] = summary["steps"]
     for name in ("decoder.safetensors", "config.json"):
