@@ -400,7 +400,8 @@ def _explain_report(summary: dict[str, Any], as_json: bool) -> None:
 @click.option("--lambda-overlap", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Weight of an overlap term (0: off, as in LMAC-ZS): two different texts' masks on one clip are "
                    "charged for the cells both keep, in proportion to how much the texts differ, so each prompt "
-                   "keeps its own sound rather than everything. Pairs with --group-by-audio.")
+                   "keeps its own sound rather than everything. Pairs with --group-by-audio and every pair (no "
+                   "--mismatched).")
 @click.option("--mismatched", type=click.IntRange(min=0), default=None,
               help="Mismatched captions per clip in the pair term; default: every pair (B*B encoder passes).")
 @click.option("--group-by-audio", is_flag=True, default=False,

@@ -119,23 +119,24 @@ def removal_term(text: torch.Tensor, removed: torch.Tensor, silence: torch.Tenso
 
 
 def overlap_term(text: torch.Tensor, pairs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Mean over pairs (i, j), (k, j) with i < k of max(0, 1 - t_i·t_k) · mean(M_ij ⊙ M_kj).
-    text (B, D); pairs (P, 2) = (text, audio); masks (P, T, F). Zero when no clip has two texts."""
-    rows_a, rows_b = [], []
-    listed = pairs.tolist()
-    for a, (ti, aj) in enumerate(listed):
-        for b in range(a + 1, len(listed)):
-            tk, ak = listed[b]
-            if ak == aj and tk != ti:
-                rows_a.append(a)
-                rows_b.append(b)
-    if not rows_a:
-        return masks.new_zeros((), dtype=torch.float32)
-    ra = torch.tensor(rows_a, device=masks.device)
-    rb = torch.tensor(rows_b, device=masks.device)
-    weight = torch.relu(1.0 - (text[pairs[ra, 0]] * text[pairs[rb, 0]]).sum(-1))
-    shared = (masks[ra].float() * masks[rb].float()).flatten(1).mean(1)
-    return (weight * shared).mean()
+    """Mean of max(0, 1 - t_i·t_k) · mean(M_ij ⊙ M_kj) over the pairs (i, j), (k, j) formed for one
+    clip j with two different texts; the same caption at two batch positions is not compared.
+    text (B, D); pairs (P, 2) = (text, audio); masks (P, T, F), those the similarity term saw (after
+    any training noise). One Gram matrix per clip. Zero when no clip has two different texts."""
+    flat = masks.float().flatten(1)
+    total, count = flat.new_zeros(()), 0
+    for clip in pairs[:, 1].unique().tolist():
+        rows = (pairs[:, 1] == clip).nonzero().squeeze(1)
+        if len(rows) < 2:
+            continue
+        kept = flat[rows]
+        shared = kept @ kept.T / kept.shape[1]
+        texts = text[pairs[rows, 0]].float()
+        weight = torch.relu(1.0 - texts @ texts.T)
+        compared = torch.triu(weight > 1e-6, diagonal=1)
+        total = total + (weight * shared)[compared].sum()
+        count += int(compared.sum())
+    return total / count if count else total
 
 
 def lmac_zs_loss(

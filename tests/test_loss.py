@@ -115,3 +115,8 @@ def test_overlap_term_charges_shared_cells_of_different_texts_on_one_clip_by_how
     disjoint[1, 1] = 0.0
     assert L.overlap_term(t, pairs, disjoint).item() == 0.0
     assert L.overlap_term(t, torch.tensor([[0, 0], [1, 1]]), masks[:2]).item() == 0.0   # no clip with two texts
+    repeated = torch.cat([t, t[:1]])                                # text 3 is text 0's caption again
+    again = torch.cat([pairs, torch.tensor([[3, 0]])])
+    same = torch.cat([masks, masks[:1]])
+    # (3,1) and (3,2) repeat (0,1) and (0,2); (0,3) is not compared: mean of five
+    assert L.overlap_term(repeated, again, same).item() == pytest.approx((0.5 + 0.0 + 0.05 + 0.5 + 0.0) / 5, abs=1e-6)

@@ -310,7 +310,7 @@ def test_an_extra_term_changes_training_is_recorded_and_logged(dataset, tmp_path
     assert stored["train"][option] == 1.0 and stored["loss"][option] == 1.0
     assert _max_diff(_weights(plain), _weights(run)) > 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert rows and all(r[term] >= 0 for r in rows)
+    assert rows and all(r[term] >= 0 for r in rows) and any(r[term] > 0 for r in rows)
     assert term not in json.loads((plain / "metrics.jsonl").read_text().splitlines()[0])
 
 
