@@ -299,7 +299,7 @@ def micro_batch_loss(
     if cfg.logit_bound > 0:
         terms = dataclasses.replace(terms, total=terms.total + penalty)
     if cfg.lambda_overlap > 0:
-        shared = overlap_term(text.float(), pairs, masks)
+        shared = overlap_term(text, pairs, masks)
         terms = dataclasses.replace(terms, total=terms.total + cfg.lambda_overlap * shared, overlap=shared)
     if cfg.lambda_out > 0:
         with torch.autocast(device_type=waves.device.type, dtype=amp_dtype, enabled=use_amp):

@@ -586,7 +586,8 @@ def main(argv: list[str] | None = None) -> None:
                       lambda_diversity=args.lambda_diversity, val_fraction=0.1, workers=0, device="cpu",
                       log_every=10, save_every=10_000, seed=args.seed, text_readout=args.decoder_text_readout,
                       mask_noise=args.decoder_mask_noise, hard_mask=args.decoder_hard_mask,
-                      logit_bound=args.decoder_logit_bound, lambda_out=args.lambda_out, lambda_overlap=args.lambda_overlap,
+                      logit_bound=args.decoder_logit_bound, lambda_out=args.lambda_out,
+                      lambda_overlap=args.lambda_overlap,
                       logmel_skip=not args.decoder_no_logmel_skip,
                       levels=args.decoder_levels, skip_gate=args.decoder_skip_gate,
                       lr_schedule=args.decoder_lr_schedule,
@@ -600,7 +601,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = cfg.to_json()
     report["decoder"] = {"texts": args.decoder_texts, "events": args.decoder_events, **{k: settings[k] for k in (
         "epochs", "batch_size", "lr", "lr_schedule", "lambda_sparsity", "lambda_diversity", "lambda_out",
-        "lambda_overlap", "text_readout", "group_by_audio", "mask_noise", "hard_mask", "logit_bound", "logmel_skip", "levels", "skip_gate", "init")}}
+        "lambda_overlap", "text_readout", "group_by_audio", "mask_noise", "hard_mask", "logit_bound", "logmel_skip",
+        "levels", "skip_gate", "init")}}
     report["decoder_train_s"] = time.time() - t_dec
     report["decoder_steps"] = summary["steps"]
     for name in ("decoder.safetensors", "config.json"):
