@@ -159,6 +159,28 @@ def test_soft_removal_attenuates_removed_cells_by_one_drawn_amount_per_clip():
     assert len({round(float(drop[b, 0, 0]), 3) for b in range(4)}) > 1
 
 
+def test_speckle_drops_square_blocks_of_a_drawn_share_per_clip():
+    from lmaczs_cli.demo.build import SPECKLE_BLOCKS, speckle
+
+    logmel = torch.zeros(64, 200, 64)
+    out = speckle(logmel, torch.Generator().manual_seed(0), max_share=0.6)
+    dropped = out == spectral.SILENCE_DB
+    assert torch.equal(out[~dropped], logmel[~dropped])
+    shares = dropped.float().mean((1, 2))
+    assert shares.max() <= 0.7 and shares.min() < 0.1 and shares.max() > 0.4   # U(0, 0.6) per clip
+    sizes = set()
+    for clip in dropped:                    # each clip's dropped cells tile into blocks of one size
+        for size in SPECKLE_BLOCKS[::-1]:
+            coarse = clip[::size, ::size]
+            if torch.equal(coarse.repeat_interleave(size, 0).repeat_interleave(size, 1), clip):
+                sizes.add(size)
+                break
+    assert sizes == set(SPECKLE_BLOCKS)
+    again = speckle(logmel, torch.Generator().manual_seed(0), max_share=0.6)
+    assert torch.equal(out, again)
+    assert torch.equal(speckle(logmel, torch.Generator().manual_seed(0), max_share=0.0), logmel)
+
+
 def test_presence_loss_is_zero_on_target_and_weighs_present_and_absent_halves():
     from lmaczs_cli.demo.build import ABSENT_COS, PRESENT_COS, presence_loss
 

@@ -111,6 +111,31 @@ def attenuate(logmel: torch.Tensor, removed: torch.Tensor, generator: torch.Gene
     return torch.where(removed, (logmel - drop).clamp(min=spectral.SILENCE_DB), logmel)
 
 
+SPECKLE_BLOCKS = (1, 2, 4, 8)   # side of the square cell blocks `speckle` drops, drawn per clip
+
+
+def speckle(logmel: torch.Tensor, generator: torch.Generator, max_share: float,
+            soft_db: float | None = None) -> torch.Tensor:
+    """Drop a random share U(0, max_share) of each clip's cells, in square blocks of 1, 2, 4 or 8
+    cells (one size per clip), as `attenuate` does; the clip's presence is left as it was.
+
+    A decoder mask that is not yet sure of a cell (and, under `lmaczs train --mask-noise`, every
+    training mask) keeps a speckle of cells rather than whole regions. A CLAP taught only
+    region-shaped removals may read a speckled scene as silence (the demo CLAPs of rounds 1-10
+    lost most of a spread-out event's similarity with 44 % of the cells dropped at random), so
+    LMAC-ZS's similarity and masked-out terms can be met by patterns that have nothing to do
+    with where the events are. Teaching that a speckled event is still there leaves only the
+    event's own cells to decide whether it is present."""
+    removed = torch.zeros(logmel.shape, dtype=torch.bool)
+    n_frames, n_bands = logmel.shape[1:]
+    for b in range(len(logmel)):
+        size = SPECKLE_BLOCKS[int(torch.randint(len(SPECKLE_BLOCKS), (1,), generator=generator))]
+        share = float(torch.rand((), generator=generator)) * max_share
+        coarse = torch.rand(-(-n_frames // size), -(-n_bands // size), generator=generator) < share
+        removed[b] = coarse.repeat_interleave(size, 0).repeat_interleave(size, 1)[:n_frames, :n_bands]
+    return attenuate(logmel, removed, generator, soft_db)
+
+
 def drop_events(logmel: torch.Tensor, presence: torch.Tensor, bits: torch.Tensor,
                 generator: torch.Generator, p_drop: float = 0.5,
                 p_background: float = 0.0, soft_db: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,7 +282,7 @@ def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_si
                cache: Path | None = None, present_cos: float = PRESENT_COS,
                absent_cos: float = ABSENT_COS, text_weight: float = 0.0,
                geometry_weight: float = 0.0, isolation_weight: float = 0.0,
-               soft_db: float | None = None) -> ClapModel:
+               soft_db: float | None = None, speckle_share: float = 0.0) -> ClapModel:
     """Train the demo CLAP from scratch, or go on from the CLAP saved in `init`.
 
     Loss per step: `caption_weight` x InfoNCE of clips against their captions, plus
@@ -266,7 +291,8 @@ def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_si
     nothing, against the 14 event prompts, with `present_cos` / `absent_cos` as targets; plus
     `text_weight` x `prompt_overlap` of the event prompts and `geometry_weight` x
     `geometry_loss` of the batch's single-event clips; plus `isolation_weight` x `isolation_loss`
-    on views of the batch's clips masked down to one or two of their events."""
+    on views of the batch's clips masked down to one or two of their events. With `speckle_share`,
+    the masked clips also lose a random speckle of cells (`speckle`), their presence unchanged."""
     torch.manual_seed(seed)
     if init is not None:
         from ..clap import load_clap_dir
@@ -293,6 +319,8 @@ def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_si
         clean = mels[idx].float()
         masked, masked_presence = drop_events(clean, presence[idx], bits[idx], g, p_drop=0.5, p_background=0.5,
                                               soft_db=soft_db)
+        if speckle_share > 0:  # no draws from g otherwise: earlier rounds rebuild as they were
+            masked = speckle(masked, g, speckle_share, soft_db)
         nothing = torch.full((1, *clean.shape[1:]), spectral.SILENCE_DB)
         inputs = [torch.cat([clean, masked]) + level, nothing]
         if isolation_weight > 0:  # clips masked down to one of their events (no draws from g otherwise)
@@ -466,6 +494,7 @@ def clap_round(args: argparse.Namespace) -> str:
                "geometry": args.geometry_weight, "isolation": args.isolation_weight}
     given = ", ".join(f"{k} {v:g}" for k, v in weights.items() if v)
     soft = f", soft removal {args.soft_db:g}-100 dB" if args.soft_db is not None else ""
+    soft += f", speckle up to {args.speckle:g}" if args.speckle else ""
     return (f"{args.clap_steps} steps {start}, batch {args.clap_batch}, lr {args.clap_lr:g}, seed {args.seed}; "
             f"loss weights {given}{soft}")
 
@@ -494,6 +523,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="weight of isolation_loss: the LMAC-ZS objective of event-isolating masks, on the CLAP")
     ap.add_argument("--soft-db", type=float, default=None,
                     help="take masked-away cells down by U(SOFT_DB, 100) dB instead of to the floor (see attenuate)")
+    ap.add_argument("--speckle", type=float, default=0.0,
+                    help="masked clips also lose a random share U(0, SPECKLE) of their cells, presence unchanged "
+                         "(see speckle)")
     ap.add_argument("--scenes", type=int, default=2000)
     ap.add_argument("--singles", type=int, default=1400)
     ap.add_argument("--decoder-scenes", type=int, default=400)
@@ -550,7 +582,8 @@ def main(argv: list[str] | None = None) -> None:
                            args.presence_weight, args.caption_weight, args.clap_init, cache=work,
                            present_cos=args.present_cos, absent_cos=args.absent_cos,
                            text_weight=args.text_weight, geometry_weight=args.geometry_weight,
-                           isolation_weight=args.isolation_weight, soft_db=args.soft_db)
+                           isolation_weight=args.isolation_weight, soft_db=args.soft_db,
+                           speckle_share=args.speckle)
         save_clap(model, out, dtype=torch.float16)
         model = load_clap_dir(out)
     zs = zero_shot_accuracy(model, per_class=20, seed=args.seed)
