@@ -309,10 +309,12 @@ def test_build_history_carries_the_init_folders_rounds_and_adds_this_one(tmp_pat
     (tmp_path / "build.json").write_text(json.dumps({"clap_history": ["600 steps from scratch"]}))
     args = argparse.Namespace(clap_init=tmp_path, clap_steps=300, clap_batch=16, clap_lr=2e-3, seed=0,
                               presence_weight=10.0, caption_weight=0.1, text_weight=1.0, geometry_weight=0.0,
-                              isolation_weight=2.0, soft_db=20.0)
+                              isolation_weight=2.0, soft_db=20.0, speckle=0.0)
     line = build.clap_round(args)
     assert line.startswith(f"300 steps from {tmp_path}, batch 16, lr 0.002")
     assert "isolation 2" in line and "geometry" not in line and "soft removal 20-100 dB" in line
+    assert "speckle" not in line
+    assert build.clap_round(argparse.Namespace(**{**vars(args), "speckle": 0.6})).endswith(", speckle up to 0.6")
     assert build.clap_history(tmp_path) + [line] == ["600 steps from scratch", line]
 
 
