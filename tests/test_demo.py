@@ -162,7 +162,7 @@ def test_soft_removal_attenuates_removed_cells_by_one_drawn_amount_per_clip():
 def test_speckle_drops_square_blocks_of_a_drawn_share_per_clip():
     from lmaczs_cli.demo.build import SPECKLE_BLOCKS, speckle
 
-    logmel = torch.zeros(64, 200, 64)
+    logmel = torch.zeros(64, 1001, 64)              # 1001 frames: the last blocks are cut short
     out = speckle(logmel, torch.Generator().manual_seed(0), max_share=0.6)
     dropped = out == spectral.SILENCE_DB
     assert torch.equal(out[~dropped], logmel[~dropped])
@@ -172,13 +172,24 @@ def test_speckle_drops_square_blocks_of_a_drawn_share_per_clip():
     for clip in dropped:                    # each clip's dropped cells tile into blocks of one size
         for size in SPECKLE_BLOCKS[::-1]:
             coarse = clip[::size, ::size]
-            if torch.equal(coarse.repeat_interleave(size, 0).repeat_interleave(size, 1), clip):
+            tiled = coarse.repeat_interleave(size, 0).repeat_interleave(size, 1)[: clip.shape[0], : clip.shape[1]]
+            if clip.any() and torch.equal(tiled, clip):
                 sizes.add(size)
                 break
     assert sizes == set(SPECKLE_BLOCKS)
     again = speckle(logmel, torch.Generator().manual_seed(0), max_share=0.6)
     assert torch.equal(out, again)
     assert torch.equal(speckle(logmel, torch.Generator().manual_seed(0), max_share=0.0), logmel)
+
+
+@pytest.mark.parametrize("share", ["-0.1", "1.5"])
+def test_build_refuses_a_speckle_share_outside_zero_to_one(tmp_path, share, capsys):
+    from lmaczs_cli.demo import build
+
+    with pytest.raises(SystemExit):
+        build.main(["--out", str(tmp_path / "model"), "--work", str(tmp_path / "work"), "--speckle", share])
+    assert "--speckle is a share of cells" in capsys.readouterr().err
+    assert not (tmp_path / "model").exists()
 
 
 def test_presence_loss_is_zero_on_target_and_weighs_present_and_absent_halves():

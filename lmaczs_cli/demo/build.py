@@ -121,11 +121,12 @@ def speckle(logmel: torch.Tensor, generator: torch.Generator, max_share: float,
 
     A decoder mask that is not yet sure of a cell (and, under `lmaczs train --mask-noise`, every
     training mask) keeps a speckle of cells rather than whole regions. A CLAP taught only
-    region-shaped removals may read a speckled scene as silence (the demo CLAPs of rounds 1-10
-    lost most of a spread-out event's similarity with 44 % of the cells dropped at random), so
+    region-shaped removals may read a speckled scene as silence (the shipped CLAP, r6 and r8 lose
+    most of a spread-out event's similarity with 44 % of the cells dropped at random), so
     LMAC-ZS's similarity and masked-out terms can be met by patterns that have nothing to do
     with where the events are. Teaching that a speckled event is still there leaves only the
-    event's own cells to decide whether it is present."""
+    event's own cells to decide whether it is present. With 8-cell blocks, a short or narrow event
+    can lose all its cells and still count as present: label noise, rare at shares below 0.6."""
     removed = torch.zeros(logmel.shape, dtype=torch.bool)
     n_frames, n_bands = logmel.shape[1:]
     for b in range(len(logmel)):
@@ -562,6 +563,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--clap-init", type=Path, default=None,
                     help="fine-tune the CLAP saved in this folder instead of training from scratch")
     args = ap.parse_args(argv)
+    if not 0.0 <= args.speckle <= 1.0:
+        ap.error(f"--speckle is a share of cells, between 0 and 1 (got {args.speckle:g})")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     t_start = time.time()
     out, work = args.out, args.work
