@@ -494,10 +494,10 @@ def clap_round(args: argparse.Namespace) -> str:
     weights = {"presence": args.presence_weight, "caption": args.caption_weight, "text": args.text_weight,
                "geometry": args.geometry_weight, "isolation": args.isolation_weight}
     given = ", ".join(f"{k} {v:g}" for k, v in weights.items() if v)
-    soft = f", soft removal {args.soft_db:g}-100 dB" if args.soft_db is not None else ""
-    soft += f", speckle up to {args.speckle:g}" if args.speckle else ""
+    removal = f", soft removal {args.soft_db:g}-100 dB" if args.soft_db is not None else ""
+    removal += f", speckle up to {args.speckle:g}" if args.speckle else ""
     return (f"{args.clap_steps} steps {start}, batch {args.clap_batch}, lr {args.clap_lr:g}, seed {args.seed}; "
-            f"loss weights {given}{soft}")
+            f"loss weights {given}{removal}")
 
 
 def main(argv: list[str] | None = None) -> None:
