@@ -298,6 +298,41 @@ def test_isolation_loss_by_hand():
     assert float(got1) == pytest.approx(abs(1.0 - 0.6) + abs(1.0 - 0.8) + abs(0.0 - 0.0))
 
 
+def test_contrast_loss_by_hand():
+    from lmaczs_cli.demo.build import contrast_loss
+
+    prompts = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    clean = torch.tensor([[0.8, 0.6], [0.6, 0.8]])
+    masked = torch.tensor([[0.7, 0.6], [0.6, 0.8]])
+    nothing = torch.tensor([0.0, 0.3])
+    presence = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    after = torch.tensor([[0.0, 1.0], [0.0, 1.0]])        # event 0 masked away from clip 0 only
+    got = contrast_loss(clean, masked, nothing, prompts, presence, after, margin=0.2)
+    gone = [0.2 - (0.8 - 0.7)]                              # clip 0, event 0: fell 0.1 of 0.2
+    empty = [0.0,                                           # clip 0, event 0: 0.8 - 0.0 >= 0.2
+             0.2 - (0.6 - 0.3),                             # clip 0, event 1: 0.3 above the empty clip: 0
+             0.2 - (0.8 - 0.3)]                             # clip 1, event 1: 0.5 above it: 0
+    expected = (gone[0] + empty[0] + max(empty[1], 0.0) + max(empty[2], 0.0)) / 4
+    assert float(got) == pytest.approx(expected)
+    # kept events and absent ones never count; a fall beyond the margin costs nothing
+    assert float(contrast_loss(clean, clean - torch.tensor([[0.5, 0.0], [0.0, 0.0]]), nothing, prompts,
+                               presence, after, margin=0.2)) == pytest.approx(0.0)
+    # the same clips, pushed further apart from their masked copies, cost less
+    assert float(contrast_loss(clean, masked - 0.05, nothing, prompts, presence, after, margin=0.2)) < float(got)
+
+
+def test_train_clap_step_with_the_contrast_loss_runs_and_moves_the_weights():
+    from lmaczs_cli.demo.build import train_clap
+
+    torch.manual_seed(0)
+    a = train_clap(1, 4, 1e-3, 0, n_scenes=4, n_single=2, contrast_weight=1.0, presence_weight=0.0,
+                   caption_weight=0.0)
+    b = train_clap(1, 4, 1e-3, 0, n_scenes=4, n_single=2, contrast_weight=0.0, presence_weight=0.0,
+                   caption_weight=0.0)
+    sa, sb = dict(a.clap.named_parameters()), dict(b.clap.named_parameters())
+    assert any(not torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def test_train_clap_step_with_the_isolation_loss_runs_and_moves_the_weights():
     from lmaczs_cli.demo.build import DEMO_CLAP, train_clap
 
@@ -320,12 +355,15 @@ def test_build_history_carries_the_init_folders_rounds_and_adds_this_one(tmp_pat
     (tmp_path / "build.json").write_text(json.dumps({"clap_history": ["600 steps from scratch"]}))
     args = argparse.Namespace(clap_init=tmp_path, clap_steps=300, clap_batch=16, clap_lr=2e-3, seed=0,
                               presence_weight=10.0, caption_weight=0.1, text_weight=1.0, geometry_weight=0.0,
-                              isolation_weight=2.0, soft_db=20.0, speckle=0.0)
+                              isolation_weight=2.0, soft_db=20.0, speckle=0.0, contrast_weight=0.0,
+                              contrast_margin=0.2)
     line = build.clap_round(args)
     assert line.startswith(f"300 steps from {tmp_path}, batch 16, lr 0.002")
     assert "isolation 2" in line and "geometry" not in line and "soft removal 20-100 dB" in line
-    assert "speckle" not in line
+    assert "speckle" not in line and "contrast" not in line
     assert build.clap_round(argparse.Namespace(**{**vars(args), "speckle": 0.6})).endswith(", speckle up to 0.6")
+    with_contrast = build.clap_round(argparse.Namespace(**{**vars(args), "contrast_weight": 10.0}))
+    assert "contrast 10" in with_contrast and with_contrast.endswith(", contrast margin 0.2")
     assert build.clap_history(tmp_path) + [line] == ["600 steps from scratch", line]
 
 

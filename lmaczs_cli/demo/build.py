@@ -216,6 +216,28 @@ def isolation_loss(clean_audio: torch.Tensor, views: torch.Tensor, view_clip: to
     return sim_present + sim_absent + div
 
 
+def contrast_loss(clean_audio: torch.Tensor, masked_audio: torch.Tensor, nothing: torch.Tensor,
+                  prompts: torch.Tensor, presence: torch.Tensor, masked_presence: torch.Tensor,
+                  margin: float) -> torch.Tensor:
+    """Hinge on how far an event's prompt falls when the event goes: for every (clip, event) the
+    clip holds, ``t_e . clip - t_e . masked`` where `drop_events` took the event away, and
+    ``t_e . clip - t_e . nothing``, should each be at least `margin` (mean of the shortfalls).
+    clean_audio, masked_audio (B, D) a clip and its masked copy; nothing (D,) the all-floor clip;
+    prompts (E, D); presence, masked_presence (B, E) in {0, 1} before / after the removal.
+
+    Why: LMAC-ZS's similarity term and the masked-out term only pay a mask for covering an event
+    as much as the prompt's similarity falls without it. `presence_loss` regresses every pair
+    towards a target, and leaves short or narrow events (a steady tone, a chirp, clicks) in a
+    busy scene at nearly the same cosine whether they are there or not (~0.05 apart, with the
+    empty clip in between), so a near-empty mask anywhere keeps the similarity. This term asks
+    for the fall itself, pair by pair."""
+    s_clean = clean_audio @ prompts.T                                         # (B, E)
+    dropped = (presence > 0.5) & (masked_presence < 0.5)
+    gone = F.relu(margin - (s_clean - masked_audio @ prompts.T))[dropped]
+    empty = F.relu(margin - (s_clean - (prompts @ nothing)[None, :]))[presence > 0.5]
+    return torch.cat([gone, empty]).mean()
+
+
 def _off_diagonal(square: torch.Tensor) -> torch.Tensor:
     """The entries of an (N, N) matrix off its diagonal, flattened."""
     return square[~torch.eye(len(square), dtype=torch.bool, device=square.device)]
@@ -283,7 +305,8 @@ def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_si
                cache: Path | None = None, present_cos: float = PRESENT_COS,
                absent_cos: float = ABSENT_COS, text_weight: float = 0.0,
                geometry_weight: float = 0.0, isolation_weight: float = 0.0,
-               soft_db: float | None = None, speckle_share: float = 0.0) -> ClapModel:
+               soft_db: float | None = None, speckle_share: float = 0.0,
+               contrast_weight: float = 0.0, contrast_margin: float = 0.2) -> ClapModel:
     """Train the demo CLAP from scratch, or go on from the CLAP saved in `init`.
 
     Loss per step: `caption_weight` x InfoNCE of clips against their captions, plus
@@ -293,7 +316,9 @@ def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_si
     `text_weight` x `prompt_overlap` of the event prompts and `geometry_weight` x
     `geometry_loss` of the batch's single-event clips; plus `isolation_weight` x `isolation_loss`
     on views of the batch's clips masked down to one or two of their events. With `speckle_share`,
-    the masked clips also lose a random speckle of cells (`speckle`), their presence unchanged."""
+    the masked clips also lose a random speckle of cells (`speckle`), their presence unchanged;
+    plus `contrast_weight` x `contrast_loss` (margin `contrast_margin`) of the clips against their
+    masked copies and the empty clip."""
     torch.manual_seed(seed)
     if init is not None:
         from ..clap import load_clap_dir
@@ -340,8 +365,11 @@ def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_si
         geo_loss = geometry_loss(a, t_events, targets)
         iso_loss = (isolation_loss(a[: len(idx)], a_views, view_clip, view_event, a[-1], t_events, presence[idx])
                     if isolation_weight > 0 else a.new_zeros(()))
+        con_loss = (contrast_loss(a[: len(idx)], a[len(idx): 2 * len(idx)], a[2 * len(idx)], t_events,
+                                  presence[idx], masked_presence, contrast_margin)
+                    if contrast_weight > 0 else a.new_zeros(()))
         loss = (caption_weight * cap_loss + presence_weight * pres_loss + text_weight * text_loss
-                + geometry_weight * geo_loss + isolation_weight * iso_loss)
+                + geometry_weight * geo_loss + isolation_weight * iso_loss + contrast_weight * con_loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -349,7 +377,7 @@ def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_si
         if step % 25 == 0 or step == steps - 1:
             log(f"clap step {step}/{steps} loss {loss.item():.3f} caption {cap_loss.item():.3f} "
                 f"presence {pres_loss.item():.4f} prompts {text_loss.item():.4f} geometry {geo_loss.item():.4f} "
-                f"isolation {iso_loss.item():.4f} ({(time.time() - t0) / (step + 1):.2f} s/step)")
+                f"isolation {iso_loss.item():.4f} contrast {con_loss.item():.4f} ({(time.time() - t0) / (step + 1):.2f} s/step)")
     clap.eval()
     clap.requires_grad_(False)
     with torch.no_grad():  # what ships is fp16: make the in-memory model exactly that
@@ -492,10 +520,12 @@ def clap_round(args: argparse.Namespace) -> str:
     """One line for build.json's history: how this build trained its CLAP."""
     start = f"from {args.clap_init}" if args.clap_init else "from scratch"
     weights = {"presence": args.presence_weight, "caption": args.caption_weight, "text": args.text_weight,
-               "geometry": args.geometry_weight, "isolation": args.isolation_weight}
+               "geometry": args.geometry_weight, "isolation": args.isolation_weight,
+               "contrast": args.contrast_weight}
     given = ", ".join(f"{k} {v:g}" for k, v in weights.items() if v)
     removal = f", soft removal {args.soft_db:g}-100 dB" if args.soft_db is not None else ""
     removal += f", speckle up to {args.speckle:g}" if args.speckle else ""
+    removal += f", contrast margin {args.contrast_margin:g}" if args.contrast_weight else ""
     return (f"{args.clap_steps} steps {start}, batch {args.clap_batch}, lr {args.clap_lr:g}, seed {args.seed}; "
             f"loss weights {given}{removal}")
 
@@ -527,6 +557,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--speckle", type=float, default=0.0,
                     help="masked clips also lose a random share U(0, SPECKLE) of their cells, presence unchanged "
                          "(see speckle)")
+    ap.add_argument("--contrast-weight", type=float, default=0.0,
+                    help="weight of contrast_loss: a present event's prompt must fall by --contrast-margin when the "
+                         "event is masked away, and below the clip's for the empty clip")
+    ap.add_argument("--contrast-margin", type=float, default=0.2, help="margin of contrast_loss (cosine)")
     ap.add_argument("--scenes", type=int, default=2000)
     ap.add_argument("--singles", type=int, default=1400)
     ap.add_argument("--decoder-scenes", type=int, default=400)
@@ -586,7 +620,8 @@ def main(argv: list[str] | None = None) -> None:
                            present_cos=args.present_cos, absent_cos=args.absent_cos,
                            text_weight=args.text_weight, geometry_weight=args.geometry_weight,
                            isolation_weight=args.isolation_weight, soft_db=args.soft_db,
-                           speckle_share=args.speckle)
+                           speckle_share=args.speckle, contrast_weight=args.contrast_weight,
+                           contrast_margin=args.contrast_margin)
         save_clap(model, out, dtype=torch.float16)
         model = load_clap_dir(out)
     zs = zero_shot_accuracy(model, per_class=20, seed=args.seed)
