@@ -86,6 +86,16 @@ def test_localization_report_counts_present_prompts_given_up_on():
     r = scores.localization_report(GivesUpOn(), n_scenes=6)
     assert r["empty"] == pytest.approx(present.count(dead) / len(present))
     assert 0 < r["empty"] < 1
+    rows = scores.prompt_rows(GivesUpOn(), n_scenes=6)
+    assert scores.localization_report(None, rows=rows) == r
+    # per event kind: the given-up event is empty with no mass in its region, every other kind keeps
+    # a random mask, whose mass in the region is about the region's share of the grid
+    per = scores.by_event(rows)
+    assert sum(v["n"] for v in per.values()) == len(present)
+    assert per[dead]["empty"] == 1.0 and per[dead]["mass"] == 0.0 and per[dead]["mask_mean"] == 0.0
+    for name, v in per.items():
+        if name != dead:
+            assert v["empty"] == 0.0 and v["mass"] == pytest.approx(v["chance"], abs=0.05)
 
 
 @pytest.mark.parametrize("name", ["steady tone", "hiss", "low rumble", "rising chirp"])
@@ -418,6 +428,8 @@ def test_build_trains_a_decoder_and_scores_it_on_held_out_scenes(tmp_path, monke
     assert report["decoder"]["levels"] == 2 and report["decoder"]["skip_gate"] is True
     loc = report["localization"]
     assert loc["scenes"] == 2 and 0 <= loc["chance"] < 1 and 0 <= loc["mass"] <= 1 and loc["matched"] > 0
+    per = report["localization_by_event"]
+    assert set(per) <= set(world.EVENTS) and all(0 <= v["mass"] <= 1 and v["n"] >= 1 for v in per.values())
     assert list(report["randomization"])[0] == "projection" and all(-1 <= v <= 1 for v in report["randomization"].values())
     assert len(json.loads((tmp_path / "examples" / "examples.json").read_text())) == build.EXAMPLES
 

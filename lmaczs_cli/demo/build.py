@@ -608,7 +608,7 @@ def main(argv: list[str] | None = None) -> None:
     from ..clap import load_clap_dir
     from ..explain import Explainer
     from ..train import TrainConfig, train
-    from .scores import localization_report, randomization_report
+    from .scores import by_event, localization_report, prompt_rows, randomization_report
 
     if args.skip_clap:
         model = load_clap_dir(out)
@@ -679,8 +679,12 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("decoder.safetensors", "config.json"):
         shutil.copy(run / name, out / name)
     explainer = Explainer.load(clap=str(out), decoder=out, device="cpu")
-    report["localization"] = localization_report(explainer, n_scenes=args.report_scenes)
+    rows = prompt_rows(explainer, n_scenes=args.report_scenes)
+    report["localization"] = localization_report(explainer, rows=rows)
     log("held-out scenes: " + ", ".join(f"{k} {v:.3f}" for k, v in report["localization"].items()))
+    report["localization_by_event"] = by_event(rows)
+    for name, v in report["localization_by_event"].items():
+        log(f"  {name}: " + ", ".join(f"{k} {x:.3f}" if k != "n" else f"n {x:.0f}" for k, x in v.items()))
     report["randomization"] = randomization_report(explainer)
     log("SSIM of the masks as CLAP is re-initialised from the top: "
         + ", ".join(f"{k} {v:.3f}" for k, v in report["randomization"].items()))

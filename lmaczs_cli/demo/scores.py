@@ -27,40 +27,70 @@ def held_out_scenes(n_scenes: int, seed: int = 0) -> list[world.Scene]:
     return [world.render_scene(world.scene_seed(seed, "test", i)) for i in range(n_scenes)]
 
 
-def localization_report(explainer: Any, n_scenes: int = 12, seed: int = 0) -> dict[str, float]:
+def prompt_rows(explainer: Any, n_scenes: int = 12, seed: int = 0) -> list[dict[str, Any]]:
     """Explain each held-out scene for the prompt of every event it holds and of one event it
-    lacks (drawn with numpy's generator seeded 0). Returns means over (scene, present event):
-    ``mass`` share of the mask inside the event's dilated region and ``chance`` that region's
-    share of the grid; ``matched`` / ``absent`` mask means for present / absent prompts and
-    ``ratio`` = absent / matched; ``gap`` (and ``gap_max``) |similarity - masked similarity| for
-    present prompts; ``prompt_corr`` the correlation of the masks of a scene's first two events'
-    prompts where neither is constant (1: the same mask whatever the prompt); ``empty`` the share
-    of present prompts whose mask keeps less than ``EMPTY`` of the grid (a decoder that has given
-    up on those events: their masks drive ``gap``, and a randomization check on them compares
-    blank masks)."""
+    lacks (drawn with numpy's generator seeded 0): one row per (scene, prompt) with ``scene``,
+    ``event``, ``present``, ``mask_mean``; for present prompts also ``mass`` (share of the mask
+    inside the event's dilated region), ``chance`` (that region's share of the grid), ``gap``
+    |similarity - masked similarity| and ``empty`` (mask mean below `EMPTY`); the scene's first
+    row also ``corr``, the correlation of its first two events' masks where it has two and neither
+    is constant. `localization_report` and `by_event` summarise these rows."""
     rng = np.random.default_rng(0)
-    inside, chance, matched, absent, gap, corr, empty = [], [], [], [], [], [], []
-    for scene in held_out_scenes(n_scenes, seed):
+    rows: list[dict[str, Any]] = []
+    for i, scene in enumerate(held_out_scenes(n_scenes, seed)):
         present = [e.name for e in scene.events]
-        lacking = rng.choice([n for n in world.EVENTS if n not in present])
-        prompts = [world.prompt_for(n) for n in present] + [world.prompt_for(lacking)]
-        results = explainer.explain_prompts(scene.wave, prompts)
+        lacking = str(rng.choice([n for n in world.EVENTS if n not in present]))
+        results = explainer.explain_prompts(scene.wave, [world.prompt_for(n) for n in present + [lacking]])
+        first = len(rows)
         for name, r in zip(present, results):
             region = metrics.dilate(scene.mel_masks[name])
-            inside.append(metrics.mass_in_region(r.mask, region))
-            chance.append(region.mean())
-            matched.append(r.mask_mean)
-            empty.append(r.mask_mean < EMPTY)
-            gap.append(abs(r.similarity - r.masked_similarity))
-        absent.append(results[-1].mask_mean)
+            rows.append({"scene": i, "event": name, "present": True, "mask_mean": float(r.mask_mean),
+                         "mass": metrics.mass_in_region(r.mask, region), "chance": float(region.mean()),
+                         "gap": abs(r.similarity - r.masked_similarity), "empty": bool(r.mask_mean < EMPTY)})
+        rows.append({"scene": i, "event": lacking, "present": False, "mask_mean": float(results[-1].mask_mean)})
         if len(present) >= 2 and results[0].mask.std() > 0 and results[1].mask.std() > 0:
-            corr.append(np.corrcoef(results[0].mask.ravel(), results[1].mask.ravel())[0, 1])
-    out = {"mass": np.mean(inside), "chance": np.mean(chance), "matched": np.mean(matched),
-           "absent": np.mean(absent), "ratio": np.mean(absent) / max(np.mean(matched), 1e-12),
+            rows[first]["corr"] = float(np.corrcoef(results[0].mask.ravel(), results[1].mask.ravel())[0, 1])
+    return rows
+
+
+def localization_report(explainer: Any, n_scenes: int = 12, seed: int = 0,
+                        rows: list[dict[str, Any]] | None = None) -> dict[str, float]:
+    """The figures issue C asks for, over `prompt_rows` (computed here unless given). Means over
+    (scene, present event): ``mass`` share of the mask inside the event's dilated region and
+    ``chance`` that region's share of the grid; ``matched`` / ``absent`` mask means for present /
+    absent prompts and ``ratio`` = absent / matched; ``gap`` (and ``gap_max``) |similarity -
+    masked similarity| for present prompts; ``prompt_corr`` the correlation of the masks of a
+    scene's first two events' prompts where neither is constant (1: the same mask whatever the
+    prompt); ``empty`` the share of present prompts whose mask keeps less than ``EMPTY`` of the
+    grid (a decoder that has given up on those events: their masks drive ``gap``, and a
+    randomization check on them compares blank masks)."""
+    rows = prompt_rows(explainer, n_scenes, seed) if rows is None else rows
+    on = [r for r in rows if r["present"]]
+    matched = np.mean([r["mask_mean"] for r in on])
+    absent = np.mean([r["mask_mean"] for r in rows if not r["present"]])
+    corr = [r["corr"] for r in rows if "corr" in r]
+    gap = [r["gap"] for r in on]
+    out = {"mass": np.mean([r["mass"] for r in on]), "chance": np.mean([r["chance"] for r in on]),
+           "matched": matched, "absent": absent, "ratio": absent / max(matched, 1e-12),
            "gap": np.mean(gap), "gap_max": np.max(gap), "prompt_corr": np.mean(corr) if corr else np.nan,
-           "empty": np.mean(empty),
-           "scenes": n_scenes}
+           "empty": np.mean([r["empty"] for r in on]),
+           "scenes": len({r["scene"] for r in rows})}
     return {k: float(v) for k, v in out.items()}
+
+
+def by_event(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """`prompt_rows`' present prompts grouped by event kind: for each kind that occurs, ``n``
+    prompts and the means of ``mass``, ``chance``, ``mask_mean`` and ``gap`` and the share
+    ``empty``. Where the overall mass falls short, this says which events a decoder misplaces
+    (mass near chance with a real mask) or gives up on (a mask mean near `EMPTY`)."""
+    out: dict[str, dict[str, float]] = {}
+    for name in world.EVENTS:
+        mine = [r for r in rows if r["present"] and r["event"] == name]
+        if mine:
+            out[name] = {"n": float(len(mine)),
+                         **{k: float(np.mean([r[k] for r in mine])) for k in ("mass", "chance", "mask_mean", "gap",
+                                                                               "empty")}}
+    return out
 
 
 @torch.no_grad()
