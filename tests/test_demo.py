@@ -314,19 +314,18 @@ def test_contrast_loss_by_hand():
     prompts = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     clean = torch.tensor([[0.8, 0.6], [0.6, 0.8]])
     masked = torch.tensor([[0.7, 0.6], [0.6, 0.8]])
-    nothing = torch.tensor([0.0, 0.3])
+    nothing = torch.tensor([0.1, 0.5])                     # the empty clip scores prompt 0 at 0.1, prompt 1 at 0.5
     presence = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
     after = torch.tensor([[0.0, 1.0], [0.0, 1.0]])        # event 0 masked away from clip 0 only
     got = contrast_loss(clean, masked, nothing, prompts, presence, after, margin=0.2)
     gone = [0.2 - (0.8 - 0.7)]                              # clip 0, event 0: fell 0.1 of 0.2
-    empty = [0.0,                                           # clip 0, event 0: 0.8 - 0.0 >= 0.2
-             0.2 - (0.6 - 0.3),                             # clip 0, event 1: 0.3 above the empty clip: 0
-             0.2 - (0.8 - 0.3)]                             # clip 1, event 1: 0.5 above it: 0
-    expected = (gone[0] + empty[0] + max(empty[1], 0.0) + max(empty[2], 0.0)) / 4
-    assert float(got) == pytest.approx(expected)
+    empty = [max(0.2 - (0.8 - 0.1), 0.0),                   # clip 0, event 0: 0.7 above the empty clip
+             0.2 - (0.6 - 0.5),                             # clip 0, event 1: only 0.1 above it
+             max(0.2 - (0.8 - 0.5), 0.0)]                   # clip 1, event 1: 0.3 above it
+    assert float(got) == pytest.approx((sum(gone) + sum(empty)) / 4)     # one mean over the four pairs: 0.05
     # kept events and absent ones never count; a fall beyond the margin costs nothing
-    assert float(contrast_loss(clean, clean - torch.tensor([[0.5, 0.0], [0.0, 0.0]]), nothing, prompts,
-                               presence, after, margin=0.2)) == pytest.approx(0.0)
+    far = clean - torch.tensor([[0.5, 0.0], [0.0, 0.0]])
+    assert float(contrast_loss(clean, far, nothing, prompts, presence, after, margin=0.2)) == pytest.approx(0.1 / 4)
     # the same clips, pushed further apart from their masked copies, cost less
     assert float(contrast_loss(clean, masked - 0.05, nothing, prompts, presence, after, margin=0.2)) < float(got)
 

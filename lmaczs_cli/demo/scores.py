@@ -1,8 +1,8 @@
 """How right a demo model's explanations are, on held-out scenes of the demo world where the
 truth is known: the figures issue C asks for (`localization_report`), the similarity gap the
 ground truth itself would leave under a CLAP (`oracle_report`), and whether the masks depend on
-what CLAP saw (`randomization_report`). The build records all three in build.json; the
-demo tests assert on the first.
+what CLAP saw (`randomization_report`); `by_event` splits the first per event kind. The build
+records all of them in build.json; the demo tests assert on the first.
 
 Effective resolution: one HTSAT stage-1 token is 8 stretched frames x 8 mel bands
 (`metrics.TOKEN_FRAMES/BANDS`), so each event's ground-truth region is dilated by 4 frames and
