@@ -381,7 +381,8 @@ def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_si
         if step % 25 == 0 or step == steps - 1:
             log(f"clap step {step}/{steps} loss {loss.item():.3f} caption {cap_loss.item():.3f} "
                 f"presence {pres_loss.item():.4f} prompts {text_loss.item():.4f} geometry {geo_loss.item():.4f} "
-                f"isolation {iso_loss.item():.4f} contrast {con_loss.item():.4f} ({(time.time() - t0) / (step + 1):.2f} s/step)")
+                f"isolation {iso_loss.item():.4f} contrast {con_loss.item():.4f} "
+                f"({(time.time() - t0) / (step + 1):.2f} s/step)")
     clap.eval()
     clap.requires_grad_(False)
     with torch.no_grad():  # what ships is fp16: make the in-memory model exactly that
