@@ -330,7 +330,24 @@ def test_contrast_loss_by_hand():
     assert float(contrast_loss(clean, masked - 0.05, nothing, prompts, presence, after, margin=0.2)) < float(got)
 
 
-@pytest.mark.parametrize("term", ["isolation_weight", "contrast_weight"])
+def test_pair_loss_by_hand():
+    from lmaczs_cli.demo.build import pair_loss
+
+    prompts = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    with_event = torch.tensor([[0.8, 0.6], [0.6, 0.8], [0.6, 0.8]])
+    without = torch.tensor([[0.7, 0.7], [0.6, 0.3], [0.1, 0.8]])
+    event = torch.tensor([0, 1, 0])                   # the event each pair's second copy lost
+    got = pair_loss(with_event, without, prompts, event, margin=0.2)
+    # pair 0: prompt 0 fell 0.1 of 0.2; pair 1: prompt 1 fell 0.5; pair 2: prompt 0 fell 0.5
+    assert float(got) == pytest.approx((0.2 - 0.1) / 3)
+    # only the removed event's prompt counts: pair 0's prompt 1 rose 0.1 and costs nothing
+    assert float(pair_loss(with_event[:1], without[:1], prompts, torch.tensor([1]), margin=0.2)) == \
+        pytest.approx(0.2 + 0.1)
+    # a copy that scores higher without the event costs more than the margin
+    assert float(pair_loss(without[:1], with_event[:1], prompts, event[:1], margin=0.2)) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("term", ["isolation_weight", "contrast_weight", "pair_weight"])
 def test_train_clap_step_with_a_loss_term_runs_and_moves_the_weights(term):
     from lmaczs_cli.demo.build import DEMO_CLAP, train_clap
 
@@ -352,14 +369,16 @@ def test_build_history_carries_the_init_folders_rounds_and_adds_this_one(tmp_pat
     args = argparse.Namespace(clap_init=tmp_path, clap_steps=300, clap_batch=16, clap_lr=2e-3, seed=0,
                               presence_weight=10.0, caption_weight=0.1, text_weight=1.0, geometry_weight=0.0,
                               isolation_weight=2.0, soft_db=20.0, speckle=0.0, contrast_weight=0.0,
-                              contrast_margin=0.2)
+                              contrast_margin=0.2, pair_weight=0.0, pair_margin=0.3)
     line = build.clap_round(args)
     assert line.startswith(f"300 steps from {tmp_path}, batch 16, lr 0.002")
     assert "isolation 2" in line and "geometry" not in line and "soft removal 20-100 dB" in line
-    assert "speckle" not in line and "contrast" not in line
+    assert "speckle" not in line and "contrast" not in line and "pair" not in line
     assert build.clap_round(argparse.Namespace(**{**vars(args), "speckle": 0.6})).endswith(", speckle up to 0.6")
     with_contrast = build.clap_round(argparse.Namespace(**{**vars(args), "contrast_weight": 10.0}))
     assert "contrast 10" in with_contrast and with_contrast.endswith(", contrast margin 0.2")
+    with_pairs = build.clap_round(argparse.Namespace(**{**vars(args), "pair_weight": 20.0}))
+    assert "pairs 20" in with_pairs and with_pairs.endswith(", pair margin 0.3")
     assert build.clap_history(tmp_path) + [line] == ["600 steps from scratch", line]
 
 
