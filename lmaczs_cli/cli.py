@@ -438,6 +438,9 @@ def _explain_report(summary: dict[str, Any], as_json: bool) -> None:
               help="Start from the decoder saved in this folder (a `lmaczs train` output trained on the same CLAP) "
                    "instead of random weights, with a fresh optimizer and schedule: fine-tuning, e.g. on new data or "
                    "with other loss settings. Its architecture is reused.")
+@click.option("--init-any-clap", is_flag=True, default=False,
+              help="With --init: accept a decoder trained on another CLAP, e.g. on the CLAP before you fine-tuned "
+                   "it. Its masks are only a starting point until training adapts them to this CLAP.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @_device_option
 @click.option("--amp", is_flag=True, help="Autocast the decoder and masked encoder pass (fp16 on CUDA, bf16 on CPU).")
@@ -486,6 +489,8 @@ def train(ctx: click.Context, data: Path | None, out: Path | None, resume: Path 
     else:
         if data is None or out is None:
             raise click.UsageError("--data and --out are required (or --resume RUN_DIR)")
+        if options["init_any_clap"] and options["init"] is None:
+            raise click.UsageError("--init-any-clap needs --init DIR (the decoder to start from)")
         if options["init"] is not None:
             options.update(_init_architecture(ctx, options))
             options["init"] = str(options["init"])

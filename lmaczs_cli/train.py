@@ -98,6 +98,7 @@ class TrainConfig:
     lambda_out: float = 0.0             # weight of the masked-out term (loss.removal_term); 0: off, as the paper
     lambda_overlap: float = 0.0         # weight of the overlap term (loss.overlap_term); 0: off, as the paper
     init: str | None = None             # start from this saved decoder's weights (init_decoder)
+    init_any_clap: bool = False         # accept an init decoder trained on another CLAP
     workers: int = 0                    # DataLoader worker processes (decode + resample)
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     amp: bool = False                   # autocast the decoder and masked encoder pass
@@ -107,6 +108,8 @@ class TrainConfig:
     strict: bool = False                # a missing/unreadable manifest row is fatal
 
     def __post_init__(self) -> None:
+        if self.init_any_clap and not self.init:
+            raise TrainError("init_any_clap only applies with init (a decoder to start from)")
         if self.lr_schedule not in LR_SCHEDULES:
             raise TrainError(f"unknown lr schedule {self.lr_schedule!r}; use one of {', '.join(LR_SCHEDULES)}")
 
@@ -345,10 +348,11 @@ def validate(clap: ClapModel, decoder: torch.nn.Module, texts: TextCache, loader
     return out
 
 
-def init_decoder(directory: str, clap: ClapModel, dec_cfg: DecoderConfig) -> MaskDecoder:
+def init_decoder(directory: str, clap: ClapModel, dec_cfg: DecoderConfig, any_clap: bool = False) -> MaskDecoder:
     """The decoder saved in ``directory`` (a ``lmaczs train`` output), to fine-tune: it must have
-    been trained on this CLAP and have the architecture ``dec_cfg`` asks for."""
-    decoder, _ = load_decoder(directory, clap)
+    been trained on this CLAP (unless ``any_clap``: e.g. on an earlier round of a CLAP fine-tuned
+    since) and have the architecture ``dec_cfg`` asks for."""
+    decoder, _ = load_decoder(directory, clap, force=any_clap)
     if decoder.cfg != dec_cfg:
         have, want = decoder.cfg.to_json(), dec_cfg.to_json()
         diff = ", ".join(f"{k} {have[k]!r} (asked: {want[k]!r})" for k in have if have[k] != want[k])
@@ -495,7 +499,8 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict[str, 
     dec_cfg = DecoderConfig.for_clap(clap, domain=cfg.domain, width=cfg.width, text_tokens=cfg.text_tokens,
                                       text_readout=cfg.text_readout, logmel_skip=cfg.logmel_skip,
                                       levels=cfg.levels, skip_gate=cfg.skip_gate)
-    decoder = (init_decoder(cfg.init, clap, dec_cfg) if cfg.init and not resume else MaskDecoder(dec_cfg)).to(device)
+    decoder = (init_decoder(cfg.init, clap, dec_cfg, cfg.init_any_clap) if cfg.init and not resume
+               else MaskDecoder(dec_cfg)).to(device)
     opt = torch.optim.Adam(decoder.parameters(), lr=cfg.lr)
 
     progress = {"step": 0, "epoch": 0, "step_in_epoch": 0}

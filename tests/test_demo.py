@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import numpy as np
 import pytest
@@ -347,7 +348,21 @@ def test_pair_loss_by_hand():
     assert float(pair_loss(without[:1], with_event[:1], prompts, event[:1], margin=0.2)) == pytest.approx(0.3)
 
 
-@pytest.mark.parametrize("term", ["isolation_weight", "contrast_weight", "pair_weight"])
+def test_label_loss_by_hand():
+    from lmaczs_cli.demo.build import label_loss
+
+    prompts = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    audio = torch.tensor([[0.8, 0.6], [0.6, 0.8], [0.6, 0.8]])
+    presence = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])   # clip 1 holds two events: left out
+    got = label_loss(audio, prompts, presence, scale=10.0)
+    # clip 0 is event 0 (logits 8, 6), clip 2 is event 1 (logits 6, 8): -log softmax = log(1 + e^-2) each
+    assert float(got) == pytest.approx(math.log1p(math.exp(-2.0)))
+    # a clip nearer the wrong prompt costs more; no single-event clip costs nothing
+    assert float(label_loss(audio[1:2], prompts, torch.tensor([[1.0, 0.0]]), scale=10.0)) > float(got)
+    assert float(label_loss(audio[1:2], prompts, presence[1:2])) == 0.0
+
+
+@pytest.mark.parametrize("term", ["isolation_weight", "contrast_weight", "pair_weight", "label_weight"])
 def test_train_clap_step_with_a_loss_term_runs_and_moves_the_weights(term):
     from lmaczs_cli.demo.build import DEMO_CLAP, train_clap
 
@@ -369,7 +384,7 @@ def test_build_history_carries_the_init_folders_rounds_and_adds_this_one(tmp_pat
     args = argparse.Namespace(clap_init=tmp_path, clap_steps=300, clap_batch=16, clap_lr=2e-3, seed=0,
                               presence_weight=10.0, caption_weight=0.1, text_weight=1.0, geometry_weight=0.0,
                               isolation_weight=2.0, soft_db=20.0, speckle=0.0, contrast_weight=0.0,
-                              contrast_margin=0.2, pair_weight=0.0, pair_margin=0.3)
+                              contrast_margin=0.2, pair_weight=0.0, pair_margin=0.3, label_weight=0.0)
     line = build.clap_round(args)
     assert line.startswith(f"300 steps from {tmp_path}, batch 16, lr 0.002")
     assert "isolation 2" in line and "geometry" not in line and "soft removal 20-100 dB" in line
@@ -379,6 +394,7 @@ def test_build_history_carries_the_init_folders_rounds_and_adds_this_one(tmp_pat
     assert "contrast 10" in with_contrast and with_contrast.endswith(", contrast margin 0.2")
     with_pairs = build.clap_round(argparse.Namespace(**{**vars(args), "pair_weight": 20.0}))
     assert "pairs 20" in with_pairs and with_pairs.endswith(", pair margin 0.3")
+    assert "labels 5" in build.clap_round(argparse.Namespace(**{**vars(args), "label_weight": 5.0}))
     assert build.clap_history(tmp_path) + [line] == ["600 steps from scratch", line]
 
 

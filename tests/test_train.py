@@ -261,6 +261,26 @@ def test_init_starts_from_a_saved_decoder(dataset, tmp_path, tiny_clap):
     assert json.loads((tuned / "config.json").read_text())["train"]["init"] == str(base)
 
 
+def test_init_refuses_a_decoder_of_another_clap_unless_told(dataset, tmp_path, tiny_clap):
+    from lmaczs_cli.clap import random_clap
+    from lmaczs_cli.decoder import DecoderError
+
+    other = random_clap("tiny", seed=1)
+    assert other.identity() != tiny_clap.identity()
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    T.train(_cfg(dataset, base, max_steps=2), clap=tiny_clap)
+    with pytest.raises(DecoderError, match="trained on CLAP"):
+        T.train(_cfg(dataset, tmp_path / "refused", max_steps=1, init=str(base)), clap=other)
+    T.train(_cfg(dataset, tuned, max_steps=1, lr=1e-9, init=str(base), init_any_clap=True), clap=other)
+    assert _max_diff(_weights(base), _weights(tuned)) < 1e-6          # started from base's weights
+    assert json.loads((tuned / "config.json").read_text())["train"]["init_any_clap"] is True
+    with pytest.raises(T.TrainError, match="only applies with init"):
+        _cfg(dataset, tmp_path / "x", init_any_clap=True)
+    alone = CliRunner().invoke(main, ["train", "--data", str(dataset), "--out", str(tmp_path / "y"), "--init-any-clap"])
+    assert alone.exit_code == 2 and "--init-any-clap needs --init" in alone.output
+    assert not (tmp_path / "y").exists()
+
+
 def test_init_refuses_another_architecture(dataset, tmp_path, tiny_clap):
     T.train(_cfg(dataset, tmp_path / "base", max_steps=1), clap=tiny_clap)
     with pytest.raises(T.TrainError, match=r"width 64 \(asked: 16\)"):
