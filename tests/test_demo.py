@@ -348,6 +348,25 @@ def test_pair_loss_by_hand():
     assert float(pair_loss(without[:1], with_event[:1], prompts, event[:1], margin=0.2)) == pytest.approx(0.3)
 
 
+def test_separate_prompts_moves_only_the_text_tower_and_pulls_the_prompts_apart():
+    from lmaczs_cli.demo.build import DEMO_CLAP, separate_prompts
+    from lmaczs_cli.clap import ClapModel, ClipBpeTokenizer, build_laion_clap
+
+    torch.manual_seed(0)
+    model = ClapModel(build_laion_clap(DEMO_CLAP), DEMO_CLAP, ClipBpeTokenizer(DEMO_CLAP.context_length), source="demo")
+    prompts = [world.prompt_for(n) for n in world.EVENTS]
+    before_text = model.encode_text(prompts)
+    audio_before = {n: p.clone() for n, p in model.clap.named_parameters() if n.startswith("audio_branch")}
+    flags = {n: p.requires_grad for n, p in model.clap.named_parameters()}
+    worst_before = float((before_text @ before_text.T - 2 * torch.eye(len(prompts))).max())
+    worst = separate_prompts(model, steps=60)
+    assert worst < worst_before and worst < 0.5, (worst_before, worst)
+    after = model.encode_text(prompts)
+    assert float((after @ after.T - 2 * torch.eye(len(prompts))).max()) == pytest.approx(worst, abs=1e-5)
+    assert all(torch.equal(p, audio_before[n]) for n, p in model.clap.named_parameters() if n in audio_before)
+    assert {n: p.requires_grad for n, p in model.clap.named_parameters()} == flags
+
+
 def test_label_loss_by_hand():
     from lmaczs_cli.demo.build import label_loss
 
@@ -384,7 +403,8 @@ def test_build_history_carries_the_init_folders_rounds_and_adds_this_one(tmp_pat
     args = argparse.Namespace(clap_init=tmp_path, clap_steps=300, clap_batch=16, clap_lr=2e-3, seed=0,
                               presence_weight=10.0, caption_weight=0.1, text_weight=1.0, geometry_weight=0.0,
                               isolation_weight=2.0, soft_db=20.0, speckle=0.0, contrast_weight=0.0,
-                              contrast_margin=0.2, pair_weight=0.0, pair_margin=0.3, label_weight=0.0)
+                              contrast_margin=0.2, pair_weight=0.0, pair_margin=0.3, label_weight=0.0,
+                              text_warmup=0)
     line = build.clap_round(args)
     assert line.startswith(f"300 steps from {tmp_path}, batch 16, lr 0.002")
     assert "isolation 2" in line and "geometry" not in line and "soft removal 20-100 dB" in line
@@ -395,6 +415,9 @@ def test_build_history_carries_the_init_folders_rounds_and_adds_this_one(tmp_pat
     with_pairs = build.clap_round(argparse.Namespace(**{**vars(args), "pair_weight": 20.0}))
     assert "pairs 20" in with_pairs and with_pairs.endswith(", pair margin 0.3")
     assert "labels 5" in build.clap_round(argparse.Namespace(**{**vars(args), "label_weight": 5.0}))
+    assert "warm-up" not in line
+    assert build.clap_round(argparse.Namespace(**{**vars(args), "text_warmup": 100})).endswith(
+        ", 100 text warm-up steps first")
     assert build.clap_history(tmp_path) + [line] == ["600 steps from scratch", line]
 
 

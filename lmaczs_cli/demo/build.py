@@ -328,6 +328,41 @@ def load_pool(n_scenes: int, n_single: int, seed: int, cache: Path | None = None
     return pool
 
 
+TEXT_TOWER = ("transformer.", "token_embedding.", "positional_embedding", "ln_final.", "text_projection")
+
+
+def separate_prompts(model: ClapModel, steps: int, lr: float = 1e-3) -> float:
+    """Train the text tower alone for `steps` Adam steps on `prompt_overlap` of the event prompts;
+    the largest cosine between two different prompts after it.
+
+    Why: the CLAP's text tower can come to ignore the word before "chirp" ("rising" and "falling"
+    prompts at cosine 0.999, "green chirp" too): the attention that would read it is saturated,
+    the gradient of that cosine is ~1 % of a typical one, and the joint loss pushes it up more
+    than `prompt_overlap` pushes it down. On its own, Adam's step normalisation moves the tower out
+    of that corner in ~100 steps; the round that follows then starts with prompts the audio tower
+    can be taught to tell apart."""
+    clap = model.clap
+    tokens = model.tokenize([world.prompt_for(n) for n in world.EVENTS])
+    params = [p for n, p in clap.named_parameters() if n.startswith(TEXT_TOWER)]
+    if not params:
+        raise ValueError("separate_prompts: this CLAP has no CLIP-style text tower (transformer, token_embedding, ...)")
+    frozen = {n: p.requires_grad for n, p in clap.named_parameters()}
+    clap.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    for _ in range(steps):
+        loss = prompt_overlap(F.normalize(clap.encode_text(tokens, device="cpu"), dim=-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    for n, p in clap.named_parameters():
+        p.requires_grad_(frozen[n])
+    with torch.no_grad():
+        t = F.normalize(clap.encode_text(tokens, device="cpu"), dim=-1)
+    return float(_off_diagonal(t @ t.T).max())
+
+
 def _isolation_views(presence: torch.Tensor, generator: torch.Generator,
                       per_clip: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """Up to `per_clip` present events of each clip, drawn at random: (clip index, event index), each (V,)."""
@@ -347,7 +382,8 @@ def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_si
                geometry_weight: float = 0.0, isolation_weight: float = 0.0,
                soft_db: float | None = None, speckle_share: float = 0.0,
                contrast_weight: float = 0.0, contrast_margin: float = 0.2,
-               pair_weight: float = 0.0, pair_margin: float = 0.2, label_weight: float = 0.0) -> ClapModel:
+               pair_weight: float = 0.0, pair_margin: float = 0.2, label_weight: float = 0.0,
+               text_warmup: int = 0) -> ClapModel:
     """Train the demo CLAP from scratch, or go on from the CLAP saved in `init`.
 
     Loss per step: `caption_weight` x InfoNCE of clips against their captions, plus
@@ -361,7 +397,8 @@ def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_si
     masked copies and the empty clip; plus `pair_weight` x `pair_loss` (margin `pair_margin`) of
     each masked copy that still holds an event against the same copy with one of those events
     removed as well; plus `label_weight` x `label_loss` of the clean and masked clips that hold
-    exactly one event. With `speckle_share`, the masked clips also lose a random
+    exactly one event. With `text_warmup`, `separate_prompts` runs that many steps first. With
+    `speckle_share`, the masked clips also lose a random
     speckle of cells (`speckle`), their presence unchanged."""
     torch.manual_seed(seed)
     if init is not None:
@@ -373,6 +410,9 @@ def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_si
         model = ClapModel(build_laion_clap(DEMO_CLAP), DEMO_CLAP, ClipBpeTokenizer(DEMO_CLAP.context_length),
                           source="demo")
     clap = model.clap
+    if text_warmup > 0:
+        log(f"text tower alone, {text_warmup} steps on prompt_overlap: largest prompt-prompt cosine "
+            f"{separate_prompts(model, text_warmup):.3f}")
     mels, captions, presence, bits = load_pool(n_scenes, n_single, seed, cache)
     event_prompts = [world.prompt_for(n) for n in world.EVENTS]
     clap.requires_grad_(True)
@@ -585,6 +625,7 @@ def clap_round(args: argparse.Namespace) -> str:
     removal += f", speckle up to {args.speckle:g}" if args.speckle else ""
     removal += f", contrast margin {args.contrast_margin:g}" if args.contrast_weight else ""
     removal += f", pair margin {args.pair_margin:g}" if args.pair_weight else ""
+    removal += f", {args.text_warmup} text warm-up steps first" if args.text_warmup else ""
     return (f"{args.clap_steps} steps {start}, batch {args.clap_batch}, lr {args.clap_lr:g}, seed {args.seed}; "
             f"loss weights {given}{removal}")
 
@@ -624,6 +665,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="weight of pair_loss: an event's prompt must score at least --pair-margin higher on a "
                          "masked clip than on the same clip with that event removed as well")
     ap.add_argument("--pair-margin", type=float, default=0.2, help="margin of pair_loss (cosine)")
+    ap.add_argument("--text-warmup", type=int, default=0,
+                    help="steps of the text tower alone on prompt_overlap before the round (separate_prompts)")
     ap.add_argument("--label-weight", type=float, default=0.0,
                     help="weight of label_loss: cross-entropy of single-event clips over the event prompts")
     ap.add_argument("--scenes", type=int, default=2000)
@@ -688,7 +731,8 @@ def main(argv: list[str] | None = None) -> None:
                            isolation_weight=args.isolation_weight, soft_db=args.soft_db,
                            speckle_share=args.speckle, contrast_weight=args.contrast_weight,
                            contrast_margin=args.contrast_margin, pair_weight=args.pair_weight,
-                           pair_margin=args.pair_margin, label_weight=args.label_weight)
+                           pair_margin=args.pair_margin, label_weight=args.label_weight,
+                           text_warmup=args.text_warmup)
         save_clap(model, out, dtype=torch.float16)
         model = load_clap_dir(out)
     zs = zero_shot_accuracy(model, per_class=20, seed=args.seed)
