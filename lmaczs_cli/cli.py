@@ -478,6 +478,9 @@ def train(ctx: click.Context, data: Path | None, out: Path | None, resume: Path 
     if resume is not None:
         if options["init"] is not None:
             raise click.UsageError("--init starts a new run; --resume continues from the run's own checkpoint")
+        if options["init_any_clap"]:
+            raise click.UsageError("--init-any-clap goes with --init, which starts a new run; --resume continues "
+                                   "from the run's own checkpoint")
         stored = _stored_train_config(resume)
         overrides = {k: v for k, v in _given(ctx, options).items()}
         defaults = {f.name: f.default for f in dataclasses.fields(training.TrainConfig)}

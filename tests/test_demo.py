@@ -341,7 +341,7 @@ def test_pair_loss_by_hand():
     got = pair_loss(with_event, without, prompts, event, margin=0.2)
     # pair 0: prompt 0 fell 0.1 of 0.2; pair 1: prompt 1 fell 0.5; pair 2: prompt 0 fell 0.5
     assert float(got) == pytest.approx((0.2 - 0.1) / 3)
-    # only the removed event's prompt counts: pair 0's prompt 1 rose 0.1 and costs nothing
+    # only the removed event's prompt counts: asked about prompt 1, which rose 0.1, the pair falls short by 0.3
     assert float(pair_loss(with_event[:1], without[:1], prompts, torch.tensor([1]), margin=0.2)) == \
         pytest.approx(0.2 + 0.1)
     # a copy that scores higher without the event costs more than the margin
@@ -356,15 +356,30 @@ def test_separate_prompts_moves_only_the_text_tower_and_pulls_the_prompts_apart(
     model = ClapModel(build_laion_clap(DEMO_CLAP), DEMO_CLAP, ClipBpeTokenizer(DEMO_CLAP.context_length), source="demo")
     prompts = [world.prompt_for(n) for n in world.EVENTS]
     before_text = model.encode_text(prompts)
-    audio_before = {n: p.clone() for n, p in model.clap.named_parameters() if n.startswith("audio_branch")}
+    before = {n: p.clone() for n, p in model.clap.named_parameters()}
     flags = {n: p.requires_grad for n, p in model.clap.named_parameters()}
     worst_before = float((before_text @ before_text.T - 2 * torch.eye(len(prompts))).max())
     worst = separate_prompts(model, steps=60)
     assert worst < worst_before and worst < 0.5, (worst_before, worst)
     after = model.encode_text(prompts)
     assert float((after @ after.T - 2 * torch.eye(len(prompts))).max()) == pytest.approx(worst, abs=1e-5)
-    assert all(torch.equal(p, audio_before[n]) for n, p in model.clap.named_parameters() if n in audio_before)
+    text_side = ("text_branch.", "token_embedding.", "positional_embedding", "ln_final.", "text_projection.",
+                 "text_transform.")
+    moved = {n for n, p in model.clap.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(n.startswith(text_side) for n in moved), moved - {n for n in moved if n.startswith(text_side)}
+    assert any(n.startswith("text_branch.") for n in moved)     # the text transformer itself, not only embeddings
     assert {n: p.requires_grad for n, p in model.clap.named_parameters()} == flags
+
+
+@pytest.mark.parametrize("argv, message", [(["--decoder-init-any-clap"], "needs --decoder-init"),
+                                            (["--text-warmup", "-5"], "0 or more")])
+def test_build_refuses_bad_options_before_any_work(argv, message, tmp_path, capsys):
+    from lmaczs_cli.demo import build
+
+    with pytest.raises(SystemExit) as stop:
+        build.main([*argv, "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
 
 
 def test_label_loss_by_hand():

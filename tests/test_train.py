@@ -278,6 +278,8 @@ def test_init_refuses_a_decoder_of_another_clap_unless_told(dataset, tmp_path, t
         _cfg(dataset, tmp_path / "x", init_any_clap=True)
     alone = CliRunner().invoke(main, ["train", "--data", str(dataset), "--out", str(tmp_path / "y"), "--init-any-clap"])
     assert alone.exit_code == 2 and "--init-any-clap needs --init" in alone.output
+    resumed = CliRunner().invoke(main, ["train", "--resume", str(tuned), "--init-any-clap"])
+    assert resumed.exit_code == 2 and "--init-any-clap goes with --init" in resumed.output
     assert not (tmp_path / "y").exists()
 
 

@@ -253,7 +253,8 @@ def pair_loss(with_event: torch.Tensor, without_event: torch.Tensor, prompts: to
     (an independent offset). A CLAP can meet that hinge by scoring any masked-looking clip lower,
     without hearing the event, and c1/c2 of docs/demo-model.md still score a steady tone or a click
     train in a busy scene the same whether it is there or not. Here both copies share the speckle,
-    the background, the level and the other events, so only the event's own cells tell them apart."""
+    the background, the level and the other events, so only the event's own cells tell them apart
+    (and whatever of an overlapping event lies in them; their attenuation is drawn afresh)."""
     t = prompts[event]
     return F.relu(margin - ((t * with_event).sum(-1) - (t * without_event).sum(-1))).mean()
 
@@ -328,7 +329,8 @@ def load_pool(n_scenes: int, n_single: int, seed: int, cache: Path | None = None
     return pool
 
 
-TEXT_TOWER = ("transformer.", "token_embedding.", "positional_embedding", "ln_final.", "text_projection")
+TEXT_TOWER = ("text_branch.", "token_embedding.", "positional_embedding", "ln_final.", "text_projection.",
+              "text_transform.")   # laion's names for the text side of a CLAP with a CLIP-style text transformer
 
 
 def separate_prompts(model: ClapModel, steps: int, lr: float = 1e-3) -> float:
@@ -340,24 +342,29 @@ def separate_prompts(model: ClapModel, steps: int, lr: float = 1e-3) -> float:
     the gradient of that cosine is ~1 % of a typical one, and the joint loss pushes it up more
     than `prompt_overlap` pushes it down. On its own, Adam's step normalisation moves the tower out
     of that corner in ~100 steps; the round that follows then starts with prompts the audio tower
-    can be taught to tell apart."""
+    can be taught to tell apart. Trained: laion's text transformer (`text_branch`), the token and
+    position embeddings, the final norm, the text projection and `text_transform`."""
     clap = model.clap
     tokens = model.tokenize([world.prompt_for(n) for n in world.EVENTS])
     params = [p for n, p in clap.named_parameters() if n.startswith(TEXT_TOWER)]
-    if not params:
-        raise ValueError("separate_prompts: this CLAP has no CLIP-style text tower (transformer, token_embedding, ...)")
+    if not any(n.startswith("token_embedding.") for n, _ in clap.named_parameters()):
+        raise ValueError("separate_prompts: this CLAP has no CLIP-style text transformer (token_embedding, "
+                         "text_branch, ...)")
     frozen = {n: p.requires_grad for n, p in clap.named_parameters()}
     clap.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
-    for _ in range(steps):
-        loss = prompt_overlap(F.normalize(clap.encode_text(tokens, device="cpu"), dim=-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    for n, p in clap.named_parameters():
-        p.requires_grad_(frozen[n])
+    try:
+        for _ in range(steps):
+            loss = prompt_overlap(F.normalize(clap.encode_text(tokens, device="cpu"), dim=-1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    finally:
+        for n, p in clap.named_parameters():
+            p.requires_grad_(frozen[n])
+            p.grad = None
     with torch.no_grad():
         t = F.normalize(clap.encode_text(tokens, device="cpu"), dim=-1)
     return float(_off_diagonal(t @ t.T).max())
@@ -706,6 +713,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--clap-init", type=Path, default=None,
                     help="fine-tune the CLAP saved in this folder instead of training from scratch")
     args = ap.parse_args(argv)
+    if args.decoder_init_any_clap and args.decoder_init is None:
+        ap.error("--decoder-init-any-clap needs --decoder-init DIR (the decoder to start from)")
+    if args.text_warmup < 0:
+        ap.error(f"--text-warmup is a number of steps, 0 or more (got {args.text_warmup})")
     if not 0.0 <= args.speckle <= 1.0:
         ap.error(f"--speckle is a share of cells, between 0 and 1 (got {args.speckle:g})")
     torch.set_num_threads(max(1, torch.get_num_threads()))
