@@ -372,7 +372,10 @@ def test_separate_prompts_moves_only_the_text_tower_and_pulls_the_prompts_apart(
 
 
 @pytest.mark.parametrize("argv, message", [(["--decoder-init-any-clap"], "needs --decoder-init"),
-                                            (["--text-warmup", "-5"], "0 or more")])
+                                            (["--text-warmup", "-5"], "0 or more"),
+                                            (["--skip-clap", "--pair-weight", "20", "--clap-lr", "5e-4"],
+                                             "would do nothing: --clap-lr, --pair-weight"),
+                                            (["--skip-clap", "--clap-only"], "train nothing")])
 def test_build_refuses_bad_options_before_any_work(argv, message, tmp_path, capsys):
     from lmaczs_cli.demo import build
 

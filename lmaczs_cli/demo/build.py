@@ -637,6 +637,13 @@ def clap_round(args: argparse.Namespace) -> str:
             f"loss weights {given}{removal}")
 
 
+# Options that only shape a CLAP round (train_clap); with --skip-clap they would be ignored.
+CLAP_ROUND_OPTIONS = ("clap_steps", "clap_batch", "clap_lr", "clap_init", "scenes", "singles", "presence_weight",
+                      "caption_weight", "present_cos", "absent_cos", "text_weight", "geometry_weight",
+                      "isolation_weight", "soft_db", "speckle", "contrast_weight", "contrast_margin",
+                      "pair_weight", "pair_margin", "label_weight", "text_warmup")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "model")
@@ -719,6 +726,14 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--text-warmup is a number of steps, 0 or more (got {args.text_warmup})")
     if not 0.0 <= args.speckle <= 1.0:
         ap.error(f"--speckle is a share of cells, between 0 and 1 (got {args.speckle:g})")
+    if args.skip_clap:
+        unused = [f"--{name.replace('_', '-')}" for name in CLAP_ROUND_OPTIONS
+                  if getattr(args, name) != ap.get_default(name)]
+        if unused:
+            ap.error(f"--skip-clap reuses the CLAP in --out, so these CLAP-round options would do nothing: "
+                     f"{', '.join(unused)}")
+        if args.clap_only:
+            ap.error("--skip-clap and --clap-only together train nothing: pick one")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     t_start = time.time()
     out, work = args.out, args.work
