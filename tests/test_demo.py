@@ -111,7 +111,7 @@ def test_explanation_wav_holds_the_event_in_its_band_and_time(demo, name):
 
 
 def test_drop_events_masks_the_cells_of_dropped_events_and_clears_their_presence():
-    from lmaczs_cli.demo.build import drop_events
+    from lmaczs_cli.demo.clap_losses import drop_events
 
     E = len(world.EVENTS)
     logmel = torch.full((64, N_FRAMES, N_MELS), -20.0)
@@ -132,7 +132,7 @@ def test_drop_events_masks_the_cells_of_dropped_events_and_clears_their_presence
 
 
 def test_drop_events_can_floor_the_background_too():
-    from lmaczs_cli.demo.build import drop_events
+    from lmaczs_cli.demo.clap_losses import drop_events
 
     E = len(world.EVENTS)
     logmel = torch.full((8, N_FRAMES, N_MELS), -20.0)
@@ -150,7 +150,7 @@ def test_drop_events_can_floor_the_background_too():
 
 
 def test_soft_removal_attenuates_removed_cells_by_one_drawn_amount_per_clip():
-    from lmaczs_cli.demo.build import attenuate
+    from lmaczs_cli.demo.clap_losses import attenuate
 
     logmel = torch.linspace(-60.0, 0.0, 4 * 20 * 8).reshape(4, 20, 8)
     removed = torch.zeros(4, 20, 8, dtype=torch.bool)
@@ -171,7 +171,7 @@ def test_soft_removal_attenuates_removed_cells_by_one_drawn_amount_per_clip():
 
 
 def test_speckle_drops_square_blocks_of_a_drawn_share_per_clip():
-    from lmaczs_cli.demo.build import SPECKLE_BLOCKS, speckle
+    from lmaczs_cli.demo.clap_losses import SPECKLE_BLOCKS, speckle
 
     logmel = torch.zeros(64, 1001, 64)              # 1001 frames: the last blocks are cut short
     out = speckle(logmel, torch.Generator().manual_seed(0), max_share=0.6)
@@ -204,7 +204,7 @@ def test_build_refuses_a_speckle_share_outside_zero_to_one(tmp_path, share, caps
 
 
 def test_presence_loss_is_zero_on_target_and_weighs_present_and_absent_halves():
-    from lmaczs_cli.demo.build import ABSENT_COS, PRESENT_COS, presence_loss
+    from lmaczs_cli.demo.clap_losses import ABSENT_COS, PRESENT_COS, presence_loss
 
     prompts = torch.eye(3)[:2]                                 # two orthonormal prompt embeddings
     rest = (1 - PRESENT_COS**2 - ABSENT_COS**2) ** 0.5
@@ -223,7 +223,7 @@ def test_presence_loss_is_zero_on_target_and_weighs_present_and_absent_halves():
 
 
 def test_prompt_overlap_is_the_mean_squared_cosine_between_different_prompts():
-    from lmaczs_cli.demo.build import prompt_overlap
+    from lmaczs_cli.demo.clap_losses import prompt_overlap
 
     assert prompt_overlap(torch.eye(4)).item() == pytest.approx(0.0, abs=1e-12)      # orthonormal prompts
     same = torch.nn.functional.normalize(torch.ones(3, 5), dim=-1)
@@ -235,7 +235,7 @@ def test_prompt_overlap_is_the_mean_squared_cosine_between_different_prompts():
 
 
 def test_geometry_loss_compares_audio_and_text_cosines_of_single_event_clips_of_different_kinds():
-    from lmaczs_cli.demo.build import geometry_loss
+    from lmaczs_cli.demo.clap_losses import geometry_loss
 
     prompts = torch.eye(3)                                    # text-text cosine 0 between kinds
     c = 0.6
@@ -289,7 +289,7 @@ def test_plan_objective_scores_the_plans_under_the_demo_clap():
 
 
 def test_isolation_loss_by_hand():
-    from lmaczs_cli.demo.build import isolation_loss
+    from lmaczs_cli.demo.clap_losses import isolation_loss
 
     prompts = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
     clip = torch.tensor([[0.6, 0.8]])
@@ -310,7 +310,7 @@ def test_isolation_loss_by_hand():
 
 
 def test_contrast_loss_by_hand():
-    from lmaczs_cli.demo.build import contrast_loss
+    from lmaczs_cli.demo.clap_losses import contrast_loss
 
     prompts = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     clean = torch.tensor([[0.8, 0.6], [0.6, 0.8]])
@@ -332,7 +332,7 @@ def test_contrast_loss_by_hand():
 
 
 def test_pair_loss_by_hand():
-    from lmaczs_cli.demo.build import pair_loss
+    from lmaczs_cli.demo.clap_losses import pair_loss
 
     prompts = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     with_event = torch.tensor([[0.8, 0.6], [0.6, 0.8], [0.6, 0.8]])
@@ -386,7 +386,7 @@ def test_build_refuses_bad_options_before_any_work(argv, message, tmp_path, caps
 
 
 def test_label_loss_by_hand():
-    from lmaczs_cli.demo.build import label_loss
+    from lmaczs_cli.demo.clap_losses import label_loss
 
     prompts = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     audio = torch.tensor([[0.8, 0.6], [0.6, 0.8], [0.6, 0.8]])
