@@ -526,3 +526,27 @@ def test_oracle_report_measures_the_ground_truth_masks_gap():
     by_count = {k: v for k, v in loud.items() if k.startswith("gap_")}
     assert by_count and set(by_count) <= {"gap_1", "gap_2", "gap_3"}
     assert min(by_count.values()) - 1e-9 <= loud["gap"] <= max(by_count.values()) + 1e-9
+
+
+def test_train_clap_with_the_label_term_lowers_that_loss_on_its_clips():
+    """Not only do the weights move: the same steps with and without the label term (nothing else
+    weighted, so both runs see the same forward passes and BatchNorm statistics) leave the
+    single-event clips of the pool nearer their own prompt than the other 13 only with it."""
+    from lmaczs_cli.demo.build import load_pool, train_clap
+    from lmaczs_cli.demo.clap_losses import label_loss
+
+    def loss_on_pool(model):
+        mels, _, presence, _ = load_pool(2, 6, 0)
+        assert int((presence.sum(1) == 1).sum()) >= 6
+        with torch.no_grad():
+            audio, _ = model.encode(mels.float())
+            prompts = torch.nn.functional.normalize(
+                model.clap.encode_text(model.tokenize([world.prompt_for(n) for n in world.EVENTS]), device="cpu"),
+                dim=-1)
+        return float(label_loss(audio, prompts, presence))
+
+    runs = {w: train_clap(10, 8, 3e-3, 0, n_scenes=2, n_single=6, presence_weight=0.0, caption_weight=0.0,
+                          label_weight=w) for w in (0.0, 1.0)}
+    without, with_term = loss_on_pool(runs[0.0]), loss_on_pool(runs[1.0])
+    print(without, with_term)
+    assert with_term < without - 0.2, (without, with_term)

@@ -215,7 +215,9 @@ def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_si
     clap.train()
     params = [p for p in clap.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    # 10 % warm-up; OneCycleLR divides by zero when the warm-up is exactly one step (10 steps)
+    warm_up = 0.1 if steps != 10 else 0.15
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=warm_up)
     g = torch.Generator().manual_seed(seed)
     t0 = time.time()
     for step in range(steps):
