@@ -530,7 +530,7 @@ def test_oracle_report_measures_the_ground_truth_masks_gap():
 
 def test_train_clap_with_the_label_term_lowers_that_loss_on_its_clips():
     """Not only do the weights move: the same steps with and without the label term (nothing else
-    weighted, so both runs see the same forward passes and BatchNorm statistics) leave the
+    weighted, so both runs draw the same batches and views and differ by that gradient alone) leave the
     single-event clips of the pool nearer their own prompt than the other 13 only with it (2.5 ->
     2.1 here). Ten steps is also the count whose one-step warm-up once made the schedule divide by
     zero."""
