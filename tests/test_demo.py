@@ -537,9 +537,10 @@ def test_train_clap_with_the_label_term_lowers_that_loss_on_its_clips():
     from lmaczs_cli.demo.build import load_pool, train_clap
     from lmaczs_cli.demo.clap_losses import label_loss
 
+    mels, _, presence, _ = load_pool(2, 6, 0)
+    assert int((presence.sum(1) == 1).sum()) >= 6
+
     def loss_on_pool(model):
-        mels, _, presence, _ = load_pool(2, 6, 0)
-        assert int((presence.sum(1) == 1).sum()) >= 6
         with torch.no_grad():
             audio, _ = model.encode(mels.float())
             prompts = torch.nn.functional.normalize(
