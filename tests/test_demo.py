@@ -331,6 +331,25 @@ def test_contrast_loss_by_hand():
     assert float(contrast_loss(clean, masked - 0.05, nothing, prompts, presence, after, margin=0.2)) < float(got)
 
 
+def test_silence_gap_loss_by_hand():
+    from lmaczs_cli.demo.clap_losses import silence_gap_loss
+
+    prompts = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    clips = torch.tensor([[0.8, 0.6], [0.3, 0.9]], requires_grad=True)
+    nothing = torch.tensor([0.1, 0.5], requires_grad=True)  # silence scores prompt 0 at 0.1, prompt 1 at 0.5
+    presence = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    got = silence_gap_loss(clips, nothing, prompts, presence)
+    # only clip 0's entries are absent: prompt 0 scores it 0.7 over silence, prompt 1 0.1 over
+    assert got.item() == pytest.approx((0.7 ** 2 + 0.1 ** 2) / 2)
+    # an absent prompt scoring a clip below silence costs nothing; present entries never count
+    assert silence_gap_loss(clips * 0.0, nothing, prompts, presence).item() == 0.0
+    assert silence_gap_loss(clips, nothing, prompts, torch.ones(2, 2)).item() == 0.0
+    # silence is held fixed: the gradient moves the clip's scores down, never silence's up
+    got.backward()
+    assert nothing.grad is None
+    assert clips.grad[0].tolist() == pytest.approx([0.7, 0.1]) and clips.grad[1].tolist() == [0.0, 0.0]
+
+
 def test_pair_loss_by_hand():
     from lmaczs_cli.demo.clap_losses import pair_loss
 
@@ -399,7 +418,8 @@ def test_label_loss_by_hand():
     assert float(label_loss(audio[1:2], prompts, presence[1:2])) == 0.0
 
 
-@pytest.mark.parametrize("term", ["isolation_weight", "contrast_weight", "pair_weight", "label_weight"])
+@pytest.mark.parametrize("term", ["isolation_weight", "contrast_weight", "pair_weight", "label_weight",
+                                  "silence_weight"])
 def test_train_clap_step_with_a_loss_term_runs_and_moves_the_weights(term):
     from lmaczs_cli.demo.build import DEMO_CLAP, train_clap
 
@@ -422,7 +442,7 @@ def test_build_history_carries_the_init_folders_rounds_and_adds_this_one(tmp_pat
                               presence_weight=10.0, caption_weight=0.1, text_weight=1.0, geometry_weight=0.0,
                               isolation_weight=2.0, soft_db=20.0, speckle=0.0, contrast_weight=0.0,
                               contrast_margin=0.2, pair_weight=0.0, pair_margin=0.3, label_weight=0.0,
-                              text_warmup=0)
+                              text_warmup=0, silence_weight=0.0)
     line = build.clap_round(args)
     assert line.startswith(f"300 steps from {tmp_path}, batch 16, lr 0.002")
     assert "isolation 2" in line and "geometry" not in line and "soft removal 20-100 dB" in line
@@ -433,6 +453,8 @@ def test_build_history_carries_the_init_folders_rounds_and_adds_this_one(tmp_pat
     with_pairs = build.clap_round(argparse.Namespace(**{**vars(args), "pair_weight": 20.0}))
     assert "pairs 20" in with_pairs and with_pairs.endswith(", pair margin 0.3")
     assert "labels 5" in build.clap_round(argparse.Namespace(**{**vars(args), "label_weight": 5.0}))
+    assert "silence" not in line
+    assert "silence gap 50" in build.clap_round(argparse.Namespace(**{**vars(args), "silence_weight": 50.0}))
     assert "warm-up" not in line
     assert build.clap_round(argparse.Namespace(**{**vars(args), "text_warmup": 100})).endswith(
         ", 100 text warm-up steps first")

@@ -45,7 +45,7 @@ from ..train import LR_SCHEDULES
 from . import world
 from .clap_losses import (
     ABSENT_COS, PRESENT_COS, attenuate, contrast_loss, contrastive_loss, drop_events, geometry_loss, isolation_loss,
-    label_loss, off_diagonal, pair_loss, presence_loss, prompt_overlap, speckle,
+    label_loss, off_diagonal, pair_loss, presence_loss, prompt_overlap, silence_gap_loss, speckle,
 )
 from .scores import oracle_report
 
@@ -179,7 +179,7 @@ def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_si
                soft_db: float | None = None, speckle_share: float = 0.0,
                contrast_weight: float = 0.0, contrast_margin: float = 0.2,
                pair_weight: float = 0.0, pair_margin: float = 0.2, label_weight: float = 0.0,
-               text_warmup: int = 0) -> ClapModel:
+               text_warmup: int = 0, silence_weight: float = 0.0) -> ClapModel:
     """Train the demo CLAP from scratch, or go on from the CLAP saved in `init`.
 
     Loss per step: `caption_weight` x InfoNCE of clips against their captions, plus
@@ -193,7 +193,8 @@ def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_si
     masked copies and the empty clip; plus `pair_weight` x `pair_loss` (margin `pair_margin`) of
     each masked copy that still holds an event against the same copy with one of those events
     removed as well; plus `label_weight` x `label_loss` of the clean and masked clips that hold
-    exactly one event. With `text_warmup`, `separate_prompts` runs that many steps first. With
+    exactly one event; plus `silence_weight` x `silence_gap_loss` of the clean and masked clips against
+    the empty clip. With `text_warmup`, `separate_prompts` runs that many steps first. With
     `speckle_share`, the masked clips also lose a random
     speckle of cells (`speckle`), their presence unchanged."""
     torch.manual_seed(seed)
@@ -260,9 +261,12 @@ def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_si
                    if pair_weight > 0 and len(pair_clip) else a.new_zeros(()))
         lab_loss = label_loss(a[: 2 * len(idx)], t_events, targets[: 2 * len(idx)]) if label_weight > 0 \
             else a.new_zeros(())
+        gap_loss = silence_gap_loss(a[: 2 * len(idx)], a[2 * len(idx)], t_events, targets[: 2 * len(idx)]) \
+            if silence_weight > 0 else a.new_zeros(())
         loss = (caption_weight * cap_loss + presence_weight * pres_loss + text_weight * text_loss
                 + geometry_weight * geo_loss + isolation_weight * iso_loss + contrast_weight * con_loss
-                + pair_weight * pr_loss + label_weight * lab_loss)
+                + pair_weight * pr_loss + label_weight * lab_loss
+                + silence_weight * gap_loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -271,7 +275,7 @@ def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_si
             log(f"clap step {step}/{steps} loss {loss.item():.3f} caption {cap_loss.item():.3f} "
                 f"presence {pres_loss.item():.4f} prompts {text_loss.item():.4f} geometry {geo_loss.item():.4f} "
                 f"isolation {iso_loss.item():.4f} contrast {con_loss.item():.4f} pairs {pr_loss.item():.4f} "
-                f"labels {lab_loss.item():.4f} "
+                f"labels {lab_loss.item():.4f} silence gap {gap_loss.item():.4f} "
                 f"({(time.time() - t0) / (step + 1):.2f} s/step)")
     clap.eval()
     clap.requires_grad_(False)
@@ -417,7 +421,7 @@ def clap_round(args: argparse.Namespace) -> str:
     weights = {"presence": args.presence_weight, "caption": args.caption_weight, "text": args.text_weight,
                "geometry": args.geometry_weight, "isolation": args.isolation_weight,
                "contrast": args.contrast_weight, "pairs": args.pair_weight,
-               "labels": args.label_weight}
+               "labels": args.label_weight, "silence gap": args.silence_weight}
     given = ", ".join(f"{k} {v:g}" for k, v in weights.items() if v)
     removal = f", soft removal {args.soft_db:g}-100 dB" if args.soft_db is not None else ""
     removal += f", speckle up to {args.speckle:g}" if args.speckle else ""
@@ -432,7 +436,7 @@ def clap_round(args: argparse.Namespace) -> str:
 CLAP_ROUND_OPTIONS = ("clap_steps", "clap_batch", "clap_lr", "clap_init", "scenes", "singles", "presence_weight",
                       "caption_weight", "present_cos", "absent_cos", "text_weight", "geometry_weight",
                       "isolation_weight", "soft_db", "speckle", "contrast_weight", "contrast_margin",
-                      "pair_weight", "pair_margin", "label_weight", "text_warmup")
+                      "pair_weight", "pair_margin", "label_weight", "text_warmup", "silence_weight")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -474,6 +478,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="steps of the text tower alone on prompt_overlap before the round (separate_prompts)")
     ap.add_argument("--label-weight", type=float, default=0.0,
                     help="weight of label_loss: cross-entropy of single-event clips over the event prompts")
+    ap.add_argument("--silence-weight", type=float, default=0.0,
+                    help="weight of silence_gap_loss: an absent event's prompt must score a clip no higher than "
+                         "the empty clip")
     ap.add_argument("--scenes", type=int, default=2000)
     ap.add_argument("--singles", type=int, default=1400)
     ap.add_argument("--decoder-scenes", type=int, default=400)
@@ -549,7 +556,7 @@ def main(argv: list[str] | None = None) -> None:
                            speckle_share=args.speckle, contrast_weight=args.contrast_weight,
                            contrast_margin=args.contrast_margin, pair_weight=args.pair_weight,
                            pair_margin=args.pair_margin, label_weight=args.label_weight,
-                           text_warmup=args.text_warmup)
+                           text_warmup=args.text_warmup, silence_weight=args.silence_weight)
         save_clap(model, out, dtype=torch.float16)
         model = load_clap_dir(out)
     zs = zero_shot_accuracy(model, per_class=20, seed=args.seed)
