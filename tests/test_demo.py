@@ -99,6 +99,34 @@ def test_localization_report_counts_present_prompts_given_up_on():
             assert v["empty"] == 0.0 and v["mass"] == pytest.approx(v["chance"], abs=0.05)
 
 
+def test_prompt_rows_split_the_mask_between_its_event_the_other_events_and_the_background():
+    """A stand-in that keeps the whole grid for every prompt: its mass on the prompted event is that
+    event's dilated share of the grid, and its share on the other events is exactly the share of
+    their dilated regions outside the prompted one's, computed here from the scenes themselves."""
+    from lmaczs_cli.demo import scores
+    from lmaczs_cli.explain import Explanation
+
+    class KeepsAll:
+        def explain_prompts(self, wave, prompts):
+            return [Explanation(p, np.ones((N_FRAMES, N_MELS), np.float32), np.zeros(1, np.float32), 0.5, 0.5,
+                                "mel") for p in prompts]
+
+    rows = scores.prompt_rows(KeepsAll(), n_scenes=6)
+    scenes = scores.held_out_scenes(6)
+    checked = 0
+    for r in (r for r in rows if r["present"]):
+        regions = {e.name: metrics.dilate(e_mask) for e, e_mask in
+                   ((e, scenes[r["scene"]].mel_masks[e.name]) for e in scenes[r["scene"]].events)}
+        own = regions.pop(r["event"])
+        others = np.logical_or.reduce(list(regions.values())) & ~own if regions else np.zeros_like(own)
+        assert r["mass"] == pytest.approx(own.mean()) and r["other"] == pytest.approx(others.mean())
+        checked += bool(regions)
+    assert checked > 0                                  # some held-out scenes hold two or more events
+    report = scores.localization_report(None, rows=rows)
+    assert report["other"] == pytest.approx(np.mean([r["other"] for r in rows if r["present"]])) and report["other"] > 0
+    assert all("other" in v for v in scores.by_event(rows).values())
+
+
 @pytest.mark.parametrize("name", ["steady tone", "hiss", "low rumble", "rising chirp"])
 def test_explanation_wav_holds_the_event_in_its_band_and_time(demo, name):
     scene = world.single_event_scene(name, 7_000_123)
@@ -467,12 +495,14 @@ def test_build_clap_only_writes_the_clap_and_its_history_and_trains_no_decoder(t
     monkeypatch.setattr(build, "zero_shot_accuracy", lambda model, per_class, seed: {"accuracy": 0.5})
     monkeypatch.setattr(build, "presence_report", lambda model: {"scene": 0.0})
     monkeypatch.setattr(build, "plan_objective", lambda model, **kw: {})
-    monkeypatch.setattr(build, "oracle_report", lambda model, n_scenes: {"gap": float(n_scenes)})
+    monkeypatch.setattr(build, "oracle_rows", lambda model, n_scenes: [
+        {"event": "bell", "events": 2, "scene": 0.25, "alone": 0.25 + n_scenes}])
     out = tmp_path / "model"
     build.main(["--out", str(out), "--work", str(tmp_path / "work"), "--clap-only", "--clap-steps", "1",
                 "--clap-batch", "2", "--scenes", "4", "--singles", "2", "--report-scenes", "3"])
     report = json.loads((out / "build.json").read_text())
-    assert report["oracle"] == {"gap": 3.0}
+    assert report["oracle"] == {"signed_gap": 3.0, "gap": 3.0, "gap_2": 3.0}
+    assert report["oracle_by_event"] == {"bell": {"n": 1.0, "scene": 0.25, "alone": 3.25, "overshoot": 3.0}}
     assert sorted(p.name for p in out.iterdir()) == ["build.json", "clap.json", "clap.safetensors"]
     assert report["zero_shot"] == {"accuracy": 0.5}
     assert report["clap_history"] == [report["clap_history"][0]] and "1 steps from scratch" in report["clap_history"][0]
@@ -548,6 +578,22 @@ def test_oracle_report_measures_the_ground_truth_masks_gap():
     by_count = {k: v for k, v in loud.items() if k.startswith("gap_")}
     assert by_count and set(by_count) <= {"gap_1", "gap_2", "gap_3"}
     assert min(by_count.values()) - 1e-9 <= loud["gap"] <= max(by_count.values()) + 1e-9
+
+
+def test_oracle_by_event_splits_the_perfect_explanations_gap_per_event_kind():
+    """Per event kind: each event alone is quieter than its scene, so under the loudness stand-in
+    every kind's overshoot is negative, and the kinds' overshoots, weighted by their counts, give
+    back `oracle_report`'s signed gap; the deaf stand-in overshoots nowhere."""
+    from lmaczs_cli.demo import scores
+
+    rows = scores.oracle_rows(_StandInClap(constant=False), n_scenes=4)
+    per = scores.oracle_by_event(rows)
+    assert set(per) == {r["event"] for r in rows} and sum(v["n"] for v in per.values()) == len(rows)
+    assert all(v["overshoot"] < 0 and v["overshoot"] == pytest.approx(v["alone"] - v["scene"]) for v in per.values())
+    weighted = sum(v["n"] * v["overshoot"] for v in per.values()) / len(rows)
+    assert weighted == pytest.approx(scores.oracle_report(None, rows=rows)["signed_gap"])
+    deaf = scores.oracle_by_event(scores.oracle_rows(_StandInClap(constant=True), n_scenes=4))
+    assert all(v["overshoot"] == pytest.approx(0.0, abs=1e-6) for v in deaf.values())
 
 
 def test_train_clap_with_the_label_term_lowers_that_loss_on_its_clips():
