@@ -47,7 +47,10 @@ def prompt_rows(explainer: Any, n_scenes: int = 12, seed: int = 0) -> list[dict[
         regions = {name: metrics.dilate(scene.mel_masks[name]) for name in present}
         for name, r in zip(present, results):
             region = regions[name]
-            others = np.logical_or.reduce([regions[n] for n in present if n != name] + [np.zeros_like(region)])
+            others = np.zeros_like(region)
+            for other in present:
+                if other != name:
+                    others |= regions[other]
             rows.append({"scene": i, "event": name, "present": True, "mask_mean": float(r.mask_mean),
                          "mass": metrics.mass_in_region(r.mask, region), "chance": float(region.mean()),
                          "other": metrics.mass_in_region(r.mask, others & ~region),
@@ -63,11 +66,10 @@ def localization_report(explainer: Any, n_scenes: int = 12, seed: int = 0,
     """The figures issue C asks for, over `prompt_rows` (computed here unless given). Means over
     (scene, present event): ``mass`` share of the mask inside the event's dilated region,
     ``chance`` that region's share of the grid and ``other`` the share on the scene's other events;
-    ``matched`` / ``absent`` mask means for present /
-    absent prompts and ``ratio`` = absent / matched; ``gap`` (and ``gap_max``) |similarity -
-    masked similarity| for present prompts; ``prompt_corr`` the correlation of the masks of a
-    scene's first two events' prompts where neither is constant (1: the same mask whatever the
-    prompt); ``empty`` the share of present prompts whose mask keeps less than ``EMPTY`` of the
+    ``matched`` / ``absent`` mask means for present / absent prompts and ``ratio`` = absent /
+    matched; ``gap`` (and ``gap_max``) |similarity - masked similarity| for present prompts;
+    ``prompt_corr`` the correlation of the masks of a scene's first two events' prompts where
+    neither is constant (1: the same mask whatever the prompt); ``empty`` the share of present prompts whose mask keeps less than ``EMPTY`` of the
     grid (a decoder that has given up on those events: their masks drive ``gap``, and a
     randomization check on them compares blank masks)."""
     rows = prompt_rows(explainer, n_scenes, seed) if rows is None else rows
