@@ -64,14 +64,14 @@ def prompt_rows(explainer: Any, n_scenes: int = 12, seed: int = 0) -> list[dict[
 def localization_report(explainer: Any, n_scenes: int = 12, seed: int = 0,
                         rows: list[dict[str, Any]] | None = None) -> dict[str, float]:
     """The figures issue C asks for, over `prompt_rows` (computed here unless given). Means over
-    (scene, present event): ``mass`` share of the mask inside the event's dilated region,
-    ``chance`` that region's share of the grid and ``other`` the share on the scene's other events;
-    ``matched`` / ``absent`` mask means for present / absent prompts and ``ratio`` = absent /
-    matched; ``gap`` (and ``gap_max``) |similarity - masked similarity| for present prompts;
-    ``prompt_corr`` the correlation of the masks of a scene's first two events' prompts where
-    neither is constant (1: the same mask whatever the prompt); ``empty`` the share of present prompts whose mask keeps less than ``EMPTY`` of the
-    grid (a decoder that has given up on those events: their masks drive ``gap``, and a
-    randomization check on them compares blank masks)."""
+    (scene, present event): ``mass`` share of the mask inside the event's dilated region, ``chance``
+    that region's share of the grid and ``other`` the share on the scene's other events; ``matched``
+    / ``absent`` mask means for present / absent prompts and ``ratio`` = absent / matched; ``gap``
+    (and ``gap_max``) |similarity - masked similarity| for present prompts; ``prompt_corr`` the
+    correlation of the masks of a scene's first two events' prompts where neither is constant (1:
+    the same mask whatever the prompt); ``empty`` the share of present prompts whose mask keeps less
+    than ``EMPTY`` of the grid (a decoder that has given up on those events: their masks drive
+    ``gap``, and a randomization check on them compares blank masks)."""
     rows = prompt_rows(explainer, n_scenes, seed) if rows is None else rows
     on = [r for r in rows if r["present"]]
     matched = np.mean([r["mask_mean"] for r in on])
