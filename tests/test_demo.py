@@ -115,8 +115,8 @@ def test_prompt_rows_split_the_mask_between_its_event_the_other_events_and_the_b
     scenes = scores.held_out_scenes(6)
     checked = 0
     for r in (r for r in rows if r["present"]):
-        regions = {e.name: metrics.dilate(e_mask) for e, e_mask in
-                   ((e, scenes[r["scene"]].mel_masks[e.name]) for e in scenes[r["scene"]].events)}
+        scene = scenes[r["scene"]]
+        regions = {e.name: metrics.dilate(scene.mel_masks[e.name]) for e in scene.events}
         own = regions.pop(r["event"])
         others = np.logical_or.reduce(list(regions.values())) & ~own if regions else np.zeros_like(own)
         assert r["mass"] == pytest.approx(own.mean()) and r["other"] == pytest.approx(others.mean())

@@ -93,13 +93,17 @@ def by_event(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     share ``empty``. Where the overall mass falls short, this says which events a decoder misplaces
     (mass near chance with a real mask), keeps with the rest of the scene (a high ``other``), or
     gives up on (a mask mean near `EMPTY`)."""
+    return per_event([r for r in rows if r["present"]], ("mass", "chance", "other", "mask_mean", "gap", "empty"))
+
+
+def per_event(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """Rows grouped by their ``event``, in `world.EVENTS` order: for each kind that occurs, ``n``
+    rows and the mean of each of `keys`."""
     out: dict[str, dict[str, float]] = {}
     for name in world.EVENTS:
-        mine = [r for r in rows if r["present"] and r["event"] == name]
+        mine = [r for r in rows if r["event"] == name]
         if mine:
-            out[name] = {"n": float(len(mine)),
-                         **{k: float(np.mean([r[k] for r in mine])) for k in ("mass", "chance", "other", "mask_mean",
-                                                                               "gap", "empty")}}
+            out[name] = {"n": float(len(mine)), **{k: float(np.mean([r[k] for r in mine])) for k in keys}}
     return out
 
 
@@ -145,13 +149,9 @@ def oracle_by_event(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     whose overshoot is well above 0 is one whose isolating mask the objective charges for scoring
     too *high*: a decoder lowers the similarity back by keeping some of the scene's other events
     (`by_event`'s ``other``)."""
-    out: dict[str, dict[str, float]] = {}
-    for name in world.EVENTS:
-        mine = [r for r in rows if r["event"] == name]
-        if mine:
-            scene, alone = np.mean([r["scene"] for r in mine]), np.mean([r["alone"] for r in mine])
-            out[name] = {"n": float(len(mine)), "scene": float(scene), "alone": float(alone),
-                         "overshoot": float(alone - scene)}
+    out = per_event(rows, ("scene", "alone"))
+    for v in out.values():
+        v["overshoot"] = v["alone"] - v["scene"]
     return out
 
 
