@@ -429,6 +429,10 @@ def _explain_report(summary: dict[str, Any], as_json: bool) -> None:
 @click.option("--hard-mask", is_flag=True, default=False,
               help="In training, show CLAP the mask thresholded at 0.5 (cells kept whole or removed) with the soft "
                    "mask's gradient (straight-through); use with --mask-noise so the saved soft mask commits too.")
+@click.option("--hard-grad", type=click.Choice(["mask", "input"]), default="mask", show_default=True,
+              help="With --hard-mask, where the soft mask's gradient is taken: at the mask (a cell dropped to "
+                   "silence gets none), or at CLAP's input, the soft-masked log-mel (every cell gets one, so a prompt "
+                   "whose mask went empty still learns what removing its sound costs).")
 @click.option("--logit-bound", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Pull the mask logits back inside ±B in training (a squared penalty beyond it; 0: off), so that a "
                    "prompt's mask cannot sink so far below 0 that no gradient brings its events back.")

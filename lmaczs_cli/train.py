@@ -47,6 +47,7 @@ class TrainError(LmaczsError):
 
 
 LR_SCHEDULES = ("constant", "cosine")
+HARD_GRADS = ("mask", "input")
 WARMUP_SHARE = 0.05   # cosine: share of the run's steps spent warming up linearly
 
 
@@ -94,6 +95,7 @@ class TrainConfig:
     logmel_skip: bool = True            # decoder input from the log-mel itself (DecoderConfig)
     mask_noise: float = 0.0             # scale of logistic noise on the mask logits in training (binarising_noise)
     hard_mask: bool = False             # straight-through binary masks in training (straight_through)
+    hard_grad: str = "mask"             # where the straight-through passes the gradient: mask | input (masked_embeddings)
     logit_bound: float = 0.0            # pull mask logits back inside ±this (logit_penalty); 0: off
     lambda_out: float = 0.0             # weight of the masked-out term (loss.removal_term); 0: off, as the paper
     lambda_overlap: float = 0.0         # weight of the overlap term (loss.overlap_term); 0: off, as the paper
@@ -110,6 +112,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.init_any_clap and not self.init:
             raise TrainError("init_any_clap only applies with init (a decoder to start from)")
+        if self.hard_grad not in HARD_GRADS:
+            raise TrainError(f"unknown straight-through gradient {self.hard_grad!r}; use one of {', '.join(HARD_GRADS)}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise TrainError(f"unknown lr schedule {self.lr_schedule!r}; use one of {', '.join(LR_SCHEDULES)}")
 
@@ -214,7 +218,7 @@ def straight_through(masks: torch.Tensor) -> torch.Tensor:
     A sigmoid mask leaves a dropped cell ~30 dB down, not gone, and a CLAP still hears an event
     30 dB down: so in training the encoder is shown what a committed mask does (the events the
     prompt does not name removed, as a listener of the explanation would hear them gone), while
-    the decoder still gets a gradient for every cell. Training only; the saved decoder's mask
+    the decoder still gets a gradient for every cell kept. Training only; the saved decoder's mask
     is the clean sigmoid."""
     hard = (masks > 0.5).to(masks.dtype)
     return hard + masks - masks.detach()
@@ -234,10 +238,17 @@ def logit_penalty(masks: torch.Tensor, bound: float) -> torch.Tensor:
 def masked_embeddings(
     clap: ClapModel, decoder: torch.nn.Module, feats: Features, text: torch.Tensor, pairs: torch.Tensor, domain: str,
     noise: float = 0.0, generator: torch.Generator | None = None, hard: bool = False, logit_bound: float = 0.0,
+    hard_grad: str = "mask",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Masks for every (text i, audio j) pair and the embeddings of the masked audio; with `noise`,
     the masks pass through `binarising_noise` first (`generator` required); with `hard`, then
     through `straight_through`; with `logit_bound`, the decoder's own masks' `logit_penalty`.
+
+    `hard_grad` says where the straight-through passes the gradient back. "mask": at the mask, as
+    the soft mask's; but the masked log-mel is log(M² ⊙ mel) clamped at the floor, so a cell the
+    hard mask dropped takes no gradient at all, and a prompt whose mask has gone empty never learns
+    what removing its sound costs. "input": at CLAP's input, as the soft-masked log-mel's, which
+    moves with every cell's logit (by about 8.7 dB per unit for a dropped cell).
     -> (masked embeddings (P, D), masks (P, 1001, bins), penalty ()). Gradients flow through the
     frozen CLAP."""
     ti, aj = pairs[:, 0], pairs[:, 1]
@@ -248,10 +259,16 @@ def masked_embeddings(
     if noise > 0:
         assert generator is not None, "mask noise needs a generator"
         masks = binarising_noise(masks, noise, generator)
-    if hard:
-        masks = straight_through(masks)
-    masked, _ = clap.encode(masked_input(feats, aj, masks, domain))
-    return masked, masks, penalty
+    if not hard:
+        masked, _ = clap.encode(masked_input(feats, aj, masks, domain))
+        return masked, masks, penalty
+    shown = straight_through(masks)
+    if hard_grad == "mask":
+        masked, _ = clap.encode(masked_input(feats, aj, shown, domain))
+    else:
+        soft = masked_input(feats, aj, masks, domain)
+        masked, _ = clap.encode(masked_input(feats, aj, shown.detach(), domain) + soft - soft.detach())
+    return masked, shown, penalty
 
 
 def masked_input(feats: Features, clips: torch.Tensor, masks: torch.Tensor, domain: str) -> torch.Tensor:
@@ -296,7 +313,7 @@ def micro_batch_loss(
     amp_dtype = torch.float16 if waves.device.type == "cuda" else torch.bfloat16
     with torch.autocast(device_type=waves.device.type, dtype=amp_dtype, enabled=use_amp):
         masked, masks, penalty = masked_embeddings(clap, decoder, feats, text, pairs, cfg.domain, cfg.mask_noise,
-                                                   generator, cfg.hard_mask, cfg.logit_bound)
+                                                   generator, cfg.hard_mask, cfg.logit_bound, cfg.hard_grad)
     terms = lmac_zs_loss(text, feats.audio, pairs, masked.float(), masks.float(),
                          cfg.lambda_sparsity, cfg.lambda_diversity)
     if cfg.logit_bound > 0:

@@ -243,6 +243,51 @@ def test_straight_through_shows_clap_a_binary_mask_and_passes_the_soft_gradient(
     assert soft.grad.tolist() == [1.0, 2.0, 3.0, 4.0]
 
 
+class _FixedMask(torch.nn.Module):
+    """A stand-in decoder: one mask for every pair, from its own logits (the cells in `on` kept)."""
+
+    def __init__(self, bins: int = 64) -> None:
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.full((1, 1001, bins), -8.0))
+        with torch.no_grad():
+            self.logits[:, 300:500, 10:30] = 8.0
+
+    def forward(self, hidden, text, logmel, log_power):
+        return torch.sigmoid(self.logits).expand(len(text), -1, -1)
+
+
+@pytest.mark.parametrize("domain", ["mel", "stft"])
+def test_hard_mask_gradient_at_the_input_reaches_the_cells_it_dropped(tiny_clap, domain):
+    waves = torch.randn(1, 480_000, generator=torch.Generator().manual_seed(0)) * 0.1
+    feats = T.clap_features(tiny_clap, waves, domain)
+    text = torch.nn.functional.normalize(torch.randn(1, feats.audio.shape[-1]), dim=-1)
+    pairs = torch.tensor([[0, 0]])
+    out = {}
+    for where in ("mask", "input"):
+        decoder = _FixedMask(64 if domain == "mel" else 513)
+        masked, shown, _ = T.masked_embeddings(tiny_clap, decoder, feats, text, pairs, domain, hard=True,
+                                               hard_grad=where)
+        assert shown.detach().unique().tolist() == [0.0, 1.0]
+        (text * masked).sum().backward()
+        grad = decoder.logits.grad[0]
+        kept = torch.zeros_like(grad, dtype=torch.bool)
+        kept[300:500, 10:30] = True
+        out[where] = masked.detach(), grad[kept].abs().sum(), grad[~kept].abs().sum()
+    assert torch.allclose(out["mask"][0], out["input"][0], atol=1e-5)  # CLAP is shown the same hard mask
+    assert out["mask"][2] == 0 and out["input"][2] > 0            # only the input-side gradient reaches the floor
+    assert out["mask"][1] > 0 and out["input"][1] > 0
+
+
+def test_hard_grad_is_checked_and_recorded(dataset, tmp_path, tiny_clap):
+    with pytest.raises(T.TrainError, match="straight-through gradient"):
+        _cfg(dataset, tmp_path / "bad", hard_grad="logit")
+    by_mask, by_input = tmp_path / "mask", tmp_path / "input"
+    T.train(_cfg(dataset, by_mask, max_steps=2, mask_noise=1.0, hard_mask=True), clap=tiny_clap)
+    T.train(_cfg(dataset, by_input, max_steps=2, mask_noise=1.0, hard_mask=True, hard_grad="input"), clap=tiny_clap)
+    assert json.loads((by_input / "config.json").read_text())["train"]["hard_grad"] == "input"
+    assert _max_diff(_weights(by_mask), _weights(by_input)) > 0
+
+
 def test_hard_mask_changes_training_and_is_recorded(dataset, tmp_path, tiny_clap):
     plain, hard = tmp_path / "plain", tmp_path / "hard"
     T.train(_cfg(dataset, plain, max_steps=2, mask_noise=1.0), clap=tiny_clap)

@@ -498,6 +498,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--decoder-skip-gate", action="store_true", help="lmaczs train --skip-gate")
     ap.add_argument("--decoder-mask-noise", type=float, default=0.0, help="lmaczs train --mask-noise")
     ap.add_argument("--decoder-hard-mask", action="store_true", help="lmaczs train --hard-mask")
+    ap.add_argument("--decoder-hard-grad", choices=("mask", "input"), default="mask", help="lmaczs train --hard-grad")
     ap.add_argument("--decoder-logit-bound", type=float, default=0.0, help="lmaczs train --logit-bound")
     ap.add_argument("--decoder-init", type=Path, default=None,
                     help="lmaczs train --init: start the decoder from one saved in this folder (same CLAP, same "
@@ -596,6 +597,7 @@ def main(argv: list[str] | None = None) -> None:
                       lambda_diversity=args.lambda_diversity, val_fraction=0.1, workers=0, device="cpu",
                       log_every=10, save_every=10_000, seed=args.seed, text_readout=args.decoder_text_readout,
                       mask_noise=args.decoder_mask_noise, hard_mask=args.decoder_hard_mask,
+                      hard_grad=args.decoder_hard_grad,
                       logit_bound=args.decoder_logit_bound, lambda_out=args.lambda_out,
                       lambda_overlap=args.lambda_overlap,
                       logmel_skip=not args.decoder_no_logmel_skip,
@@ -612,7 +614,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = cfg.to_json()
     report["decoder"] = {"texts": args.decoder_texts, "events": args.decoder_events, **{k: settings[k] for k in (
         "epochs", "batch_size", "lr", "lr_schedule", "lambda_sparsity", "lambda_diversity", "lambda_out",
-        "lambda_overlap", "text_readout", "group_by_audio", "mask_noise", "hard_mask", "logit_bound", "logmel_skip",
+        "lambda_overlap", "text_readout", "group_by_audio", "mask_noise", "hard_mask", "hard_grad", "logit_bound",
+        "logmel_skip",
         "levels", "skip_gate", "init", "init_any_clap")}}
     report["decoder_train_s"] = time.time() - t_dec
     report["decoder_steps"] = summary["steps"]
