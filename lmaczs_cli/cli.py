@@ -436,6 +436,10 @@ def _explain_report(summary: dict[str, Any], as_json: bool) -> None:
 @click.option("--logit-bound", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Pull the mask logits back inside ±B in training (a squared penalty beyond it; 0: off), so that a "
                    "prompt's mask cannot sink so far below 0 that no gradient brings its events back.")
+@click.option("--lambda-reach", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Weight of a penalty that lifts the strongest 0.5 %% of each matched caption's mask cells to the "
+                   "0.5 threshold (0: off), so that no caption's explanation sinks to empty where the similarity "
+                   "gradient no longer reaches it.")
 @click.option("--resume", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Continue the run in this folder exactly where it stopped (its settings are reused).")
 @click.option("--init", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,

@@ -97,6 +97,7 @@ class TrainConfig:
     hard_mask: bool = False             # straight-through binary masks in training (straight_through)
     hard_grad: str = "mask"             # where the straight-through passes the gradient: mask | input (masked_embeddings)
     logit_bound: float = 0.0            # pull mask logits back inside ±this (logit_penalty); 0: off
+    lambda_reach: float = 0.0           # weight of reach_penalty on the matched pairs' masks; 0: off
     lambda_out: float = 0.0             # weight of the masked-out term (loss.removal_term); 0: off, as the paper
     lambda_overlap: float = 0.0         # weight of the overlap term (loss.overlap_term); 0: off, as the paper
     init: str | None = None             # start from this saved decoder's weights (init_decoder)
@@ -235,14 +236,35 @@ def logit_penalty(masks: torch.Tensor, bound: float) -> torch.Tensor:
     return torch.relu(logits.abs() - bound).square().mean()
 
 
+REACH_SHARE = 0.005   # reach_penalty's top cells: 0.5 % of the grid (~320 of 1001 x 64), ~0.05 s x 4 bands
+
+
+def reach_penalty(masks: torch.Tensor, share: float = REACH_SHARE) -> torch.Tensor:
+    """Mean over masks of relu(-mean logit of the mask's top `share` of cells)²: zero once each
+    mask's strongest cells reach the 0.5 threshold. masks (P, T, F) in [0, 1].
+
+    For matched pairs only (a caption and the clip it describes: there is something to point
+    at). A mask whose every logit sank far below 0 gets a similarity gradient damped by
+    m(1 - m) (~1e-3 at -7), and Adam's steps, normalised over every prompt, leave it there: the
+    prompt's explanation stays empty whatever it costs in similarity. This term lifts only the
+    strongest cells to where that gradient is whole again; which cells they become is left to the
+    similarity term."""
+    m = masks.float().flatten(1).clamp(1e-37, 1.0)
+    k = max(1, int(round(share * m.shape[1])))
+    top = m.topk(k, dim=1).values
+    logits = torch.log(top) - torch.log1p(-top.clamp_max(1 - 1e-7))
+    return torch.relu(-logits.mean(1)).square().mean()
+
+
 def masked_embeddings(
     clap: ClapModel, decoder: torch.nn.Module, feats: Features, text: torch.Tensor, pairs: torch.Tensor, domain: str,
     noise: float = 0.0, generator: torch.Generator | None = None, hard: bool = False, logit_bound: float = 0.0,
-    hard_grad: str = "mask",
+    hard_grad: str = "mask", reach: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Masks for every (text i, audio j) pair and the embeddings of the masked audio; with `noise`,
     the masks pass through `binarising_noise` first (`generator` required); with `hard`, then
-    through `straight_through`; with `logit_bound`, the decoder's own masks' `logit_penalty`.
+    through `straight_through`; with `logit_bound`, the decoder's own masks' `logit_penalty`, plus
+    `reach` times `reach_penalty` on the matched pairs' masks (text i on audio i).
 
     `hard_grad` says where the straight-through passes the gradient back. "mask": at the mask, as
     the soft mask's; but the masked log-mel is log(M² ⊙ mel) clamped at the floor, so a cell the
@@ -256,6 +278,9 @@ def masked_embeddings(
     log_power = spectral.to_db(feats.power[aj]) if domain == "stft" else None
     masks = decoder(hidden, text[ti], feats.logmel[aj], log_power)
     penalty = logit_penalty(masks, logit_bound) if logit_bound > 0 else masks.new_zeros((), dtype=torch.float32)
+    matched = ti == aj
+    if reach > 0 and bool(matched.any()):
+        penalty = penalty + reach * reach_penalty(masks[matched])
     if noise > 0:
         assert generator is not None, "mask noise needs a generator"
         masks = binarising_noise(masks, noise, generator)
@@ -313,10 +338,11 @@ def micro_batch_loss(
     amp_dtype = torch.float16 if waves.device.type == "cuda" else torch.bfloat16
     with torch.autocast(device_type=waves.device.type, dtype=amp_dtype, enabled=use_amp):
         masked, masks, penalty = masked_embeddings(clap, decoder, feats, text, pairs, cfg.domain, cfg.mask_noise,
-                                                   generator, cfg.hard_mask, cfg.logit_bound, cfg.hard_grad)
+                                                   generator, cfg.hard_mask, cfg.logit_bound, cfg.hard_grad,
+                                                   cfg.lambda_reach)
     terms = lmac_zs_loss(text, feats.audio, pairs, masked.float(), masks.float(),
                          cfg.lambda_sparsity, cfg.lambda_diversity)
-    if cfg.logit_bound > 0:
+    if cfg.logit_bound > 0 or cfg.lambda_reach > 0:
         terms = dataclasses.replace(terms, total=terms.total + penalty)
     if cfg.lambda_overlap > 0:
         shared = overlap_term(text, pairs, masks)

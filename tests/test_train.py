@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -351,6 +352,29 @@ def test_train_init_cli_reuses_the_architecture(dataset, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_reach_penalty_lifts_only_the_strongest_cells_of_a_sunk_mask():
+    masks = torch.full((2, 1001, 64), 1e-3)
+    masks[1, :10, :40] = 0.9                                    # 400 cells kept: more than the top 0.5 %
+    floor = math.log(1e-3 / (1 - 1e-3))
+    assert T.reach_penalty(masks).item() == pytest.approx(floor**2 / 2, rel=1e-4)   # the kept mask pays nothing
+    masks.requires_grad_(True)
+    T.reach_penalty(masks).backward()
+    lifted = (masks.grad[0] < 0).sum().item()                   # descent raises them
+    assert lifted == round(T.REACH_SHARE * 1001 * 64) and masks.grad[1].abs().sum() == 0
+
+
+def test_reach_counts_only_the_matched_pairs(tiny_clap):
+    waves = torch.randn(2, 480_000, generator=torch.Generator().manual_seed(0)) * 0.1
+    feats = T.clap_features(tiny_clap, waves, "mel")
+    text = torch.nn.functional.normalize(torch.randn(2, feats.audio.shape[-1]), dim=-1)
+    decoder = _FixedMask()
+    with torch.no_grad():
+        decoder.logits.fill_(-6.0)
+    plain = T.masked_embeddings(tiny_clap, decoder, feats, text, torch.tensor([[0, 1], [1, 0]]), "mel", reach=1.0)[2]
+    matched = T.masked_embeddings(tiny_clap, decoder, feats, text, torch.tensor([[0, 0], [1, 0]]), "mel", reach=1.0)[2]
+    assert plain.item() == 0.0 and matched.item() == pytest.approx(36.0, rel=1e-3)
+
+
 def test_logit_penalty_is_zero_inside_the_bound_and_pulls_sunk_logits_back():
     logits = torch.tensor([-30.0, -7.0, 0.0, 7.0, 12.0], requires_grad=True)
     masks = torch.sigmoid(logits)
@@ -395,3 +419,8 @@ def test_removal_loss_is_zero_when_the_mask_keeps_everything_and_the_clip_above_
         expected = torch.relu((text * feats.audio).sum(-1) - text @ silence[0]).mean()
         got = T.removal_loss(tiny_clap, feats, text, pairs, torch.zeros(shape), "mel")
     assert expected.item() > 1e-4 and got.item() == pytest.approx(expected.item(), abs=1e-5)
+def test_lambda_reach_changes_training_and_is_recorded(dataset, tmp_path, tiny_clap, plain_run):
+    plain, reached = plain_run, tmp_path / "reached"
+    T.train(_cfg(dataset, reached, max_steps=2, lambda_reach=1.0), clap=tiny_clap)
+    assert json.loads((reached / "config.json").read_text())["train"]["lambda_reach"] == 1.0
+    assert _max_diff(_weights(plain), _weights(reached)) > 0

@@ -510,6 +510,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lambda-diversity", type=float, default=0.5)
     ap.add_argument("--lambda-out", type=float, default=0.0, help="lmaczs train --lambda-out")
     ap.add_argument("--lambda-overlap", type=float, default=0.0, help="lmaczs train --lambda-overlap")
+    ap.add_argument("--lambda-reach", type=float, default=0.0, help="lmaczs train --lambda-reach")
     ap.add_argument("--report-scenes", type=int, default=12,
                     help="held-out scenes the decoder is scored on (localization figures, build.json)")
     ap.add_argument("--skip-clap", action="store_true", help="reuse the CLAP already in --out")
@@ -599,7 +600,7 @@ def main(argv: list[str] | None = None) -> None:
                       mask_noise=args.decoder_mask_noise, hard_mask=args.decoder_hard_mask,
                       hard_grad=args.decoder_hard_grad,
                       logit_bound=args.decoder_logit_bound, lambda_out=args.lambda_out,
-                      lambda_overlap=args.lambda_overlap,
+                      lambda_overlap=args.lambda_overlap, lambda_reach=args.lambda_reach,
                       logmel_skip=not args.decoder_no_logmel_skip,
                       levels=args.decoder_levels, skip_gate=args.decoder_skip_gate,
                       lr_schedule=args.decoder_lr_schedule,
@@ -614,7 +615,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = cfg.to_json()
     report["decoder"] = {"texts": args.decoder_texts, "events": args.decoder_events, **{k: settings[k] for k in (
         "epochs", "batch_size", "lr", "lr_schedule", "lambda_sparsity", "lambda_diversity", "lambda_out",
-        "lambda_overlap", "text_readout", "group_by_audio", "mask_noise", "hard_mask", "hard_grad", "logit_bound",
+        "lambda_overlap", "lambda_reach", "text_readout", "group_by_audio", "mask_noise", "hard_mask", "hard_grad", "logit_bound",
         "logmel_skip",
         "levels", "skip_gate", "init", "init_any_clap")}}
     report["decoder_train_s"] = time.time() - t_dec
