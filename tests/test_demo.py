@@ -53,18 +53,20 @@ def test_demo_clap_zero_shot_accuracy_on_held_out_single_events():
 
 
 def test_masks_lie_on_present_events_more_than_chance_and_keep_similarity(demo):
-    """What the bundled decoder achieves today. Issue C asks for >= 60 % of the mask in the
-    event's region and absent-prompt masks <= 0.3x matched ones; the bundled decoder reaches
-    ~0.30 (chance ~0.11) with absent-prompt masks ~0.75x matched ones, so those two bounds are
-    not asserted here — they stay open work, reported by this test's printout. Asserted: mass
-    in region >= 1.5x chance, absent-prompt masks smaller than matched ones, similarity kept."""
-    r = localization_report(demo, n_scenes=N_SCENES)
+    """What the bundled decoder achieves on 48 held-out scenes. Issue C asks for >= 60 % of the
+    mask in the event's region and absent-prompt masks <= 0.3x matched ones; the bundled decoder
+    reaches 0.596 (chance 0.109) and 0.33x, so those two bounds are not asserted as such: they
+    stay open work, reported by this test's printout. Asserted at the level it reaches, with a
+    little room: mass in region >= 5x chance, absent-prompt masks <= 0.4x matched ones, no
+    present prompt left with an empty mask, similarity kept within 0.1."""
+    r = localization_report(demo, n_scenes=48)
     report = (f"mass in region {r['mass']:.3f} (chance {r['chance']:.3f}); mask mean matched {r['matched']:.3f} "
-              f"absent {r['absent']:.3f}; |sim - masked sim| mean {r['gap']:.3f} max {r['gap_max']:.3f}; "
-              f"empty masks for present prompts {r['empty']:.2f}")
+              f"absent {r['absent']:.3f} (ratio {r['ratio']:.3f}); |sim - masked sim| mean {r['gap']:.3f} "
+              f"max {r['gap_max']:.3f}; empty masks for present prompts {r['empty']:.2f}")
     print(report)
-    assert r["mass"] >= 1.5 * r["chance"], report
-    assert r["absent"] < r["matched"], report
+    assert r["mass"] >= 5 * r["chance"], report
+    assert r["ratio"] <= 0.4, report
+    assert r["empty"] == 0.0, report
     assert r["gap"] <= 0.1, report
 
 

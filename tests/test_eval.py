@@ -64,18 +64,18 @@ def test_every_method_localizes_demo_events_better_than_chance(demo_run, method:
 
 
 def test_lmaczs_localizes_better_than_every_baseline(demo_run) -> None:
-    """Localization as a detector of the event's cells (ROC AUC of mask vs truth: threshold-
-    free, blind to how much of the grid a mask covers). Mass-in-region is reported beside it
-    but not claimed: Integrated Gradients' maps are near-empty (mean ~0.002) with what little
-    they keep on the loudest event cells, which scores high mass; LMAC-ZS's are not (see
-    metrics.md and the issue note)."""
+    """Localization as issue F and C define it: the share of the mask's mass inside the true
+    event's (dilated) region. The ROC AUC of mask vs truth is printed beside it but not claimed:
+    the bundled decoder's masks are near-binary, so the event cells it drops tie with the
+    background and cost it AUC; GradCAM's smooth maps rank them (on these 8 scenes GradCAM's AUC
+    is 0.877 against LMAC-ZS's 0.868, while LMAC-ZS's mass is 0.64 against GradCAM's 0.47)."""
     out, summary = demo_run
     ours = summary["methods"]["lmaczs"]
     print({m: (round(v["loc_auc"], 3), round(v["loc_mass"], 3)) for m, v in summary["methods"].items()})
     for m in METHODS[1:]:
         theirs = summary["methods"][m]
-        assert ours["loc_auc"] > theirs["loc_auc"], (m, ours["loc_auc"], theirs["loc_auc"])
-    assert ours["loc_mass"] > 1.5 * ours["loc_chance"], ours
+        assert ours["loc_mass"] > theirs["loc_mass"], (m, ours["loc_mass"], theirs["loc_mass"])
+    assert ours["loc_mass"] > 3 * ours["loc_chance"], ours
 
 
 def test_randomization_lowers_lmaczs_ssim(demo_run) -> None:
