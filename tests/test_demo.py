@@ -22,7 +22,6 @@ from lmaczs_cli.demo.scores import localization_report
 from lmaczs_cli.audio import N_FRAMES, N_MELS
 from lmaczs_cli.explain import Explainer, demo_dir
 
-N_SCENES = 12  # held-out scenes for the localization figures
 
 
 @pytest.fixture(scope="module")
