@@ -95,7 +95,7 @@ class TrainConfig:
     logmel_skip: bool = True            # decoder input from the log-mel itself (DecoderConfig)
     mask_noise: float = 0.0             # scale of logistic noise on the mask logits in training (binarising_noise)
     hard_mask: bool = False             # straight-through binary masks in training (straight_through)
-    hard_grad: str = "mask"             # where the straight-through passes the gradient: mask | input (masked_embeddings)
+    hard_grad: str = "mask"             # straight-through gradient taken at: mask | input (masked_embeddings)
     logit_bound: float = 0.0            # pull mask logits back inside ±this (logit_penalty); 0: off
     lambda_reach: float = 0.0           # weight of reach_penalty on the matched pairs' masks; 0: off
     lambda_out: float = 0.0             # weight of the masked-out term (loss.removal_term); 0: off, as the paper
@@ -114,7 +114,8 @@ class TrainConfig:
         if self.init_any_clap and not self.init:
             raise TrainError("init_any_clap only applies with init (a decoder to start from)")
         if self.hard_grad not in HARD_GRADS:
-            raise TrainError(f"unknown straight-through gradient {self.hard_grad!r}; use one of {', '.join(HARD_GRADS)}")
+            raise TrainError(f"unknown straight-through gradient {self.hard_grad!r}; "
+                             f"use one of {', '.join(HARD_GRADS)}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise TrainError(f"unknown lr schedule {self.lr_schedule!r}; use one of {', '.join(LR_SCHEDULES)}")
 

@@ -615,9 +615,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = cfg.to_json()
     report["decoder"] = {"texts": args.decoder_texts, "events": args.decoder_events, **{k: settings[k] for k in (
         "epochs", "batch_size", "lr", "lr_schedule", "lambda_sparsity", "lambda_diversity", "lambda_out",
-        "lambda_overlap", "lambda_reach", "text_readout", "group_by_audio", "mask_noise", "hard_mask", "hard_grad", "logit_bound",
-        "logmel_skip",
-        "levels", "skip_gate", "init", "init_any_clap")}}
+        "lambda_overlap", "lambda_reach", "text_readout", "group_by_audio", "mask_noise", "hard_mask", "hard_grad",
+        "logit_bound", "logmel_skip", "levels", "skip_gate", "init", "init_any_clap")}}
     report["decoder_train_s"] = time.time() - t_dec
     report["decoder_steps"] = summary["steps"]
     for name in ("decoder.safetensors", "config.json"):
