@@ -431,13 +431,13 @@ def _explain_report(summary: dict[str, Any], as_json: bool) -> None:
                    "mask's gradient (straight-through); use with --mask-noise so the saved soft mask commits too.")
 @click.option("--hard-grad", type=click.Choice(["mask", "input"]), default="mask", show_default=True,
               help="With --hard-mask, where the soft mask's gradient is taken: at the mask (a cell dropped to "
-                   "silence gets none), or at CLAP's input, the soft-masked log-mel (every cell gets one, so a prompt "
-                   "whose mask went empty still learns what removing its sound costs).")
+                   "silence gets none), or at CLAP's input, the soft-masked log-mel (a dropped cell gets one as long "
+                   "as its soft-masked level stays above the log-mel floor: the louder cells).")
 @click.option("--logit-bound", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Pull the mask logits back inside ±B in training (a squared penalty beyond it; 0: off), so that a "
                    "prompt's mask cannot sink so far below 0 that no gradient brings its events back.")
 @click.option("--lambda-reach", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="Weight of a penalty that lifts the strongest 0.5 %% of each matched caption's mask cells to the "
+              help="Weight of a penalty that lifts the strongest 0.5 % of each matched caption's mask cells to the "
                    "0.5 threshold (0: off), so that no caption's explanation sinks to empty where the similarity "
                    "gradient no longer reaches it.")
 @click.option("--resume", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,

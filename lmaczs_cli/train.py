@@ -113,6 +113,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.init_any_clap and not self.init:
             raise TrainError("init_any_clap only applies with init (a decoder to start from)")
+        if self.hard_grad != "mask" and not self.hard_mask:
+            raise TrainError("hard_grad applies with hard_mask (the straight-through it places)")
         if self.hard_grad not in HARD_GRADS:
             raise TrainError(f"unknown straight-through gradient {self.hard_grad!r}; "
                              f"use one of {', '.join(HARD_GRADS)}")
@@ -237,7 +239,7 @@ def logit_penalty(masks: torch.Tensor, bound: float) -> torch.Tensor:
     return torch.relu(logits.abs() - bound).square().mean()
 
 
-REACH_SHARE = 0.005   # reach_penalty's top cells: 0.5 % of the grid (~320 of 1001 x 64), ~0.05 s x 4 bands
+REACH_SHARE = 0.005   # reach_penalty's top cells: 0.5 % of the grid (~320 of 1001 x 64, e.g. 0.8 s x 4 bands)
 
 
 def reach_penalty(masks: torch.Tensor, share: float = REACH_SHARE) -> torch.Tensor:
@@ -249,7 +251,8 @@ def reach_penalty(masks: torch.Tensor, share: float = REACH_SHARE) -> torch.Tens
     m(1 - m) (~1e-3 at -7), and Adam's steps, normalised over every prompt, leave it there: the
     prompt's explanation stays empty whatever it costs in similarity. This term lifts only the
     strongest cells to where that gradient is whole again; which cells they become is left to the
-    similarity term."""
+    similarity term. Under CUDA autocast the sigmoid runs in float16, where logits below about -17
+    read 0: masks sunk that far are out of its reach."""
     m = masks.float().flatten(1).clamp(1e-37, 1.0)
     k = max(1, int(round(share * m.shape[1])))
     top = m.topk(k, dim=1).values
@@ -271,7 +274,9 @@ def masked_embeddings(
     the soft mask's; but the masked log-mel is log(M² ⊙ mel) clamped at the floor, so a cell the
     hard mask dropped takes no gradient at all, and a prompt whose mask has gone empty never learns
     what removing its sound costs. "input": at CLAP's input, as the soft-masked log-mel's, which
-    moves with every cell's logit (by about 8.7 dB per unit for a dropped cell).
+    moves with a dropped cell's logit (by about 8.7 dB per unit) wherever the soft-masked level
+    stays above the log-mel floor: the louder cells. Where M² · mel falls below AMIN (most cells
+    of a quiet event at a mask of -70 dB) it clamps too, and those cells still get none.
     -> (masked embeddings (P, D), masks (P, 1001, bins), penalty ()). Gradients flow through the
     frozen CLAP."""
     ti, aj = pairs[:, 0], pairs[:, 1]

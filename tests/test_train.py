@@ -15,6 +15,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+from lmaczs_cli import spectral
 from lmaczs_cli import decoder as D
 from lmaczs_cli import train as T
 from lmaczs_cli.cli import main
@@ -281,7 +282,9 @@ def test_hard_mask_gradient_at_the_input_reaches_the_cells_it_dropped(tiny_clap,
 
 def test_hard_grad_is_checked_and_recorded(dataset, tmp_path, tiny_clap):
     with pytest.raises(T.TrainError, match="straight-through gradient"):
-        _cfg(dataset, tmp_path / "bad", hard_grad="logit")
+        _cfg(dataset, tmp_path / "bad", hard_mask=True, hard_grad="logit")
+    with pytest.raises(T.TrainError, match="applies with hard_mask"):
+        _cfg(dataset, tmp_path / "bad", hard_grad="input")
     by_mask, by_input = tmp_path / "mask", tmp_path / "input"
     T.train(_cfg(dataset, by_mask, max_steps=2, mask_noise=1.0, hard_mask=True), clap=tiny_clap)
     T.train(_cfg(dataset, by_input, max_steps=2, mask_noise=1.0, hard_mask=True, hard_grad="input"), clap=tiny_clap)
@@ -419,6 +422,26 @@ def test_removal_loss_is_zero_when_the_mask_keeps_everything_and_the_clip_above_
         expected = torch.relu((text * feats.audio).sum(-1) - text @ silence[0]).mean()
         got = T.removal_loss(tiny_clap, feats, text, pairs, torch.zeros(shape), "mel")
     assert expected.item() > 1e-4 and got.item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_lambda_reach_adds_the_reach_penalty_of_the_matched_masks_to_the_loss(dataset, tmp_path, tiny_clap):
+    waves = torch.randn(2, 480_000, generator=torch.Generator().manual_seed(0)) * 0.1
+    width = tiny_clap.encode(spectral.log_mel(waves[:1]))[0].shape[-1]
+    prompts = torch.nn.functional.normalize(torch.randn(2, width, generator=torch.Generator().manual_seed(1)), dim=-1)
+    texts = {"a": prompts[0], "b": prompts[1]}
+
+    def loss(weight):
+        decoder = _FixedMask()
+        with torch.no_grad():
+            decoder.logits.fill_(-6.0)                              # every cell sunk: top-cell logit -6
+        cfg = _cfg(dataset, tmp_path / "run", lambda_reach=weight)
+        terms, _ = T.micro_batch_loss(tiny_clap, decoder, lambda caps: torch.stack([texts[c] for c in caps]), waves,
+                                      ["a", "b"], cfg, torch.Generator().manual_seed(0))
+        return float(terms.total)
+
+    assert loss(0.5) - loss(0.0) == pytest.approx(0.5 * 36.0, rel=1e-3)
+
+
 def test_lambda_reach_is_recorded_and_leaves_masks_that_reach_the_threshold_alone(dataset, tmp_path, tiny_clap,
                                                                                  plain_run):
     plain, reached = plain_run, tmp_path / "reached"
