@@ -437,7 +437,7 @@ def test_lambda_reach_adds_the_reach_penalty_of_the_matched_masks_to_the_loss(da
         cfg = _cfg(dataset, tmp_path / "run", lambda_reach=weight)
         terms, _ = T.micro_batch_loss(tiny_clap, decoder, lambda caps: torch.stack([texts[c] for c in caps]), waves,
                                       ["a", "b"], cfg, torch.Generator().manual_seed(0))
-        return float(terms.total)
+        return float(terms.total.detach())
 
     assert loss(0.5) - loss(0.0) == pytest.approx(0.5 * 36.0, rel=1e-3)
 
