@@ -228,15 +228,19 @@ def straight_through(masks: torch.Tensor) -> torch.Tensor:
     return hard + masks - masks.detach()
 
 
+def mask_logits(masks: torch.Tensor) -> torch.Tensor:
+    """logit(m) in float32 for masks in [0, 1], finite at both ends (0 reads about -85, 1 about +16)."""
+    m = masks.float().clamp(1e-37, 1.0)
+    return torch.log(m) - torch.log1p(-m.clamp_max(1 - 1e-7))
+
+
 def logit_penalty(masks: torch.Tensor, bound: float) -> torch.Tensor:
     """mean(relu(|logit(m)| - bound)²): zero while every mask logit is inside ±bound. A sigmoid
     mask whose logits for a prompt sink far below 0 has no gradient left to bring the prompt's
     events back (an empty mask kept for good, whatever it costs in similarity); Adam's normalised
     steps keep pushing them down regardless. This term holds them where the gradient still flows.
     Logits below about -85 or above about +16 (where float32 masks read 0 or 1) are out of its reach."""
-    m = masks.float().clamp(1e-37, 1.0)
-    logits = torch.log(m) - torch.log1p(-m.clamp_max(1 - 1e-7))
-    return torch.relu(logits.abs() - bound).square().mean()
+    return torch.relu(mask_logits(masks).abs() - bound).square().mean()
 
 
 REACH_SHARE = 0.005   # reach_penalty's top cells: 0.5 % of the grid (~320 of 1001 x 64, e.g. 0.8 s x 4 bands)
@@ -253,11 +257,9 @@ def reach_penalty(masks: torch.Tensor, share: float = REACH_SHARE) -> torch.Tens
     strongest cells to where that gradient is whole again; which cells they become is left to the
     similarity term. Under CUDA autocast the sigmoid runs in float16, where logits below about -17
     read 0: masks sunk that far are out of its reach."""
-    m = masks.float().flatten(1).clamp(1e-37, 1.0)
-    k = max(1, int(round(share * m.shape[1])))
-    top = m.topk(k, dim=1).values
-    logits = torch.log(top) - torch.log1p(-top.clamp_max(1 - 1e-7))
-    return torch.relu(-logits.mean(1)).square().mean()
+    flat = masks.flatten(1)
+    k = max(1, int(round(share * flat.shape[1])))
+    return torch.relu(-mask_logits(flat.topk(k, dim=1).values).mean(1)).square().mean()
 
 
 def masked_embeddings(
