@@ -51,10 +51,11 @@ class LossTerms:
     diversity: torch.Tensor
     removal: torch.Tensor | None = None      # only when the masked-out term is on
     overlap: torch.Tensor | None = None      # only when the overlap term is on
+    absent: torch.Tensor | None = None       # only when the absent-prompt term is on
 
     def as_floats(self) -> dict[str, float]:
         names = ("total", "similarity", "sparsity", "diversity") + tuple(
-            k for k in ("removal", "overlap") if getattr(self, k) is not None)
+            k for k in ("removal", "overlap", "absent") if getattr(self, k) is not None)
         return {k: float(getattr(self, k).detach()) for k in names}
 
 
@@ -137,6 +138,24 @@ def overlap_term(text: torch.Tensor, pairs: torch.Tensor, masks: torch.Tensor) -
         total = total + (weight * shared)[compared].sum()
         count += int(compared.sum())
     return total / count if count else total
+
+
+def absent_term(text: torch.Tensor, audio: torch.Tensor, pairs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Mean over the mismatched pairs (i, j) of w_ij · mean(M_ij), w_ij = clamp(1 - C_ij / C_jj, 0, 1):
+    the mask of a text CLAP scores on clip j as low as silence is charged in full, one it scores as
+    high as clip j's own caption (it may name something the clip holds) not at all. The similarity
+    term alone leaves such a mask free: CLAP scores the masked clip as low as the clip itself
+    whatever the mask keeps. text (B, D), audio (B, D) unmasked embeddings; pairs (P, 2) = (text,
+    audio); masks (P, T, F), those the similarity term saw. Zero when no pair is mismatched."""
+    ti, aj = pairs[:, 0], pairs[:, 1]
+    off = ti != aj
+    if not bool(off.any()):
+        return masks.new_zeros((), dtype=torch.float32)
+    with torch.no_grad():
+        scored = (text[ti[off]] * audio[aj[off]]).sum(-1).float()
+        own = (text[aj[off]] * audio[aj[off]]).sum(-1).float()
+        weight = (1.0 - scored / own.clamp_min(1e-6)).clamp(0.0, 1.0)
+    return (weight * masks[off].float().flatten(1).mean(1)).mean()
 
 
 def lmac_zs_loss(

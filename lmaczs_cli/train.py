@@ -38,7 +38,7 @@ from .clap import ClapModel, load_clap
 from .decoder import DecoderConfig, MaskDecoder, load_decoder, save_decoder
 from .device import resolve_device
 from .files import atomic_path
-from .loss import LossTerms, all_pairs, lmac_zs_loss, overlap_term, removal_term, sample_pairs
+from .loss import LossTerms, absent_term, all_pairs, lmac_zs_loss, overlap_term, removal_term, sample_pairs
 from .errors import LmaczsError
 
 
@@ -47,7 +47,7 @@ class TrainError(LmaczsError):
 
 
 LR_SCHEDULES = ("constant", "cosine")
-HARD_GRADS = ("mask", "input")
+HARD_GRADS = ("mask", "input", "chord")
 WARMUP_SHARE = 0.05   # cosine: share of the run's steps spent warming up linearly
 
 
@@ -95,11 +95,13 @@ class TrainConfig:
     logmel_skip: bool = True            # decoder input from the log-mel itself (DecoderConfig)
     mask_noise: float = 0.0             # scale of logistic noise on the mask logits in training (binarising_noise)
     hard_mask: bool = False             # straight-through binary masks in training (straight_through)
-    hard_grad: str = "mask"             # straight-through gradient taken at: mask | input (masked_embeddings)
+    hard_grad: str = "mask"             # straight-through gradient taken at: mask | input | chord (masked_embeddings)
+    hard_floor_db: float = 0.0          # > 0: the hard mask drops a cell by this many dB, not to silence
     logit_bound: float = 0.0            # pull mask logits back inside ±this (logit_penalty); 0: off
     lambda_reach: float = 0.0           # weight of reach_penalty on the matched pairs' masks; 0: off
     lambda_out: float = 0.0             # weight of the masked-out term (loss.removal_term); 0: off, as the paper
     lambda_overlap: float = 0.0         # weight of the overlap term (loss.overlap_term); 0: off, as the paper
+    lambda_absent: float = 0.0          # weight of the absent-prompt term (loss.absent_term); 0: off, as the paper
     init: str | None = None             # start from this saved decoder's weights (init_decoder)
     init_any_clap: bool = False         # accept an init decoder trained on another CLAP
     workers: int = 0                    # DataLoader worker processes (decode + resample)
@@ -115,6 +117,8 @@ class TrainConfig:
             raise TrainError("init_any_clap only applies with init (a decoder to start from)")
         if self.hard_grad != "mask" and not self.hard_mask:
             raise TrainError("hard_grad applies with hard_mask (the straight-through it places)")
+        if self.hard_floor_db < 0 or (self.hard_floor_db > 0 and not self.hard_mask):
+            raise TrainError("hard_floor_db is a positive attenuation in dB and applies with hard_mask")
         if self.hard_grad not in HARD_GRADS:
             raise TrainError(f"unknown straight-through gradient {self.hard_grad!r}; "
                              f"use one of {', '.join(HARD_GRADS)}")
@@ -265,7 +269,7 @@ def reach_penalty(masks: torch.Tensor, share: float = REACH_SHARE) -> torch.Tens
 def masked_embeddings(
     clap: ClapModel, decoder: torch.nn.Module, feats: Features, text: torch.Tensor, pairs: torch.Tensor, domain: str,
     noise: float = 0.0, generator: torch.Generator | None = None, hard: bool = False, logit_bound: float = 0.0,
-    hard_grad: str = "mask", reach: float = 0.0,
+    hard_grad: str = "mask", reach: float = 0.0, floor_db: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Masks for every (text i, audio j) pair and the embeddings of the masked audio; with `noise`,
     the masks pass through `binarising_noise` first (`generator` required); with `hard`, then
@@ -278,7 +282,10 @@ def masked_embeddings(
     what removing its sound costs. "input": at CLAP's input, as the soft-masked log-mel's, which
     moves with a dropped cell's logit (by about 8.7 dB per unit) wherever the soft-masked level
     stays above the log-mel floor: the louder cells. Where M² · mel falls below AMIN (most cells
-    of a quiet event at a mask of -70 dB) it clamps too, and those cells still get none.
+    of a quiet event at a mask of -70 dB) it clamps too, and those cells still get none. "chord":
+    as the gradient of `chord_input`, the straight line from each cell dropped to kept, taken per
+    unit of mask logit (`CHORD_SLOPE`): every cell gets one, in proportion to its level. `floor_db`
+    > 0 drops a cell by that many dB instead of to silence (the mask returned stays binary).
     -> (masked embeddings (P, D), masks (P, 1001, bins), penalty ()). Gradients flow through the
     frozen CLAP."""
     ti, aj = pairs[:, 0], pairs[:, 1]
@@ -296,12 +303,41 @@ def masked_embeddings(
         masked, _ = clap.encode(masked_input(feats, aj, masks, domain))
         return masked, masks, penalty
     shown = straight_through(masks)
+    heard = shown
+    if floor_db > 0:
+        gain = 10.0 ** (-floor_db / 20.0)
+        heard = gain + (1.0 - gain) * shown
     if hard_grad == "mask":
-        masked, _ = clap.encode(masked_input(feats, aj, shown, domain))
-    else:
+        masked, _ = clap.encode(masked_input(feats, aj, heard, domain))
+        return masked, shown, penalty
+    if hard_grad == "input":
         soft = masked_input(feats, aj, masks, domain)
-        masked, _ = clap.encode(masked_input(feats, aj, shown.detach(), domain) + soft - soft.detach())
+    else:
+        soft = chord_input(feats, aj, CHORD_SLOPE * mask_logits(masks), domain)
+    masked, _ = clap.encode(masked_input(feats, aj, heard.detach(), domain) + soft - soft.detach())
     return masked, shown, penalty
+
+
+CHORD_SLOPE = 0.25   # "chord": a unit of mask logit moves the chord by what a sigmoid's slope at 0 would
+
+
+def chord_input(feats: Features, clips: torch.Tensor, gate: torch.Tensor, domain: str) -> torch.Tensor:
+    """The straight line, per log-mel cell, from the cell dropped (`spectral.SILENCE_DB`) to the
+    cell kept whole, at `gate` (P, T, bins): floor + share · (level - floor), where the share is
+    the gate itself in the mel domain and the gate's power-weighted share of the band in the STFT
+    domain. With a binary gate in the mel domain it is exactly the hard-masked log-mel; used for its
+    gradient only ("chord" straight-through), which reaches every cell in proportion to what keeping
+    it would add, dropped cells included, where the clamped log-mel gives them none."""
+    with torch.autocast(device_type=gate.device.type, enabled=False):
+        gate = gate.float()
+        if domain == "mel":
+            level, share = spectral.to_db(feats.mel[clips]), gate
+        else:
+            power = feats.power[clips]
+            full = spectral.mel_power(power)
+            level = spectral.to_db(full)
+            share = spectral.mel_power(power * gate) / full.clamp_min(spectral.AMIN)
+        return spectral.SILENCE_DB + share * (level - spectral.SILENCE_DB)
 
 
 def masked_input(feats: Features, clips: torch.Tensor, masks: torch.Tensor, domain: str) -> torch.Tensor:
@@ -347,7 +383,7 @@ def micro_batch_loss(
     with torch.autocast(device_type=waves.device.type, dtype=amp_dtype, enabled=use_amp):
         masked, masks, penalty = masked_embeddings(clap, decoder, feats, text, pairs, cfg.domain, cfg.mask_noise,
                                                    generator, cfg.hard_mask, cfg.logit_bound, cfg.hard_grad,
-                                                   cfg.lambda_reach)
+                                                   cfg.lambda_reach, cfg.hard_floor_db)
     terms = lmac_zs_loss(text, feats.audio, pairs, masked.float(), masks.float(),
                          cfg.lambda_sparsity, cfg.lambda_diversity)
     if cfg.logit_bound > 0 or cfg.lambda_reach > 0:
@@ -355,6 +391,9 @@ def micro_batch_loss(
     if cfg.lambda_overlap > 0:
         shared = overlap_term(text, pairs, masks)
         terms = dataclasses.replace(terms, total=terms.total + cfg.lambda_overlap * shared, overlap=shared)
+    if cfg.lambda_absent > 0:
+        absent = absent_term(text, feats.audio, pairs, masks)
+        terms = dataclasses.replace(terms, total=terms.total + cfg.lambda_absent * absent, absent=absent)
     if cfg.lambda_out > 0:
         with torch.autocast(device_type=waves.device.type, dtype=amp_dtype, enabled=use_amp):
             out = removal_loss(clap, feats, text, pairs, masks, cfg.domain)
@@ -569,7 +608,8 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict[str, 
         "mel_to_linear": "linear",
         "loss": {"lambda_sparsity": cfg.lambda_sparsity, "lambda_diversity": cfg.lambda_diversity,
                  "mismatched_per_clip": cfg.mismatched, "logit_scale": None, "reduction": "mean",
-                 "lambda_out": cfg.lambda_out, "lambda_overlap": cfg.lambda_overlap},
+                 "lambda_out": cfg.lambda_out, "lambda_overlap": cfg.lambda_overlap,
+                 "lambda_absent": cfg.lambda_absent},
         "data": {"manifest": str(cfg.manifest), "manifest_hash": data.manifest_hash(train_items),
                  "train_clips": len(train_items), "val_clips": len(val_items)},
         "train": {**cfg.to_json(), "world": dd.world, "pairs": "rank-local"},

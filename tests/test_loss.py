@@ -120,3 +120,19 @@ def test_overlap_term_charges_shared_cells_of_different_texts_on_one_clip_by_how
     same = torch.cat([masks, masks[:1]])
     # (3,1) and (3,2) repeat (0,1) and (0,2); (0,3) is not compared: mean of five
     assert L.overlap_term(repeated, again, same).item() == pytest.approx((0.5 + 0.0 + 0.05 + 0.5 + 0.0) / 5, abs=1e-6)
+
+
+def test_absent_term_charges_mismatched_masks_by_how_far_clap_scores_the_text_below_the_clips_own_caption():
+    t = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    a = torch.tensor([[0.8, 0.6], [0.0, 1.0]])                  # C_00 0.8; C_10 0.6; C_20 0.96; C_11 1; C_01 0
+    pairs = torch.tensor([[0, 0], [1, 0], [2, 0], [0, 1]])
+    masks = torch.zeros(4, 2, 2)
+    masks[0] = 1.0                         # matched: never charged
+    masks[1] = 0.5                         # text 1 on clip 0: weight 1 - 0.6 / 0.8 = 0.25, mean 0.5
+    masks[2] = 1.0                         # text 2 scores above clip 0's own caption: weight 0
+    masks[3, 0] = 1.0                      # text 0 on clip 1: weight 1 (scores 0), mean 0.5
+    assert L.absent_term(t, a, pairs, masks).item() == pytest.approx((0.25 * 0.5 + 0.0 + 0.5) / 3, abs=1e-6)
+    assert L.absent_term(t, a, torch.tensor([[0, 0], [1, 1]]), masks[:2]).item() == 0.0   # nothing mismatched
+    grad = masks.clone().requires_grad_()
+    L.absent_term(t, a, pairs, grad).backward()
+    assert grad.grad[0].abs().sum() == 0 and grad.grad[2].abs().sum() == 0 and grad.grad[3].abs().sum() > 0

@@ -265,7 +265,7 @@ def test_hard_mask_gradient_at_the_input_reaches_the_cells_it_dropped(tiny_clap,
     text = torch.nn.functional.normalize(torch.randn(1, feats.audio.shape[-1]), dim=-1)
     pairs = torch.tensor([[0, 0]])
     out = {}
-    for where in ("mask", "input"):
+    for where in ("mask", "input", "chord"):
         decoder = _FixedMask(64 if domain == "mel" else 513)
         masked, shown, _ = T.masked_embeddings(tiny_clap, decoder, feats, text, pairs, domain, hard=True,
                                                hard_grad=where)
@@ -275,9 +275,63 @@ def test_hard_mask_gradient_at_the_input_reaches_the_cells_it_dropped(tiny_clap,
         kept = torch.zeros_like(grad, dtype=torch.bool)
         kept[300:500, 10:30] = True
         out[where] = masked.detach(), grad[kept].abs().sum(), grad[~kept].abs().sum()
-    assert torch.allclose(out["mask"][0], out["input"][0], atol=1e-5)  # CLAP is shown the same hard mask
-    assert out["mask"][2] == 0 and out["input"][2] > 0            # only the input-side gradient reaches the floor
-    assert out["mask"][1] > 0 and out["input"][1] > 0
+    for where in ("input", "chord"):
+        assert torch.allclose(out["mask"][0], out[where][0], atol=1e-5)  # CLAP is shown the same hard mask
+        assert out[where][2] > 0 and out[where][1] > 0              # only the input-side gradients reach the floor
+    assert out["mask"][2] == 0 and out["mask"][1] > 0
+
+
+def test_hard_floor_drops_cells_by_its_decibels_and_lets_their_gradient_through(tiny_clap):
+    waves = torch.randn(1, 480_000, generator=torch.Generator().manual_seed(0)) * 0.1
+    feats = T.clap_features(tiny_clap, waves, "mel")
+    text = torch.nn.functional.normalize(torch.randn(1, feats.audio.shape[-1]), dim=-1)
+    pairs = torch.tensor([[0, 0]])
+    seen = []
+    encode = tiny_clap.encode
+    tiny_clap.encode = lambda logmel: (seen.append(logmel.detach()), encode(logmel))[1]
+    try:
+        decoder = _FixedMask()
+        masked, shown, _ = T.masked_embeddings(tiny_clap, decoder, feats, text, pairs, "mel", hard=True, floor_db=40.0)
+    finally:
+        del tiny_clap.encode
+    assert shown.detach().unique().tolist() == [0.0, 1.0]   # the mask the other terms see stays binary
+    level = spectral.to_db(feats.mel[0])
+    kept = torch.zeros(1001, 64, dtype=torch.bool)
+    kept[300:500, 10:30] = True
+    assert torch.allclose(seen[0][0][kept], level[kept], atol=1e-3)
+    assert torch.allclose(seen[0][0][~kept], level[~kept] - 40.0, atol=1e-3)
+    (text * masked).sum().backward()
+    grad = decoder.logits.grad[0]
+    assert bool((grad[~kept] != 0).float().mean() > 0.99)      # at silence (floor_db 0) they get exactly none
+
+
+def test_hard_floor_is_checked():
+    with pytest.raises(T.TrainError, match="hard_floor_db"):
+        T.TrainConfig(manifest="m", out="o", hard_floor_db=30.0)
+    with pytest.raises(T.TrainError, match="hard_floor_db"):
+        T.TrainConfig(manifest="m", out="o", hard_mask=True, hard_floor_db=-3.0)
+
+
+@pytest.mark.parametrize("domain", ["mel", "stft"])
+def test_chord_input_is_the_hard_masked_log_mel_at_the_ends_and_a_line_between(tiny_clap, domain):
+    waves = torch.randn(2, 480_000, generator=torch.Generator().manual_seed(1)) * 0.1
+    feats = T.clap_features(tiny_clap, waves, domain)
+    clips = torch.tensor([0, 1])
+    bins = 64 if domain == "mel" else 513
+    binary = (torch.rand(2, 1001, bins, generator=torch.Generator().manual_seed(2)) > 0.7).float()
+    for gate in (torch.zeros_like(binary), torch.ones_like(binary)) + ((binary,) if domain == "mel" else ()):
+        assert torch.allclose(T.chord_input(feats, clips, gate, domain), T.masked_input(feats, clips, gate, domain),
+                              atol=1e-3)
+    # linear in the gate: the gradient of a cell is its level above the floor, whether the cell is kept or not
+    gate = (binary * 0.5).requires_grad_()
+    T.chord_input(feats, clips, gate, domain).sum().backward()
+    level = T.masked_input(feats, clips, torch.ones_like(binary), domain)
+    if domain == "mel":
+        assert torch.allclose(gate.grad, level - spectral.SILENCE_DB, rtol=1e-4)
+        assert bool((gate.grad > 0).all())
+    else:  # every bin a mel band covers, and only those (below ~94 Hz and above 14 kHz CLAP hears nothing)
+        covered = spectral.mel_power(torch.eye(bins)).sum(-1) > 0
+        assert bool((gate.grad[..., covered] > 0).all()) and bool((gate.grad[..., ~covered] == 0).all())
 
 
 def test_hard_grad_is_checked_and_recorded(dataset, tmp_path, tiny_clap):
@@ -285,11 +339,13 @@ def test_hard_grad_is_checked_and_recorded(dataset, tmp_path, tiny_clap):
         _cfg(dataset, tmp_path / "bad", hard_mask=True, hard_grad="logit")
     with pytest.raises(T.TrainError, match="applies with hard_mask"):
         _cfg(dataset, tmp_path / "bad", hard_grad="input")
-    by_mask, by_input = tmp_path / "mask", tmp_path / "input"
+    by_mask = tmp_path / "mask"
     T.train(_cfg(dataset, by_mask, max_steps=2, mask_noise=1.0, hard_mask=True), clap=tiny_clap)
-    T.train(_cfg(dataset, by_input, max_steps=2, mask_noise=1.0, hard_mask=True, hard_grad="input"), clap=tiny_clap)
-    assert json.loads((by_input / "config.json").read_text())["train"]["hard_grad"] == "input"
-    assert _max_diff(_weights(by_mask), _weights(by_input)) > 0
+    for where in ("input", "chord"):
+        T.train(_cfg(dataset, tmp_path / where, max_steps=2, mask_noise=1.0, hard_mask=True, hard_grad=where),
+                clap=tiny_clap)
+        assert json.loads((tmp_path / where / "config.json").read_text())["train"]["hard_grad"] == where
+        assert _max_diff(_weights(by_mask), _weights(tmp_path / where)) > 0
 
 
 def test_hard_mask_changes_training_and_is_recorded(dataset, tmp_path, tiny_clap):
@@ -449,3 +505,32 @@ def test_lambda_reach_is_recorded_and_leaves_masks_that_reach_the_threshold_alon
     assert json.loads((reached / "config.json").read_text())["train"]["lambda_reach"] == 1.0
     # a fresh decoder's masks sit around 0.5, their strongest cells above it: the penalty is 0
     assert _max_diff(_weights(plain), _weights(reached)) == 0
+
+
+def test_lambda_absent_adds_the_absent_term_of_the_mismatched_masks_and_is_recorded(dataset, tmp_path, tiny_clap,
+                                                                                   plain_run):
+    from lmaczs_cli.loss import absent_term
+
+    waves = torch.randn(2, 480_000, generator=torch.Generator().manual_seed(0)) * 0.1
+    width = tiny_clap.encode(spectral.log_mel(waves[:1]))[0].shape[-1]
+    prompts = torch.nn.functional.normalize(torch.randn(2, width, generator=torch.Generator().manual_seed(1)), dim=-1)
+    texts = {"a": prompts[0], "b": prompts[1]}
+
+    def terms(weight):
+        cfg = _cfg(dataset, tmp_path / "run", lambda_absent=weight)
+        out, _ = T.micro_batch_loss(tiny_clap, _FixedMask(), lambda caps: torch.stack([texts[c] for c in caps]), waves,
+                                    ["a", "b"], cfg, torch.Generator().manual_seed(0))
+        return out
+
+    on, off = terms(2.0), terms(0.0)
+    assert off.absent is None and on.absent is not None
+    feats = T.clap_features(tiny_clap, waves, "mel")
+    masks = torch.sigmoid(_FixedMask().logits).expand(4, -1, -1)
+    expected = absent_term(prompts, feats.audio, T.all_pairs(2), masks)
+    assert float(on.absent.detach()) == pytest.approx(float(expected.detach()), rel=1e-4)
+    assert float((on.total - off.total).detach()) == pytest.approx(2.0 * float(expected.detach()), rel=1e-3)
+    run = tmp_path / "absent"
+    T.train(_cfg(dataset, run, max_steps=2, lambda_absent=1.0), clap=tiny_clap)
+    assert json.loads((run / "config.json").read_text())["train"]["lambda_absent"] == 1.0
+    assert json.loads((run / "config.json").read_text())["loss"]["lambda_absent"] == 1.0
+    assert _max_diff(_weights(plain_run), _weights(run)) > 0

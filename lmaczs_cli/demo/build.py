@@ -41,7 +41,7 @@ from .. import spectral
 from ..audio import N_FRAMES, N_MELS, SAMPLE_RATE
 from ..clap import ClapConfig, ClapModel, ClipBpeTokenizer, build_laion_clap, save_clap
 from ..loss import similarity_term, sparsity_term
-from ..train import LR_SCHEDULES
+from ..train import HARD_GRADS, LR_SCHEDULES
 from . import world
 from .clap_losses import (
     ABSENT_COS, PRESENT_COS, attenuate, contrast_loss, contrastive_loss, drop_events, geometry_loss, isolation_loss,
@@ -439,7 +439,8 @@ CLAP_ROUND_OPTIONS = ("clap_steps", "clap_batch", "clap_lr", "clap_init", "scene
                       "pair_weight", "pair_margin", "label_weight", "text_warmup", "silence_weight")
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The build's options, checked (argparse exits with a message on a bad combination)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "model")
     ap.add_argument("--work", type=Path, default=Path("demo-build"), help="scratch folder (world manifest, runs)")
@@ -498,7 +499,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--decoder-skip-gate", action="store_true", help="lmaczs train --skip-gate")
     ap.add_argument("--decoder-mask-noise", type=float, default=0.0, help="lmaczs train --mask-noise")
     ap.add_argument("--decoder-hard-mask", action="store_true", help="lmaczs train --hard-mask")
-    ap.add_argument("--decoder-hard-grad", choices=("mask", "input"), default="mask", help="lmaczs train --hard-grad")
+    ap.add_argument("--decoder-hard-grad", choices=HARD_GRADS, default="mask", help="lmaczs train --hard-grad")
+    ap.add_argument("--decoder-hard-floor-db", type=float, default=0.0, help="lmaczs train --hard-floor-db")
     ap.add_argument("--decoder-logit-bound", type=float, default=0.0, help="lmaczs train --logit-bound")
     ap.add_argument("--decoder-init", type=Path, default=None,
                     help="lmaczs train --init: start the decoder from one saved in this folder (same CLAP, same "
@@ -510,6 +512,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lambda-diversity", type=float, default=0.5)
     ap.add_argument("--lambda-out", type=float, default=0.0, help="lmaczs train --lambda-out")
     ap.add_argument("--lambda-overlap", type=float, default=0.0, help="lmaczs train --lambda-overlap")
+    ap.add_argument("--lambda-absent", type=float, default=0.0, help="lmaczs train --lambda-absent")
     ap.add_argument("--lambda-reach", type=float, default=0.0, help="lmaczs train --lambda-reach")
     ap.add_argument("--report-scenes", type=int, default=12,
                     help="held-out scenes the decoder is scored on (localization figures, build.json)")
@@ -534,6 +537,11 @@ def main(argv: list[str] | None = None) -> None:
                      f"{', '.join(unused)}")
         if args.clap_only:
             ap.error("--skip-clap and --clap-only together train nothing: pick one")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     t_start = time.time()
     out, work = args.out, args.work
@@ -598,9 +606,10 @@ def main(argv: list[str] | None = None) -> None:
                       lambda_diversity=args.lambda_diversity, val_fraction=0.1, workers=0, device="cpu",
                       log_every=10, save_every=10_000, seed=args.seed, text_readout=args.decoder_text_readout,
                       mask_noise=args.decoder_mask_noise, hard_mask=args.decoder_hard_mask,
-                      hard_grad=args.decoder_hard_grad,
+                      hard_grad=args.decoder_hard_grad, hard_floor_db=args.decoder_hard_floor_db,
                       logit_bound=args.decoder_logit_bound, lambda_out=args.lambda_out,
                       lambda_overlap=args.lambda_overlap, lambda_reach=args.lambda_reach,
+                      lambda_absent=args.lambda_absent,
                       logmel_skip=not args.decoder_no_logmel_skip,
                       levels=args.decoder_levels, skip_gate=args.decoder_skip_gate,
                       lr_schedule=args.decoder_lr_schedule,
@@ -610,13 +619,14 @@ def main(argv: list[str] | None = None) -> None:
     t_dec = time.time()
     summary = train(cfg, clap=model, on_event=lambda e: log(
         f"decoder step {e['step']} sim {e.get('similarity', 0):.4f} spa {e.get('sparsity', 0):.3f} "
-        f"div {e.get('diversity', 0):.4f} out {e.get('removal', 0):.4f} ov {e.get('overlap', 0):.4f}")
+        f"div {e.get('diversity', 0):.4f} out {e.get('removal', 0):.4f} ov {e.get('overlap', 0):.4f} "
+        f"ab {e.get('absent', 0):.4f}")
         if e["event"] == "step" and e["step"] % 25 == 0 else None)
     settings = cfg.to_json()
     report["decoder"] = {"texts": args.decoder_texts, "events": args.decoder_events, **{k: settings[k] for k in (
         "epochs", "batch_size", "lr", "lr_schedule", "lambda_sparsity", "lambda_diversity", "lambda_out",
-        "lambda_overlap", "lambda_reach", "text_readout", "group_by_audio", "mask_noise", "hard_mask", "hard_grad",
-        "logit_bound", "logmel_skip", "levels", "skip_gate", "init", "init_any_clap")}}
+        "lambda_overlap", "lambda_reach", "lambda_absent", "text_readout", "group_by_audio", "mask_noise", "hard_mask",
+        "hard_grad", "hard_floor_db", "logit_bound", "logmel_skip", "levels", "skip_gate", "init", "init_any_clap")}}
     report["decoder_train_s"] = time.time() - t_dec
     report["decoder_steps"] = summary["steps"]
     for name in ("decoder.safetensors", "config.json"):

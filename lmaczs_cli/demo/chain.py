@@ -1,0 +1,203 @@
+"""Rebuild the bundled demo model from scratch in one command: every round of its recipe, in order.
+
+    python -m lmaczs_cli.demo.chain --work demo-chain --out lmaczs_cli/demo/model
+
+The bundled model is not one `python -m lmaczs_cli.demo.build` run but a chain of them: a CLAP
+trained from scratch, then CLAP rounds that each start from the one before, then decoder rounds
+that each start from the decoder before (see docs/demo-model.md, "The bundled model and how it
+was built"). `ROUNDS` is that chain as data; this module runs it. Each round writes its own
+folder under --work and is done once its `round.json` is there, so a stopped chain picks up at
+the round it stopped in (run the same command again). At the end the last round's model files
+are copied to --out, which must be empty or absent.
+
+About 5.5 h on 2 CPU cores at one thread per round (`--list` prints the rounds with their
+times). Builds are reproducible at one thread count, not across thread counts: the rounds were
+timed and scored at one thread (`--threads 1`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+MODEL_FILES = ("clap.safetensors", "clap.json", "decoder.safetensors", "config.json", "build.json")
+DONE = "round.json"
+
+
+@dataclass(frozen=True)
+class Round:
+    """One `build` run. kind "clap": a CLAP round (`--clap-only`), from scratch or from the CLAP
+    round `start`; kind "decoder": a decoder round (`--skip-clap`) in a copy of the CLAP round
+    `clap`, from scratch or from the decoder round `start`. `args` are build options; `minutes`
+    what the round took at one thread, two rounds side by side on 2 cores."""
+
+    name: str
+    kind: str
+    args: tuple[str, ...]
+    minutes: float
+    start: str | None = None
+    clap: str | None = None
+    any_clap: bool = field(default=False)
+
+    def argv(self, work: Path) -> list[str]:
+        """CLAP rounds share one scratch folder (the rendered scene pool is cached there); each
+        decoder round has its own (its world manifest and run)."""
+        out = ["--out", str(work / self.name)]
+        if self.kind == "clap":
+            start = ["--clap-init", str(work / self.start)] if self.start else []
+            return [*out, "--work", str(work / "w-clap"), "--clap-only", *start, *self.args]
+        start = ["--decoder-init", str(work / self.start)] if self.start else []
+        return [*out, "--work", str(work / f"w-{self.name}"), "--skip-clap", *start,
+                *(["--decoder-init-any-clap"] if self.any_clap else []), *self.args]
+
+
+# CLAP rounds after the first: the losses of "One round from the shipped CLAP" (docs/demo-model.md)
+_CLAP = ("--clap-batch", "16", "--text-weight", "1", "--soft-db", "20", "--speckle", "0.6", "--caption-weight", "1",
+         "--contrast-weight", "20", "--pair-weight", "20", "--pair-margin", "0.2", "--label-weight", "5",
+         "--text-warmup", "150")
+_LATE = ("--clap-steps", "250", "--clap-lr", "5e-4", "--presence-weight", "60")
+_SILENT = ("--absent-cos", "0.0", "--silence-weight", "100")
+# decoder rounds: the options of "Decoders on g3" and after
+_DEC = ("--decoder-text-readout", "--decoder-group-by-audio", "--decoder-lr-schedule", "cosine",
+        "--decoder-skip-gate", "--decoder-logit-bound", "8", "--lambda-diversity", "0.5")
+_HARD = ("--lambda-out", "3", "--lambda-overlap", "1", "--decoder-epochs", "2", "--decoder-hard-mask",
+         "--lambda-sparsity", "0.3")
+_SINGLE = (*_HARD, "--decoder-events", "1", "--decoder-mask-noise", "3", "--lambda-reach", "0.03")
+
+ROUNDS: tuple[Round, ...] = (
+    Round("base", "clap", (), 25.0),
+    Round("g1", "clap", (*_CLAP, "--clap-steps", "450", "--clap-lr", "1e-3", "--presence-weight", "30",
+                         "--isolation-weight", "10", "--present-cos", "0.45"), 30.0, start="base"),
+    Round("g3", "clap", (*_CLAP, *_LATE, "--isolation-weight", "10", "--present-cos", "0.45"), 17.0, start="g1"),
+    Round("g4", "clap", (*_CLAP, *_LATE, "--isolation-weight", "10", "--present-cos", "0.45", "--absent-cos", "0.0"),
+          17.0, start="g3"),
+    Round("g5", "clap", (*_CLAP, *_LATE, *_SILENT, "--isolation-weight", "10", "--present-cos", "0.45"), 17.0,
+          start="g4"),
+    Round("g6a", "clap", (*_CLAP, *_LATE, *_SILENT, "--isolation-weight", "30", "--present-cos", "0.3"), 17.0,
+          start="g5"),
+    Round("g7a", "clap", (*_CLAP, *_LATE, *_SILENT, "--isolation-weight", "60", "--present-cos", "0.25"), 18.0,
+          start="g6a"),
+    Round("p1", "decoder", (*_DEC, "--decoder-mask-noise", "2", "--lambda-sparsity", "0.1", "--lambda-out", "1",
+                            "--lambda-overlap", "1"), 13.0, clap="g4"),
+    Round("q2", "decoder", (*_DEC, "--decoder-mask-noise", "2", "--lambda-sparsity", "0.1", "--lambda-out", "1",
+                            "--lambda-overlap", "1"), 13.0, clap="g5", start="p1", any_clap=True),
+    Round("q4", "decoder", (*_DEC, "--decoder-mask-noise", "2", "--lambda-sparsity", "0.1", "--lambda-out", "3",
+                            "--lambda-overlap", "1"), 13.0, clap="g5", start="q2"),
+    Round("q7", "decoder", (*_DEC, "--decoder-mask-noise", "2", "--lambda-sparsity", "0.1", "--lambda-out", "3",
+                            "--lambda-overlap", "1"), 13.0, clap="g5", start="q4"),
+    Round("t2", "decoder", (*_DEC, "--decoder-mask-noise", "2", *_HARD), 13.0, clap="g5", start="q7"),
+    Round("u1", "decoder", (*_DEC, "--decoder-mask-noise", "2", *_HARD), 14.0, clap="g6a", start="t2", any_clap=True),
+    Round("v1", "decoder", (*_DEC, "--decoder-mask-noise", "2", *_HARD), 14.0, clap="g7a", start="u1", any_clap=True),
+    Round("b1", "decoder", (*_DEC, *_HARD, "--decoder-events", "1", "--decoder-mask-noise", "2",
+                            "--lambda-reach", "0.01"), 6.5, clap="g7a", start="v1"),
+    Round("c2", "decoder", (*_DEC, *_SINGLE), 6.5, clap="g7a", start="b1"),
+    Round("d1", "decoder", (*_DEC, *_SINGLE), 6.5, clap="g7a", start="c2"),
+    Round("n2", "decoder", (*_DEC, *_SINGLE, "--lambda-absent", "3"), 7.0, clap="g7a", start="d1"),
+    Round("n4", "decoder", (*_DEC, *_SINGLE, "--lambda-absent", "3"), 7.0, clap="g7a", start="n2"),
+    Round("n5", "decoder", (*_DEC, *_SINGLE, "--lambda-absent", "3"), 7.0, clap="g7a", start="n4"),
+)
+
+
+class ChainError(RuntimeError):
+    pass
+
+
+def check(rounds: Sequence[Round]) -> None:
+    """Every round names a distinct folder and starts only from rounds before it, of the right kind."""
+    kinds: dict[str, str] = {}
+    for r in rounds:
+        if r.name in kinds:
+            raise ChainError(f"round {r.name!r} is listed twice")
+        if r.kind not in ("clap", "decoder"):
+            raise ChainError(f"round {r.name!r}: unknown kind {r.kind!r}")
+        if r.kind == "decoder" and kinds.get(r.clap or "") != "clap":
+            raise ChainError(f"decoder round {r.name!r} needs an earlier CLAP round, not {r.clap!r}")
+        if r.start is not None and kinds.get(r.start) != r.kind:
+            raise ChainError(f"round {r.name!r} starts from {r.start!r}, not an earlier {r.kind} round")
+        kinds[r.name] = r.kind
+
+
+def done(work: Path, r: Round) -> bool:
+    return (work / r.name / DONE).is_file()
+
+
+def run_chain(work: Path, out: Path | None = None, rounds: Sequence[Round] = ROUNDS, until: str | None = None,
+              build: Callable[[list[str]], None] | None = None, log: Callable[[str], None] = print) -> Path:
+    """Run every round not yet done, in order (up to `until`), then copy the last round's model to
+    `out` (None: leave it in `work`). Returns the last round's folder. `build` runs one round's
+    argv (default: `build.main`)."""
+    check(rounds)
+    if until is not None:
+        names = [r.name for r in rounds]
+        if until not in names:
+            raise ChainError(f"no round {until!r}; the rounds are {', '.join(names)}")
+        rounds = rounds[:names.index(until) + 1]
+    if out is not None and out.exists() and any(out.iterdir()):
+        raise ChainError(f"{out} is not empty: give a new folder (the chain never overwrites one)")
+    if build is None:
+        from .build import main as build
+    work.mkdir(parents=True, exist_ok=True)
+    for i, r in enumerate(rounds, 1):
+        folder = work / r.name
+        if done(work, r):
+            log(f"[{i}/{len(rounds)}] {r.name}: done before, kept")
+            continue
+        if folder.exists():
+            shutil.rmtree(folder)                       # a round that stopped part-way starts over
+        if r.kind == "decoder":
+            shutil.copytree(work / r.clap, folder, ignore=shutil.ignore_patterns(DONE, "decoder.safetensors",
+                                                                                 "config.json"))
+        argv = r.argv(work)
+        log(f"[{i}/{len(rounds)}] {r.name} (about {r.minutes:g} min): build {' '.join(argv)}")
+        t0 = time.time()
+        build(argv)
+        record = {"round": r.name, "argv": argv, "minutes": round((time.time() - t0) / 60, 1)}
+        (folder / DONE).write_text(json.dumps(record, indent=1) + "\n")
+    last = work / rounds[-1].name
+    if out is not None:
+        staging = out.with_name(out.name + ".partial")
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+        for name in MODEL_FILES:
+            if (last / name).is_file():
+                shutil.copy2(last / name, staging / name)
+        if out.exists():
+            out.rmdir()
+        os.replace(staging, out)
+        log(f"model of round {rounds[-1].name} written to {out}")
+    return last
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("demo-chain"), help="one folder per round (kept; resumable)")
+    ap.add_argument("--out", type=Path, default=None, help="new folder for the last round's model files")
+    ap.add_argument("--until", default=None, help="stop after this round")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per round (the recipe's: 1)")
+    ap.add_argument("--list", action="store_true", help="print the rounds and their times, run nothing")
+    args = ap.parse_args(argv)
+    if args.list:
+        for r in ROUNDS:
+            where = f"from {r.start}" if r.start else "from scratch"
+            on = f" on CLAP {r.clap}" if r.kind == "decoder" else ""
+            print(f"{r.name:5s} {r.kind:7s} {r.minutes:5.1f} min  {where}{on}: {' '.join(r.args)}")
+        print(f"total about {sum(r.minutes for r in ROUNDS) / 60:.1f} h at one thread")
+        return
+    import torch
+
+    torch.set_num_threads(args.threads)
+    try:
+        run_chain(args.work, args.out, until=args.until)
+    except ChainError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
