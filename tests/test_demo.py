@@ -51,22 +51,20 @@ def test_demo_clap_zero_shot_accuracy_on_held_out_single_events():
     assert correct / total >= 0.9, correct / total
 
 
-def test_masks_lie_on_present_events_more_than_chance_and_keep_similarity(demo):
-    """What the bundled decoder achieves on 48 held-out scenes. Issue C asks for >= 60 % of the
-    mask in the event's region and absent-prompt masks <= 0.3x matched ones; the bundled decoder
-    reaches 0.596 (chance 0.109) and 0.33x, so those two bounds are not asserted as such: they
-    stay open work, reported by this test's printout. Asserted at the level it reaches, with a
-    little room: mass in region >= 5x chance, absent-prompt masks <= 0.4x matched ones, no
-    present prompt left with an empty mask, similarity kept within 0.1."""
+def test_masks_lie_on_present_events_and_absent_prompts_get_small_masks(demo):
+    """Issue C's bounds, on 48 held-out scenes: >= 60 % of a present prompt's mask inside its
+    event's region (dilated to the mask's effective resolution, `scores`), absent-prompt masks
+    <= 0.3x matched ones, similarity kept within 0.1, and no present prompt left with an empty
+    mask. The bundled decoder reads 0.622 (chance 0.109) / 0.26 / 0.054 / none at one thread."""
     r = localization_report(demo, n_scenes=48)
     report = (f"mass in region {r['mass']:.3f} (chance {r['chance']:.3f}); mask mean matched {r['matched']:.3f} "
               f"absent {r['absent']:.3f} (ratio {r['ratio']:.3f}); |sim - masked sim| mean {r['gap']:.3f} "
               f"max {r['gap_max']:.3f}; empty masks for present prompts {r['empty']:.2f}")
     print(report)
-    assert r["mass"] >= 5 * r["chance"], report
-    assert r["ratio"] <= 0.4, report
-    assert r["empty"] == 0.0, report
+    assert r["mass"] >= 0.6, report
+    assert r["ratio"] <= 0.3, report
     assert r["gap"] <= 0.1, report
+    assert r["empty"] == 0.0, report
 
 
 def test_localization_report_counts_present_prompts_given_up_on():
@@ -519,7 +517,7 @@ def test_randomization_report_follows_the_encoder_stages_and_the_demo_masks_fall
     from lmaczs_cli.evaluate import encoder_stages
 
     before = {k: v.clone() for k, v in demo.clap.clap.state_dict().items()}
-    r = randomization_report(demo, n_scenes=2)
+    r = randomization_report(demo, n_scenes=8)
     after = demo.clap.clap.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items())   # the explainer's own CLAP untouched
     assert list(r) == [name for name, _ in encoder_stages(demo.clap)]
