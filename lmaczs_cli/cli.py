@@ -404,9 +404,10 @@ def _explain_report(summary: dict[str, Any], as_json: bool) -> None:
                    "--mismatched).")
 @click.option("--lambda-absent", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Weight of an absent-prompt term (0: off, as in LMAC-ZS): the mask of a caption on another clip is "
-                   "charged its mean, in full where CLAP scores that caption on the clip no higher than silence and "
+                   "charged its mean, in full where CLAP scores that caption on the clip at a cosine of 0 or lower and "
                    "not at all where it scores as high as the clip's own caption, so a prompt for a sound that is not "
-                   "there gets an empty mask (the similarity term alone leaves it free).")
+                   "there gets an empty mask (the similarity term alone leaves it free). Captions of the same clip "
+                   "are never charged.")
 @click.option("--mismatched", type=click.IntRange(min=0), default=None,
               help="Mismatched captions per clip in the pair term; default: every pair (B*B encoder passes).")
 @click.option("--group-by-audio", is_flag=True, default=False,
@@ -438,12 +439,13 @@ def _explain_report(summary: dict[str, Any], as_json: bool) -> None:
               help="With --hard-mask, where the soft mask's gradient is taken: at the mask (a cell dropped to "
                    "silence gets none), at CLAP's input, the soft-masked log-mel (a dropped cell gets one as long "
                    "as its soft-masked level stays above the log-mel floor: the louder cells), or 'chord': along the "
-                   "straight line from each cell dropped to kept (every cell gets one, scaled by its level).")
+                   "straight line from each cell dropped to kept (every cell CLAP's mel bands cover gets one, scaled by its "
+                   "level).")
 @click.option("--hard-floor-db", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="With --hard-mask, a dropped cell is taken down by this many dB in training instead of to silence "
                    "(0), so that its gradient is not cut off at the log-mel floor. Pick a depth at which your CLAP "
-                   "no longer hears the sound (the bundled demo CLAP scores a clip turned down 30 dB about as it "
-                   "scores silence).")
+                   "no longer hears the sound (the bundled demo CLAP scores a noise burst turned down 30 dB about as it "
+                   "scores an empty clip).")
 @click.option("--logit-bound", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Pull the mask logits back inside ±B in training (a squared penalty beyond it; 0: off), so that a "
                    "prompt's mask cannot sink so far below 0 that no gradient brings its events back.")

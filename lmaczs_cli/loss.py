@@ -142,19 +142,24 @@ def overlap_term(text: torch.Tensor, pairs: torch.Tensor, masks: torch.Tensor) -
 
 def absent_term(text: torch.Tensor, audio: torch.Tensor, pairs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Mean over the mismatched pairs (i, j) of w_ij · mean(M_ij), w_ij = clamp(1 - C_ij / C_jj, 0, 1):
-    the mask of a text CLAP scores on clip j as low as silence is charged in full, one it scores as
-    high as clip j's own caption (it may name something the clip holds) not at all. The similarity
-    term alone leaves such a mask free: CLAP scores the masked clip as low as the clip itself
-    whatever the mask keeps. text (B, D), audio (B, D) unmasked embeddings; pairs (P, 2) = (text,
-    audio); masks (P, T, F), those the similarity term saw. Zero when no pair is mismatched."""
+    the mask of a text CLAP scores on clip j at a cosine of 0 or lower is charged in full, one it
+    scores as high as clip j's own caption (it may name something the clip holds) not at all. The
+    similarity term alone leaves such a mask free: CLAP scores the masked clip as low as the clip
+    itself whatever the mask keeps. Not charged: pairs whose text belongs to the same clip at
+    another batch position (identical audio embeddings, as with --group-by-audio) and clips whose
+    own caption scores 0 or lower (nothing to measure against). text (B, D), audio (B, D) unmasked
+    embeddings; pairs (P, 2) = (text, audio); masks (P, T, F), those the similarity term saw."""
     ti, aj = pairs[:, 0], pairs[:, 1]
-    off = ti != aj
-    if not bool(off.any()):
-        return masks.new_zeros((), dtype=torch.float32)
     with torch.no_grad():
-        scored = (text[ti[off]] * audio[aj[off]]).sum(-1).float()
-        own = (text[aj[off]] * audio[aj[off]]).sum(-1).float()
-        weight = (1.0 - scored / own.clamp_min(1e-6)).clamp(0.0, 1.0)
+        a = audio.float()
+        own_clip = a[ti.clamp_max(len(a) - 1)]                        # the clip at text i's position
+        same_clip = (ti < len(a)) & ((own_clip - a[aj]).abs().amax(-1) <= 1e-6 * a.abs().amax().clamp_min(1e-12))
+        off = (ti != aj) & ~same_clip
+        if not bool(off.any()):
+            return masks.new_zeros((), dtype=torch.float32)
+        scored = (text[ti[off]].float() * a[aj[off]]).sum(-1)
+        own = (text[aj[off]].float() * a[aj[off]]).sum(-1)
+        weight = torch.where(own > 1e-6, (1.0 - scored / own.clamp_min(1e-6)).clamp(0.0, 1.0), torch.zeros_like(own))
     return (weight * masks[off].float().flatten(1).mean(1)).mean()
 
 

@@ -118,7 +118,8 @@ class TrainConfig:
         if self.hard_grad != "mask" and not self.hard_mask:
             raise TrainError("hard_grad applies with hard_mask (the straight-through it places)")
         if self.hard_floor_db < 0 or (self.hard_floor_db > 0 and not self.hard_mask):
-            raise TrainError("hard_floor_db is a positive attenuation in dB and applies with hard_mask")
+            raise TrainError(f"hard_floor_db ({self.hard_floor_db:g}) is a positive attenuation in dB and applies "
+                             f"with hard_mask (now {self.hard_mask})")
         if self.hard_grad not in HARD_GRADS:
             raise TrainError(f"unknown straight-through gradient {self.hard_grad!r}; "
                              f"use one of {', '.join(HARD_GRADS)}")

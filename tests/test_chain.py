@@ -59,19 +59,38 @@ def test_rounds_run_in_order_each_from_the_one_before_and_the_last_model_is_copi
     model = tmp_path / "model"
     assert (model / "clap.safetensors").read_text() == str(w / "b")      # e ran in a copy of CLAP b
     assert (model / "decoder.safetensors").read_text() == str(w / "e")
-    assert not (tmp_path / "model.partial").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "w"]          # no staging folder left
     assert json.loads((w / "e" / chain.DONE).read_text())["argv"] == build.calls[3]
 
 
 def test_a_stopped_chain_resumes_at_the_round_it_stopped_in(tmp_path):
+    w = tmp_path / "w"
     with pytest.raises(RuntimeError, match="stopped"):
-        run_chain(tmp_path / "w", None, SMALL, build=_FakeBuild(fail_on="/d"), log=lambda s: None)
+        run_chain(w, None, SMALL, build=_FakeBuild(fail_on="/d"), log=lambda s: None)
+    (w / "d" / "half-written.bin").write_text("x")
     again = _FakeBuild()
-    run_chain(tmp_path / "w", None, SMALL, build=again, log=lambda s: None)
+    run_chain(w, None, SMALL, build=again, log=lambda s: None, threads=2)
     assert [c[1].rsplit("/", 1)[1] for c in again.calls] == ["d", "e"]
+    assert not (w / "d" / "half-written.bin").exists()            # the stopped round started over
+    assert not (w / "d" / chain.STARTED).exists() and json.loads((w / "d" / chain.DONE).read_text())["threads"] == 2
     nothing = _FakeBuild()
-    run_chain(tmp_path / "w", None, SMALL, build=nothing, log=lambda s: None)
+    run_chain(w, None, SMALL, build=nothing, log=lambda s: None)
     assert nothing.calls == []
+
+
+def test_nothing_the_chain_did_not_make_is_deleted_and_changed_rounds_are_not_reused(tmp_path):
+    w = tmp_path / "w"
+    (w / "b").mkdir(parents=True)
+    (w / "b" / "mine.txt").write_text("keep")                     # a folder of the user's, named like a round
+    with pytest.raises(ChainError, match="not a round of this chain"):
+        run_chain(w, None, SMALL, build=_FakeBuild(), log=lambda s: None)
+    assert (w / "b" / "mine.txt").read_text() == "keep" and not (w / "a").exists()
+    (w / "b" / "mine.txt").unlink()
+    (w / "b").rmdir()
+    run_chain(w, None, SMALL, build=_FakeBuild(), log=lambda s: None)
+    changed = (SMALL[0], Round("b", "clap", ("--other",), 1.0, start="a"), *SMALL[2:])
+    with pytest.raises(ChainError, match="other options"):
+        run_chain(w, None, changed, build=_FakeBuild(), log=lambda s: None)
 
 
 def test_until_stops_after_the_round_and_bad_chains_and_outputs_are_refused(tmp_path):
@@ -86,12 +105,24 @@ def test_until_stops_after_the_round_and_bad_chains_and_outputs_are_refused(tmp_
         run_chain(tmp_path / "w", None, (SMALL[0], Round("d", "decoder", (), 1.0, clap="a", start="a")), build=build)
     with pytest.raises(ChainError, match="listed twice"):
         run_chain(tmp_path / "w", None, (SMALL[0], SMALL[0]), build=build)
+    with pytest.raises(ChainError, match="set any_clap"):
+        run_chain(tmp_path / "w", None, (*SMALL[:3], Round("e", "decoder", (), 1.0, clap="b", start="d")), build=build)
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "mine.txt").write_text("keep")
-    with pytest.raises(ChainError, match="not empty"):
+    with pytest.raises(ChainError, match="not an empty folder"):
         run_chain(tmp_path / "w", taken, SMALL, build=build)
     assert (taken / "mine.txt").read_text() == "keep"
+    a_file = tmp_path / "model.bin"
+    a_file.write_text("keep")
+    with pytest.raises(ChainError, match="not an empty folder"):
+        run_chain(tmp_path / "w", a_file, SMALL, build=build)
+    assert a_file.read_text() == "keep"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run_chain(tmp_path / "w", empty, SMALL, build=build, log=lambda s: None)
+    assert (empty / "decoder.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "model.bin", "taken", "w"]   # no staging left
 
 
 def test_the_bundled_recipe_is_a_valid_chain_whose_options_build_accepts():
@@ -109,15 +140,18 @@ def test_the_bundled_recipe_is_a_valid_chain_whose_options_build_accepts():
     shipped = json.loads((chain.Path(build.__file__).parent / "model" / "build.json").read_text())["decoder"]
     last = build.parse_args(ROUNDS[-1].argv(chain.Path("w")))   # the last round is the bundled decoder's
     assert shipped["init"] == ROUNDS[-1].start
-    assert {k: shipped[k] for k in ("events", "epochs", "lambda_sparsity", "lambda_diversity", "lambda_out",
-                                    "lambda_overlap", "lambda_reach", "lambda_absent", "mask_noise", "hard_mask",
-                                    "logit_bound", "skip_gate")} == {
-        "events": last.decoder_events, "epochs": last.decoder_epochs, "lambda_sparsity": last.lambda_sparsity,
-        "lambda_diversity": last.lambda_diversity, "lambda_out": last.lambda_out,
-        "lambda_overlap": last.lambda_overlap, "lambda_reach": last.lambda_reach,
-        "lambda_absent": last.lambda_absent, "mask_noise": last.decoder_mask_noise,
-        "hard_mask": last.decoder_hard_mask, "logit_bound": last.decoder_logit_bound,
-        "skip_gate": last.decoder_skip_gate}
+    recipe = {"texts": last.decoder_texts, "events": last.decoder_events, "epochs": last.decoder_epochs,
+              "batch_size": last.decoder_batch, "lr": last.decoder_lr, "lr_schedule": last.decoder_lr_schedule,
+              "lambda_sparsity": last.lambda_sparsity, "lambda_diversity": last.lambda_diversity,
+              "lambda_out": last.lambda_out, "lambda_overlap": last.lambda_overlap, "lambda_reach": last.lambda_reach,
+              "lambda_absent": last.lambda_absent, "text_readout": last.decoder_text_readout,
+              "group_by_audio": last.decoder_group_by_audio, "mask_noise": last.decoder_mask_noise,
+              "hard_mask": last.decoder_hard_mask, "hard_grad": last.decoder_hard_grad,
+              "hard_floor_db": last.decoder_hard_floor_db, "logit_bound": last.decoder_logit_bound,
+              "logmel_skip": not last.decoder_no_logmel_skip, "levels": last.decoder_levels,
+              "skip_gate": last.decoder_skip_gate, "init_any_clap": last.decoder_init_any_clap}
+    assert {k: shipped[k] for k in recipe} == recipe
+    assert set(shipped) == set(recipe) | {"init"}                 # every recorded setting compared
 
 
 def test_a_tiny_chain_runs_with_the_real_build(tmp_path, monkeypatch):

@@ -136,3 +136,9 @@ def test_absent_term_charges_mismatched_masks_by_how_far_clap_scores_the_text_be
     grad = masks.clone().requires_grad_()
     L.absent_term(t, a, pairs, grad).backward()
     assert grad.grad[0].abs().sum() == 0 and grad.grad[2].abs().sum() == 0 and grad.grad[3].abs().sum() > 0
+    # clip 0 again at position 1 (two captions of one clip): text 1 on it is its own caption, never charged
+    twice = torch.stack([a[0], a[0]])
+    assert L.absent_term(t[:2], twice, torch.tensor([[0, 0], [1, 0], [0, 1], [1, 1]]), masks).item() == 0.0
+    # a clip whose own caption scores 0 or lower gives no measure: its mismatched masks are not charged
+    low = torch.tensor([[-0.8, -0.6], [0.0, 1.0]])                   # C_00 -0.8, C_10 -0.6
+    assert L.absent_term(t[:2], low, torch.tensor([[0, 0], [1, 0]]), masks[:2]).item() == 0.0

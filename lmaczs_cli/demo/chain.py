@@ -1,6 +1,6 @@
-"""Rebuild the bundled demo model from scratch in one command: every round of its recipe, in order.
+"""Rebuild the bundled demo model's recipe from scratch in one command: every round of its chain, in order.
 
-    python -m lmaczs_cli.demo.chain --work demo-chain --out lmaczs_cli/demo/model
+    python -m lmaczs_cli.demo.chain --work demo-chain --out my-demo-model
 
 The bundled model is not one `python -m lmaczs_cli.demo.build` run but a chain of them: a CLAP
 trained from scratch, then CLAP rounds that each start from the one before, then decoder rounds
@@ -8,11 +8,12 @@ that each start from the decoder before (see docs/demo-model.md, "The bundled mo
 was built"). `ROUNDS` is that chain as data; this module runs it. Each round writes its own
 folder under --work and is done once its `round.json` is there, so a stopped chain picks up at
 the round it stopped in (run the same command again). At the end the last round's model files
-are copied to --out, which must be empty or absent.
+are copied to --out, which must be a new or empty folder.
 
-About 5.5 h on 2 CPU cores at one thread per round (`--list` prints the rounds with their
-times). Builds are reproducible at one thread count, not across thread counts: the rounds were
-timed and scored at one thread (`--threads 1`).
+About 4.6 h at one thread per round (`--list` prints the rounds with their times). Its first
+round is a CLAP from scratch with today's build, where the bundled CLAP's first rounds used
+losses the build no longer has, and builds reproduce only at one thread count: the chain rebuilds
+the recipe, not the same weights.
 """
 from __future__ import annotations
 
@@ -21,13 +22,15 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 MODEL_FILES = ("clap.safetensors", "clap.json", "decoder.safetensors", "config.json", "build.json")
-DONE = "round.json"
+DONE = "round.json"          # a finished round: its argv and time
+STARTED = "round.started"    # a round this chain began (the only folders it ever deletes)
 
 
 @dataclass(frozen=True)
@@ -95,12 +98,12 @@ ROUNDS: tuple[Round, ...] = (
     Round("u1", "decoder", (*_DEC, "--decoder-mask-noise", "2", *_HARD), 14.0, clap="g6a", start="t2", any_clap=True),
     Round("v1", "decoder", (*_DEC, "--decoder-mask-noise", "2", *_HARD), 14.0, clap="g7a", start="u1", any_clap=True),
     Round("b1", "decoder", (*_DEC, *_HARD, "--decoder-events", "1", "--decoder-mask-noise", "2",
-                            "--lambda-reach", "0.01"), 6.5, clap="g7a", start="v1"),
-    Round("c2", "decoder", (*_DEC, *_SINGLE), 6.5, clap="g7a", start="b1"),
-    Round("d1", "decoder", (*_DEC, *_SINGLE), 6.5, clap="g7a", start="c2"),
-    Round("n2", "decoder", (*_DEC, *_SINGLE, "--lambda-absent", "3"), 7.0, clap="g7a", start="d1"),
-    Round("n4", "decoder", (*_DEC, *_SINGLE, "--lambda-absent", "3"), 7.0, clap="g7a", start="n2"),
-    Round("n5", "decoder", (*_DEC, *_SINGLE, "--lambda-absent", "3"), 7.0, clap="g7a", start="n4"),
+                            "--lambda-reach", "0.01"), 6.5, clap="g7a", start="v1", any_clap=True),
+    Round("c2", "decoder", (*_DEC, *_SINGLE), 6.5, clap="g7a", start="b1", any_clap=True),
+    Round("d1", "decoder", (*_DEC, *_SINGLE), 6.5, clap="g7a", start="c2", any_clap=True),
+    Round("n2", "decoder", (*_DEC, *_SINGLE, "--lambda-absent", "3"), 7.0, clap="g7a", start="d1", any_clap=True),
+    Round("n4", "decoder", (*_DEC, *_SINGLE, "--lambda-absent", "3"), 7.0, clap="g7a", start="n2", any_clap=True),
+    Round("n5", "decoder", (*_DEC, *_SINGLE, "--lambda-absent", "3"), 7.0, clap="g7a", start="n4", any_clap=True),
 )
 
 
@@ -111,6 +114,7 @@ class ChainError(RuntimeError):
 def check(rounds: Sequence[Round]) -> None:
     """Every round names a distinct folder and starts only from rounds before it, of the right kind."""
     kinds: dict[str, str] = {}
+    clap_of: dict[str, str | None] = {}
     for r in rounds:
         if r.name in kinds:
             raise ChainError(f"round {r.name!r} is listed twice")
@@ -120,7 +124,11 @@ def check(rounds: Sequence[Round]) -> None:
             raise ChainError(f"decoder round {r.name!r} needs an earlier CLAP round, not {r.clap!r}")
         if r.start is not None and kinds.get(r.start) != r.kind:
             raise ChainError(f"round {r.name!r} starts from {r.start!r}, not an earlier {r.kind} round")
+        if r.kind == "decoder" and r.start is not None and clap_of[r.start] != r.clap and not r.any_clap:
+            raise ChainError(f"decoder round {r.name!r} starts from {r.start!r}, trained on CLAP "
+                             f"{clap_of[r.start]!r}, not {r.clap!r}: set any_clap")
         kinds[r.name] = r.kind
+        clap_of[r.name] = r.clap
 
 
 def done(work: Path, r: Round) -> bool:
@@ -128,48 +136,61 @@ def done(work: Path, r: Round) -> bool:
 
 
 def run_chain(work: Path, out: Path | None = None, rounds: Sequence[Round] = ROUNDS, until: str | None = None,
-              build: Callable[[list[str]], None] | None = None, log: Callable[[str], None] = print) -> Path:
+              build: Callable[[list[str]], None] | None = None, log: Callable[[str], None] = print,
+              threads: int | None = None) -> Path:
     """Run every round not yet done, in order (up to `until`), then copy the last round's model to
     `out` (None: leave it in `work`). Returns the last round's folder. `build` runs one round's
-    argv (default: `build.main`)."""
+    argv (default: `build.main`); `threads` is recorded with each round.
+
+    A round done before is kept only if it ran with the same argv; a round folder this chain did
+    not start is never deleted (ChainError), nor is anything in `out`."""
     check(rounds)
     if until is not None:
         names = [r.name for r in rounds]
         if until not in names:
             raise ChainError(f"no round {until!r}; the rounds are {', '.join(names)}")
         rounds = rounds[:names.index(until) + 1]
-    if out is not None and out.exists() and any(out.iterdir()):
-        raise ChainError(f"{out} is not empty: give a new folder (the chain never overwrites one)")
+    if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ChainError(f"{out} exists and is not an empty folder: give a new one (the chain never overwrites)")
+    for r in rounds:
+        folder = work / r.name
+        if folder.exists() and not (folder / DONE).is_file() and not (folder / STARTED).is_file():
+            raise ChainError(f"{folder} exists and is not a round of this chain: give another --work or move it")
+        if (folder / DONE).is_file() and json.loads((folder / DONE).read_text())["argv"] != r.argv(work):
+            raise ChainError(f"round {r.name} in {folder} was done with other options than the recipe's now: "
+                             "give another --work, or delete that folder and the rounds after it")
     if build is None:
         from .build import main as build
     work.mkdir(parents=True, exist_ok=True)
     for i, r in enumerate(rounds, 1):
         folder = work / r.name
-        if done(work, r):
+        if (folder / DONE).is_file():
             log(f"[{i}/{len(rounds)}] {r.name}: done before, kept")
             continue
         if folder.exists():
-            shutil.rmtree(folder)                       # a round that stopped part-way starts over
+            shutil.rmtree(folder)                       # this chain's round that stopped part-way starts over
         if r.kind == "decoder":
-            shutil.copytree(work / r.clap, folder, ignore=shutil.ignore_patterns(DONE, "decoder.safetensors",
-                                                                                 "config.json"))
+            shutil.copytree(work / r.clap, folder, ignore=shutil.ignore_patterns(
+                DONE, STARTED, "decoder.safetensors", "config.json"))
+        else:
+            folder.mkdir(parents=True)
+        (folder / STARTED).write_text("")
         argv = r.argv(work)
         log(f"[{i}/{len(rounds)}] {r.name} (about {r.minutes:g} min): build {' '.join(argv)}")
         t0 = time.time()
         build(argv)
-        record = {"round": r.name, "argv": argv, "minutes": round((time.time() - t0) / 60, 1)}
+        record = {"round": r.name, "argv": argv, "threads": threads, "minutes": round((time.time() - t0) / 60, 1)}
         (folder / DONE).write_text(json.dumps(record, indent=1) + "\n")
+        (folder / STARTED).unlink()
     last = work / rounds[-1].name
     if out is not None:
-        staging = out.with_name(out.name + ".partial")
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir(parents=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         for name in MODEL_FILES:
             if (last / name).is_file():
                 shutil.copy2(last / name, staging / name)
         if out.exists():
-            out.rmdir()
+            out.rmdir()                                 # empty, checked above
         os.replace(staging, out)
         log(f"model of round {rounds[-1].name} written to {out}")
     return last
@@ -194,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     try:
-        run_chain(args.work, args.out, until=args.until)
+        run_chain(args.work, args.out, until=args.until, threads=args.threads)
     except ChainError as e:
         sys.exit(f"error: {e}")
 
