@@ -439,13 +439,13 @@ def _explain_report(summary: dict[str, Any], as_json: bool) -> None:
               help="With --hard-mask, where the soft mask's gradient is taken: at the mask (a cell dropped to "
                    "silence gets none), at CLAP's input, the soft-masked log-mel (a dropped cell gets one as long "
                    "as its soft-masked level stays above the log-mel floor: the louder cells), or 'chord': along the "
-                   "straight line from each cell dropped to kept (every cell CLAP's mel bands cover gets one, scaled by its "
-                   "level).")
+                   "straight line from each cell dropped to kept (every cell CLAP's mel bands cover gets one, scaled "
+                   "by its level).")
 @click.option("--hard-floor-db", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="With --hard-mask, a dropped cell is taken down by this many dB in training instead of to silence "
                    "(0), so that its gradient is not cut off at the log-mel floor. Pick a depth at which your CLAP "
-                   "no longer hears the sound (the bundled demo CLAP scores a noise burst turned down 30 dB about as it "
-                   "scores an empty clip).")
+                   "no longer hears the sound (the bundled demo CLAP scores a noise burst turned down 30 dB about as "
+                   "it scores an empty clip).")
 @click.option("--logit-bound", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Pull the mask logits back inside ±B in training (a squared penalty beyond it; 0: off), so that a "
                    "prompt's mask cannot sink so far below 0 that no gradient brings its events back.")

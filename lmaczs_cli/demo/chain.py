@@ -154,9 +154,9 @@ def run_chain(work: Path, out: Path | None = None, rounds: Sequence[Round] = ROU
         raise ChainError(f"{out} exists and is not an empty folder: give a new one (the chain never overwrites)")
     for r in rounds:
         folder = work / r.name
-        if folder.exists() and not (folder / DONE).is_file() and not (folder / STARTED).is_file():
+        if folder.exists() and not done(work, r) and not (folder / STARTED).is_file():
             raise ChainError(f"{folder} exists and is not a round of this chain: give another --work or move it")
-        if (folder / DONE).is_file() and json.loads((folder / DONE).read_text())["argv"] != r.argv(work):
+        if done(work, r) and json.loads((folder / DONE).read_text())["argv"] != r.argv(work):
             raise ChainError(f"round {r.name} in {folder} was done with other options than the recipe's now: "
                              "give another --work, or delete that folder and the rounds after it")
     if build is None:
@@ -164,7 +164,7 @@ def run_chain(work: Path, out: Path | None = None, rounds: Sequence[Round] = ROU
     work.mkdir(parents=True, exist_ok=True)
     for i, r in enumerate(rounds, 1):
         folder = work / r.name
-        if (folder / DONE).is_file():
+        if done(work, r):
             log(f"[{i}/{len(rounds)}] {r.name}: done before, kept")
             continue
         if folder.exists():
