@@ -6,8 +6,8 @@ many encoder passes).
     python bench/eval.py --n 32 --variants clean,white-noise,mix,speech --ig-steps 32 --smoothgrad-samples 25
 
 Variants: clean (with the randomisation and prompt-sensitivity studies), white-noise, mix
-(another scene of the set) and speech (formant-synthesised vowels, since no speech corpus or
-TTS is assumed here), each at --snr dB. Each variant is its own `lmaczs eval` run under
+(another scene of the set) and speech (espeak-ng if installed, else formant-synthesised vowels;
+`lmaczs_cli.demo.speech`), each at --snr dB. Each variant is its own `lmaczs eval` run under
 OUT/<variant> (resumable); all tables are printed together at the end, plus one JSON line
 per variant with seconds per clip per method.
 """
@@ -19,38 +19,11 @@ import platform
 import time
 from pathlib import Path
 
-import numpy as np
-import scipy.signal
-import soundfile as sf
 import torch
 
-from lmaczs_cli.audio import CLIP_SAMPLES, SAMPLE_RATE
 from lmaczs_cli.baselines import BaselineSettings
+from lmaczs_cli.demo.speech import write_speech_folder
 from lmaczs_cli.evaluate import METHODS, EvalConfig, run_eval
-
-VOWELS = [(730, 1090, 2440), (270, 2290, 3010), (570, 840, 2410), (530, 1840, 2480), (300, 870, 2240)]
-
-
-def formant_speech(seed: int) -> np.ndarray:
-    """10 s of vowel-like syllables (~4 per s) from a glottal pulse train through three
-    resonators per vowel, f0 100-220 Hz with slow drift. float32 (480000,)."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(CLIP_SAMPLES) / SAMPLE_RATE
-    f0 = rng.uniform(100, 220) * (1 + 0.1 * np.sin(2 * np.pi * 0.5 * t))
-    phase = np.cumsum(f0) / SAMPLE_RATE
-    source = (np.diff(np.floor(phase), prepend=0) > 0).astype(np.float64)      # one pulse per period
-    out = np.zeros(CLIP_SAMPLES)
-    edges = np.cumsum(rng.uniform(0.15, 0.35, 64) * SAMPLE_RATE).astype(int)
-    for a, b in zip(np.r_[0, edges[:-1]], edges):
-        if a >= CLIP_SAMPLES:
-            break
-        b = min(b, CLIP_SAMPLES)
-        seg = source[a:b]
-        for f in VOWELS[rng.integers(len(VOWELS))]:
-            r = np.exp(-np.pi * 100 / SAMPLE_RATE)
-            seg = scipy.signal.lfilter([1 - r], [1, -2 * r * np.cos(2 * np.pi * f / SAMPLE_RATE), r * r], seg)
-        out[a:b] = seg * np.hanning(b - a) * (rng.uniform() > 0.2)               # some pauses
-    return (0.3 * out / (np.abs(out).max() + 1e-9)).astype(np.float32)
 
 
 def main() -> None:
@@ -68,9 +41,7 @@ def main() -> None:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     out = Path(args.out)
     speech_dir = out / "speech"
-    speech_dir.mkdir(parents=True, exist_ok=True)
-    for i in range(4):
-        sf.write(speech_dir / f"speech_{i}.wav", formant_speech(i), SAMPLE_RATE)
+    write_speech_folder(speech_dir)
     settings = BaselineSettings(ig_steps=args.ig_steps, smoothgrad_samples=args.smoothgrad_samples)
     tables, costs = [], []
     for variant in args.variants.split(","):

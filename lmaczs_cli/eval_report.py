@@ -66,13 +66,27 @@ def _write(path: Path, text: str | bytes) -> None:
         tmp.write_bytes(text) if isinstance(text, bytes) else tmp.write_text(text, encoding="utf-8")
 
 
-def _csv(rows: dict[str, dict[str, Any]]) -> str:
+def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"baselines": {"ig_steps": 32}} -> {"baselines.ig_steps": 32}."""
+    out: dict[str, Any] = {}
+    for k, v in settings.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = "" if v is None else v
+    return out
+
+
+def _csv(rows: dict[str, dict[str, Any]], settings: dict[str, Any]) -> str:
+    """One row per method: the metrics, then the run's settings repeated on every row, so
+    that the CSVs of several runs (clean, contaminated, other data) concatenate into one table."""
     cols = ["method", "N", *COLUMNS, "N_loc", "time_per_clip_s"]
+    flat = _flat(settings)
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(cols)
+    w.writerow(cols + list(flat))
     for m, row in rows.items():
-        w.writerow([m, *[row.get(c, math.nan) for c in cols[1:]]])
+        w.writerow([m, *[row.get(c, math.nan) for c in cols[1:]], *flat.values()])
     return buf.getvalue()
 
 
@@ -96,7 +110,7 @@ def report_eval(out: Path, cfg: Any, ds: Any, records: dict[str, list[dict[str, 
                "settings": settings, "methods": rows,
                "studies": {k: _without_points(v) if k == "prompt_sensitivity" else v for k, v in studies.items()}}
     _write(out / "metrics.json", json.dumps(_json_safe(summary), indent=2) + "\n")
-    _write(out / "metrics.csv", _csv(rows))
+    _write(out / "metrics.csv", _csv(rows, settings))
     _write(out / "metrics.md", markdown_table(rows, acc, settings))
     if "prompt_sensitivity" in studies:
         _write(out / "prompt_sensitivity.png", plot_prompt_sensitivity(studies["prompt_sensitivity"]))

@@ -93,3 +93,26 @@ def test_unknown_settings_are_refused_with_the_fix(tiny_clap) -> None:
 
 # Localization of every baseline on the demo world (better than chance) is asserted on the
 # records of a real `lmaczs eval` run, in tests/test_eval.py.
+
+
+@pytest.fixture(scope="module")
+def demo_scenes():
+    """The bundled demo CLAP, its label prompts' embeddings, two demo scenes and their
+    predicted classes."""
+    from lmaczs_cli.evaluate import load_dataset, load_models, EvalConfig, probabilities
+
+    ds = load_dataset("demo", limit=2)
+    clap, _, _ = load_models(EvalConfig(data="demo", out="unused", device="cpu"))
+    text = clap.encode_text(ds.prompts).detach()
+    logmel = spectral.log_mel(torch.from_numpy(np.stack([c.wave() for c in ds.clips])))
+    target = torch.from_numpy(probabilities(clap, text, logmel, 1.0).argmax(axis=1))
+    return clap, text, logmel, target
+
+
+@pytest.mark.parametrize("method", B.BASELINES)
+def test_baseline_gives_a_finite_non_constant_mask_on_the_demo_model(demo_scenes, method: str) -> None:
+    clap, text, logmel, target = demo_scenes
+    mask = B.explain_baseline(method, clap, text, logmel, target, FAST)
+    _check_mask(mask, 2)
+    for m in mask:                       # a flat map would pass the range check and explain nothing
+        assert m.max() == pytest.approx(1.0) and m.std() > 0.01 and (m < 0.5).mean() > 0.1
