@@ -12,8 +12,9 @@ Sections (each skipped with its reason when what it needs is missing):
   methods    cost per clip of each explanation method of `lmaczs eval` (LMAC-ZS one pass,
              GradCAM / GradCAM++, SmoothGrad and IG many)
 Every figure is the median of --repeats timed runs (>= 5 by default; after a warm-up) with
-min and max. Writes bench/results/<date>-<machine>.json, a Markdown table beside it and a
-PNG plot (throughput vs batch size per backend; cost per clip per method).
+min and max. Writes bench/results/<date>-<machine>[-<model>].json (-2, -3 ... for later runs
+of the day; nothing is overwritten), a Markdown table beside it and a PNG plot (throughput vs
+batch size per backend; cost per clip per method).
 """
 from __future__ import annotations
 
@@ -249,6 +250,17 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def free_slug(folder: Path, name: str) -> str:
+    """<date>-<machine>[-<model>][-quick], with -2, -3 ... appended when an earlier run of the
+    day already wrote that name: results are never overwritten."""
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
+    slug, n = base, 1
+    while any((folder / f"{slug}{ext}").exists() for ext in (".json", ".md", ".png")):
+        n += 1
+        slug = f"{base}-{n}"
+    return slug
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: random:tiny CLAP, batches 1 2, 2 repeats")
@@ -286,8 +298,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"{name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     result["ratios"] = ratios(result["rows"])
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{now:%Y-%m-%d}-{platform.node()}" + ("-quick" if args.quick else ""))
     args.out.mkdir(parents=True, exist_ok=True)
+    slug = free_slug(args.out, f"{now:%Y-%m-%d}-{platform.node()}" + ("" if args.clap == "demo" else f"-{args.clap}")
+                     + ("-quick" if args.quick else ""))
     with atomic_path(args.out / f"{slug}.json") as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
     with atomic_path(args.out / f"{slug}.md") as tmp:

@@ -30,3 +30,16 @@ def test_bench_run_quick_writes_json_markdown_and_plot(tmp_path):
     md = js.with_suffix(".md").read_text()
     assert "| explain | onnx |" in md and "| ig |" in md
     assert js.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_second_run_of_the_day_never_overwrites_the_first(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "bench" / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    assert run.free_slug(tmp_path, "2026-12-05-vm-random:HTSAT-tiny") == "2026-12-05-vm-random-HTSAT-tiny"
+    (tmp_path / "2026-12-05-vm.png").write_bytes(b"")              # any one of the three outputs counts
+    assert run.free_slug(tmp_path, "2026-12-05-vm") == "2026-12-05-vm-2"
+    (tmp_path / "2026-12-05-vm-2.json").write_text("{}")
+    assert run.free_slug(tmp_path, "2026-12-05-vm") == "2026-12-05-vm-3"
