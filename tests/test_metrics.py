@@ -74,6 +74,8 @@ def test_comp_is_log_n_for_a_constant_mask_and_zero_for_one_hot() -> None:
 
 
 def test_sps_and_comp_match_quantus_on_random_masks() -> None:
+    # Not in the test extra: quantus requires opencv-python, whose cv2 would overwrite the
+    # opencv-python-headless that grad-cam uses (and needs libGL). `pip install quantus` to run it.
     quantus = pytest.importorskip("quantus", reason="Quantus is an optional cross-check (pip install quantus)")
     masks = np.random.default_rng(0).uniform(size=(5, 1, 100, 16)).astype(np.float64)
     x = np.zeros_like(masks)
