@@ -64,9 +64,30 @@ def test_pages_carry_each_option_and_example_of_the_help():
         assert "\n.SH EXAMPLES\n" in page and f"lmaczs {name}" in page.split(".SH EXAMPLES")[1]
 
 
-def test_man_pages_are_installed_with_the_package():
-    text = (ROOT / "pyproject.toml").read_text()
-    assert '"share/man/man1" = ["man/*.1"]' in text
+def test_the_wheel_installs_the_man_pages_and_the_bundled_model(tmp_path):
+    """What `pip install .` installs: a wheel built from the sources (pip's own build, in a copy)
+    carries every man page under share/man/man1 and the demo model and examples as package data.
+    (`pip install -e .` installs no data files; read the pages there with `man -l man/...`.)"""
+    import zipfile
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for folder in ("lmaczs_cli", "export", "man"):                 # export/ is lmaczs_cli.export
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(src)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    [wheel] = (tmp_path / "dist").glob("lmaczs-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    pages = sorted(n.rsplit("/", 1)[1] for n in names if "/data/share/man/man1/" in n)
+    assert pages == sorted(p.name for p in MAN.glob("*.1")) and "lmaczs-explain.1" in pages
+    for data in ("lmaczs_cli/demo/model/clap.safetensors", "lmaczs_cli/demo/model/decoder.safetensors",
+                 "lmaczs_cli/demo/model/config.json"):
+        assert data in names, data
+    assert any(n.startswith("lmaczs_cli/demo/examples/") and n.endswith(".flac") for n in names)
+    assert "lmaczs_cli/export/trt_ops.json" in names and "lmaczs_cli/export/to_trt.py" in names
 
 
 def test_generator_runs_as_a_module(tmp_path):
