@@ -54,6 +54,27 @@ def test_every_command_help_has_an_example(runner: CliRunner, command: str) -> N
     assert examples and all(line.startswith(f"lmaczs {command}") for line in examples)
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_help_example_parses(runner: CliRunner, command: str) -> None:
+    """Each example in --help is a command line click accepts: its options exist and take the
+    values shown (only a path the example names but this machine lacks may be refused)."""
+    import shlex
+
+    import click
+
+    cmd = main.commands[command]
+    for line in _example_lines(runner.invoke(main, [command, "--help"], terminal_width=300).output):
+        words = shlex.split(line.split(" #")[0])[2:]
+        redirect = [i for i, w in enumerate(words) if w.startswith((">", "|"))]
+        args = words[: redirect[0]] if redirect else words          # the shell's part is not ours
+        try:
+            cmd.make_context(command, args)
+        except click.BadParameter as e:
+            assert "does not exist" in e.format_message(), (line, e.format_message())
+        except click.ClickException as e:
+            pytest.fail(f"{line}: {e.format_message()}")
+
+
 @pytest.mark.parametrize("command", MODEL_COMMANDS)
 def test_model_commands_share_the_clap_options(runner: CliRunner, command: str) -> None:
     result = runner.invoke(main, [command, "--help"], terminal_width=200)
