@@ -41,7 +41,7 @@ def main() -> None:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     out = Path(args.out)
     speech_dir = out / "speech"
-    write_speech_folder(speech_dir)
+    made = "kept from an earlier run" if speech_dir.is_dir() else write_speech_folder(speech_dir)
     settings = BaselineSettings(ig_steps=args.ig_steps, smoothgrad_samples=args.smoothgrad_samples)
     tables, costs = [], []
     for variant in args.variants.split(","):
@@ -61,7 +61,8 @@ def main() -> None:
                           "prompt_sensitivity": summary["studies"]["prompt_sensitivity"]} if clean else {})})
     print("\n".join(tables))
     print(json.dumps({"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                      "ig_steps": args.ig_steps, "smoothgrad_samples": args.smoothgrad_samples}))
+                      "ig_steps": args.ig_steps, "smoothgrad_samples": args.smoothgrad_samples,
+                      "speech": f"{speech_dir} ({made})"}))
     for c in costs:
         print(json.dumps(c))
 

@@ -12,9 +12,9 @@ Sections (each skipped with its reason when what it needs is missing):
   methods    cost per clip of each explanation method of `lmaczs eval` (LMAC-ZS one pass,
              GradCAM / GradCAM++, SmoothGrad and IG many)
 Every figure is the median of --repeats timed runs (>= 5 by default; after a warm-up) with
-min and max. Writes bench/results/<date>-<machine>[-<model>].json (-2, -3 ... for later runs
-of the day; nothing is overwritten), a Markdown table beside it and a PNG plot (throughput vs
-batch size per backend; cost per clip per method).
+min and max. Writes bench/results/<date>-<machine>[-<model>][-quick].json (-2, -3 ... for later
+runs of the day; nothing is overwritten), a Markdown table beside it and a PNG plot (throughput
+vs batch size per backend; cost per clip per method).
 """
 from __future__ import annotations
 
@@ -299,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     result["ratios"] = ratios(result["rows"])
     args.out.mkdir(parents=True, exist_ok=True)
-    slug = free_slug(args.out, f"{now:%Y-%m-%d}-{platform.node()}" + ("" if args.clap == "demo" else f"-{args.clap}")
-                     + ("-quick" if args.quick else ""))
+    model = "" if args.clap == "demo" else f"-{Path(args.clap).name}"
+    slug = free_slug(args.out, f"{now:%Y-%m-%d}-{platform.node()}{model}" + ("-quick" if args.quick else ""))
     with atomic_path(args.out / f"{slug}.json") as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
     with atomic_path(args.out / f"{slug}.md") as tmp:

@@ -76,8 +76,8 @@ def test_the_wheel_installs_the_man_pages_and_the_bundled_model(tmp_path):
         shutil.copy(ROOT / name, src / name)
     for folder in ("lmaczs_cli", "export", "man"):                 # export/ is lmaczs_cli.export
         shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(src)],
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"),
+                          str(src)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     [wheel] = (tmp_path / "dist").glob("lmaczs-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

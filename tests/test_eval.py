@@ -13,7 +13,6 @@ from click.testing import CliRunner
 
 from lmaczs_cli import evaluate as E
 from lmaczs_cli.cli import main
-from lmaczs_cli.demo.speech import formant_speech
 from lmaczs_cli.demo.speech import main as speech_main
 
 METHODS = ("lmaczs", "gradcam", "gradcam++", "smoothgrad", "ig")
@@ -199,17 +198,6 @@ def speech_dir(tmp_path_factory) -> Path:
     speech_main([str(folder), "-n", "2"])                  # python -m lmaczs_cli.demo.speech DIR -n 2
     assert len(list(folder.iterdir())) == 2
     return folder
-
-
-def test_formant_speech_is_voiced_band_limited_and_paused() -> None:
-    a, b = formant_speech(3), formant_speech(3)
-    assert a.dtype == np.float32 and a.shape == (480_000,) and np.array_equal(a, b)
-    assert not np.array_equal(a, formant_speech(4)) and np.abs(a).max() == pytest.approx(0.3, rel=1e-4)
-    power = np.abs(np.fft.rfft(a.astype(np.float64))) ** 2
-    hz = np.fft.rfftfreq(a.size, 1 / 48_000)
-    assert power[(hz > 80) & (hz < 4000)].sum() > 0.9 * power.sum()           # where voices live
-    frames = np.sqrt(np.mean(a.reshape(-1, 4800).astype(np.float64) ** 2, axis=1))   # 100 ms RMS
-    assert (frames < 0.05 * frames.max()).any() and (frames > 0.2 * frames.max()).mean() > 0.4
 
 
 @pytest.mark.parametrize("kind", ["white-noise", "mix", "speech"])

@@ -1,10 +1,11 @@
 """Speech-like audio for the out-of-domain study (`lmaczs eval --contaminate speech`) when no
-speech corpus is at hand: real speech from espeak-ng if it is installed, else vowel-like
+speech corpus is at hand: espeak-ng's synthetic speech if it is installed, else vowel-like
 syllables synthesised from a glottal pulse train through formant resonators."""
 from __future__ import annotations
 
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import soundfile as sf
 
 from ..audio import CLIP_SAMPLES, SAMPLE_RATE
 
-# (F1, F2, F3) in Hz of five vowels (/a/, /i/, /e/, /ae/, /u/-like), adult male averages
+# (F1, F2, F3) in Hz of /ɑ/, /i/, /ɔ/, /ɛ/, /u/: adult male averages (Peterson & Barney, 1952)
 VOWELS = ((730, 1090, 2440), (270, 2290, 3010), (570, 840, 2410), (530, 1840, 2480), (300, 870, 2240))
 FORMANT_BANDWIDTH_HZ = 100.0
 SENTENCES = ("the quick brown fox jumps over the lazy dog",
@@ -44,18 +45,43 @@ def formant_speech(seed: int) -> np.ndarray:
     return (0.3 * out / (np.abs(out).max() + 1e-9)).astype(np.float32)
 
 
+class SpeechFolderError(ValueError):
+    """The folder given for speech already holds audio; nothing was written."""
+
+
 def write_speech_folder(folder: Path, n: int = 4) -> str:
-    """Write n speech files into folder (created); return how they were made: "espeak-ng"
-    when that program is on PATH (its own 22.05 kHz wavs), else "formant" (48 kHz flac)."""
+    """Write n speech clips into folder (created; it must hold no audio yet, so a user's corpus
+    is never added to or overwritten); return how they were made: "espeak-ng" when that program
+    is on PATH and runs (its 22.05 kHz wavs, sentences cycled, each repeat 20 words/min faster),
+    else "formant" (48 kHz flac). Each file is written atomically."""
+    from ..data import AUDIO_EXTENSIONS
+    from ..files import atomic_path
+
+    if n < 1:
+        raise SpeechFolderError(f"asked for {n} speech clips; give at least 1")
+    folder = Path(folder)
+    if folder.is_dir() and any(p.suffix[1:].lower() in AUDIO_EXTENSIONS for p in folder.iterdir()):
+        raise SpeechFolderError(f"{folder} already holds audio; give a new or empty folder")
     folder.mkdir(parents=True, exist_ok=True)
     espeak = shutil.which("espeak-ng")
     if espeak:
-        for i in range(n):
-            subprocess.run([espeak, "-w", str(folder / f"speech_{i}.wav"), SENTENCES[i % len(SENTENCES)]],
-                           check=True, capture_output=True, timeout=60)
-        return "espeak-ng"
+        with tempfile.TemporaryDirectory() as scratch:
+            try:
+                for i in range(n):
+                    words_per_min = str(160 + 20 * (i // len(SENTENCES)))
+                    sentence = SENTENCES[i % len(SENTENCES)]
+                    subprocess.run([espeak, "-s", words_per_min, "-w", f"{scratch}/{i}.wav", sentence],
+                                   check=True, capture_output=True, timeout=60)
+            except (OSError, subprocess.SubprocessError):
+                pass                                        # a broken install: synthesise instead
+            else:
+                for i in range(n):
+                    with atomic_path(folder / f"speech_{i}.wav") as tmp:
+                        shutil.copyfile(f"{scratch}/{i}.wav", tmp)
+                return "espeak-ng"
     for i in range(n):
-        sf.write(folder / f"speech_{i}.flac", formant_speech(i), SAMPLE_RATE)
+        with atomic_path(folder / f"speech_{i}.flac") as tmp:
+            sf.write(tmp, formant_speech(i), SAMPLE_RATE, format="FLAC")
     return "formant"
 
 
@@ -67,7 +93,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("folder", type=Path, help="where to write them (created)")
     ap.add_argument("-n", type=int, default=4, help="how many clips (default 4)")
     args = ap.parse_args(argv)
-    how = write_speech_folder(args.folder, args.n)
+    try:
+        how = write_speech_folder(args.folder, args.n)
+    except SpeechFolderError as e:
+        ap.error(str(e))
     print(f"wrote {args.n} speech clips ({how}) to {args.folder}")
 
 
