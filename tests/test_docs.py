@@ -36,7 +36,7 @@ def test_check_mode_fails_on_a_stale_page_and_write_mode_fixes_it(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("groff") is None, reason="groff is not installed")
-@pytest.mark.parametrize("page", ["lmaczs.1", *(f"lmaczs-{c}.1" for c in COMMANDS)])
+@pytest.mark.parametrize("page", ["lmaczs.1", *(f"lmaczs-{c}.1" for c in main.commands)])  # completion too
 def test_page_renders_without_warnings(page):
     res = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z", str(MAN / page)],
                          capture_output=True, text=True, env={"LC_ALL": "C.UTF-8", "PATH": "/usr/bin:/bin"})
