@@ -41,7 +41,8 @@ def main() -> None:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     out = Path(args.out)
     speech_dir = out / "speech"
-    made = "kept from an earlier run" if speech_dir.is_dir() else write_speech_folder(speech_dir)
+    kept = speech_dir.is_dir() and any(speech_dir.iterdir())        # an earlier run's, reused as is
+    made = "kept from an earlier run" if kept else write_speech_folder(speech_dir)
     settings = BaselineSettings(ig_steps=args.ig_steps, smoothgrad_samples=args.smoothgrad_samples)
     tables, costs = [], []
     for variant in args.variants.split(","):
