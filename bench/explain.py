@@ -10,8 +10,9 @@ All on N generated 10-s files and one model (a fresh seeded decoder for --clap r
   end_to_end      `run_explain` on the files: discovery, decode workers, model, wav writes,
                   results.jsonl and index.html, into a fresh --out each repeat (no resume)
 Prints one JSON object: clips/s medians of --repeats timed runs (after a warm-up) and the
-ratios the issue sets targets for (end to end >= 0.9 x compute; explain without the check
->= 0.8 x embed, with it >= 0.45 x).
+ratios that show where time goes, with their targets (end to end >= 0.9 x compute: files,
+decoding and writing hide behind the model; explain without the check >= 0.8 x embed, with it
+>= 0.45 x).
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def _explainer(args: argparse.Namespace) -> Explainer:
     clap = load_clap(args.clap)
     torch.manual_seed(0)
     decoder = MaskDecoder(DecoderConfig.for_clap(clap))
-    return Explainer(clap, decoder, {"domain": "mel", "mel_to_linear": "linear"}, device=args.device,
+    return Explainer.from_models(clap, decoder, {"domain": "mel", "mel_to_linear": "linear"}, device=args.device,
                      batch_size=args.batch_size)
 
 

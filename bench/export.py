@@ -6,7 +6,7 @@
 Exports the model once into a temporary folder, then times the batched explain step
 (`Runner.explain`: front end, encoder, decoder, masked encoder pass, listenable inverse) on
 the same random 10-s windows for each backend: median over --repeats timed runs after one
-warm-up. Prints a table and one JSON line. Targets (issue E): ORT CPU >= 1.5x torch eager.
+warm-up. Prints a table and one JSON line. Target: ORT CPU >= 1.5x torch eager.
 
 With a CUDA GPU it also times TensorRT fp16 engines vs torch eager fp32 (target >= 5x, needs
 tensorrt) and the fused Triton listenable kernel vs torch mask expansion + torch.istft
@@ -49,10 +49,9 @@ def _inputs(batch: int, prompts: int, dim: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def bench_cpu(args: argparse.Namespace, folder: str) -> dict[str, float]:
-    from lmaczs_cli.backends import OnnxRunner, TorchRunner
-    from lmaczs_cli.explain import Explainer
+    from lmaczs_cli.backends import OnnxRunner, load_runner
 
-    torch_runner = TorchRunner(Explainer.load(clap=args.clap, decoder=args.decoder, device="cpu"))
+    torch_runner = load_runner("torch", clap=args.clap, decoder=args.decoder, device="cpu")
     onnx_runner = OnnxRunner(folder, device="cpu", threads=args.threads)
     waves, text = _inputs(args.batch_size, args.prompts, onnx_runner.config["joint_dim"])
     clips = args.batch_size
@@ -74,7 +73,7 @@ def bench_gpu(args: argparse.Namespace, folder: str) -> dict[str, object]:
 
     def torch_fp32() -> object:
         with torch.no_grad():
-            return ex.module(waves, text)
+            return ex.model(waves, text)
 
     t_torch = _median_s(torch_fp32, args.repeats, sync=True)
     out["torch_cuda_fp32_clips_per_s"] = args.batch_size / t_torch

@@ -91,7 +91,7 @@ def load_explainer(spec: str, device: str):
 
     clap = load_clap(spec)
     torch.manual_seed(0)
-    return Explainer(clap, MaskDecoder(DecoderConfig.for_clap(clap)), {"domain": "mel", "mel_to_linear": "linear"},
+    return Explainer.from_models(clap, MaskDecoder(DecoderConfig.for_clap(clap)), {"domain": "mel", "mel_to_linear": "linear"},
                      device=device)
 
 

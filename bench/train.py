@@ -17,6 +17,7 @@ import torch
 from lmaczs_cli.audio import CLIP_SAMPLES
 from lmaczs_cli.clap import load_clap
 from lmaczs_cli.decoder import DecoderConfig, MaskDecoder, parameter_count
+from lmaczs_cli.model import ExplainerModule
 from lmaczs_cli.train import TextCache, TrainConfig, micro_batch_loss
 
 
@@ -32,6 +33,7 @@ def main() -> None:
     decoder = MaskDecoder(DecoderConfig.for_clap(clap, domain=args.domain))
     opt = torch.optim.Adam(decoder.parameters(), lr=1e-4)
     texts = TextCache(clap)
+    module = ExplainerModule(clap, decoder, args.domain)
     result = {"clap": args.clap, "domain": args.domain, "threads": torch.get_num_threads(),
               "decoder_parameters": parameter_count(decoder), "runs": []}
     for b in args.batch_sizes:
@@ -42,7 +44,7 @@ def main() -> None:
             times, passes = [], 0
             for step in range(args.steps + 1):
                 t0 = time.perf_counter()
-                terms, passes = micro_batch_loss(clap, decoder, texts, waves, captions, cfg,
+                terms, passes = micro_batch_loss(module, texts, waves, captions, cfg,
                                                  torch.Generator().manual_seed(step))
                 terms.total.backward()
                 opt.step()

@@ -1,4 +1,4 @@
-"""ONNX and TensorRT export (issue E): ``lmaczs export``.
+"""ONNX and TensorRT export: ``lmaczs export``.
 
   to_onnx   torch -> audio_encoder.onnx, text_encoder.onnx, explainer.onnx, manifest.json
   to_trt    ONNX -> TensorRT engines (plain plans + sidecar keys)
@@ -18,21 +18,11 @@ def export_explainer_folder(out: str | Path, *, clap: str = "demo", decoder: str
     """Load a CLAP + decoder as `Explainer.load` does and write its ONNX graphs into ``out``.
 
     Returns the manifest. (Engines: ``to_trt.export_engines(out, ...)`` afterwards.)"""
-    from lmaczs_cli.clap import load_clap
-    from lmaczs_cli.decoder import load_decoder
-    from lmaczs_cli.explain import ExplainError, demo_dir
+    from lmaczs_cli.backends import load_models
 
     from .to_onnx import export_onnx
 
-    if decoder is None:
-        if clap != "demo":
-            raise ExplainError(f"--clap {clap} needs --decoder DIR (a folder written by `lmaczs train`)")
-        decoder = demo_dir()
-    decoder = Path(decoder)
-    if decoder.is_file():           # decoder.safetensors: its config.json is beside it
-        decoder = decoder.parent
-    clap_model = load_clap(clap, tokenizer)
-    dec, config = load_decoder(decoder, clap=clap_model, force=force)
+    clap_model, dec, config = load_models(clap, decoder, tokenizer, force)
     domain = config.get("domain", dec.cfg.domain)
     return export_onnx(clap_model, dec, out, domain=domain, mel_to_linear=config.get("mel_to_linear", "linear"),
                        opset=opset, max_batch=max_batch)

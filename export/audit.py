@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 TABLE_PATH = Path(__file__).with_name("trt_ops.json")
-EXPLAINER_FORBIDDEN = ("STFT", "DFT", "Loop", "If", "Resize", "Scan")   # DESIGN §6: none in the fused graph
+# Never in the fused explainer graph: its STFT, iSTFT and stretches are MatMuls and slices, with
+# no loops or branches, so every backend runs the same plain operators.
+EXPLAINER_FORBIDDEN = ("STFT", "DFT", "Loop", "If", "Resize", "Scan")
 
 # ONNX attribute defaults, for attributes the rules check (an absent attribute takes its default)
 _DEFAULTS = {
@@ -86,12 +88,3 @@ def audit(model: Any, forbidden: tuple[str, ...] = ()) -> list[str]:
             problems.append(f"{node.op_type} {node.name!r}: not allowed in this graph")
         problems += _node_problems(node, rules)
     return problems
-
-
-def op_types(model: Any) -> set[str]:
-    """The operator types a graph uses."""
-    import onnx
-
-    if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(str(model), load_external_data=False)
-    return {n.op_type for n in model.graph.node}

@@ -7,9 +7,9 @@ trace with a dynamic batch and without a bicubic ``Resize``.
   ExplainerGraph      waves (B, 480000), text (B, K, D) -> masks (B, K, 1001, bins),
                       audio (B, K, 480000), similarity (B, K), masked_similarity (B, K)
 
-All three compute in eager mode exactly what ``ClapModel`` / ``ExplainerModule`` compute (the
-tests hold them to it); only the ops differ (``ops``: framing + factorised DFT MatMuls instead of
-STFT, the spectrum kept in the DFT's own bin order).
+The audio and explainer graphs are ``lmaczs_cli.model.ExplainerModule`` itself, built with its
+``matmul`` spectral operations (framing + factorised DFT MatMuls instead of STFT ops; see
+``ops``); these wrappers only turn its outputs into the tuple a traced graph returns.
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmaczs_cli import spectral
 from lmaczs_cli.clap import ClapModel, laion_module
 from lmaczs_cli.decoder import HTSAT_FRAMES, MaskDecoder
+from lmaczs_cli.model import ExplainerModule, parts_of
 
 from . import ops
 
@@ -73,24 +73,15 @@ def export_patches(clap: ClapModel) -> Iterator[None]:
         del clap.branch.reshape_wav2img
 
 
-def log_mel_parts(waves: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """waves (B, 480000) -> STFT in DFT order X (B, 1001, 32, 64) (`ops.stft_dft_order`), its
-    power in DFT order (B, 1001, 1024), mel power (B, 1001, 64)."""
-    X = ops.stft_dft_order(waves)
-    power = ops.power_dft_order(X)
-    return X, power, ops.mel_power_dft_order(power)
-
-
 class AudioEncoderGraph(nn.Module):
     """waves (B, 480000) -> (embedding (B, D), h1, h2, h3, h4)."""
 
     def __init__(self, clap: ClapModel) -> None:
         super().__init__()
-        self.clap = clap
+        self.model = ExplainerModule(clap, None, "mel", spectral="matmul")
 
     def forward(self, waves: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        *_, mel = log_mel_parts(waves)
-        emb, hidden = self.clap.encode(spectral.to_db(mel))
+        emb, hidden = self.model.encode_audio(waves)
         return (emb, *hidden)
 
 
@@ -106,43 +97,20 @@ class TextEncoderGraph(nn.Module):
         return F.normalize(self.clap.clap.encode_text(tokens, device=input_ids.device), dim=-1)
 
 
-def _repeat_rows(x: torch.Tensor, K: int) -> torch.Tensor:
-    """(B, ...) -> (B * K, ...), row b repeated K times in a row (Expand + Reshape, no Gather)."""
-    return x.unsqueeze(1).expand(x.shape[0], K, *x.shape[1:]).reshape(-1, *x.shape[1:])
-
-
 class ExplainerGraph(nn.Module):
-    """The fused explainer: front end, encoder, decoder, masked encoder pass, listenable inverse."""
+    """The fused explainer: `ExplainerModule` with matmul spectral ops, outputs as a tuple
+    (``OUTPUTS``; without the masked check when ``check=False``)."""
 
-    def __init__(self, clap: ClapModel, decoder: MaskDecoder, domain: str, mel_to_linear: str = "linear") -> None:
+    OUTPUTS = ("masks", "audio", "similarity", "masked_similarity")
+
+    def __init__(self, clap: ClapModel, decoder: MaskDecoder, domain: str, mel_to_linear: str = "linear",
+                 check: bool = True) -> None:
         super().__init__()
-        self.clap, self.decoder = clap, decoder
-        self.domain, self.mel_to_linear = domain, mel_to_linear
+        self.model = ExplainerModule(clap, decoder, domain, mel_to_linear, spectral="matmul")
+        self.check = check
+        self.outputs = self.OUTPUTS if check else self.OUTPUTS[:3]
 
     def forward(self, waves: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """waves (B, 480000), text (B, K, D) -> masks (B, K, 1001, bins), audio (B, K, 480000),
-        similarity (B, K), masked_similarity (B, K)."""
-        B, K, D = text.shape
-        X, power, mel = log_mel_parts(waves)                    # DFT order; (B, 1001, 64)
-        P = ops.natural_order(power) if self.domain == "stft" else None   # (B, 1001, 513)
-        logmel = spectral.to_db(mel)
-        emb, hidden = self.clap.encode(logmel)                  # (B, D), h1..h4
-        similarity = (text * emb[:, None]).sum(-1)              # (B, K)
-        flat_text = text.reshape(-1, D)                         # (B*K, D)
-        log_power = _repeat_rows(spectral.to_db(P), K) if self.domain == "stft" else None
-        masks = self.decoder([_repeat_rows(h, K) for h in hidden], flat_text, _repeat_rows(logmel, K), log_power)
-        if self.domain == "mel":
-            gain = ops.mel_gain_dft_order(masks, self.mel_to_linear)     # (B*K, 1001, 32, 1, 32)
-        else:
-            gain = ops.gain_dft_order(masks)
-        # X viewed (B, 1, 1001, 32, 2, 32): one gain per bin on Re and Im, broadcast over K (no copy of X)
-        masked_X = X.unflatten(-1, (2, ops.Q))[:, None] * gain.reshape(B, K, *gain.shape[1:])
-        audio = ops.istft_dft_order(masked_X.reshape(B * K, *X.shape[1:]))   # (B*K, 480000)
-        if self.domain == "mel":
-            masked_logmel = spectral.masked_log_mel_from_mel(_repeat_rows(mel, K), masks)
-        else:
-            masked_logmel = spectral.masked_log_mel_from_power(_repeat_rows(P, K), masks)
-        masked_emb, _ = self.clap.encode(masked_logmel)
-        masked_similarity = (flat_text * masked_emb).sum(-1)
-        return (masks.reshape(B, K, *masks.shape[1:]), audio.reshape(B, K, -1),
-                similarity, masked_similarity.reshape(B, K))
+        similarity (B, K)[, masked_similarity (B, K)]."""
+        return parts_of(self.model(waves, text, check=self.check), self.outputs)

@@ -20,8 +20,7 @@ k1, column k2, all 1024 bins) and everything downstream reads that order: the me
 and the mel -> linear mask weights have their rows/columns permuted once, at export, and the
 inverse DFT's first stage is written for it — so no transpose, Hermitian extension or
 reordering runs per clip. ``stft_matmul`` / ``istft_matmul`` give natural order for callers
-that want it (one Gather each). The dense inverse basis (`_idft_np`) stays: the Triton kernel
-uses it.
+that want it (one Gather each). The dense inverse basis the Triton kernel uses is ``spectral.idft_bases_np``.
 
 HTSAT's bicubic 1001 -> 1024 frame stretch becomes one MatMul with the matrix torch's own
 ``interpolate`` implies (align_corners=True, as laion calls it).
@@ -35,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from lmaczs_cli.audio import CLIP_SAMPLES, HOP, N_FFT, N_FRAMES, N_FREQS
-from lmaczs_cli.spectral import _hann_np, _window_square_sum_np
+from lmaczs_cli.spectral import hann_np, window_square_sum_np
 
 PAD = N_FFT // 2                                    # centre padding, samples each side
 TAIL = N_FFT - 2 * HOP                              # 64: the part of a frame in its third chunk
@@ -45,24 +44,9 @@ if N_FFT > 3 * HOP or N_FRAMES != CLIP_SAMPLES // HOP + 1:
 
 
 @functools.lru_cache(maxsize=None)
-def _idft_np() -> tuple[np.ndarray, np.ndarray]:
-    """Inverse real DFT bases with the synthesis window folded in, (N_FREQS, N_FFT):
-    frame = re @ cr + im @ ci is irfft(re + j im, n=N_FFT) * hann (DC and Nyquist counted once)."""
-    k = np.arange(N_FREQS)[:, None]
-    n = np.arange(N_FFT)[None, :]
-    ang = 2.0 * np.pi * ((k * n) % N_FFT) / N_FFT
-    weight = np.full((N_FREQS, 1), 2.0)
-    weight[0] = weight[-1] = 1.0
-    win = _hann_np().astype(np.float64)[None, :]
-    cr = weight * np.cos(ang) / N_FFT * win
-    ci = -weight * np.sin(ang) / N_FFT * win
-    return cr.astype(np.float32), ci.astype(np.float32)
-
-
-@functools.lru_cache(maxsize=None)
 def _inv_norm_np() -> np.ndarray:
     """1 / summed squared window over the kept samples, (CLIP_SAMPLES,)."""
-    norm = _window_square_sum_np(N_FRAMES).astype(np.float64)[PAD: PAD + CLIP_SAMPLES]
+    norm = window_square_sum_np(N_FRAMES).astype(np.float64)[PAD: PAD + CLIP_SAMPLES]
     return (1.0 / np.where(norm > 1e-8, norm, 1.0)).astype(np.float32)
 
 
@@ -184,7 +168,7 @@ def stft_dft_order(wave: torch.Tensor) -> torch.Tensor:
     and [k1, Q + k2] its Im, all 1024 bins (past Nyquist: conjugates). The order the factorised
     DFT leaves them in; consumers take it as it is (`power_dft_order`, `mel_power_dft_order`,
     `istft_dft_order`), so no transpose is spent on reordering."""
-    fr = frames(wave) * const(_hann_np(), wave)
+    fr = frames(wave) * const(hann_np(), wave)
     stage1, tw_c, tw_s, stage2 = (const(a, wave) for a in _fft_np())
     y = stage1 @ fr.reshape(*fr.shape[:-1], P, Q)                   # (B, T, 2P, Q): Re Y over Im Y
     yr, yi = y[..., :P, :], y[..., P:, :]
@@ -201,10 +185,10 @@ def power_dft_order(X: torch.Tensor) -> torch.Tensor:
 def _mel_fb_np() -> np.ndarray:
     """``spectral``'s mel filterbank (N_FREQS, N_MELS) with rows in DFT order (P * Q, N_MELS),
     zero past Nyquist: ``power_dft_order(X) @ it`` equals ``natural power @ filterbank``."""
-    from lmaczs_cli.spectral import _mel_np
+    from lmaczs_cli.spectral import mel_np
 
     below = (_bins_np() <= N_FFT // 2).reshape(-1, 1)
-    return np.ascontiguousarray(np.where(below, _mel_np()[_gain_source_np()], 0.0).astype(np.float32))
+    return np.ascontiguousarray(np.where(below, mel_np()[_gain_source_np()], 0.0).astype(np.float32))
 
 
 def mel_power_dft_order(power: torch.Tensor) -> torch.Tensor:
@@ -233,9 +217,9 @@ def gain_dft_order(gain: torch.Tensor) -> torch.Tensor:
 @functools.lru_cache(maxsize=None)
 def _mel_gain_np() -> np.ndarray:
     """``spectral``'s mel -> linear mask weights (N_MELS, N_FREQS) with columns in DFT order (N_MELS, P * Q)."""
-    from lmaczs_cli.spectral import _mel_to_linear_np
+    from lmaczs_cli.spectral import mel_to_linear_np
 
-    return np.ascontiguousarray(_mel_to_linear_np()[:, _gain_source_np()])
+    return np.ascontiguousarray(mel_to_linear_np()[:, _gain_source_np()])
 
 
 def mel_gain_dft_order(masks: torch.Tensor, method: str = "linear") -> torch.Tensor:
@@ -280,7 +264,7 @@ def istft_dft_order(X: torch.Tensor) -> torch.Tensor:
     a = X @ stage1                                                    # (B, T, Q, 2P): [Re A | Im A]
     ar, ai = a[..., :P], a[..., P:]
     b = torch.cat([ar * tw_c - ai * tw_s, ai * tw_c + ar * tw_s], dim=-2)   # (B, T, 2Q, P)
-    fr = (stage2 @ b).flatten(-2) * const(_hann_np(), X)              # (n2, n1) -> n = n1 + P n2, windowed
+    fr = (stage2 @ b).flatten(-2) * const(hann_np(), X)              # (n2, n1) -> n = n1 + P n2, windowed
     y = overlap_add(fr)[:, PAD: PAD + CLIP_SAMPLES]
     return y * const(_inv_norm_np(), y)
 

@@ -21,7 +21,7 @@ from lmaczs_cli.audio import CLIP_SAMPLES, N_FRAMES
 from lmaczs_cli.clap import ClapModel
 from lmaczs_cli.decoder import MaskDecoder
 from lmaczs_cli.errors import LmaczsError
-from lmaczs_cli.files import atomic_path
+from lmaczs_cli.files import atomic_path, sha256_file
 
 from .graphs import AudioEncoderGraph, ExplainerGraph, TextEncoderGraph, export_patches
 
@@ -47,14 +47,6 @@ class GraphSpec:
         return {"file": self.file, "inputs": self.inputs, "outputs": self.outputs,
                 "dynamic_axes": {k: {str(a): n for a, n in v.items()} for k, v in self.dynamic_axes.items()},
                 "sha256": self.sha256}
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],

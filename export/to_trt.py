@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from lmaczs_cli.errors import LmaczsError
-from lmaczs_cli.files import atomic_path
+from lmaczs_cli.files import atomic_path, sha256_file
 
-from .to_onnx import ExportError, read_manifest, sha256_file
+from .to_onnx import ExportError, read_manifest
 
 TIMING_CACHE = "timing.cache"
 FP32_ONLY = ("text_encoder",)
@@ -78,8 +78,9 @@ def _parse(trt: Any, builder: Any, onnx_path: Path) -> tuple[Any, Any]:
 
 
 def spectral_node(name: str) -> bool:
-    """True for a node/layer of the spectral code (no nn.Module scope in its name): kept fp32."""
-    return name.count("/") <= 1
+    """True for a node/layer of the spectral code: in no nn.Module scope below the traced
+    ``ExplainerModule`` ("/model/MatMul_3", not "/model/decoder/..."): kept fp32."""
+    return name.count("/") <= 2
 
 
 def _pin_front_end_fp32(trt: Any, network: Any) -> int:

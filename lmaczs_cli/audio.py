@@ -10,7 +10,7 @@ refused unless ``allow_truncated=True``.
 Windowing: the model sees 10-s windows. A short clip is repeat-padded into one window
 (`pad_clip`); a long one is cut into windows overlapping by half (`windows`,
 `iter_windows`), and per-window results are joined back with a raised-cosine crossfade
-(`stitch` for waveforms, `stitch_frames` for anything on the STFT frame grid).
+(`Stitcher`, one window at a time, for waveforms and for anything on the STFT frame grid).
 """
 from __future__ import annotations
 
@@ -39,7 +39,6 @@ N_FRAMES = CLIP_SAMPLES // HOP + 1          # 1001 frames per window (centre pad
 assert CLIP_SAMPLES % HOP == 0, "a window must hold a whole number of hops"
 
 WINDOW_HOP = CLIP_SAMPLES // 2              # 240 000 samples (5 s) between window starts
-WINDOW_HOP_FRAMES = WINDOW_HOP // HOP       # 500 STFT frames between window starts
 
 assert WINDOW_HOP % HOP == 0, "window starts must sit on the STFT frame grid"
 
@@ -51,6 +50,11 @@ _SALVAGE_FRAMES = 64      # frames per read when recovering what precedes a deco
 _SAMPLE_BYTES = {"PCM_S8": 1, "PCM_U8": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4,
                  "FLOAT": 4, "DOUBLE": 8, "ULAW": 1, "ALAW": 1}   # uncompressed subtypes
 _KEEP_HINT = "pass allow_truncated=True to keep the readable part"
+
+# Name endings (lower case, no dot) taken as audio when folders are searched; a file named
+# directly is read whatever its name, by any format libsndfile knows.
+AUDIO_EXTENSIONS = frozenset(
+    {"wav", "flac", "ogg", "oga", "opus", "mp3", "aiff", "aif", "au", "caf", "w64", "rf64"})
 
 
 # ----------------------------------------------------------------------------- loading
@@ -66,6 +70,12 @@ class AudioError(LmaczsError):
 
     def __str__(self) -> str:
         return f"{self.reason}: {self.path}"
+
+
+def is_audio_name(name: str | os.PathLike) -> bool:
+    """Whether a file name ends in one of `AUDIO_EXTENSIONS`, in any case ("a.WAV" is;
+    ".wav", a hidden file with no extension, is not)."""
+    return os.path.splitext(os.fspath(name))[1][1:].lower() in AUDIO_EXTENSIONS
 
 
 @dataclass(frozen=True)
@@ -462,44 +472,58 @@ def crossfade_weights(length: int, overlap: int) -> np.ndarray:
     return w
 
 
-def stitch(parts: np.ndarray | Sequence[np.ndarray], length: int,
-           starts: Sequence[int] | None = None) -> np.ndarray:
-    """Join per-window results back into one signal: the inverse of `windows`.
+class Stitcher:
+    """Join per-window results back into one signal, fed one window at a time, in order:
+    the inverse of `windows`.
 
-    parts: (n_windows, L, *rest), axis 1 is time in the units of `length` and `starts`
-    (L = window length in those units). starts: where each part begins; by default
-    ``window_starts(length)``, the waveform windows of `windows` (for
-    ``windows(x, hop=h)`` pass ``window_starts(len(x), hop=h)``). Returns
-    (length, *rest) in the parts' float dtype: where windows overlap, the weighted mean
-    of the parts under `crossfade_weights` (ramps as long as the smallest overlap).
-    Equal parts come back unchanged, bit for bit, so ``stitch(windows(x), len(x))`` is
-    x and stitching a constant gives that constant. Memory is O(length * rest).
+    length: positions of the joined signal, in the units of `starts` and `win` (samples
+    for waveforms; STFT frames for masks and scores, with ``num_frames(n)`` positions,
+    `frame_starts(n)` and N_FRAMES). starts: where each window begins, as
+    `window_starts` gives them. rest: the trailing shape of each part. After the last
+    `add`, ``out`` (length, *rest) float32 holds, where windows overlap, the weighted mean
+    of the parts under `crossfade_weights` (ramps as long as the smallest overlap). Equal
+    parts come back unchanged, bit for bit, so the stitched ``windows(x)`` is x and
+    stitching a constant gives that constant.
+
+    Only the output is held: the summed crossfade weight under a new window is rebuilt
+    from the earlier windows that overlap it, so no second full-length array is kept.
     """
-    if starts is None:
-        starts = window_starts(length)
-    starts = [int(s) for s in starts]
-    if len(parts) != len(starts) or not starts:
-        raise ValueError(f"got {len(parts)} parts for {len(starts)} window starts")
-    first = np.asarray(parts[0])
-    win, rest = first.shape[0], first.shape[1:]
-    gaps = np.diff(starts)
-    if starts[0] != 0 or (gaps <= 0).any() or (gaps > win).any() or starts[-1] + win < length:
-        raise ValueError(f"windows of {win} at starts {starts[:3]}...{starts[-2:]} do not "
-                         f"cover [0, {length}) in order; use window_starts()")
-    weights = crossfade_weights(win, win - int(gaps.max()) if len(gaps) else 0)
-    out = np.zeros((length, *rest), np.result_type(first.dtype, np.float32))
-    total = np.zeros(length)   # summed weights so far, per position
-    for start, part in zip(starts, parts):
-        part = np.asarray(part)
-        if part.shape != first.shape:
-            raise ValueError(f"parts differ in shape: {part.shape} vs {first.shape}")
-        end = min(start + win, length)
-        w = weights[: end - start]
-        share = (w / (total[start:end] + w)).astype(out.dtype)   # running weighted mean
-        seg = out[start:end]
-        seg += (part[: end - start] - seg) * share.reshape((-1,) + (1,) * len(rest))
-        total[start:end] += w
-    return out
+
+    def __init__(self, length: int, starts: Sequence[int], win: int, rest: tuple[int, ...] = ()) -> None:
+        starts = [int(s) for s in starts]
+        gaps = np.diff(starts)
+        if not starts or starts[0] != 0 or (gaps <= 0).any() or (gaps > win).any() or starts[-1] + win < length:
+            raise ValueError(f"windows of {win} at starts {starts[:3]}...{starts[-2:]} do not "
+                             f"cover [0, {length}) in order; use window_starts()")
+        self.weights = crossfade_weights(win, win - int(gaps.max()) if len(gaps) else 0)
+        self.out = np.zeros((length, *rest), np.float32)
+        self.starts, self.win, self.length, self.i = starts, win, length, 0
+
+    def add(self, part: np.ndarray) -> None:
+        """part: (win, *rest), the next window's values."""
+        if self.i == len(self.starts):
+            raise ValueError(f"all {len(self.starts)} windows were already added")
+        if part.shape != (self.win, *self.out.shape[1:]):
+            raise ValueError(f"a part of shape {part.shape}; expected {(self.win, *self.out.shape[1:])}")
+        s = self.starts[self.i]
+        end = min(s + self.win, self.length)
+        total = np.zeros(end - s)
+        for j in range(self.i - 1, -1, -1):           # earlier windows reaching into [s, end)
+            sj = self.starts[j]
+            if sj + self.win <= s:
+                break
+            hi = min(sj + self.win, end)
+            total[: hi - s] += self.weights[s - sj: hi - sj]
+        w = self.weights[: end - s]
+        share = (w / (total + w)).astype(np.float32).reshape((-1,) + (1,) * (self.out.ndim - 1))
+        seg = self.out[s:end]
+        seg += (part[: end - s] - seg) * share       # running weighted mean
+        self.i += 1
+
+    @property
+    def done(self) -> bool:
+        """Whether every window has been added."""
+        return self.i == len(self.starts)
 
 
 def num_frames(n_samples: int) -> int:
@@ -510,12 +534,3 @@ def num_frames(n_samples: int) -> int:
 def frame_starts(n_samples: int) -> list[int]:
     """Window starts in STFT frames for a signal of `n_samples` samples (see `window_starts`)."""
     return [s // HOP for s in window_starts(n_samples)]
-
-
-def stitch_frames(parts: np.ndarray | Sequence[np.ndarray], n_samples: int) -> np.ndarray:
-    """Join per-window data on the STFT frame grid (masks, scores) for an n-sample signal.
-
-    parts: (n_windows, N_FRAMES, *rest), one entry per window of ``windows(x)`` with
-    len(x) = n_samples. Returns (num_frames(n_samples), *rest).
-    """
-    return stitch(parts, num_frames(n_samples), frame_starts(n_samples))

@@ -1,7 +1,7 @@
-"""One ``Runner`` interface over torch eager, ONNX Runtime and TensorRT (DESIGN §6).
+"""One ``Runner`` interface over torch, ONNX Runtime and TensorRT.
 
-A runner does the three model steps `Explainer` needs; everything around them (windowing,
-stitching, prompt cache, batching, writing) is shared:
+A runner does the three batched model steps; `Explainer` owns one and does everything around
+them (windowing, stitching, prompt cache, batching, top-k):
 
   explain(waves (B, 480000), text (B, K, D), check) -> {masks (B, K, 1001, bins), audio (B, K, 480000),
                                                         similarity (B, K)[, masked_similarity (B, K)]}
@@ -22,10 +22,6 @@ import numpy as np
 import torch
 
 from .errors import LmaczsError
-from .explain import Explainer, _window_at
-from . import audio as audio_mod
-
-BACKENDS = ("torch", "onnx", "trt")
 
 
 class BackendError(LmaczsError):
@@ -53,22 +49,43 @@ class Runner(ABC):
 
 
 class TorchRunner(Runner):
-    """Eager torch through an `Explainer` (fp32 on CPU, autocast fp16 on CUDA)."""
+    """The torch `ExplainerModule` (``lmaczs_cli.model``): fp32 on the CPU; on CUDA the front end
+    stays fp32 and the encoder and decoder run under float16 autocast.
 
-    def __init__(self, explainer: Explainer) -> None:
-        self.ex = explainer
-        self.domain, self.config, self.device = explainer.domain, explainer.config, explainer.device
+    clap: a ``ClapModel``; decoder: a ``MaskDecoder``; config: the decoder's saved config
+    (``domain``, ``mel_to_linear``); spectral: the model's spectral operations ("auto": the
+    fused Triton listenable kernel on CUDA when triton is installed)."""
 
+    def __init__(self, clap: Any, decoder: Any, config: dict[str, Any], device: str | torch.device = "cpu",
+                 spectral: str = "auto") -> None:
+        from .device import resolve_device
+        from .model import ExplainerModule
+
+        self.device = resolve_device(device)
+        self.clap = clap.to(self.device)
+        self.decoder = decoder.to(self.device).eval()
+        self.config = config
+        self.domain = config["domain"] if "domain" in config else decoder.cfg.domain
+        self.model = ExplainerModule(self.clap, self.decoder, self.domain, config.get("mel_to_linear", "linear"),
+                                     spectral=spectral).eval()
+
+    def _autocast(self) -> Any:
+        return torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda")
+
+    @torch.no_grad()
     def explain(self, waves: torch.Tensor, text: torch.Tensor, check: bool = True) -> dict[str, torch.Tensor]:
-        return self.ex.run_batch(waves, text, check=check)
+        with self._autocast():
+            out = self.model(waves.to(self.device, non_blocking=True), text.to(self.device), check=check)
+        return {k: v.float() for k, v in out.items()}
 
     @torch.no_grad()
     def embed_audio(self, waves: torch.Tensor) -> torch.Tensor:
-        return self.ex.clap.embed_audio(waves.to(self.device)).float()
+        with self._autocast():
+            return self.model.encode_audio(waves.to(self.device, non_blocking=True))[0].float()
 
     @torch.no_grad()
     def embed_text(self, prompts: Sequence[str]) -> torch.Tensor:
-        return self.ex.clap.encode_text(list(prompts)).float()
+        return self.clap.encode_text(list(prompts)).float().to(self.device)
 
 
 # --------------------------------------------------------------------------- export folders
@@ -91,7 +108,7 @@ def _token_feeds(tokens: Any, input_names: Sequence[str]) -> dict[str, np.ndarra
 
 
 def _check_hashes(folder: Path, manifest: dict[str, Any]) -> None:
-    from .export.to_onnx import sha256_file
+    from .files import sha256_file
 
     for g in manifest["graphs"].values():
         if sha256_file(folder / g["file"]) != g["sha256"]:
@@ -229,46 +246,43 @@ class TrtRunner(Runner):
         return self._engines["text_encoder"].run(feeds)["embedding"]
 
 
-# --------------------------------------------------------------------------- Explainer over a runner
+# --------------------------------------------------------------------------- choosing one
 
 
-class RunnerExplainer(Explainer):
-    """`Explainer` whose model steps run on a `Runner` (no torch CLAP or decoder held)."""
-
-    def __init__(self, runner: Runner, batch_size: int = 8) -> None:
-        # Explainer.__init__ is not called: it moves torch models to the device; there are none here
-        self.runner = runner
-        self.device = runner.device
-        self.config = runner.config
-        self.domain = runner.domain
-        self.batch_size = batch_size
-        self._text: dict[str, torch.Tensor] = {}
-
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        return self.runner.embed_text(prompts)
-
-    def run_batch(self, waves: torch.Tensor, text: torch.Tensor, check: bool = True) -> dict[str, torch.Tensor]:
-        return {k: v.float() for k, v in self.runner.explain(waves, text, check=check).items()}
-
-    def embed_windows(self, wave: np.ndarray, starts: Sequence[int] | None = None) -> torch.Tensor:
-        starts = audio_mod.window_starts(wave.size) if starts is None else starts
-        out = []
-        for k in range(0, len(starts), self.batch_size):
-            win = torch.from_numpy(np.stack([_window_at(wave, s) for s in starts[k: k + self.batch_size]]))
-            out.append(self.runner.embed_audio(win).float())
-        return torch.cat(out)
+BACKENDS = ("torch", "onnx", "trt")
 
 
-def load_explainer(backend: str, *, engines: str | os.PathLike | None = None, device: str = "auto",
-                   tokenizer: str | os.PathLike | None = None, batch_size: int = 8,
-                   threads: int | None = None) -> Explainer:
-    """An `Explainer` for ``--backend onnx|trt`` over the export folder ``engines``."""
-    if backend not in ("onnx", "trt"):
-        raise BackendError(f"load_explainer is for onnx and trt; use Explainer.load for {backend!r}")
+def load_models(clap: str = "demo", decoder: str | os.PathLike | None = None,
+                tokenizer: str | os.PathLike | None = None, force: bool = False) -> tuple[Any, Any, dict[str, Any]]:
+    """(ClapModel, MaskDecoder, decoder config) for ``--clap`` / ``--decoder``; no decoder means the
+    bundled demo decoder, which only the demo CLAP has. A decoder trained on another CLAP is
+    refused unless ``force``."""
+    from .clap import demo_dir, load_clap
+    from .decoder import load_decoder
+    from .inputs import check_decoder
+
+    check_decoder(clap, decoder)
+    folder = Path(demo_dir() if decoder is None else decoder)
+    if folder.is_file():            # decoder.safetensors: its config.json is beside it
+        folder = folder.parent
+    clap_model = load_clap(clap, tokenizer)
+    dec, config = load_decoder(folder, clap=clap_model, force=force)
+    return clap_model, dec, config
+
+
+def load_runner(backend: str = "torch", *, clap: str = "demo", decoder: str | os.PathLike | None = None,
+                engines: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
+                device: str = "auto", force: bool = False, threads: int | None = None,
+                spectral: str = "auto") -> Runner:
+    """The runner of ``backend``: torch loads ``clap`` (demo | laion:NAME | PATH | hf:DIR |
+    random:ARCH) with ``decoder`` (a `lmaczs train` folder; the bundled one for the demo CLAP);
+    onnx and trt read the export folder ``engines`` (written by `lmaczs export`)."""
+    if backend == "torch":
+        return TorchRunner(*load_models(clap, decoder, tokenizer, force), device=device, spectral=spectral)
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     if engines is None:
         raise BackendError(f"--backend {backend} needs --engines DIR (a folder written by `lmaczs export`)")
     if backend == "onnx":
-        runner: Runner = OnnxRunner(engines, device=device, tokenizer=tokenizer, threads=threads)
-    else:
-        runner = TrtRunner(engines, tokenizer=tokenizer)
-    return RunnerExplainer(runner, batch_size=batch_size)
+        return OnnxRunner(engines, device=device, tokenizer=tokenizer, threads=threads)
+    return TrtRunner(engines, tokenizer=tokenizer)

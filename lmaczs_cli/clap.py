@@ -98,12 +98,6 @@ def laion_module(name: str = "") -> types.ModuleType:
     return importlib.import_module(f"{_PKG}.clap_module" + (f".{name}" if name else ""))
 
 
-def laion_version() -> str:
-    from importlib.metadata import version
-
-    return version("laion-clap")
-
-
 # --------------------------------------------------------------------------- configuration
 
 
@@ -591,13 +585,17 @@ def laion_checkpoint_path(name: str) -> Path:
         ) from e
 
 
+def demo_dir() -> Path:
+    """Folder of the bundled demo model (CLAP + decoder)."""
+    return Path(__file__).parent / "demo" / "model"
+
+
 def load_clap(spec: str = "demo", tokenizer: str | os.PathLike | None = None) -> ClapModel:
     """Resolve the one model option: ``demo | laion:NAME | hf:DIR | PATH | random:ARCH``."""
     if spec == "demo":
-        demo_dir = Path(__file__).parent / "demo" / "model"
-        if not (demo_dir / "clap.json").is_file():
+        if not (demo_dir() / "clap.json").is_file():
             raise ClapError("the bundled demo model is not in this installation yet; use --clap random:ARCH or PATH")
-        return load_clap_dir(demo_dir, tokenizer)
+        return load_clap_dir(demo_dir(), tokenizer)
     if spec.startswith("random:"):
         return random_clap(spec[len("random:"):], tokenizer=tokenizer)
     if spec.startswith("hf:"):

@@ -10,7 +10,6 @@ Exit codes: 0 all fine, 1 some work failed (a domain error, or some files failed
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -80,16 +79,6 @@ def _batch_option(default: int) -> Callable[[Callable], Callable]:
     )
 
 
-def _decoder_option(f: Callable) -> Callable:
-    return click.option(
-        "--decoder",
-        type=click.Path(exists=True, dir_okay=False, path_type=Path),
-        default=None,
-        help="Trained decoder (.safetensors, its JSON config beside it); "
-        "default: the bundled demo decoder with --clap demo.",
-    )(f)
-
-
 def _force_option(f: Callable) -> Callable:
     return click.option(
         "--force",
@@ -121,7 +110,8 @@ def main() -> None:
     Applied to the spectrogram with the original phase and inverted, the mask is a wav
     you can play: the part of the sound the model used for that prompt.
 
-    Commands: `explain` (listenable explanations of files and folders), `train` (a
+    Commands: `explain` (listenable explanations of files and folders), `merge` (join
+    the per-rank shards of a torchrun `explain` run), `train` (a
     decoder on audio + captions), `export` (ONNX graphs and TensorRT engines for
     `explain --backend onnx|trt`), `eval` (faithfulness metrics against GradCAM,
     GradCAM++, SmoothGrad and Integrated Gradients), `info`, `completion`.
@@ -188,13 +178,11 @@ def main() -> None:
               help="Re-encode each written wav and record the listened similarity beside the masked one.")
 @click.option("--no-check", is_flag=True, help="Skip the masked-similarity pass (a second encoder pass).")
 @click.option("--overwrite", is_flag=True, help="Redo work a previous run finished.")
-@click.option("--merge", "merge_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Only join the per-rank shards of a torchrun run in DIR into results.jsonl, errors.jsonl, index.html.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.pass_context
 def explain(ctx: click.Context, paths: tuple[Path, ...], prompts: tuple[str, ...], prompts_file: Path | None,
             prompts_csv: Path | None, labels: Path | None, top_k: int | None, out: Path | None,
-            merge_dir: Path | None, backend: str, as_json: bool, tokenizer: Path | None, decoder: Path | None,
+            backend: str, as_json: bool, tokenizer: Path | None, decoder: Path | None,
             **options: Any) -> None:
     """Explain what CLAP heard for each prompt, as listenable wavs.
 
@@ -206,7 +194,7 @@ def explain(ctx: click.Context, paths: tuple[Path, ...], prompts: tuple[str, ...
     errors.jsonl for files that failed, and index.html (open it from disk). A file of
     any length is explained in overlapping 10-s windows and stitched. A rerun skips
     finished work; a killed run loses only what was in flight. Under torchrun each rank
-    takes its share of the files and rank 0 joins the results (or use --merge later).
+    takes its share of the files and rank 0 joins the results (or `lmaczs merge` later).
     Exits 0 when all files succeed, 1 when some failed (they are listed), 2 on usage errors.
 
     Examples:
@@ -215,25 +203,45 @@ def explain(ctx: click.Context, paths: tuple[Path, ...], prompts: tuple[str, ...
       lmaczs explain clips/ --prompt "dog barking" --out explanations/
       lmaczs explain street.ogg -p "car horn" -p "footsteps" --save-png --out out/
       lmaczs explain clips/ --labels labels.txt --top-k 3 --clap random:tiny --decoder runs/dec1 --out out/
-      lmaczs explain --merge out/
     """
-    if merge_dir is not None:
-        if paths or prompts or prompts_file or prompts_csv or labels or out:
-            raise click.UsageError("--merge DIR only joins the shards of a run in DIR; give no PATHS, prompts or --out")
-        from .runs import merge_outputs
-
-        _explain_report(merge_outputs(merge_dir), as_json)
-        return
     job_options = _explain_options(ctx, paths, prompts, prompts_file, prompts_csv, labels, top_k, out, backend,
                                    decoder, tokenizer, options)
-    from .runs import ExplainJob, rank_world, run_explain
+    from .device import torchrun_rank
+    from .runs import ExplainJob, run_explain
 
-    quiet = rank_world()[0] != 0
+    quiet = not torchrun_rank().main
     with _explain_progress(quiet) as on_event:
         summary = run_explain(ExplainJob(**job_options), on_event=on_event)
     if not quiet:
         _explain_report(summary, as_json)
     ctx.exit(EXIT_FAILED if summary["failed"] else EXIT_OK)
+
+
+@main.command(short_help="Join the per-rank shards of an `explain` run.")
+@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+def merge(out: Path, as_json: bool) -> None:
+    """Join the per-rank shards of a torchrun `explain` run in OUT.
+
+    Each rank of `lmaczs explain` under torchrun writes its own results.rank<N>.jsonl and
+    errors.rank<N>.jsonl in --out; rank 0 joins them when every rank finishes. When a run
+    stopped before that (a rank was killed, or the ranks ran as separate jobs), this joins
+    the shards in OUT into results.jsonl and errors.jsonl and rewrites index.html.
+
+    Examples:
+
+    \b
+      lmaczs merge out/
+      lmaczs merge out/ --json
+    """
+    from .runs import merge_outputs
+
+    summary = merge_outputs(out)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, ensure_ascii=False))
+        return
+    click.echo(f"merged {summary['shards']} shards: {summary['results']} results lines for {summary['files']} "
+               f"files, {summary['errors']} errors; report {summary['index']}")
 
 
 def _explain_options(ctx: click.Context, paths: tuple[Path, ...], prompts: tuple[str, ...],
@@ -257,14 +265,13 @@ def _explain_options(ctx: click.Context, paths: tuple[Path, ...], prompts: tuple
     if labels is None and not (prompts or prompts_file or prompts_csv):
         raise click.MissingParameter(ctx=ctx, param=param("prompts"),
                                      message="Give one, or --prompts-file, --prompts-csv or --labels.")
-    if any(not p.strip() for p in prompts):
-        raise click.UsageError("--prompt: an empty prompt; give a text such as --prompt 'dog barking'")
-    if backend == "torch" and options["clap"] != "demo" and decoder is None:
-        raise click.UsageError(f"--clap {options['clap']} needs --decoder DIR (a folder written by `lmaczs train`)")
     from . import inputs
     from .device import resolve_device
 
     try:
+        inputs.check_prompts(prompts)
+        if backend == "torch":      # onnx|trt take their model from --engines
+            inputs.check_decoder(options["clap"], decoder)
         resolve_device(options["device"])
         file_prompts = inputs.read_prompts_csv(prompts_csv) if prompts_csv else {}
         all_prompts = [*prompts, *(inputs.read_lines(prompts_file) if prompts_file else [])]
@@ -346,10 +353,6 @@ def _explain_report(summary: dict[str, Any], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(summary, indent=2, ensure_ascii=False))
         return
-    if "explained" not in summary:   # --merge
-        click.echo(f"merged {summary['shards']} shards: {summary['results']} results lines for {summary['files']} "
-                   f"files, {summary['errors']} errors; report {summary['index']}")
-        return
     for f in summary["failures"][:20]:
         click.echo(f"failed: {f['file']}: {f['reason']}", err=True)
     if len(summary["failures"]) > 20:
@@ -360,6 +363,10 @@ def _explain_report(summary: dict[str, Any], as_json: bool) -> None:
 
 
 @main.command(short_help="Train a mask decoder on a frozen CLAP.")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Recipe file (TOML) with any of the run's settings, in sections [data] [model] [decoder] "
+                   "[optimiser] [loss] [run]; options given here override it. Every run writes its own as "
+                   "OUT/recipe.toml.")
 @click.option(
     "--data", type=click.Path(exists=True, path_type=Path), default=None,
     help="Training manifest: Clotho CSV (file_name, caption_1..5), JSONL "
@@ -372,109 +379,46 @@ def _explain_report(summary: dict[str, Any], as_json: bool) -> None:
 @click.option("--val-fraction", type=click.FloatRange(0, 0.5), default=0.1, show_default=True)
 @click.option(
     "--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
-    help="Run folder: decoder.safetensors + config.json, metrics.jsonl, skipped.jsonl, train_state/.",
+    help="Run folder: decoder.safetensors + config.json, recipe.toml, metrics.jsonl, skipped.jsonl, train_state/.",
 )
 @clap_options
+@click.option(
+    "--domain", type=click.Choice(["mel", "stft"]), default="mel", show_default=True,
+    help="Mask on the 64-band mel grid or on the 513-bin linear STFT grid.",
+)
 @click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True, help="Passes over the data (paper: 2).")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many optimizer steps.")
 @_batch_option(2)
 @click.option("--accum", type=click.IntRange(min=1), default=1, show_default=True,
               help="Micro-batches per optimizer step (gradient accumulation).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
-              help="Adam learning rate (the peak, with --lr-schedule cosine).")
-@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
-              help="constant: --lr throughout; cosine: linear warm-up over the first 5% of steps, then half a "
-                   "cosine down towards 0 at the end of the run.")
-@click.option(
-    "--domain", type=click.Choice(["mel", "stft"]), default="mel", show_default=True,
-    help="Mask on the 64-band mel grid or on the 513-bin linear STFT grid.",
-)
+              help="Adam learning rate (the peak, with a cosine [optimiser] lr_schedule).")
 @click.option("--lambda-sparsity", type=click.FloatRange(min=0), default=0.05, show_default=True,
               help="Weight of the mask-mean (L1) term.")
 @click.option("--lambda-diversity", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Weight of the diversity term (paper Eq. 7).")
-@click.option("--lambda-out", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="Weight of a masked-out term (L-MAC's, on similarities; 0: off, as in LMAC-ZS): the clip with the "
-                   "mask removed must score its caption no higher than silence does, so a mask cannot leave out the "
-                   "sound its caption names. One more encoder pass per clip.")
-@click.option("--lambda-overlap", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="Weight of an overlap term (0: off, as in LMAC-ZS): two different texts' masks on one clip are "
-                   "charged for the cells both keep, in proportion to how much the texts differ, so each prompt "
-                   "keeps its own sound rather than everything. Pairs with --group-by-audio and every pair (no "
-                   "--mismatched).")
-@click.option("--lambda-absent", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="Weight of an absent-prompt term (0: off, as in LMAC-ZS): the mask of a caption on another clip is "
-                   "charged its mean, in full where CLAP scores that caption on the clip at a cosine of 0 or lower and "
-                   "not at all where it scores as high as the clip's own caption, so a prompt for a sound that is not "
-                   "there gets an empty mask (the similarity term alone leaves it free). Captions of the same clip "
-                   "are never charged.")
 @click.option("--mismatched", type=click.IntRange(min=0), default=None,
               help="Mismatched captions per clip in the pair term; default: every pair (B*B encoder passes).")
-@click.option("--group-by-audio", is_flag=True, default=False,
-              help="Keep a clip's several captions in the same micro-batches, so the diversity term compares "
-                   "the clip's masks for its different captions (e.g. one line per sound event).")
-@click.option("--width", type=click.IntRange(min=8), default=64, show_default=True, help="Decoder width.")
-@click.option("--text-tokens", type=click.IntRange(min=4), default=8, show_default=True,
-              help="Text tokens the decoder cross-attends to.")
-@click.option("--text-readout", is_flag=True, default=False,
-              help="Add a mask logit per cell from a dot product of the prompt with the decoder's audio features, "
-                   "so masks differ by prompt from the first step.")
-@click.option("--levels", type=click.IntRange(2, 4), default=4, show_default=True,
-              help="CLAP stages the decoder reads, from the first: 4 (all), 3, or 2 (the first two: local features, "
-                   "so a mask can only keep what looks like the prompt where it is, not follow the whole clip).")
-@click.option("--logmel-skip/--no-logmel-skip", default=True, show_default=True,
-              help="Feed the decoder the clip's log-mel at full resolution beside CLAP's hidden states. Without it "
-                   "the mask can only follow what the encoder saw (the randomization check falls harder).")
-@click.option("--skip-gate", is_flag=True, default=False,
-              help="Let the log-mel skip only gate the mask (a text-independent gate that can remove quiet cells) "
-                   "instead of joining the decoder's features: which events a prompt keeps must then come from CLAP.")
-@click.option("--mask-noise", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="Scale of logistic noise added to the mask logits in training (0: none). At 1 the decoder must "
-                   "commit each cell to kept or dropped instead of turning everything down a little; the saved "
-                   "decoder's masks are noise-free.")
-@click.option("--hard-mask", is_flag=True, default=False,
-              help="In training, show CLAP the mask thresholded at 0.5 (cells kept whole or removed) with the soft "
-                   "mask's gradient (straight-through); use with --mask-noise so the saved soft mask commits too.")
-@click.option("--hard-grad", type=click.Choice(["mask", "input", "chord"]), default="mask", show_default=True,
-              help="With --hard-mask, where the soft mask's gradient is taken: at the mask (a cell dropped to "
-                   "silence gets none), at CLAP's input, the soft-masked log-mel (a dropped cell gets one as long "
-                   "as its soft-masked level stays above the log-mel floor: the louder cells), or 'chord': along the "
-                   "straight line from each cell dropped to kept (every cell CLAP's mel bands cover gets one, scaled "
-                   "by its level).")
-@click.option("--hard-floor-db", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="With --hard-mask, a dropped cell is taken down by this many dB in training instead of to silence "
-                   "(0), so that its gradient is not cut off at the log-mel floor. Pick a depth at which your CLAP "
-                   "no longer hears the sound (the bundled demo CLAP scores a noise burst turned down 30 dB about as "
-                   "it scores an empty clip).")
-@click.option("--logit-bound", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="Pull the mask logits back inside ±B in training (a squared penalty beyond it; 0: off), so that a "
-                   "prompt's mask cannot sink so far below 0 that no gradient brings its events back.")
-@click.option("--lambda-reach", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="Weight of a penalty that lifts the strongest 0.5 % of each matched caption's mask cells to the "
-                   "0.5 threshold (0: off), so that no caption's explanation sinks to empty where the similarity "
-                   "gradient no longer reaches it.")
 @click.option("--resume", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Continue the run in this folder exactly where it stopped (its settings are reused).")
 @click.option("--init", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Start from the decoder saved in this folder (a `lmaczs train` output trained on the same CLAP) "
                    "instead of random weights, with a fresh optimizer and schedule: fine-tuning, e.g. on new data or "
                    "with other loss settings. Its architecture is reused.")
-@click.option("--init-any-clap", is_flag=True, default=False,
-              help="With --init: accept a decoder trained on another CLAP, e.g. on the CLAP before you fine-tuned "
-                   "it. Its masks are only a starting point until training adapts them to this CLAP.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @_device_option
-@click.option("--amp", is_flag=True, help="Autocast the decoder and masked encoder pass (fp16 on CUDA, bf16 on CPU).")
+@click.option("--amp/--no-amp", default=False, show_default=True,
+              help="Autocast the decoder and masked encoder pass (fp16 on CUDA, bf16 on CPU).")
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
               help="DataLoader worker processes (decode + resample).")
 @click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True,
               help="Optimizer steps between metrics.jsonl lines.")
 @click.option("--save-every", type=click.IntRange(min=1), default=200, show_default=True,
               help="Optimizer steps between checkpoints (one is also written at each epoch end).")
-@click.option("--strict", is_flag=True, help="Stop at the first missing or unreadable manifest row.")
+@click.option("--strict/--no-strict", default=False, show_default=True,
+              help="Stop at the first missing or unreadable manifest row.")
 @click.pass_context
-def train(ctx: click.Context, data: Path | None, out: Path | None, resume: Path | None, val_data: Path | None,
-          audio_dir: Path | None, tokenizer: Path | None, **options: Any) -> None:
+def train(ctx: click.Context, config: Path | None, resume: Path | None, **options: Any) -> None:
     """Train an LMAC-ZS mask decoder on a frozen CLAP.
 
     Only the decoder learns; the CLAP stays frozen and gradients flow through it into
@@ -484,45 +428,34 @@ def train(ctx: click.Context, data: Path | None, out: Path | None, resume: Path 
     in OUT/skipped.jsonl (--strict stops instead). Under torchrun it trains with DDP
     (gloo on CPU, NCCL on GPU); pairs are formed within each process's micro-batch.
 
+    A recipe file (--config) holds every setting of a run, the decoder's architecture
+    ([decoder] width, text_tokens, text_readout, levels, logmel_skip, skip_gate), the
+    learning-rate schedule ([optimiser] lr_schedule: constant or cosine) and the research
+    terms beyond the paper's objective ([loss] mask_noise, hard_mask, logit_bound,
+    lambda_reach, lambda_out, lambda_overlap, lambda_absent; [data] group_by_audio)
+    included, and [decoder] init_any_clap = true lets --init start from a decoder
+    trained on another CLAP. Each run writes its whole configuration to
+    OUT/recipe.toml.
+
     Examples:
 
     \b
       lmaczs train --data captions.jsonl --clap random:tiny --out runs/dec1
       lmaczs train --data clotho_captions_development.csv --clap 630k-audioset-best.pt --domain stft --out runs/stft
+      lmaczs train --config recipe.toml --lr 3e-4 --out runs/dec2
+      lmaczs train --config runs/dec1/recipe.toml --out runs/dec1-again
       lmaczs train --resume runs/stft --epochs 4
       lmaczs train --data more.jsonl --init runs/dec1 --lr 1e-5 --out runs/dec1-ft
       torchrun --nproc-per-node 2 -m lmaczs_cli train --data captions.jsonl --device cpu --out runs/ddp
     """
+    from . import recipe
     from . import train as training
 
-    options["clap_spec"] = options.pop("clap")
-    if resume is not None:
-        if options["init"] is not None:
-            raise click.UsageError("--init starts a new run; --resume continues from the run's own checkpoint")
-        if options["init_any_clap"]:
-            raise click.UsageError("--init-any-clap goes with --init, which starts a new run; --resume continues "
-                                   "from the run's own checkpoint")
-        stored = _stored_train_config(resume)
-        overrides = {k: v for k, v in _given(ctx, options).items()}
-        defaults = {f.name: f.default for f in dataclasses.fields(training.TrainConfig)}
-        for name, why in FIXED_ON_RESUME.items():
-            if name in overrides and overrides[name] != stored.get(name, defaults[name]):
-                raise click.UsageError(f"--{name.replace('_', '-')} cannot change on --resume: {why}; "
-                                       "start a new run instead")
-        cfg = training.TrainConfig.from_json({**stored, **overrides, "out": str(resume)})
-    else:
-        if data is None or out is None:
-            raise click.UsageError("--data and --out are required (or --resume RUN_DIR)")
-        if options["init_any_clap"] and options["init"] is None:
-            raise click.UsageError("--init-any-clap needs --init DIR (the decoder to start from)")
-        if options["init"] is not None:
-            options.update(_init_architecture(ctx, options))
-            options["init"] = str(options["init"])
-        cfg = training.TrainConfig(
-            manifest=str(data), out=str(out), clap=options.pop("clap_spec"),
-            tokenizer=str(tokenizer) if tokenizer else None, audio_dir=str(audio_dir) if audio_dir else None,
-            val_manifest=str(val_data) if val_data else None, **options,
-        )
+    try:
+        fields = recipe.load_recipe(config) if config is not None else {}
+        cfg = recipe.resolve_config({**fields, **_train_fields(ctx, options)}, resume)
+    except recipe.TrainError as e:
+        raise click.UsageError(str(e)) from e
     summary = _run_training(training, cfg, resume is not None)
     if summary.get("skipped") is None:  # not rank 0 under torchrun: rank 0 reports
         return
@@ -530,56 +463,29 @@ def train(ctx: click.Context, data: Path | None, out: Path | None, resume: Path 
                + (f"; {summary['skipped']} rows skipped (see skipped.jsonl)" if summary.get("skipped") else ""))
 
 
-ARCHITECTURE = ("domain", "width", "text_tokens", "text_readout", "logmel_skip", "levels", "skip_gate")  # TrainConfig
-FIXED_ON_RESUME = {   # TrainConfig fields a resumed run must keep, and why
-    "group_by_audio": "it would re-plan the epoch in progress (some clips twice, some never)",
-    **dict.fromkeys(ARCHITECTURE, "the checkpoint holds a decoder of the stored shape"),
-}
+TRAIN_FIELD_OF = {"data": "manifest", "val_data": "val_manifest"}   # `train` option -> TrainConfig field
 
 
-def _init_architecture(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any]:
-    """The architecture options of the --init decoder; one typed on the command line must agree."""
-    from .decoder import DecoderConfig, read_decoder_config
-
-    stored = DecoderConfig.from_json(read_decoder_config(options["init"])["decoder"]).to_json()
-    given = _given(ctx, options)
-    out = {}
-    for name in ARCHITECTURE:
-        if name in given and given[name] != stored[name]:
-            raise click.UsageError(f"--{name.replace('_', '-')} {given[name]} differs from the --init decoder's "
-                                   f"{stored[name]}: fine-tuning keeps its architecture")
-        out[name] = stored[name]
-    return out
-
-
-def _given(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any]:
-    """The options typed on the command line (not defaults), renamed to TrainConfig fields."""
+def _train_fields(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any]:
+    """The options typed on the command line (not defaults: those must not override a recipe's
+    settings), as TrainConfig fields; paths as strings."""
     from click.core import ParameterSource
 
-    rename = {"clap_spec": "clap"}
     out = {}
     for name, value in options.items():
-        param = "clap" if name == "clap_spec" else name
-        if ctx.get_parameter_source(param) == ParameterSource.COMMANDLINE:
-            out[rename.get(name, name)] = value
+        if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE:
+            out[TRAIN_FIELD_OF.get(name, name)] = str(value) if isinstance(value, Path) else value
     return out
-
-
-def _stored_train_config(run: Path) -> dict[str, Any]:
-    path = run / "config.json"
-    if not path.is_file():
-        raise click.UsageError(f"--resume {run}: no config.json there; pass a folder written by `lmaczs train`")
-    return json.loads(path.read_text())["train"]
 
 
 def _run_training(training: Any, cfg: Any, resume: bool) -> dict[str, Any]:
     """Run training with a rich progress bar (rank 0 only under torchrun)."""
-    import os
-
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    quiet = int(os.environ.get("RANK", "0")) != 0
+    from .device import torchrun_rank
+
+    quiet = not torchrun_rank().main
     console = Console(stderr=True)
     progress = Progress(
         TextColumn("[bold]train[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[terms]}"),

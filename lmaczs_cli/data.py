@@ -34,7 +34,7 @@ from typing import IO, Any, NamedTuple
 import numpy as np
 import torch
 
-from .audio import CLIP_SAMPLES, AudioError, load_audio, pad_clip
+from .audio import AUDIO_EXTENSIONS, CLIP_SAMPLES, AudioError, is_audio_name, load_audio, pad_clip
 from .errors import LmaczsError
 
 __all__ = [
@@ -43,10 +43,8 @@ __all__ = [
     "shard", "steps_per_epoch",
 ]
 
-# Extensions a labelled folder's audio files are recognised by (compared case-insensitively).
-# Only folders are judged by name; a file named in a manifest is sniffed by libsndfile.
-AUDIO_EXTENSIONS = frozenset(
-    {"wav", "flac", "ogg", "oga", "opus", "mp3", "aiff", "aif", "au", "caf", "w64", "rf64"})
+# A labelled folder's audio files are recognised by extension (audio.AUDIO_EXTENSIONS). Only
+# folders are judged by name; a file named in a manifest is sniffed by libsndfile.
 
 CLASS_CAPTION = "this is the sound of {}"   # caption of a labelled folder's clips
 CLOTHO_PREFIX = "clotho_captions_"          # clotho_captions_development.csv -> development/
@@ -227,7 +225,7 @@ def _read_folder(root: Path) -> tuple[list[Item], list[Skip]]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
-            if name.startswith(".") or _extension(name) not in AUDIO_EXTENSIONS:
+            if name.startswith(".") or not is_audio_name(name):
                 continue
             p = Path(dirpath) / name
             found.append((p.relative_to(root).parts, p))
@@ -244,10 +242,6 @@ def _read_folder(root: Path) -> tuple[list[Item], list[Skip]]:
         entry = _audio_item(p, class_caption(parts[0]), source)   # a dangling link: "missing"
         (skips if isinstance(entry, Skip) else items).append(entry)
     return items, skips
-
-
-def _extension(name: str) -> str:
-    return name.rpartition(".")[2].lower() if "." in name else ""
 
 
 def class_caption(class_name: str) -> str:

@@ -98,11 +98,6 @@ def unstretch_frames(x: torch.Tensor) -> torch.Tensor:
     return resample_time(x, N_FRAMES)
 
 
-def stretch_frames(x: torch.Tensor, n_out: int = HTSAT_FRAMES) -> torch.Tensor:
-    """(…, 1001, F) -> (…, n_out, F): the frame grid laion's encoder sees."""
-    return resample_time(x, n_out)
-
-
 # --------------------------------------------------------------------------- config
 
 

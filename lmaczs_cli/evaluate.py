@@ -4,13 +4,15 @@ For each clip (its first 10-s window; shorter clips repeat-padded as CLAP was tr
 CLAP scores it against every label prompt, ĉ is the top prompt, and each method explains
 the similarity to ĉ's prompt with a mask on the decoder's grid. The masked input M⊙X
 (the mask a gain on magnitude before the log) and the input with the explanation removed
-(x − x_int, x_int the listenable explanation, PAPER.md Eq. 8) are scored again, giving the
+(x − x_int, x_int the listenable explanation, as in the LMAC-ZS paper) are scored again, giving the
 metrics of `metrics` (AI, AD, AG, FF, Fid-In, SPS, COMP, MM) and, where the data has ground
 truth (the demo world), localization of ĉ's event.
 
-Data (`load_dataset`): ``demo`` (world scenes of the test split with ground truth), a
-labelled folder (``class/clip.wav``), ESC-50's layout (``meta/esc50.csv`` + ``audio/``,
-``fold``) or UrbanSound8K's (``metadata/UrbanSound8K.csv`` + ``audio/foldN/``).
+Data (`load_dataset`): a labelled folder (``class/clip.wav``), ESC-50's layout
+(``meta/esc50.csv`` + ``audio/``, ``fold``), UrbanSound8K's (``metadata/UrbanSound8K.csv`` +
+``audio/foldN/``) or a named set of `NAMED_DATASETS` (``demo``: held-out scenes of the demo
+world with ground truth), imported only when named; `run_eval` also takes a `Dataset` built
+by the caller.
 
 Studies: contamination at an SNR (`contaminate`), cascading randomisation of the audio
 encoder (`randomization_study`) and prompt sensitivity (`prompt_sensitivity_study`).
@@ -22,7 +24,6 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
-import functools
 import json
 import os
 import time
@@ -36,10 +37,11 @@ import torch
 from torch import nn
 
 from . import metrics, spectral
-from .audio import CLIP_SAMPLES, load_audio, pad_clip
+from .audio import CLIP_SAMPLES, is_audio_name, load_audio, pad_clip
 from .baselines import BASELINES, BaselineSettings, explain_baseline
 from .errors import LmaczsError
 from .files import atomic_path
+from .model import ExplainerModule
 
 METHODS = ("lmaczs", *BASELINES)
 CONTAMINATIONS = ("mix", "white-noise", "speech")
@@ -71,7 +73,7 @@ class EvalConfig:
     randomization: bool = False
     prompt_sensitivity: bool = False
     study_clips: int = 4                       # clips the two studies use (the first N)
-    logit_scale: float = 1.0                   # softmax temperature of p_c; 1 = PAPER.md
+    logit_scale: float = 1.0                   # softmax temperature of p_c; 1: the paper's formula
     seed: int = 0
     baselines: BaselineSettings = field(default_factory=BaselineSettings)
 
@@ -110,29 +112,22 @@ class EvalClip:
     key: str                                   # unique in the run (relative path or scene id)
     labels: tuple[int, ...]                    # class indices present (one for labelled data)
     path: Path | None = None
-    scene_seed: int | None = None              # demo world scene
+    # a synthetic clip with ground truth instead of a file: () -> an object with .wave, float32
+    # (480000,), and .mel_masks, {class name: bool (1001, 64) region of the mel grid}
+    scene: Callable[[], Any] | None = None
 
     def wave(self) -> np.ndarray:
         """The first 10-s window, float32 (480000,)."""
-        if self.scene_seed is not None:
-            return _scene(self.scene_seed).wave
+        if self.scene is not None:
+            return self.scene().wave
         x = load_audio(self.path)
         return pad_clip(x) if x.size <= CLIP_SAMPLES else x[:CLIP_SAMPLES].copy()
 
     def regions(self, classes: Sequence[str]) -> dict[int, np.ndarray]:
         """Ground truth: class index -> bool (1001, 64) mel-grid region; {} without truth."""
-        if self.scene_seed is None:
+        if self.scene is None:
             return {}
-        scene = _scene(self.scene_seed)
-        return {classes.index(n): m for n, m in scene.mel_masks.items()}
-
-
-@functools.lru_cache(maxsize=32)
-def _scene(seed: int) -> Any:
-    """A demo world scene, rendered once per batch rather than once per method and look-up."""
-    from .demo import world
-
-    return world.render_scene(seed)
+        return {classes.index(n): m for n, m in self.scene().mel_masks.items()}
 
 
 @dataclass
@@ -143,10 +138,18 @@ class Dataset:
     layout: str
 
 
+# Data sets named rather than found on disk: name -> "module:function", the function taking
+# (limit, seed) and returning a Dataset. Imported only when named, so this module needs none of them.
+NAMED_DATASETS = {"demo": "lmaczs_cli.demo.dataset:eval_dataset"}
+
+
 def load_dataset(data: str, fold: int | None = None, limit: int | None = None, seed: int = 0) -> Dataset:
     """Find the clips and classes of ``data`` (see module docstring)."""
-    if data == "demo":
-        return _demo_dataset(limit or 32, seed)
+    if data in NAMED_DATASETS:
+        import importlib
+
+        module, function = NAMED_DATASETS[data].split(":")
+        return getattr(importlib.import_module(module), function)(limit, seed)
     root = Path(data)
     if (root / "meta" / "esc50.csv").is_file():
         ds = _table_dataset(root, root / "meta" / "esc50.csv", "esc50", "filename", "category", fold,
@@ -165,22 +168,6 @@ def load_dataset(data: str, fold: int | None = None, limit: int | None = None, s
         raise EvalError(f"--data {data}: no clips" + (f" in fold {fold}" if fold is not None else ""))
     ds.clips = ds.clips[:limit] if limit else ds.clips
     return ds
-
-
-def _demo_dataset(n: int, seed: int) -> Dataset:
-    from .demo import world
-
-    classes = list(world.EVENTS)
-    clips = []
-    for i in range(n):
-        s = world.scene_seed(seed, "test", i)
-        names = _demo_events(s)
-        clips.append(EvalClip(f"test/scene_{i:05d}", tuple(classes.index(x) for x in names), scene_seed=s))
-    return Dataset(classes, [world.prompt_for(c) for c in classes], clips, "demo")
-
-
-def _demo_events(seed: int) -> list[str]:
-    return [e.name for e in _scene(seed).events]
 
 
 def _table_dataset(root: Path, table: Path, layout: str, file_col: str, class_col: str, fold: int | None,
@@ -232,10 +219,8 @@ class Contaminator:
         self.kind, self.snr, self.clips, self.seed = kind, snr, list(clips), seed
         self.speech: list[Path] = []
         if kind == "speech":
-            from .data import AUDIO_EXTENSIONS
-
             folder = Path(speech or "")
-            self.speech = sorted(p for p in folder.rglob("*") if p.suffix[1:].lower() in AUDIO_EXTENSIONS)
+            self.speech = sorted(p for p in folder.rglob("*") if is_audio_name(p.name))
             if not self.speech:
                 raise EvalError(f"--speech {speech}: no audio files there")
 
@@ -260,17 +245,16 @@ class MaskMethods:
     def __init__(self, clap: Any, decoder: nn.Module, domain: str, text: torch.Tensor,
                  settings: BaselineSettings) -> None:
         self.clap, self.decoder, self.domain = clap, decoder, domain
+        self.model = ExplainerModule(clap, decoder, domain)
         self.text, self.settings = text, settings      # text (C, D) label prompt embeddings
 
     def __call__(self, method: str, waves: torch.Tensor, target: torch.Tensor) -> np.ndarray:
         """waves (B, 480000), target (B,) class indices -> masks (B, 1001, bins) float32."""
-        P = spectral.power(spectral.stft(waves))
-        logmel = spectral.to_db(spectral.mel_power(P))
         if method == "lmaczs":
             with torch.no_grad():
-                _, hidden = self.clap.encode(logmel)
-                lp = spectral.to_db(P) if self.domain == "stft" else None
-                return self.decoder(hidden, self.text[target], logmel, lp).float().cpu().numpy()
+                out = self.model(waves, self.text[target][:, None], check=False, listen=False)
+            return out["masks"][:, 0].float().cpu().numpy()
+        logmel = spectral.log_mel(waves)
         masks = explain_baseline(method, self.clap, self.text, logmel, target, self.settings)
         if self.domain == "stft":   # the same grid as LMAC-ZS: mel-grid maps spread over linear bins
             masks = spectral.mel_mask_to_linear(torch.from_numpy(masks)).numpy()
@@ -285,16 +269,17 @@ def probabilities(clap: Any, text: torch.Tensor, logmel: torch.Tensor, logit_sca
 
 
 @torch.no_grad()
-def masked_probabilities(clap: Any, text: torch.Tensor, waves: torch.Tensor, masks: np.ndarray, domain: str,
+def masked_probabilities(model: ExplainerModule, text: torch.Tensor, waves: torch.Tensor, masks: np.ndarray,
                          logit_scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """p_c of M⊙X and of X − X_int (the explanation removed from the waveform): two (B, C)."""
+    """p_c of M⊙X and of X − X_int (the explanation removed from the waveform): two (B, C).
+    masks (B, 1001, bins) on the model's grid, whichever method made them."""
     m = torch.from_numpy(masks).to(waves.device)
-    P = spectral.power(spectral.stft(waves))
-    masked = (spectral.masked_log_mel_from_mel(spectral.mel_power(P), m) if domain == "mel"
-              else spectral.masked_log_mel_from_power(P, m))
-    removed = waves - spectral.listenable(waves, m, domain)
-    return (probabilities(clap, text, masked, logit_scale),
-            probabilities(clap, text, spectral.log_mel(removed), logit_scale))
+    with torch.no_grad():
+        spec = model.analyse(waves)
+        masked = model.masked_log_mel(spec, 1, m)
+        removed = waves - model.listen(spec, m, 1, waves.shape[-1])
+    return (probabilities(model.clap, text, masked, logit_scale),
+            probabilities(model.clap, text, spectral.log_mel(removed), logit_scale))
 
 
 # ----------------------------------------------------------------------------- the run
@@ -373,13 +358,15 @@ def load_models(cfg: EvalConfig) -> tuple[Any, nn.Module, str]:
     return ex.clap, ex.decoder, ex.domain
 
 
-def run_eval(cfg: EvalConfig, on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Run (or resume) an evaluation; write the tables and plots; return the summary (metrics.json)."""
+def run_eval(cfg: EvalConfig, on_event: Callable[[dict[str, Any]], None] | None = None,
+             dataset: Dataset | None = None) -> dict[str, Any]:
+    """Run (or resume) an evaluation; write the tables and plots; return the summary (metrics.json).
+    ``dataset``: the clips to evaluate, when the caller built them (else `load_dataset` of ``cfg.data``)."""
     emit = on_event or (lambda e: None)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     _check_run(out, cfg)
-    ds = load_dataset(cfg.data, cfg.fold, cfg.limit, cfg.seed)
+    ds = dataset if dataset is not None else load_dataset(cfg.data, cfg.fold, cfg.limit, cfg.seed)
     clap, decoder, domain = load_models(cfg)
     text = clap.encode_text(ds.prompts).detach()
     masker = MaskMethods(clap, decoder, domain, text, cfg.baselines)
@@ -422,7 +409,7 @@ def _run_method(method: str, masker: MaskMethods, batch: Sequence[EvalClip], wav
     t0 = time.perf_counter()
     masks = masker(method, waves, torch.from_numpy(pred).to(waves.device))
     seconds = time.perf_counter() - t0
-    pm, pr = masked_probabilities(masker.clap, masker.text, waves, masks, masker.domain, logit_scale)
+    pm, pr = masked_probabilities(masker.model, masker.text, waves, masks, logit_scale)
     values = metrics.per_clip_metrics(prob, pm, pr, masks)
     records.append(method, _clip_records(method, batch, pred, prob, values, masks, classes, seconds))
 

@@ -1,18 +1,15 @@
-"""Explaining clips: the batched model step, the any-length library API, and the batch
-pipeline of `lmaczs explain` (discover -> decode workers -> batched model -> writers).
+"""Explaining clips: the any-length library API and the batch pipeline of `lmaczs explain`
+(discover -> decode workers -> batched model -> writers).
 
-``ExplainerModule`` is the whole computation for a batch of 10-s windows and K prompts per
-window — one CLAP encoder pass shared by the K prompts, the decoder, the masked encoder
-pass (the check that the mask keeps the similarity) and the listenable inverse:
+``Explainer`` orchestrates: windows of any-length input, stitching of the per-window results,
+the prompt-embedding cache, batches that mix windows of several files, top-k. It owns a
+``Runner`` (``backends``: torch, ONNX Runtime or TensorRT) that does the batched model step,
+the one explanation forward pass of ``model.ExplainerModule``:
 
     waves (B, 480000), text (B, K, D)  ->  masks (B, K, 1001, bins), audio (B, K, 480000),
                                             similarity (B, K), masked_similarity (B, K)
 
-It is what ``lmaczs export`` traces and what ``Explainer`` runs in eager mode.
-``Explainer`` adds loading, a prompt-embedding cache, windowing of any-length input and
-stitching of the per-window results; ``Explainer.explain_many`` streams many clips through
-batches that mix windows of several files, decoding in DataLoader worker processes.
-
+``Explainer.explain_many`` streams many clips, decoding in DataLoader worker processes.
 The `lmaczs explain` command around it lives in ``runs`` (finding files: ``inputs``).
 """
 from __future__ import annotations
@@ -27,48 +24,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from . import audio as audio_mod
-from . import kernels, spectral
-from .audio import CLIP_SAMPLES, HOP, N_FRAMES, SAMPLE_RATE, load_audio
-from .clap import ClapModel, load_clap
-from .device import resolve_device
-from .decoder import MaskDecoder, load_decoder
-from .inputs import ExplainError, label_prompt, reason_of
-
-
-class ExplainerModule(nn.Module):
-    """CLAP + decoder for a batch of windows and K prompts per window (see module docstring)."""
-
-    def __init__(self, clap: ClapModel, decoder: MaskDecoder, domain: str, mel_to_linear: str = "linear") -> None:
-        super().__init__()
-        self.clap, self.decoder = clap, decoder
-        self.domain, self.mel_to_linear = domain, mel_to_linear
-
-    def forward(self, waves: torch.Tensor, text: torch.Tensor, check: bool = True) -> dict[str, torch.Tensor]:
-        B, K, Dm = text.shape
-        X = spectral.stft(waves)                                  # (B, 1001, 513) complex
-        P = spectral.power(X)
-        mel = spectral.mel_power(P)
-        logmel = spectral.to_db(mel)                              # (B, 1001, 64)
-        emb, hidden = self.clap.encode(logmel)                    # (B, D), h1..h4
-        similarity = (text * emb[:, None]).sum(-1)                # (B, K)
-        rep = torch.arange(B, device=waves.device).repeat_interleave(K)
-        log_power = spectral.to_db(P)[rep] if self.domain == "stft" else None
-        masks = self.decoder([h[rep] for h in hidden], text.reshape(B * K, Dm), logmel[rep], log_power)
-        out = {"masks": masks.reshape(B, K, *masks.shape[1:]), "similarity": similarity}
-        # (B*K, 480000); one fused Triton launch on CUDA (lmaczs_cli.kernels), torch ops elsewhere
-        listen = kernels.listenable(X, masks, K, self.domain, self.mel_to_linear, waves.shape[-1])
-        out["audio"] = listen.reshape(B, K, -1)
-        if check:
-            if self.domain == "mel":
-                masked_logmel = spectral.masked_log_mel_from_mel(mel[rep], masks)
-            else:
-                masked_logmel = spectral.masked_log_mel_from_power(P[rep], masks)
-            masked_emb, _ = self.clap.encode(masked_logmel)
-            out["masked_similarity"] = (text.reshape(B * K, Dm) * masked_emb).sum(-1).reshape(B, K)
-        return out
+from .audio import CLIP_SAMPLES, N_FRAMES, SAMPLE_RATE, load_audio
+from .backends import Runner, load_runner
+from .inputs import ExplainError, check_prompts, label_prompt, reason_of
 
 
 @dataclass
@@ -82,40 +42,107 @@ class Explanation:
     masked_similarity: float | None  # cos(a', t) of the masked input, mean over windows
     domain: str                      # "mel" (bins = 64) or "stft" (bins = 513)
     windows: list[dict[str, float]] = field(default_factory=list)  # per window: start_s, similarity, ...
+    sample_rate: int = SAMPLE_RATE   # of ``audio``, Hz
 
     @property
     def mask_mean(self) -> float:
         return float(self.mask.mean())
 
+    @property
+    def times(self) -> np.ndarray:
+        """Centre time in s of each mask frame (row of ``mask``): float64 (frames,)."""
+        from .report import mask_times
+
+        return mask_times(self.mask.shape[0])
+
+    @property
+    def freqs(self) -> np.ndarray:
+        """Frequency in Hz of each mask bin (column of ``mask``): mel band centres or STFT bins, (bins,)."""
+        from .report import mask_frequencies
+
+        return mask_frequencies(self.domain)
+
+    def save(self, path: str | os.PathLike, sr: int | None = None) -> Path:
+        """Write the listenable explanation as a 16-bit wav (at ``sr``, default its own rate),
+        atomically; an existing file is refused (pick another name or delete it)."""
+        from .report import write_wav
+
+        path = Path(path)
+        if path.exists():
+            raise ExplainError(f"{path} exists: not overwritten; choose another path")
+        write_wav(path, self.audio, sr or self.sample_rate)
+        return path
+
 
 class Explainer:
-    """Explain any clip for any prompt with a trained decoder (DESIGN §11)."""
+    """Explain any clip for any prompt with a trained decoder.
 
-    def __init__(self, clap: ClapModel, decoder: MaskDecoder, config: dict[str, Any],
-                 device: str | torch.device = "cpu", batch_size: int = 8) -> None:
-        self.device = resolve_device(device)
-        self.clap = clap.to(self.device)
-        self.decoder = decoder.to(self.device).eval()
-        self.config = config
-        self.domain = config["domain"] if "domain" in config else decoder.cfg.domain
-        self.module = ExplainerModule(self.clap, self.decoder, self.domain, config.get("mel_to_linear", "linear")).eval()
+    ``Explainer.load(...)`` builds one; ``explain`` / ``explain_prompts`` take one waveform,
+    ``explain_many`` streams files or waveforms. The model step runs on ``runner``."""
+
+    def __init__(self, runner: Runner, batch_size: int = 8) -> None:
+        self.runner = runner
         self.batch_size = batch_size
         self._text: dict[str, torch.Tensor] = {}
 
     @classmethod
     def load(cls, name: str | None = None, *, clap: str | None = None, decoder: str | os.PathLike | None = None,
              tokenizer: str | os.PathLike | None = None, device: str = "auto", force: bool = False,
-             clap_ckpt: str | None = None, batch_size: int = 8) -> "Explainer":
+             clap_ckpt: str | None = None, batch_size: int = 8, backend: str = "torch",
+             engines: str | os.PathLike | None = None, threads: int | None = None,
+             spectral: str = "auto") -> "Explainer":
         """``Explainer.load("demo")`` for the bundled demo, or ``clap=`` (demo | laion:NAME | PATH |
-        random:ARCH; ``clap_ckpt=`` is an alias) with ``decoder=`` (a `lmaczs train` folder)."""
+        hf:DIR | random:ARCH; ``clap_ckpt=`` is an alias) with ``decoder=`` (a `lmaczs train`
+        folder). ``backend="onnx"`` or ``"trt"`` runs an export folder ``engines=`` instead
+        (written by `lmaczs export`). ``spectral=``: the torch model's spectral operations
+        ("auto": the fused Triton listenable kernel on CUDA)."""
         spec = clap or clap_ckpt or name or "demo"
-        if decoder is None:
-            if spec != "demo":
-                raise ExplainError(f"--clap {spec} needs --decoder DIR (a folder written by `lmaczs train`)")
-            decoder = demo_dir()
-        clap_model = load_clap(spec, tokenizer)
-        dec, config = load_decoder(decoder, clap=clap_model, force=force)
-        return cls(clap_model, dec, config, device=device, batch_size=batch_size)
+        runner = load_runner(backend, clap=spec, decoder=decoder, engines=engines, tokenizer=tokenizer,
+                             device=device, force=force, threads=threads, spectral=spectral)
+        return cls(runner, batch_size=batch_size)
+
+    @classmethod
+    def from_models(cls, clap: Any, decoder: Any, config: dict[str, Any] | None = None, *, device: str = "auto",
+                    batch_size: int = 8, spectral: str = "auto") -> "Explainer":
+        """An explainer over torch models you already hold (a ``ClapModel`` and a ``MaskDecoder``);
+        config: the decoder's saved config (``domain``, ``mel_to_linear``; default: the decoder's)."""
+        from .backends import TorchRunner
+
+        return cls(TorchRunner(clap, decoder, config or {}, device=device, spectral=spectral), batch_size=batch_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+    @property
+    def domain(self) -> str:
+        """The mask grid: "mel" (64 bands) or "stft" (513 bins)."""
+        return self.runner.domain
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.runner.config
+
+    def _torch(self, what: str) -> Any:
+        if not hasattr(self.runner, what):
+            raise ExplainError(f"Explainer.{what} exists for the torch backend only (this one runs "
+                               f"{type(self.runner).__name__})")
+        return getattr(self.runner, what)
+
+    @property
+    def clap(self) -> Any:
+        """The torch ``ClapModel`` (torch backend)."""
+        return self._torch("clap")
+
+    @property
+    def decoder(self) -> Any:
+        """The torch ``MaskDecoder`` (torch backend)."""
+        return self._torch("decoder")
+
+    @property
+    def model(self) -> Any:
+        """The torch ``ExplainerModule`` (torch backend)."""
+        return self._torch("model")
 
     # ---- prompts
 
@@ -123,26 +150,19 @@ class Explainer:
     def text_embedding(self, prompts: Sequence[str]) -> torch.Tensor:
         """(len(prompts), D), each distinct prompt encoded once and cached."""
         new = [p for p in dict.fromkeys(prompts) if p not in self._text]
-        if any(not p.strip() for p in new):
-            raise ExplainError("empty prompt: give a text such as --prompt 'dog barking'")
+        check_prompts(new)
         if new:
-            self._text.update(zip(new, self.encode_prompts(new)))
+            self._text.update(zip(new, self.runner.embed_text(new).to(self.device)))
         return torch.stack([self._text[p] for p in prompts])
-
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """(len(prompts), D) text embeddings on the model's device, one prompt at a time."""
-        return torch.stack([self.clap.encode_text([p])[0] for p in prompts]).to(self.device)
 
     # ---- the batched step
 
     @torch.no_grad()
     def run_batch(self, waves: torch.Tensor, text: torch.Tensor, check: bool = True) -> dict[str, torch.Tensor]:
         """waves (B, 480000) and text embeddings (B, K, D), each row its own K prompts ->
-        ExplainerModule outputs as float32, on the model's device."""
-        use_amp = self.device.type == "cuda"
-        with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
-            out = self.module(waves.to(self.device, non_blocking=True), text.to(self.device), check=check)
-        return {k: v.float() for k, v in out.items()}
+        the model's outputs as float32 (``model.ExplainerModule``); no masked_similarity
+        without ``check``."""
+        return {k: v.float() for k, v in self.runner.explain(waves, text, check=check).items()}
 
     def run_windows(self, waves: torch.Tensor, prompts: Sequence[str], check: bool = True) -> dict[str, torch.Tensor]:
         """waves (B, 480000); the same K prompts for every window -> ExplainerModule outputs."""
@@ -156,8 +176,7 @@ class Explainer:
         out = []
         for k in range(0, len(starts), self.batch_size):
             win = torch.from_numpy(np.stack([_window_at(wave, s) for s in starts[k: k + self.batch_size]]))
-            with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
-                out.append(self.clap.embed_audio(win.to(self.device)).float())
+            out.append(self.runner.embed_audio(win).float())
         return torch.cat(out)
 
     def classify(self, wave: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
@@ -190,6 +209,8 @@ class Explainer:
         (`label_prompt`), then its best `top_k` are explained (one extra encoder pass per
         window); `ClipResult.topk` holds the scores. keep_input: return the decoded input too.
         """
+        if isinstance(prompts, str):
+            raise ExplainError("explain_many takes a list of prompts: explain_many(items, [prompt])")
         if labels and prompts:
             raise ExplainError("give prompts or labels (top-k mode), not both")
         label_prompts = [label_prompt(x) for x in labels] if labels else []
@@ -225,14 +246,19 @@ class Explainer:
 
     def explain(self, wave: np.ndarray, prompt: str, check: bool = True) -> Explanation:
         """One clip (float32 (n,), mono, 48 kHz; any length) for one prompt."""
+        if not isinstance(prompt, str):
+            raise ExplainError(f"explain takes one prompt as a str, got {type(prompt).__name__}; "
+                               "for several prompts use explain_prompts(wave, prompts)")
         return self.explain_prompts(wave, [prompt], check=check)[0]
 
     def explain_prompts(self, wave: np.ndarray, prompts: Sequence[str], check: bool = True) -> list[Explanation]:
         """One clip (float32 (n,), mono, 48 kHz; any length) for K prompts, sharing one encoder
         pass per window. Raises `ExplainError` for an empty or non-finite waveform."""
+        if isinstance(prompts, str):
+            raise ExplainError("explain_prompts takes a list of prompts; for one prompt use explain(wave, prompt)")
         if not prompts:
             raise ExplainError("no prompt: give at least one text such as 'dog barking'")
-        result = next(self.explain_many([Clip(key=0, wave=np.asarray(wave), prompts=list(prompts))], check=check))
+        result = next(self.explain_many([Clip(key=0, wave=_check_wave(wave), prompts=list(prompts))], check=check))
         if result.error is not None:
             raise ExplainError(result.error)
         return result.explanations
@@ -273,7 +299,20 @@ def _as_clip(x: Any, i: int) -> Clip:
     return Clip(key=x, path=x)
 
 
-def _check_wave(wave: np.ndarray) -> np.ndarray:
+def _check_wave(wave: Any) -> np.ndarray:
+    """A waveform as float32 (n,). Integer PCM is scaled by its type's full scale (int16 / 32768);
+    anything that is not an array of numbers is refused."""
+    if isinstance(wave, torch.Tensor):
+        wave = wave.detach().cpu().numpy()
+    if not isinstance(wave, np.ndarray):
+        raise ExplainError(f"expected a waveform as a numpy array (n,), got {type(wave).__name__}; "
+                           "for a file use load_audio(path) or explain_many([path], ...)")
+    if wave.dtype.kind in "iu":
+        info = np.iinfo(wave.dtype)
+        scale = 2.0 ** (info.bits - 1)
+        wave = (wave.astype(np.float64) - (scale if wave.dtype.kind == "u" else 0)) / scale
+    elif wave.dtype.kind != "f":
+        raise ExplainError(f"expected a float or integer PCM waveform, got dtype {wave.dtype}")
     wave = np.asarray(wave, dtype=np.float32)
     if wave.ndim != 1 or wave.size == 0:
         raise ExplainError(f"expected a non-empty mono waveform (n,), got shape {wave.shape}")
@@ -327,37 +366,6 @@ def _decoded(clips: list[Clip], workers: int) -> Iterator[tuple[Clip, np.ndarray
         yield clip, wave, None, dt
 
 
-class _Stitch:
-    """`audio.stitch` fed one window at a time, in order (axis 0 is time).
-
-    Keeps only the output: the summed crossfade weight under a new window is rebuilt from the
-    windows before it that overlap it, so no second full-length array is held.
-    """
-
-    def __init__(self, length: int, starts: Sequence[int], win: int, rest: tuple[int, ...]) -> None:
-        gaps = np.diff(starts)
-        self.weights = audio_mod.crossfade_weights(win, win - int(gaps.max()) if len(gaps) else 0)
-        self.out = np.zeros((length, *rest), np.float32)
-        self.starts, self.win, self.length, self.i = list(starts), win, length, 0
-
-    def add(self, part: np.ndarray) -> None:
-        """part: (win, *rest), the next window's values."""
-        s = self.starts[self.i]
-        end = min(s + self.win, self.length)
-        total = np.zeros(end - s)
-        for j in range(self.i - 1, -1, -1):           # earlier windows reaching into [s, end)
-            sj = self.starts[j]
-            if sj + self.win <= s:
-                break
-            hi = min(sj + self.win, end)
-            total[: hi - s] += self.weights[s - sj: hi - sj]
-        w = self.weights[: end - s]
-        share = (w / (total + w)).astype(np.float32).reshape((-1,) + (1,) * (self.out.ndim - 1))
-        seg = self.out[s:end]
-        seg += (part[: end - s] - seg) * share
-        self.i += 1
-
-
 class _InFlight:
     """A clip whose windows are queued or in the model; collects and stitches their outputs."""
 
@@ -367,8 +375,8 @@ class _InFlight:
         self.decode_s, self.keep_input, self.model_s = decode_s, keep_input, 0.0
         n, K = wave.size, len(prompts)
         self.starts = audio_mod.window_starts(n)
-        self.audio = _Stitch(n, self.starts, CLIP_SAMPLES, (K,))
-        self.mask: _Stitch | None = None
+        self.audio = audio_mod.Stitcher(n, self.starts, CLIP_SAMPLES, (K,))
+        self.mask: audio_mod.Stitcher | None = None
         W = len(self.starts)
         self.sim, self.msim, self.mmean = np.zeros((W, K)), np.full((W, K), np.nan), np.zeros((W, K))
         self.received = 0
@@ -384,7 +392,7 @@ class _InFlight:
             seconds: float) -> None:
         """masks (K, 1001, bins), audio (K, 480000), sim / msim (K,) of window w (in order)."""
         if self.mask is None:
-            self.mask = _Stitch(audio_mod.num_frames(self.wave.size), [s // HOP for s in self.starts], N_FRAMES,
+            self.mask = audio_mod.Stitcher(audio_mod.num_frames(self.wave.size), audio_mod.frame_starts(self.wave.size), N_FRAMES,
                                 (len(self.prompts), masks.shape[-1]))
         self.audio.add(audio.T)
         self.mask.add(masks.transpose(1, 0, 2))
@@ -476,8 +484,3 @@ def _window_at(wave: np.ndarray, start: int) -> np.ndarray:
     if w.size < CLIP_SAMPLES:
         w = np.pad(w, (0, CLIP_SAMPLES - w.size))
     return w
-
-
-def demo_dir() -> Path:
-    """Folder of the bundled demo model (CLAP + decoder)."""
-    return Path(__file__).parent / "demo" / "model"

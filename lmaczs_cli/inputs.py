@@ -6,11 +6,11 @@ import errno
 import os
 import stat
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .audio import AudioError
+from .audio import AudioError, is_audio_name
 from .errors import LmaczsError
 
 
@@ -26,6 +26,19 @@ def reason_of(e: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------- prompts
+
+
+def check_prompts(prompts: Iterable[str]) -> None:
+    """Refuse an empty or blank prompt: there is no text to explain."""
+    if any(not p.strip() for p in prompts):
+        raise ExplainError("empty prompt: give a text such as --prompt 'dog barking'")
+
+
+def check_decoder(clap: str, decoder: str | os.PathLike | None) -> None:
+    """Refuse a CLAP without a decoder unless it is the bundled demo CLAP, the only one
+    that ships with a trained decoder (`decoder` None stands for that bundled one)."""
+    if decoder is None and clap != "demo":
+        raise ExplainError(f"--clap {clap} needs --decoder DIR (a folder written by `lmaczs train`)")
 
 
 def label_prompt(label: str) -> str:
@@ -100,24 +113,18 @@ class Discovery:
     base: str                 # the common folder rel is relative to
 
 
-def _extension(name: str) -> str:
-    return name.rpartition(".")[2].lower() if "." in name else ""
-
-
 def discover(paths: Sequence[str | os.PathLike], exclude: Callable[[str], bool] | None = None) -> Discovery:
     """Find the audio files under `paths` (files and folders), recursively, sorted.
 
     Folders are walked following symbolic links; a link back to a folder above it, or a
     link that resolves to itself, is an error entry, never followed. Hidden names (".x")
-    and files without an audio extension (`data.AUDIO_EXTENSIONS`, any case) are skipped
+    and files without an audio extension (`audio.AUDIO_EXTENSIONS`, any case) are skipped
     and counted; a folder or special file (pipe, device) named like audio is an error
     entry. A file named on the command line is taken whatever its extension. `exclude`
     (a path -> bool) leaves out our own outputs when --out lies inside an input folder.
     `rel` is relative to the common folder of the arguments (a folder argument itself,
     the parent of a file argument).
     """
-    from .data import AUDIO_EXTENSIONS
-
     absolute = [os.path.abspath(os.fspath(p)) for p in paths]
     base = os.path.commonpath([p if os.path.isdir(p) else os.path.dirname(p) for p in absolute])
     found: dict[str, Entry] = {}
@@ -159,7 +166,7 @@ def discover(paths: Sequence[str | os.PathLike], exclude: Callable[[str], bool] 
             if exclude is not None and exclude(child.path):
                 skipped["outputs"] += 1
                 continue
-            audio = _extension(child.name) in AUDIO_EXTENSIONS
+            audio = is_audio_name(child.name)
             try:
                 st = os.stat(child.path)
             except OSError as e:

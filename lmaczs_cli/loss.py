@@ -146,7 +146,7 @@ def absent_term(text: torch.Tensor, audio: torch.Tensor, pairs: torch.Tensor, ma
     scores as high as clip j's own caption (it may name something the clip holds) not at all. The
     similarity term alone leaves such a mask free: CLAP scores the masked clip as low as the clip
     itself whatever the mask keeps. Not charged: pairs whose text belongs to the same clip at
-    another batch position (identical audio embeddings, as with --group-by-audio) and clips whose
+    another batch position (identical audio embeddings, as with [data] group_by_audio) and clips whose
     own caption scores 0 or lower (nothing to measure against). text (B, D), audio (B, D) unmasked
     embeddings; pairs (P, 2) = (text, audio); masks (P, T, F), those the similarity term saw."""
     ti, aj = pairs[:, 0], pairs[:, 1]

@@ -39,12 +39,11 @@ def region_auc(mask: np.ndarray, region: np.ndarray) -> float:
 
 
 # --------------------------------------------------------------------------- faithfulness
-# PAPER.md "Evaluation". Class probabilities are p_c(X) = softmax_c(t_cᵀ f_audio(X)) over the
-# label prompts; ĉ = argmax_c of the original clip's. Every function below takes per-clip
-# arrays and returns per-clip values (N,); `summarise` averages them with the paper's scale.
+# The evaluation of the LMAC-ZS paper (Paissan et al., NeurIPS 2024). Class probabilities are
+# p_c(X) = softmax_c(t_cᵀ f_audio(X)) over the label prompts; ĉ = argmax_c of the original
+# clip's. Every function below takes per-clip arrays and returns per-clip values (N,);
+# `summarise` averages them on the paper's scale.
 
-FAITHFULNESS = ("AI", "AD", "AG", "FF", "Fid-In")
-MASK_METRICS = ("SPS", "COMP", "MM")
 HIGHER_IS_BETTER = {"AI": True, "AD": False, "AG": True, "FF": True, "Fid-In": True, "SPS": True,
                     "COMP": False, "MM": None, "loc_mass": True, "loc_auc": True}
 PERCENT = ("AI", "AD", "AG")  # reported as 100/N Σ, the others as 1/N Σ
@@ -53,7 +52,7 @@ PERCENT = ("AI", "AD", "AG")  # reported as 100/N Σ, the others as 1/N Σ
 def class_probabilities(similarity: np.ndarray, logit_scale: float = 1.0) -> np.ndarray:
     """similarity (N, C) of each clip to the C label prompts -> probabilities (N, C).
 
-    ``logit_scale`` 1 is PAPER.md's formula (a softmax of the raw cosine similarities);
+    ``logit_scale`` 1 is the paper's formula (a softmax of the raw cosine similarities);
     CLAP's own logit scale (exp(logit_scale_a), ~33 when trained) sharpens it."""
     z = logit_scale * np.asarray(similarity, dtype=np.float64)
     z = z - z.max(axis=-1, keepdims=True)
@@ -123,7 +122,7 @@ def mask_mean(mask: np.ndarray) -> np.ndarray:
 
 def per_clip_metrics(prob: np.ndarray, prob_masked: np.ndarray, prob_removed: np.ndarray,
                      masks: np.ndarray) -> dict[str, np.ndarray]:
-    """Every metric of PAPER.md per clip, from the class probabilities of the original input
+    """Every metric of the paper per clip, from the class probabilities of the original input
     (N, C), the masked input M⊙X (N, C) and the input with the explanation removed X − X_int
     (N, C), and the masks (N, T, F). ĉ is the original's top class."""
     pred = prob.argmax(axis=1)

@@ -19,6 +19,7 @@ import torch
 
 from . import report
 from .audio import CLIP_SAMPLES, SAMPLE_RATE, load_audio
+from .device import torchrun_rank
 from .explain import Clip, ClipResult, Explainer
 from .inputs import Discovery, Entry, ExplainError, discover, reason_of
 
@@ -40,7 +41,7 @@ class ExplainJob:
     tokenizer: str | None = None
     decoder: str | None = None                      # a `lmaczs train` folder (default: the demo's)
     force: bool = False                             # accept a decoder trained on another CLAP
-    backend: str = "torch"                          # torch | onnx | trt (DESIGN §6)
+    backend: str = "torch"                          # torch eager | onnx (ONNX Runtime) | trt (TensorRT)
     engines: str | None = None                      # onnx/trt: the `lmaczs export` folder
     device: str = "auto"
     batch_size: int = 8                             # windows per model batch
@@ -69,11 +70,6 @@ def auto_workers(device: torch.device) -> int:
     threads already take every core and a worker process stalls them (decoding in the main
     thread costs less: measured on 2 cores, bench/explain.py), up to 4 on CUDA."""
     return 0 if device.type == "cpu" else min(4, os.cpu_count() or 1)
-
-
-def rank_world() -> tuple[int, int]:
-    """(rank, world size) from torchrun's environment; (0, 1) outside torchrun."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 @dataclass
@@ -111,7 +107,8 @@ def run_explain(job: ExplainJob, explainer: Explainer | None = None,
     "status": "explained" | "failed"} (from writer threads too).
     """
     t_start = time.perf_counter()
-    rank, world = rank_world()
+    me = torchrun_rank()
+    rank, world = me.rank, me.world
     plan = _Plan.make(job)
     explainer = explainer or _load_for_rank(job, world)
     group = _process_group(world)
@@ -148,14 +145,9 @@ def run_explain(job: ExplainJob, explainer: Explainer | None = None,
 def _load_for_rank(job: ExplainJob, world: int) -> Explainer:
     device = job.device
     if world > 1 and device in ("auto", "cuda") and torch.cuda.is_available():   # one GPU per rank
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
-    if job.backend != "torch":
-        from .backends import load_explainer
-
-        return load_explainer(job.backend, engines=job.engines, device=device, tokenizer=job.tokenizer,
-                              batch_size=job.batch_size)
+        device = f"cuda:{torchrun_rank().local_rank % torch.cuda.device_count()}"
     return Explainer.load(clap=job.clap, decoder=job.decoder, tokenizer=job.tokenizer, device=device,
-                          force=job.force, batch_size=job.batch_size)
+                          force=job.force, batch_size=job.batch_size, backend=job.backend, engines=job.engines)
 
 
 def _prepare(plan: _Plan) -> None:
@@ -232,7 +224,7 @@ def _work(plan: _Plan, explainer: Explainer, mine: list[Entry], suffix: str,
 
 
 def merge_outputs(out: str | os.PathLike) -> dict[str, Any]:
-    """`lmaczs explain --merge DIR`: join the rank shards of DIR into results.jsonl /
+    """`lmaczs merge DIR`: join the rank shards of DIR into results.jsonl /
     errors.jsonl (sorted, one line per key) and rewrite index.html."""
     out = Path(out)
     shards = report.shard_paths(out)

@@ -17,13 +17,13 @@ import functools
 import numpy as np
 import torch
 
-from .audio import F_MAX, F_MIN, HOP, N_FFT, N_MELS, SAMPLE_RATE
+from .audio import F_MAX, F_MIN, HOP, N_FFT, N_FREQS, N_MELS, SAMPLE_RATE
 
 AMIN = 1e-10  # power floor before log10 (torchlibrosa's amin; ref = 1.0, no top_db)
 
 
 @functools.lru_cache(maxsize=None)
-def _hann_np() -> np.ndarray:
+def hann_np() -> np.ndarray:
     # periodic ("fftbins") Hann of length N_FFT, as librosa/torchlibrosa use for analysis
     n = np.arange(N_FFT)
     return (0.5 - 0.5 * np.cos(2.0 * np.pi * n / N_FFT)).astype(np.float32)
@@ -31,11 +31,11 @@ def _hann_np() -> np.ndarray:
 
 def hann_window(device: torch.device | str | None = None) -> torch.Tensor:
     """Periodic Hann window, shape (N_FFT,), float32."""
-    return torch.from_numpy(_hann_np()).to(device)
+    return torch.from_numpy(hann_np()).to(device)
 
 
 @functools.lru_cache(maxsize=None)
-def _mel_np() -> np.ndarray:
+def mel_np() -> np.ndarray:
     import librosa.filters
 
     # librosa's default mel: Slaney scale, Slaney area normalisation — what laion uses.
@@ -45,7 +45,7 @@ def _mel_np() -> np.ndarray:
 
 def mel_filterbank(device: torch.device | str | None = None) -> torch.Tensor:
     """Mel filterbank matrix, shape (N_FREQS, N_MELS) = (513, 64); ``P @ fb`` is mel power."""
-    return torch.from_numpy(_mel_np()).to(device)
+    return torch.from_numpy(mel_np()).to(device)
 
 
 def stft(wave: torch.Tensor) -> torch.Tensor:
@@ -104,11 +104,11 @@ def masked_log_mel_from_power(P: torch.Tensor, mask: torch.Tensor) -> torch.Tens
 
 
 @functools.lru_cache(maxsize=None)
-def _mel_to_linear_np() -> np.ndarray:
+def mel_to_linear_np() -> np.ndarray:
     """(N_MELS, N_FREQS) weights W with W.sum(0) == 1: the linear mask of bin f is the
     filterbank-weighted average of the mel mask over the bands covering f. The bins no mel
     filter covers (below ~94 Hz and above 14 kHz) copy the nearest band, so ones map to ones."""
-    fb = _mel_np()                                        # (513, 64)
+    fb = mel_np()                                        # (513, 64)
     w = fb.copy()
     covered = w.sum(axis=1) > 0
     idx = np.flatnonzero(covered)
@@ -121,7 +121,7 @@ def _mel_to_linear_np() -> np.ndarray:
 
 def mel_to_linear_weights(device: torch.device | str | None = None) -> torch.Tensor:
     """(N_MELS, N_FREQS) averaging weights used by ``mel_mask_to_linear`` (columns sum to 1)."""
-    return torch.from_numpy(_mel_to_linear_np()).to(device)
+    return torch.from_numpy(mel_to_linear_np()).to(device)
 
 
 MEL_TO_LINEAR = ("linear", "power")
@@ -148,13 +148,28 @@ def mel_mask_to_linear(mask: torch.Tensor, method: str = "linear") -> torch.Tens
 
 
 @functools.lru_cache(maxsize=None)
-def _window_square_sum_np(n_frames: int) -> np.ndarray:
+def window_square_sum_np(n_frames: int) -> np.ndarray:
     """Overlap-added squared Hann window over the centred, padded signal (not constant: 1024/480 is not COLA)."""
-    win2 = _hann_np().astype(np.float64) ** 2
+    win2 = hann_np().astype(np.float64) ** 2
     total = np.zeros(N_FFT + HOP * (n_frames - 1))
     for t in range(n_frames):
         total[t * HOP : t * HOP + N_FFT] += win2
     return total.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def idft_bases_np() -> tuple[np.ndarray, np.ndarray]:
+    """Inverse real DFT bases with the synthesis window folded in, (N_FREQS, N_FFT):
+    frame = re @ cr + im @ ci is irfft(re + j im, n=N_FFT) * hann (DC and Nyquist counted once)."""
+    k = np.arange(N_FREQS)[:, None]
+    n = np.arange(N_FFT)[None, :]
+    ang = 2.0 * np.pi * ((k * n) % N_FFT) / N_FFT
+    weight = np.full((N_FREQS, 1), 2.0)
+    weight[0] = weight[-1] = 1.0
+    win = hann_np().astype(np.float64)[None, :]
+    cr = weight * np.cos(ang) / N_FFT * win
+    ci = -weight * np.sin(ang) / N_FFT * win
+    return cr.astype(np.float32), ci.astype(np.float32)
 
 
 def istft(X: torch.Tensor, length: int) -> torch.Tensor:
@@ -169,23 +184,10 @@ def istft(X: torch.Tensor, length: int) -> torch.Tensor:
     y = torch.nn.functional.fold(
         frames.transpose(1, 2), output_size=(1, out_len), kernel_size=(1, N_FFT), stride=(1, HOP)
     ).reshape(B, out_len)
-    norm = torch.from_numpy(_window_square_sum_np(T)).to(y.device, y.dtype)
+    norm = torch.from_numpy(window_square_sum_np(T)).to(y.device, y.dtype)
     y = y / torch.where(norm > 1e-8, norm, torch.ones_like(norm))
     start = N_FFT // 2
     y = y[:, start : start + length]
     if y.shape[1] < length:  # only when asked for more than the frames cover
         y = torch.nn.functional.pad(y, (0, length - y.shape[1]))
     return y
-
-
-def listenable(wave: torch.Tensor, mask: torch.Tensor, domain: str, mel_to_linear: str = "linear") -> torch.Tensor:
-    """The listenable explanation (paper Eq. 8): iSTFT(|X| ⊙ M · e^{j∠X}), original phase.
-
-    wave (B, n); mask (B, n // HOP + 1, 64) for ``mel`` or (B, n // HOP + 1, 513) for ``stft``
-    -> wave (B, n).
-    """
-    if domain not in MASK_DOMAINS:
-        raise ValueError(f"unknown mask domain {domain!r}; use one of {MASK_DOMAINS}")
-    X = stft(wave)
-    gain = mel_mask_to_linear(mask, mel_to_linear) if domain == "mel" else mask
-    return istft(X * gain, wave.shape[-1])

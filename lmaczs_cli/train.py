@@ -1,5 +1,9 @@
 """Training the LMAC-ZS decoder on a frozen CLAP: loop, checkpoints, exact resume, DDP.
 
+A run is described by a `TrainConfig` (`lmaczs_cli.recipe`: its fields, recipe files and the
+rules for new, fine-tuning and resumed runs); `train` checks those rules again, so a library
+caller is refused what the command line refuses.
+
 One optimizer step = ``world * accum`` micro-batches of ``batch_size`` clips (data.shard).
 Every random choice — the epoch's shuffle, each clip's 10-s crop, each micro-batch's pair
 subsample — is a pure function of (seed, epoch, step, position), so a resumed run, a run
@@ -9,8 +13,13 @@ form the same batches and pairs.
 Under DDP, pairs are formed **within a rank's micro-batch** (embeddings are not gathered):
 a 2-process run equals one process with ``accum * 2`` micro-batches per step.
 
+The masked forward is `model.ExplainerModule`'s differentiable part: its front end and encoder
+pass (`features`, without gradients: the CLAP is frozen), the decoder (`decode`) and the
+masked encoder input (`masked_log_mel`), through which gradients reach the mask.
+
 Outputs in ``--out DIR``:
   decoder.safetensors, config.json   the trained decoder (what `explain` loads)
+  recipe.toml                        the run's whole TrainConfig: `--config` it to run it again
   metrics.jsonl                      one line per logged step and per validation pass
   skipped.jsonl                      manifest rows whose audio was missing or unreadable
   train_state/                       optimizer.safetensors + state.json, for --resume
@@ -22,7 +31,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -33,25 +41,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import __version__, data, spectral
+from . import __version__, data
 from .clap import ClapModel, load_clap
 from .decoder import DecoderConfig, MaskDecoder, load_decoder, save_decoder
-from .device import resolve_device
-from .files import atomic_path
+from .device import resolve_device, torchrun_rank
+from .files import atomic_path, sha256_file
 from .loss import LossTerms, absent_term, all_pairs, lmac_zs_loss, overlap_term, removal_term, sample_pairs
-from .errors import LmaczsError
+from .model import ExplainerModule, Features
+from .recipe import (  # noqa: F401  (TrainConfig, TrainError, resolve_config, load_recipe: this module's API too)
+    ARCHITECTURE, RECIPE_NAME, TrainConfig, TrainError, check_architecture, check_resume, init_architecture,
+    load_recipe, resolve_config, stored_config, write_recipe,
+)
 
-
-class TrainError(LmaczsError):
-    """Training cannot start or continue; the message names the fix."""
-
-
-LR_SCHEDULES = ("constant", "cosine")
-HARD_GRADS = ("mask", "input", "chord")
 WARMUP_SHARE = 0.05   # cosine: share of the run's steps spent warming up linearly
 
 
-def learning_rate(cfg: "TrainConfig", step: int, total: int) -> float:
+def learning_rate(cfg: TrainConfig, step: int, total: int) -> float:
     """Adam's learning rate for optimizer step ``step`` (0-based) of ``total``: ``cfg.lr`` throughout,
     or (cosine) a linear warm-up over the first 5 % of the steps, then half a cosine from ``cfg.lr``
     towards 0, reached just after the last step. A pure function of the step, so a resumed run continues the same
@@ -62,77 +67,6 @@ def learning_rate(cfg: "TrainConfig", step: int, total: int) -> float:
     if step < warm:
         return cfg.lr * (step + 1) / warm
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything a run needs; stored in config.json so ``--resume DIR`` needs nothing else."""
-
-    manifest: str                       # Clotho CSV, JSONL or labelled folder (data.read_manifest)
-    out: str                            # output folder
-    clap: str = "demo"                  # demo | laion:NAME | PATH | random:ARCH
-    tokenizer: str | None = None        # RoBERTa tokenizer folder (else the HF cache)
-    audio_dir: str | None = None        # Clotho audio folder, if not beside the CSV
-    val_manifest: str | None = None     # validation data; else a held-out share of `manifest`
-    val_fraction: float = 0.1           # share held out when no val_manifest (at most val_max)
-    val_max: int = 256                  # clips at most in the validation pass
-    domain: str = "mel"                 # mask grid: mel (1001 x 64) or stft (1001 x 513)
-    epochs: int = 2                     # passes over the training data (paper: 2)
-    max_steps: int | None = None        # stop after this many optimizer steps in total
-    batch_size: int = 2                 # clips per micro-batch (paper: 2)
-    accum: int = 1                      # micro-batches per optimizer step and rank
-    lr: float = 1e-4                    # Adam learning rate (paper: 1e-5, see README)
-    lr_schedule: str = "constant"       # constant | cosine (see learning_rate)
-    lambda_sparsity: float = 0.05       # λ1, weight of the mean mask value
-    lambda_diversity: float = 1.0       # λ2, weight of the diversity term (Eq. 7)
-    mismatched: int | None = None       # mismatched texts per clip; None = every pair (B² passes)
-    group_by_audio: bool = False        # a clip's texts share micro-batches (data.batches_for_step)
-    width: int = 64                     # decoder width (DecoderConfig.width)
-    text_tokens: int = 8                # decoder cross-attention keys (>= 4)
-    text_readout: bool = False          # decoder's text-audio dot-product logits (DecoderConfig)
-    levels: int = 4                     # CLAP stages the decoder reads, from the first (DecoderConfig)
-    skip_gate: bool = False             # the log-mel skip gates the mask instead of joining the features
-    logmel_skip: bool = True            # decoder input from the log-mel itself (DecoderConfig)
-    mask_noise: float = 0.0             # scale of logistic noise on the mask logits in training (binarising_noise)
-    hard_mask: bool = False             # straight-through binary masks in training (straight_through)
-    hard_grad: str = "mask"             # straight-through gradient taken at: mask | input | chord (masked_embeddings)
-    hard_floor_db: float = 0.0          # > 0: the hard mask drops a cell by this many dB, not to silence
-    logit_bound: float = 0.0            # pull mask logits back inside ±this (logit_penalty); 0: off
-    lambda_reach: float = 0.0           # weight of reach_penalty on the matched pairs' masks; 0: off
-    lambda_out: float = 0.0             # weight of the masked-out term (loss.removal_term); 0: off, as the paper
-    lambda_overlap: float = 0.0         # weight of the overlap term (loss.overlap_term); 0: off, as the paper
-    lambda_absent: float = 0.0          # weight of the absent-prompt term (loss.absent_term); 0: off, as the paper
-    init: str | None = None             # start from this saved decoder's weights (init_decoder)
-    init_any_clap: bool = False         # accept an init decoder trained on another CLAP
-    workers: int = 0                    # DataLoader worker processes (decode + resample)
-    device: str = "auto"                # auto | cpu | cuda | cuda:N
-    amp: bool = False                   # autocast the decoder and masked encoder pass
-    seed: int = 0
-    log_every: int = 10                 # optimizer steps between metrics lines
-    save_every: int = 200               # optimizer steps between checkpoints (and each epoch end)
-    strict: bool = False                # a missing/unreadable manifest row is fatal
-
-    def __post_init__(self) -> None:
-        if self.init_any_clap and not self.init:
-            raise TrainError("init_any_clap only applies with init (a decoder to start from)")
-        if self.hard_grad != "mask" and not self.hard_mask:
-            raise TrainError("hard_grad applies with hard_mask (the straight-through it places)")
-        if self.hard_floor_db < 0 or (self.hard_floor_db > 0 and not self.hard_mask):
-            raise TrainError(f"hard_floor_db ({self.hard_floor_db:g}) is a positive attenuation in dB and applies "
-                             f"with hard_mask (now {self.hard_mask})")
-        if self.hard_grad not in HARD_GRADS:
-            raise TrainError(f"unknown straight-through gradient {self.hard_grad!r}; "
-                             f"use one of {', '.join(HARD_GRADS)}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise TrainError(f"unknown lr schedule {self.lr_schedule!r}; use one of {', '.join(LR_SCHEDULES)}")
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 # --------------------------------------------------------------------------- distributed
@@ -151,13 +85,13 @@ class Dist:
 
 def init_distributed(device_name: str) -> Dist:
     """Join the process group that ``torchrun`` describes (NCCL on GPU, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    launch = torchrun_rank()
+    if launch.world <= 1:
         return Dist()
     if not dist.is_initialized():
         backend = "nccl" if device_name != "cpu" and torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return Dist(dist.get_rank(), dist.get_world_size(), launch.local_rank)
 
 
 # --------------------------------------------------------------------------- one step
@@ -183,26 +117,6 @@ class TextCache:
         while len(self._cache) > self.capacity:
             self._cache.popitem(last=False)
         return torch.stack([self._cache[c] for c in captions])
-
-
-@dataclass
-class Features:
-    """The frozen CLAP's view of a micro-batch (no gradients)."""
-
-    logmel: torch.Tensor        # (B, 1001, 64) dB
-    mel: torch.Tensor           # (B, 1001, 64) mel power
-    power: torch.Tensor | None  # (B, 1001, 513) linear power, STFT domain only
-    audio: torch.Tensor         # (B, D) audio embeddings
-    hidden: list[torch.Tensor]  # h1..h4
-
-
-@torch.no_grad()
-def clap_features(clap: ClapModel, waves: torch.Tensor, domain: str) -> Features:
-    P = spectral.power(spectral.stft(waves))
-    mel = spectral.mel_power(P)
-    logmel = spectral.to_db(mel)
-    audio, hidden = clap.encode(logmel)
-    return Features(logmel, mel, P if domain == "stft" else None, audio, hidden)
 
 
 def binarising_noise(masks: torch.Tensor, scale: float, generator: torch.Generator) -> torch.Tensor:
@@ -268,95 +182,41 @@ def reach_penalty(masks: torch.Tensor, share: float = REACH_SHARE) -> torch.Tens
 
 
 def masked_embeddings(
-    clap: ClapModel, decoder: torch.nn.Module, feats: Features, text: torch.Tensor, pairs: torch.Tensor, domain: str,
-    noise: float = 0.0, generator: torch.Generator | None = None, hard: bool = False, logit_bound: float = 0.0,
-    hard_grad: str = "mask", reach: float = 0.0, floor_db: float = 0.0,
+    module: ExplainerModule, feats: Features, text: torch.Tensor, pairs: torch.Tensor, noise: float = 0.0,
+    generator: torch.Generator | None = None, hard: bool = False, logit_bound: float = 0.0, reach: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Masks for every (text i, audio j) pair and the embeddings of the masked audio; with `noise`,
     the masks pass through `binarising_noise` first (`generator` required); with `hard`, then
     through `straight_through`; with `logit_bound`, the decoder's own masks' `logit_penalty`, plus
     `reach` times `reach_penalty` on the matched pairs' masks (text i on audio i).
 
-    `hard_grad` says where the straight-through passes the gradient back. "mask": at the mask, as
-    the soft mask's; but the masked log-mel is log(M² ⊙ mel) clamped at the floor, so a cell the
-    hard mask dropped takes no gradient at all, and a prompt whose mask has gone empty never learns
-    what removing its sound costs. "input": at CLAP's input, as the soft-masked log-mel's, which
-    moves with a dropped cell's logit (by about 8.7 dB per unit) wherever the soft-masked level
-    stays above the log-mel floor: the louder cells. Where M² · mel falls below AMIN (most cells
-    of a quiet event at a mask of -70 dB) it clamps too, and those cells still get none. "chord":
-    as the gradient of `chord_input`, the straight line from each cell dropped to kept, taken per
-    unit of mask logit (`CHORD_SLOPE`): every cell gets one, in proportion to its level. `floor_db`
-    > 0 drops a cell by that many dB instead of to silence (the mask returned stays binary).
-    -> (masked embeddings (P, D), masks (P, 1001, bins), penalty ()). Gradients flow through the
-    frozen CLAP."""
+    feats: `module.features` of the B clips; text (B, D); pairs (P, 2) of (text, clip) indices
+    -> (masked embeddings (P, D), the masks CLAP was shown (P, 1001, bins), penalty ()).
+    Gradients flow through the frozen CLAP into the masks."""
     ti, aj = pairs[:, 0], pairs[:, 1]
-    hidden = [h[aj] for h in feats.hidden]
-    log_power = spectral.to_db(feats.power[aj]) if domain == "stft" else None
-    masks = decoder(hidden, text[ti], feats.logmel[aj], log_power)
+    masks = module.decode(feats, aj, text[ti])                       # (P, 1001, bins)
     penalty = logit_penalty(masks, logit_bound) if logit_bound > 0 else masks.new_zeros((), dtype=torch.float32)
     matched = ti == aj
     if reach > 0 and bool(matched.any()):
         penalty = penalty + reach * reach_penalty(masks[matched])
     if noise > 0:
-        assert generator is not None, "mask noise needs a generator"
+        if generator is None:
+            raise ValueError("mask noise needs a generator")
         masks = binarising_noise(masks, noise, generator)
-    if not hard:
-        masked, _ = clap.encode(masked_input(feats, aj, masks, domain))
-        return masked, masks, penalty
-    shown = straight_through(masks)
-    heard = shown
-    if floor_db > 0:
-        gain = 10.0 ** (-floor_db / 20.0)
-        heard = gain + (1.0 - gain) * shown
-    if hard_grad == "mask":
-        masked, _ = clap.encode(masked_input(feats, aj, heard, domain))
-        return masked, shown, penalty
-    if hard_grad == "input":
-        soft = masked_input(feats, aj, masks, domain)
-    else:
-        soft = chord_input(feats, aj, CHORD_SLOPE * mask_logits(masks), domain)
-    masked, _ = clap.encode(masked_input(feats, aj, heard.detach(), domain) + soft - soft.detach())
-    return masked, shown, penalty
+    if hard:
+        masks = straight_through(masks)
+    masked, _ = module.clap.encode(module.masked_log_mel(feats, aj, masks))
+    return masked, masks, penalty
 
 
-CHORD_SLOPE = 0.25   # "chord": a unit of mask logit moves the chord by what a sigmoid's slope at 0 would
-
-
-def chord_input(feats: Features, clips: torch.Tensor, gate: torch.Tensor, domain: str) -> torch.Tensor:
-    """The straight line, per log-mel cell, from the cell dropped (`spectral.SILENCE_DB`) to the
-    cell kept whole, at `gate` (P, T, bins): floor + share · (level - floor), where the share is
-    the gate itself in the mel domain and the gate's power-weighted share of the band in the STFT
-    domain. With a binary gate in the mel domain it is exactly the hard-masked log-mel; used for its
-    gradient only ("chord" straight-through), which reaches every cell in proportion to what keeping
-    it would add, dropped cells included, where the clamped log-mel gives them none."""
-    with torch.autocast(device_type=gate.device.type, enabled=False):
-        gate = gate.float()
-        if domain == "mel":
-            level, share = spectral.to_db(feats.mel[clips]), gate
-        else:
-            power = feats.power[clips]
-            full = spectral.mel_power(power)
-            level = spectral.to_db(full)
-            share = spectral.mel_power(power * gate) / full.clamp_min(spectral.AMIN)
-        return spectral.SILENCE_DB + share * (level - spectral.SILENCE_DB)
-
-
-def masked_input(feats: Features, clips: torch.Tensor, masks: torch.Tensor, domain: str) -> torch.Tensor:
-    """CLAP's log-mel input for clips `clips` (P,) of `feats` under `masks` (P, T, bins), in float32."""
-    with torch.autocast(device_type=masks.device.type, enabled=False):
-        if domain == "mel":
-            return spectral.masked_log_mel_from_mel(feats.mel[clips], masks.float())
-        return spectral.masked_log_mel_from_power(feats.power[clips], masks.float())
-
-
-def removal_loss(clap: ClapModel, feats: Features, text: torch.Tensor, pairs: torch.Tensor, masks: torch.Tensor,
-                 domain: str) -> torch.Tensor:
+def removal_loss(module: ExplainerModule, feats: Features, text: torch.Tensor, pairs: torch.Tensor,
+                 masks: torch.Tensor) -> torch.Tensor:
     """`loss.removal_term` for the matched pairs among `pairs`, with the masks (after any training
     noise) the similarity term saw: one encoder pass per matched pair, one for silence."""
     matched = (pairs[:, 0] == pairs[:, 1]).nonzero().squeeze(1)
     clips = pairs[matched, 1]
-    removed, _ = clap.encode(masked_input(feats, clips, 1.0 - masks[matched].float(), domain))
-    silence, _ = clap.encode(masked_input(feats, clips[:1], torch.zeros_like(masks[matched[:1]]), domain))
+    removed, _ = module.clap.encode(module.masked_log_mel(feats, clips, 1.0 - masks[matched].float()))
+    silence, _ = module.clap.encode(module.masked_log_mel(feats, clips[:1], torch.zeros_like(masks[matched[:1]])))
     return removal_term(text[pairs[matched, 0]], removed.float(), silence[0].float())
 
 
@@ -367,11 +227,13 @@ def pair_generator(seed: int, epoch: int, step: int, position: int) -> torch.Gen
 
 
 def micro_batch_loss(
-    clap: ClapModel, decoder: torch.nn.Module, texts: TextCache, waves: torch.Tensor, captions: list[str],
+    module: ExplainerModule, texts: Callable[[list[str]], torch.Tensor], waves: torch.Tensor, captions: list[str],
     cfg: TrainConfig, generator: torch.Generator,
 ) -> tuple[LossTerms, int]:
-    """LMAC-ZS loss of one micro-batch -> (terms, number of masked encoder passes)."""
-    feats = clap_features(clap, waves, cfg.domain)
+    """LMAC-ZS loss of one micro-batch, waves (B, n) with a caption each -> (terms, number of
+    masked encoder passes). `module` holds the frozen CLAP and the decoder being trained."""
+    with torch.no_grad():
+        feats = module.features(waves)
     text = texts(captions)
     b = waves.shape[0]
     if cfg.mismatched is None:
@@ -382,10 +244,9 @@ def micro_batch_loss(
     use_amp = cfg.amp
     amp_dtype = torch.float16 if waves.device.type == "cuda" else torch.bfloat16
     with torch.autocast(device_type=waves.device.type, dtype=amp_dtype, enabled=use_amp):
-        masked, masks, penalty = masked_embeddings(clap, decoder, feats, text, pairs, cfg.domain, cfg.mask_noise,
-                                                   generator, cfg.hard_mask, cfg.logit_bound, cfg.hard_grad,
-                                                   cfg.lambda_reach, cfg.hard_floor_db)
-    terms = lmac_zs_loss(text, feats.audio, pairs, masked.float(), masks.float(),
+        masked, masks, penalty = masked_embeddings(module, feats, text, pairs, cfg.mask_noise, generator,
+                                                   cfg.hard_mask, cfg.logit_bound, cfg.lambda_reach)
+    terms = lmac_zs_loss(text, feats.embedding, pairs, masked.float(), masks.float(),
                          cfg.lambda_sparsity, cfg.lambda_diversity)
     if cfg.logit_bound > 0 or cfg.lambda_reach > 0:
         terms = dataclasses.replace(terms, total=terms.total + penalty)
@@ -393,11 +254,11 @@ def micro_batch_loss(
         shared = overlap_term(text, pairs, masks)
         terms = dataclasses.replace(terms, total=terms.total + cfg.lambda_overlap * shared, overlap=shared)
     if cfg.lambda_absent > 0:
-        absent = absent_term(text, feats.audio, pairs, masks)
+        absent = absent_term(text, feats.embedding, pairs, masks)
         terms = dataclasses.replace(terms, total=terms.total + cfg.lambda_absent * absent, absent=absent)
     if cfg.lambda_out > 0:
         with torch.autocast(device_type=waves.device.type, dtype=amp_dtype, enabled=use_amp):
-            out = removal_loss(clap, feats, text, pairs, masks, cfg.domain)
+            out = removal_loss(module, feats, text, pairs, masks)
         terms = dataclasses.replace(terms, total=terms.total + cfg.lambda_out * out, removal=out)
         return terms, len(pairs) + int((pairs[:, 0] == pairs[:, 1]).sum()) + 1
     return terms, len(pairs)
@@ -407,8 +268,7 @@ def micro_batch_loss(
 
 
 @torch.no_grad()
-def validate(clap: ClapModel, decoder: torch.nn.Module, texts: TextCache, loader: Any, cfg: TrainConfig,
-             device: torch.device) -> dict[str, float]:
+def validate(module: ExplainerModule, texts: TextCache, loader: Any, device: torch.device) -> dict[str, float]:
     """Similarity-preservation error and mask mean, matched vs mismatched prompts."""
     sums = {"matched_err": 0.0, "mismatched_err": 0.0, "matched_mask": 0.0, "mismatched_mask": 0.0}
     counts = {"matched": 0, "mismatched": 0}
@@ -416,12 +276,12 @@ def validate(clap: ClapModel, decoder: torch.nn.Module, texts: TextCache, loader
         if len(batch) == 0:
             continue
         waves = batch.waves.to(device)
-        feats = clap_features(clap, waves, cfg.domain)
+        feats = module.features(waves)
         text = texts(batch.captions)
         pairs = all_pairs(len(batch), device)
-        masked, masks, _ = masked_embeddings(clap, decoder, feats, text, pairs, cfg.domain)
+        masked, masks, _ = masked_embeddings(module, feats, text, pairs)
         ti, aj = pairs[:, 0], pairs[:, 1]
-        err = ((text[ti] * feats.audio[aj]).sum(-1) - (text[ti] * masked).sum(-1)).abs()
+        err = ((text[ti] * feats.embedding[aj]).sum(-1) - (text[ti] * masked).sum(-1)).abs()
         mean = masks.flatten(1).mean(1)
         same = ti == aj
         # the same caption on two clips is not a mismatch
@@ -478,14 +338,6 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_checkpoint(out: Path, decoder: MaskDecoder, opt: torch.optim.Optimizer, meta: dict[str, Any],
                     progress: dict[str, int]) -> None:
     """Publish decoder + config, then the optimizer, then state.json last (it vouches for the rest)."""
@@ -498,8 +350,8 @@ def save_checkpoint(out: Path, decoder: MaskDecoder, opt: torch.optim.Optimizer,
     with atomic_path(state_dir / "optimizer.safetensors") as tmp:
         save_file(tensors, str(tmp))
     state = {**progress, "optimizer": opt_meta,
-             "decoder_sha256": _sha256(out / "decoder.safetensors"),
-             "optimizer_sha256": _sha256(state_dir / "optimizer.safetensors")}
+             "decoder_sha256": sha256_file(out / "decoder.safetensors"),
+             "optimizer_sha256": sha256_file(state_dir / "optimizer.safetensors")}
     with atomic_path(state_dir / "state.json") as tmp:
         tmp.write_text(json.dumps(state, indent=1) + "\n")
 
@@ -511,8 +363,8 @@ def load_checkpoint(out: Path, decoder: MaskDecoder, opt: torch.optim.Optimizer)
     if not state_path.is_file():
         raise TrainError(f"--resume {out}: no train_state/state.json; was this folder written by `lmaczs train`?")
     state = json.loads(state_path.read_text())
-    if _sha256(out / "decoder.safetensors") != state["decoder_sha256"] or \
-            _sha256(out / "train_state" / "optimizer.safetensors") != state["optimizer_sha256"]:
+    if sha256_file(out / "decoder.safetensors") != state["decoder_sha256"] or \
+            sha256_file(out / "train_state" / "optimizer.safetensors") != state["optimizer_sha256"]:
         raise TrainError(f"--resume {out}: the checkpoint files do not match train_state/state.json "
                          "(a save was interrupted); restore them or start a new run")
     decoder.load_state_dict(load_file(str(out / "decoder.safetensors")), strict=True)
@@ -561,8 +413,16 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict[str, 
     ``on_event`` receives dicts: {"event": "start", "total_steps"...}, {"event": "step", ...},
     {"event": "validation", ...}, {"event": "skip", ...}; the CLI turns them into progress bars.
     ``clap`` may be passed in to reuse an already loaded model (it must match ``cfg.clap``).
+
+    Refuses (TrainError, with the message the CLI shows) a resumed config that changes what a run
+    in progress cannot (`check_resume`) and an ``init`` decoder of another architecture
+    (`check_architecture`); `resolve_config` builds a config that passes both.
     """
     emit = on_event or (lambda e: None)
+    if resume:
+        check_resume(cfg, stored_config(cfg.out))
+    elif cfg.init:
+        check_architecture({name: getattr(cfg, name) for name in ARCHITECTURE}, init_architecture(cfg.init))
     dd = init_distributed(cfg.device)
     device = resolve_device(cfg.device)
     if device.type == "cuda" and dd.world > 1:
@@ -570,6 +430,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict[str, 
     out = Path(cfg.out)
     if dd.main:
         out.mkdir(parents=True, exist_ok=True)
+        write_recipe(cfg, out / RECIPE_NAME)
 
     items, skips = data.read_manifest(cfg.manifest, cfg.audio_dir)
     skip_log = data.SkipLog(out / "skipped.jsonl")
@@ -593,6 +454,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict[str, 
     decoder = (init_decoder(cfg.init, clap, dec_cfg, cfg.init_any_clap) if cfg.init and not resume
                else MaskDecoder(dec_cfg)).to(device)
     opt = torch.optim.Adam(decoder.parameters(), lr=cfg.lr)
+    explainer = ExplainerModule(clap, decoder, cfg.domain)       # validation, on rank 0
 
     progress = {"step": 0, "epoch": 0, "step_in_epoch": 0}
     if resume:
@@ -601,6 +463,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict[str, 
     if dd.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             decoder, device_ids=[device.index] if device.type == "cuda" else None)
+    trainer = ExplainerModule(clap, model, cfg.domain)          # the decoder under DDP when there is one
 
     meta = {
         "lmaczs": __version__,
@@ -654,7 +517,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict[str, 
                     (sum(p.sum() for p in model.parameters()) * 0.0).backward()
                 else:
                     gen = pair_generator(cfg.seed, epoch, mb.step, dd.rank + position * dd.world)
-                    terms, _ = micro_batch_loss(clap, model, texts, waves, batch.captions, cfg, gen)
+                    terms, _ = micro_batch_loss(trainer, texts, waves, batch.captions, cfg, gen)
                     (terms.total / cfg.accum).backward()
                     for k, v in terms.as_floats().items():
                         sums[k] = sums.get(k, 0.0) + v / cfg.accum
@@ -683,7 +546,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict[str, 
         epoch_done = step_in_epoch >= per_epoch
         if epoch_done and val_loader is not None and dd.main:
             decoder.eval()
-            val = validate(clap, decoder, texts, val_loader, cfg, device)
+            val = validate(explainer, texts, val_loader, device)
             decoder.train()
             metrics.write({"step": step, "epoch": epoch, "validation": val})
             emit({"event": "validation", "epoch": epoch, **val})

@@ -10,9 +10,9 @@ import soundfile as sf
 import soxr
 
 from lmaczs_cli.audio import (
-    CLIP_SAMPLES, HOP, N_FRAMES, RESAMPLE_QUALITY, SAMPLE_RATE, WINDOW_HOP, AudioError,
-    audio_info, crossfade_weights, frame_starts, iter_windows, load_audio, num_frames,
-    pad_clip, stitch, stitch_frames, window_starts, windows,
+    CLIP_SAMPLES, HOP, N_FRAMES, RESAMPLE_QUALITY, SAMPLE_RATE, WINDOW_HOP, AudioError, Stitcher,
+    audio_info, crossfade_weights, frame_starts, is_audio_name, iter_windows, load_audio, num_frames,
+    pad_clip, window_starts, windows,
 )
 
 # --------------------------------------------------------------------------- helpers
@@ -324,8 +324,22 @@ def noise(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(n, np.float32)
 
 
+def stitch(parts: np.ndarray, length: int, starts: list[int] | None = None) -> np.ndarray:
+    """parts (n_windows, win, *rest) through a `Stitcher` one window at a time, as the explainer feeds it."""
+    s = Stitcher(length, window_starts(length) if starts is None else starts, parts.shape[1], parts.shape[2:])
+    for part in parts:
+        s.add(part)
+    assert s.done
+    return s.out
+
+
 LENGTHS = {"0.3s": int(0.3 * SAMPLE_RATE), "10s": CLIP_SAMPLES, "25s": 25 * SAMPLE_RATE,
            "25s+123": 25 * SAMPLE_RATE + 123, "3min": 180 * SAMPLE_RATE}
+
+
+def test_audio_names_are_matched_by_extension_in_any_case():
+    assert all(is_audio_name(n) for n in ("a.wav", "b.FLAC", "dir/c.Ogg", "d.tar.mp3"))
+    assert not any(is_audio_name(n) for n in ("a.txt", "wav", ".wav", "a.wav.json", "a."))
 
 
 def test_window_hop_sits_on_the_frame_grid():
@@ -429,7 +443,7 @@ def test_frame_grid_stitch_reproduces_absolute_frame_time(n):
     f = np.arange(N_FRAMES)
     parts = np.stack([np.stack([s + f, -(s + f)], axis=1) for s in starts]).astype(np.float32)
 
-    stitched = stitch_frames(parts, n)
+    stitched = stitch(parts, num_frames(n), starts)
 
     assert stitched.shape == (num_frames(n), 2) == (n // HOP + 1, 2)
     np.testing.assert_array_equal(stitched[:, 0], np.arange(num_frames(n)))
@@ -437,7 +451,15 @@ def test_frame_grid_stitch_reproduces_absolute_frame_time(n):
 
 
 def test_stitch_refuses_parts_that_do_not_fit():
-    with pytest.raises(ValueError, match="parts"):
-        stitch(np.zeros((2, CLIP_SAMPLES), np.float32), 3 * CLIP_SAMPLES)
     with pytest.raises(ValueError, match="cover"):
-        stitch(np.zeros((2, 4)), 12, starts=[0, 8])
+        Stitcher(3 * CLIP_SAMPLES, [0, WINDOW_HOP], CLIP_SAMPLES)
+    with pytest.raises(ValueError, match="cover"):
+        Stitcher(12, [0, 8], 4)
+    s = Stitcher(12, [0, 4, 8], 4, (2,))
+    with pytest.raises(ValueError, match="shape"):
+        s.add(np.zeros((4, 3), np.float32))
+    for _ in range(3):
+        s.add(np.ones((4, 2), np.float32))
+    assert s.done and (s.out == 1).all()
+    with pytest.raises(ValueError, match="already added"):
+        s.add(np.ones((4, 2), np.float32))

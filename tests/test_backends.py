@@ -73,13 +73,12 @@ def _results(out) -> dict[tuple, dict]:
 def test_explain_backend_onnx_matches_torch_from_the_export_folder_alone(clips, engines, torch_run, tmp_path,
                                                                           monkeypatch):
     import lmaczs_cli.clap as clap_mod
-    import lmaczs_cli.explain as explain_mod
+    import lmaczs_cli.decoder as decoder_mod
 
     def no_torch_weights(*a, **k):
         raise AssertionError("--backend onnx loaded torch weights")
 
-    for mod, name in ((clap_mod, "build_laion_clap"), (clap_mod, "load_clap"), (explain_mod, "load_clap"),
-                      (explain_mod, "load_decoder")):
+    for mod, name in ((clap_mod, "build_laion_clap"), (clap_mod, "load_clap"), (decoder_mod, "load_decoder")):
         monkeypatch.setattr(mod, name, no_torch_weights)
     out = tmp_path / "onnx_out"
     args = [a for p in PROMPTS for a in ("-p", p)]
@@ -105,12 +104,11 @@ def test_explain_backend_onnx_matches_torch_from_the_export_folder_alone(clips, 
 
 
 def test_runner_explainer_explain_prompts_matches_torch(engines, decoder_dir):
-    from lmaczs_cli.backends import load_explainer
     from lmaczs_cli.explain import Explainer
 
     wave = (0.2 * np.sin(2 * np.pi * 700 * np.arange(5 * 48_000) / 48_000)).astype(np.float32)
     ref = Explainer.load(clap="random:tiny", decoder=decoder_dir, device="cpu").explain_prompts(wave, PROMPTS)
-    got = load_explainer("onnx", engines=engines, device="cpu").explain_prompts(wave, PROMPTS)
+    got = Explainer.load(backend="onnx", engines=engines, device="cpu").explain_prompts(wave, PROMPTS)
     for a, b in zip(got, ref):
         assert a.prompt == b.prompt and a.mask.shape == b.mask.shape == (5 * 100 + 1, 64)
         assert np.abs(a.mask - b.mask).max() <= 1e-3

@@ -17,7 +17,7 @@ from lmaczs_cli.audio import AudioError
 from lmaczs_cli.cli import CLAP_HELP, main
 
 REPO = Path(__file__).resolve().parent.parent
-COMMANDS = ["train", "export", "explain", "eval", "info", "completion"]
+COMMANDS = ["train", "export", "explain", "merge", "eval", "info", "completion"]
 MODEL_COMMANDS = ["train", "export", "explain", "eval"]
 
 
@@ -277,10 +277,16 @@ def test_resume_refuses_to_change_group_by_audio(runner: CliRunner, tmp_path: Pa
     run.mkdir()
     cfg = TrainConfig(manifest=str(tmp_path / "m.jsonl"), out=str(run))
     (run / "config.json").write_text(json.dumps({"train": cfg.to_json()}))
-    result = runner.invoke(main, ["train", "--resume", str(run), "--group-by-audio"])
+    grouped = tmp_path / "grouped.toml"
+    grouped.write_text("[data]\ngroup_by_audio = true\n")
+    result = runner.invoke(main, ["train", "--resume", str(run), "--config", str(grouped)])
     assert result.exit_code == 2
-    assert "--group-by-audio cannot change on --resume" in result.output
+    assert "[data] group_by_audio cannot change on --resume" in result.output
     # the decoder's shape is fixed by the checkpoint: a clear refusal, not a state-dict error
-    result = runner.invoke(main, ["train", "--resume", str(run), "--text-readout"])
+    readout = tmp_path / "readout.toml"
+    readout.write_text("[decoder]\ntext_readout = true\n")
+    result = runner.invoke(main, ["train", "--resume", str(run), "--config", str(readout)])
     assert result.exit_code == 2
-    assert "--text-readout cannot change on --resume: the checkpoint holds a decoder" in result.output
+    assert "[decoder] text_readout cannot change on --resume: the checkpoint holds a decoder" in result.output
+    result = runner.invoke(main, ["train", "--resume", str(run), "--domain", "stft"])
+    assert result.exit_code == 2 and "--domain cannot change on --resume" in result.output

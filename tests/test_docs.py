@@ -13,7 +13,7 @@ from lmaczs_cli.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 MAN = ROOT / "man"
-COMMANDS = ["train", "export", "explain", "eval", "info"]
+COMMANDS = ["train", "export", "explain", "merge", "eval", "info"]
 
 
 def test_every_command_has_a_checked_in_page_equal_to_a_fresh_one():
@@ -66,16 +66,14 @@ def test_pages_carry_each_option_and_example_of_the_help():
 
 def test_the_wheel_installs_the_man_pages_and_the_bundled_model(tmp_path):
     """What `pip install .` installs: a wheel built from the sources (pip's own build, in a copy)
-    carries every man page under share/man/man1 and the demo model and examples as package data.
+    carries every man page under share/man/man1 and the demo model and examples as package data,
+    and none of recipes/ (the demo CLAP's training, the chain, the lab notes).
     (`pip install -e .` installs no data files; read the pages there with `man -l man/...`.)"""
     import zipfile
 
-    src = tmp_path / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, src / name)
-    for folder in ("lmaczs_cli", "export", "man"):                 # export/ is lmaczs_cli.export
-        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    src = tmp_path / "src"       # the checkout without what git ignores (stale build/ output would leak in)
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "__pycache__", "*.egg-info", "build", "dist", ".pytest_cache", ".whl", "explanations"))
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"),
                           str(src)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -88,6 +86,16 @@ def test_the_wheel_installs_the_man_pages_and_the_bundled_model(tmp_path):
         assert data in names, data
     assert any(n.startswith("lmaczs_cli/demo/examples/") and n.endswith(".flac") for n in names)
     assert "lmaczs_cli/export/trt_ops.json" in names and "lmaczs_cli/export/to_trt.py" in names
+    # the world that tests and `eval --data demo` use ships; how the demo CLAP was trained does not
+    for module in ("lmaczs_cli/demo/world.py", "lmaczs_cli/demo/events.py", "lmaczs_cli/demo/scores.py",
+                   "lmaczs_cli/demo/dataset.py"):
+        assert module in names, module
+    assert not [n for n in names if n.startswith("recipes/") or n.endswith(".md")
+                or n.rsplit("/", 1)[-1] in ("build.py", "chain.py", "clap_losses.py")]
+    wheel_zip = zipfile.ZipFile(wheel)
+    trains_a_clap = [n for n in names if n.endswith(".py") and any(
+        word in wheel_zip.read(n).decode() for word in ("def train_clap", "def presence_loss", "ROUNDS"))]
+    assert trains_a_clap == []
 
 
 def test_generator_runs_as_a_module(tmp_path):

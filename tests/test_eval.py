@@ -68,7 +68,7 @@ def test_every_method_localizes_demo_events_better_than_chance(demo_run, method:
 
 
 def test_lmaczs_localizes_better_than_every_baseline(demo_run) -> None:
-    """Localization as issue F and C define it: the share of the mask's mass inside the true
+    """Localization as `lmaczs eval` reports it (`loc_mass`): the share of the mask's mass inside the true
     event's (dilated) region. The ROC AUC of mask vs truth is printed beside it but not claimed:
     the bundled decoder's masks are near-binary, so the event cells it drops tie with the
     background and cost it AUC; GradCAM's smooth maps rank them (on these 8 scenes GradCAM's AUC

@@ -20,11 +20,11 @@ import torch
 from click.testing import CliRunner
 
 from lmaczs_cli import report as R
-from lmaczs_cli.audio import CLIP_SAMPLES, HOP, SAMPLE_RATE, load_audio, window_starts
+from lmaczs_cli.audio import CLIP_SAMPLES, HOP, N_FRAMES, SAMPLE_RATE, load_audio, window_starts
 from lmaczs_cli.cli import main
 from lmaczs_cli.decoder import DecoderConfig, MaskDecoder, save_decoder
 from lmaczs_cli.explain import Clip, Explainer
-from lmaczs_cli.inputs import label_prompt
+from lmaczs_cli.inputs import ExplainError, label_prompt
 
 REPO = Path(__file__).resolve().parents[1]
 XSS = "<img src=x onerror=alert(1)>.wav"
@@ -361,12 +361,12 @@ def test_two_rank_torchrun_and_merge_equal_one_process(tmp_path, decoder_dir):
     assert not list((tmp_path / "two").glob("*.rank*.jsonl"))            # rank 0 merged the shards
     assert json.loads(run.stdout)["explained"] == 6                      # rank 0 reports every rank
 
-    # `--merge` joins shards left by ranks later: split the joined file back into two shards
+    # `lmaczs merge` joins shards left by ranks later: split the joined file back into two shards
     two = tmp_path / "two"
     for k in range(2):
         R.write_jsonl(two / f"results.rank{k}.jsonl", two_lines[k::2])
     (two / R.RESULTS).unlink()
-    merged = CliRunner().invoke(main, ["explain", "--merge", str(two), "--json"])
+    merged = CliRunner().invoke(main, ["merge", str(two), "--json"])
     assert merged.exit_code == 0, merged.output
     assert json.loads(merged.stdout)["results"] == len(two_lines)
     assert _results(two) == two_lines and not list(two.glob("*.rank*.jsonl"))
@@ -408,12 +408,12 @@ def test_windowed_explanation_stitches_without_clicks(tiny_clap, decoder_dir, tm
     assert window_starts(x.size) == [0, 240_000, 480_000, 720_000]    # seams at 5, 10, 15, 20 s
     max_jump = np.abs(np.diff(x)).max()
 
-    ones = Explainer(tiny_clap, _ConstantMask(), {"domain": "mel"}, device="cpu", batch_size=3).explain(x, "tone")
+    ones = Explainer.from_models(tiny_clap, _ConstantMask(), {"domain": "mel"}, device="cpu", batch_size=3).explain(x, "tone")
     assert ones.audio.shape == x.shape and ones.mask.shape == (x.size // HOP + 1, 64)
     assert np.abs(ones.audio - x).max() < 1e-4                          # identity across every seam
     assert np.abs(np.diff(ones.audio)).max() <= max_jump * (1 + 1e-3)
 
-    loud = Explainer(tiny_clap, _LoudMask(), {"domain": "mel"}, device="cpu", batch_size=3).explain(x, "tone")
+    loud = Explainer.from_models(tiny_clap, _LoudMask(), {"domain": "mel"}, device="cpu", batch_size=3).explain(x, "tone")
     kept = loud.mask.mean(axis=1)                                       # per frame
     frame_t = np.arange(kept.size) * HOP / SAMPLE_RATE
     for a, b, _ in BURSTS:                                              # the events stay where they are
@@ -435,15 +435,18 @@ def test_windowed_explanation_stitches_without_clicks(tiny_clap, decoder_dir, tm
 
 
 def _reference(ex: Explainer, wave: np.ndarray, prompts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One clip the plain way: all its windows in one batch, `audio.stitch` / `stitch_frames`."""
+    """One clip the plain way: all its windows in one batch, then stitched."""
     from lmaczs_cli import audio
 
-    starts = window_starts(wave.size)
     windows = [audio.pad_clip(wave)] if wave.size <= CLIP_SAMPLES else list(audio.windows(wave))
     out = {k: v.numpy() for k, v in ex.run_windows(torch.from_numpy(np.stack(windows)), prompts).items()}
-    sound = audio.stitch(out["audio"].transpose(0, 2, 1), wave.size, starts)             # (n, K)
-    masks = audio.stitch_frames(out["masks"].transpose(0, 2, 1, 3), wave.size)          # (frames, K, 64)
-    return sound, masks, out["masked_similarity"].mean(0)
+    sound = audio.Stitcher(wave.size, window_starts(wave.size), CLIP_SAMPLES, (len(prompts),))       # (n, K)
+    masks = audio.Stitcher(audio.num_frames(wave.size), audio.frame_starts(wave.size), N_FRAMES,
+                           (len(prompts), out["masks"].shape[-1]))                              # (frames, K, bins)
+    for a, m in zip(out["audio"], out["masks"]):
+        sound.add(a.T)
+        masks.add(m.transpose(1, 0, 2))
+    return sound.out, masks.out, out["masked_similarity"].mean(0)
 
 
 def test_explain_many_batches_across_files_like_one_file_at_a_time(tiny_clap, decoder_dir):
@@ -557,18 +560,23 @@ def test_prompts_csv_and_prompts_file_resume_per_prompt_at_another_rate(tmp_path
     (["--labels", "LABELS", "--top-k", "3"], "--top-k 3 exceeds the 2 labels in LABELS"),
     (["-p", "dog", "--backend", "onnx"], "--backend onnx needs --engines DIR (a folder written by `lmaczs export`)"),
     (["-p", "dog", "--backend", "trt"], "--backend trt needs --engines DIR (a folder written by `lmaczs export`)"),
-    (["-p", " "], "--prompt: an empty prompt; give a text such as --prompt 'dog barking'"),
+    (["-p", " "], "empty prompt: give a text such as --prompt 'dog barking'"),
     (["-p", "dog", "--clap", "random:tiny"], "--clap random:tiny needs --decoder DIR (a folder written by `lmaczs train`)"),
-    (["-p", "dog", "--merge", "IN"], "--merge DIR only joins the shards of a run in DIR; give no PATHS, prompts or --out"),
 ])
 def test_usage_errors_exit_2_with_their_message(tmp_path, args, message):
     (tmp_path / "labels.txt").write_text("dog\nrain\n")
-    args = [str(tmp_path / "labels.txt") if a == "LABELS" else str(tmp_path) if a == "IN" else a for a in args]
+    args = [str(tmp_path / "labels.txt") if a == "LABELS" else a for a in args]
     message = message.replace("LABELS", str(tmp_path / "labels.txt"))
     result = CliRunner().invoke(main, ["explain", str(tmp_path), *args, "--out", str(tmp_path / "out")])
     assert result.exit_code == 2, result.output
     assert f"Error: {message}\n" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_merge_refuses_a_folder_without_results(tmp_path):
+    result = CliRunner().invoke(main, ["merge", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "no results.jsonl and no results.rank<r>.jsonl shards" in result.stderr
 
 
 def test_missing_paths_and_out_are_usage_errors(tmp_path):
@@ -585,3 +593,47 @@ def test_default_model_is_the_bundled_demo(tmp_path):
     assert result.exit_code == 0, result.output
     wavs = list((tmp_path / "o").rglob("*.wav"))
     assert len(wavs) == 1 and abs(sf.info(str(wavs[0])).duration - 0.5) < 1e-3
+
+
+# --------------------------------------------------------------------- the Python API
+
+
+def test_library_explanation_carries_rate_axes_and_saves_without_overwriting(tiny_clap, decoder_dir, tmp_path):
+    ex = Explainer.load(clap="random:tiny", decoder=decoder_dir, device="cpu")
+    r = ex.explain(_noise(3.0, 48_000), "dog barking")
+    assert r.sample_rate == 48_000 and r.mask.shape == (301, 64)
+    assert r.times.shape == (301,) and r.times[1] == pytest.approx(0.01) and r.times[-1] == pytest.approx(3.0)
+    assert r.freqs.shape == (64,) and 50 < r.freqs[0] < r.freqs[-1] < 14_000
+    path = r.save(tmp_path / "x.wav")
+    assert sf.info(str(path)).samplerate == 48_000 and sf.info(str(path)).frames == 3 * 48_000
+    before = path.read_bytes()
+    with pytest.raises(ExplainError, match="exists: not overwritten"):
+        r.save(path)
+    assert path.read_bytes() == before
+
+
+def test_library_converts_integer_pcm_and_refuses_wrong_types(decoder_dir):
+    ex = Explainer.load(clap="random:tiny", decoder=decoder_dir, device="cpu")
+    wave = _noise(2.0, 48_000)
+    pcm = np.round(wave * 32767).astype(np.int16)
+    a, b = ex.explain(pcm / np.float32(32768), "dog barking"), ex.explain(pcm, "dog barking")   # int16 / 32768
+    assert np.array_equal(a.mask, b.mask) and a.similarity == b.similarity
+    u8 = ex.explain(np.full(48_000, 128, np.uint8), "dog barking")            # unsigned: 128 is silence
+    assert np.abs(u8.audio).max() == 0.0
+    with pytest.raises(ExplainError, match="use explain_prompts"):
+        ex.explain(wave, ["dog barking", "siren"])
+    with pytest.raises(ExplainError, match="for one prompt use explain"):
+        ex.explain_prompts(wave, "dog barking")
+    with pytest.raises(ExplainError, match="explain_many takes a list of prompts"):
+        list(ex.explain_many([wave], "dog barking"))
+    with pytest.raises(ExplainError, match="numpy array"):
+        ex.explain([0.0, 0.1, 0.2], "dog barking")
+    with pytest.raises(ExplainError, match="dtype"):
+        ex.explain(np.array(["a", "b"]), "dog barking")
+
+
+def test_package_exports_the_public_api():
+    import lmaczs_cli
+
+    from lmaczs_cli import AudioError, Explainer as Ex, load_audio   # noqa: F401  (they import)
+    assert Ex is Explainer and {"Explainer", "load_audio", "AudioError"} <= set(lmaczs_cli.__all__)

@@ -14,10 +14,11 @@ from lmaczs_cli import spectral  # noqa: E402
 from lmaczs_cli.audio import CLIP_SAMPLES  # noqa: E402
 from lmaczs_cli.backends import session_options  # noqa: E402
 from lmaczs_cli.decoder import DecoderConfig, MaskDecoder  # noqa: E402
-from lmaczs_cli.explain import ExplainerModule  # noqa: E402
+from lmaczs_cli.model import ExplainerModule  # noqa: E402
 from lmaczs_cli.export import audit, ops  # noqa: E402
 from lmaczs_cli.export.graphs import export_patches  # noqa: E402
-from lmaczs_cli.export.to_onnx import export_onnx, read_manifest, sha256_file  # noqa: E402
+from lmaczs_cli.export.to_onnx import export_onnx, read_manifest  # noqa: E402
+from lmaczs_cli.files import sha256_file  # noqa: E402
 
 BATCHES = (1, 3, 8)
 K = 2
@@ -68,7 +69,8 @@ def session(folder, name):
 
 @pytest.fixture(scope="module")
 def eager_explainer(model, inputs):
-    """torch eager ExplainerModule outputs for the 8 clips (computed once)."""
+    """ExplainerModule with torch FFT spectral ops, eager, for the 8 clips (computed once): what the
+    exported graph (the same module traced with MatMul-DFT ops) must reproduce."""
     clap, decoder = model
     waves, text = inputs
     with torch.no_grad():

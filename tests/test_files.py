@@ -1,11 +1,12 @@
-"""atomic_path: whole files or nothing, with ordinary permissions."""
+"""atomic_path: whole files or nothing, with ordinary permissions; sha256_file."""
 from __future__ import annotations
 
+import hashlib
 import os
 
 import pytest
 
-from lmaczs_cli.files import atomic_path
+from lmaczs_cli.files import atomic_path, sha256_file
 
 
 def test_atomic_write_appears_whole_with_umask_permissions(tmp_path):
@@ -29,3 +30,11 @@ def test_failed_write_leaves_the_target_as_it_was(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("boom")
     assert target.read_text() == "before" and [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_sha256_file_hashes_the_bytes_across_read_blocks(tmp_path):
+    data = os.urandom(3 * (1 << 20) + 5)      # more than one 1 MiB block, not a whole number of them
+    (tmp_path / "w.bin").write_bytes(data)
+    (tmp_path / "empty").write_bytes(b"")
+    assert sha256_file(tmp_path / "w.bin") == hashlib.sha256(data).hexdigest()
+    assert sha256_file(str(tmp_path / "empty")) == hashlib.sha256(b"").hexdigest()

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from lmaczs_cli import kernels, spectral
+from lmaczs_cli import spectral
 from lmaczs_cli.audio import HOP, N_FFT
 from lmaczs_cli.kernels import istft
 
@@ -73,11 +73,14 @@ def test_kernel_rejects_mismatched_shapes(interpreted):
         istft.masked_istft(re, im, masks, 2, None, 100)
 
 
-def test_listenable_on_cpu_is_the_spectral_path():
-    """What ExplainerModule calls: on CPU it equals spectral's mask expansion + istft."""
-    re, im, masks = _case(2, 2, 6, 64, seed=7, device="cpu")
-    X = torch.complex(re, im)
-    for method in spectral.MEL_TO_LINEAR:
-        got = kernels.listenable(X, masks, 2, "mel", method, HOP * 5)
-        ref = spectral.istft(X.repeat_interleave(2, 0) * spectral.mel_mask_to_linear(masks, method), HOP * 5)
-        assert torch.allclose(got, ref, atol=1e-6)
+@pytest.mark.parametrize("method", spectral.MEL_TO_LINEAR)
+def test_triton_and_fft_listenable_implementations_agree(interpreted, method):
+    """The model's two implementations of the listenable step: the Triton kernel (interpreted
+    here) and torch FFT ops, K = 2 prompts per clip, mel masks expanded either way."""
+    from lmaczs_cli.model import FftSpectral, Spectrum, TritonSpectral
+
+    re, im, masks = _case(2, 2, 6, 64, seed=7, device=interpreted)
+    spec = Spectrum(torch.complex(re, im), torch.zeros(0), None)
+    got = TritonSpectral().listen(spec, masks, 2, "mel", method, HOP * 5)
+    ref = FftSpectral().listen(spec, masks, 2, "mel", method, HOP * 5)
+    assert float((got - ref).abs().max()) <= 1e-4

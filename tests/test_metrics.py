@@ -1,4 +1,4 @@
-"""Faithfulness metrics of PAPER.md on hand-computed cases, and localization against truth."""
+"""Faithfulness metrics of the LMAC-ZS paper on hand-computed cases, and localization against truth."""
 from __future__ import annotations
 
 import math

@@ -37,3 +37,20 @@ def test_readme_run_command_explains_bundled_examples(tmp_path, monkeypatch):
         info = sf.info(str(wav))
         assert info.samplerate == 48_000 and abs(info.duration - 10.0) < 1e-3
     assert (out / "index.html").is_file() and (out / "results.jsonl").is_file()
+
+
+def test_readme_python_section_runs(tmp_path, monkeypatch):
+    """The README's "From Python" block, run as written from the repository's files."""
+    text = (REPO / "README.md").read_text()
+    m = re.search(r"<!-- python-api -->\s*```python\n(.+?)\n```", text, re.S)
+    assert m, "README has no python-api block"
+    for name in ("lmaczs_cli",):
+        (tmp_path / name).symlink_to(REPO / name)          # the example paths, read from the checkout
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(m.group(1), "README.md", "exec"), scope)
+    siren = scope["siren"]
+    assert siren.mask.shape == (1001, 64) and siren.times.shape == (1001,) and siren.freqs.shape == (64,)
+    assert siren.sample_rate == 48_000 and 0 <= siren.mask.min() and siren.mask.max() <= 1
+    info = sf.info(str(tmp_path / "explanations-py" / "example1.siren.wav"))
+    assert info.samplerate == 48_000 and abs(info.duration - 10.0) < 1e-3

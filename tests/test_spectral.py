@@ -7,12 +7,18 @@ import torch
 
 from lmaczs_cli import spectral
 from lmaczs_cli.audio import CLIP_SAMPLES, N_FFT, N_FRAMES, N_FREQS, N_MELS, SAMPLE_RATE
+from lmaczs_cli.model import FftSpectral, MatMulSpectral
 
 EDGE = 4 * N_FFT  # samples excluded at each end in SNR checks
 
 
 def _noise(batch=2, n=CLIP_SAMPLES, seed=0):
     return 0.1 * torch.randn(batch, n, generator=torch.Generator().manual_seed(seed))
+
+
+def listenable(wave, mask, domain, ops=FftSpectral(), method="linear"):
+    """The model's listenable step on whole clips: wave (B, n), mask (B, frames, bins) -> (B, n)."""
+    return ops.listen(ops.analyse(wave, False), mask, 1, domain, method, wave.shape[-1])
 
 
 def _snr_db(ref, est):
@@ -34,8 +40,8 @@ def test_istft_inverts_stft_and_matches_torch_istft():
 def test_mask_of_ones_is_identity_and_zeros_is_silence(domain, bins):
     wave = _noise()
     ones = torch.ones(2, N_FRAMES, bins)
-    assert _snr_db(wave, spectral.listenable(wave, ones, domain)) >= 60
-    silent = spectral.listenable(wave, torch.zeros_like(ones), domain)
+    assert _snr_db(wave, listenable(wave, ones, domain)) >= 60
+    silent = listenable(wave, torch.zeros_like(ones), domain)
     assert silent.abs().max().item() == 0.0
 
 
@@ -75,7 +81,7 @@ def test_listenable_mel_band_keeps_only_that_band():
     bin_6k = round(6000 * N_FFT / SAMPLE_RATE)
     mask = torch.zeros(1, N_FRAMES, N_MELS)
     mask[..., fb[bin_6k].argmax()] = 1.0
-    out = spectral.listenable(wave, mask, "mel")[0].numpy()
+    out = listenable(wave, mask, "mel")[0].numpy()
     spec = np.abs(np.fft.rfft(out[EDGE:-EDGE]))
     freqs = np.fft.rfftfreq(len(out) - 2 * EDGE, 1 / SAMPLE_RATE)
     assert abs(freqs[spec.argmax()] - 6000) < 5
@@ -96,3 +102,21 @@ def test_masks_multiply_power_before_the_log():
     # zero mask -> the floor (silence), not 0 dB
     floor = spectral.masked_log_mel_from_mel(mel, torch.zeros_like(half))
     assert torch.all(floor == 10 * np.log10(spectral.AMIN))
+
+
+@pytest.mark.parametrize("domain, bins", [("mel", N_MELS), ("stft", N_FREQS)])
+@pytest.mark.parametrize("method", spectral.MEL_TO_LINEAR)
+def test_listenable_fft_and_matmul_implementations_agree(domain, bins, method):
+    """The two CPU implementations of the one listenable operation: torch FFT and MatMul-DFT."""
+    wave = _noise(batch=2, seed=3)
+    mask = torch.rand(2, N_FRAMES, bins, generator=torch.Generator().manual_seed(4))
+    fft = listenable(wave, mask, domain, FftSpectral(), method)
+    matmul = listenable(wave, mask, domain, MatMulSpectral(), method)
+    assert float((fft - matmul).abs().max()) <= 2e-4
+
+
+def test_analysis_fft_and_matmul_implementations_agree():
+    wave = _noise(batch=2, seed=5)
+    a, b = FftSpectral().analyse(wave, True), MatMulSpectral().analyse(wave, True)
+    assert torch.allclose(a.mel, b.mel, rtol=1e-3, atol=1e-6)
+    assert torch.allclose(a.power, b.power, rtol=1e-3, atol=1e-6)

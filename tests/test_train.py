@@ -17,8 +17,10 @@ from safetensors.torch import load_file
 
 from lmaczs_cli import spectral
 from lmaczs_cli import decoder as D
+from lmaczs_cli import recipe as R
 from lmaczs_cli import train as T
 from lmaczs_cli.cli import main
+from lmaczs_cli.model import ExplainerModule
 
 REPO = Path(__file__).resolve().parents[1]
 FREQS = [300, 800, 2000, 5000]
@@ -54,6 +56,16 @@ def plain_run(dataset, tmp_path_factory, tiny_clap):
     run = tmp_path_factory.mktemp("plain") / "run"
     T.train(_cfg(dataset, run, max_steps=2), clap=tiny_clap)
     return run
+
+
+def _module(clap, domain="mel", decoder=None):
+    """The model path training calls: the frozen CLAP's features, the decoder, the masked input."""
+    return ExplainerModule(clap, decoder, domain)
+
+
+def _features(clap, waves, domain="mel"):
+    with torch.no_grad():
+        return _module(clap, domain).features(waves)
 
 
 def _weights(run):
@@ -121,14 +133,15 @@ def test_mask_noise_changes_training_but_not_the_saved_decoders_masks(dataset, t
     assert json.loads((noisy / "config.json").read_text())["train"]["mask_noise"] == 1.0
     assert _max_diff(_weights(plain), _weights(noisy)) > 0       # the noise reached the gradients
     # the noise enters only where asked: the default path gives the decoder's own (saved) masks
-    feats = T.clap_features(tiny_clap, 0.1 * torch.randn(1, 480_000, generator=torch.Generator().manual_seed(1)), "mel")
+    feats = _features(tiny_clap, 0.1 * torch.randn(1, 480_000, generator=torch.Generator().manual_seed(1)))
     dec, _ = D.load_decoder(noisy, clap=tiny_clap)
     pairs = torch.tensor([[0, 0]])
     text = tiny_clap.encode_text(["a tone at 300 hertz"])
+    module = _module(tiny_clap, "mel", dec)
     with torch.no_grad():
-        clean, masks, _ = T.masked_embeddings(tiny_clap, dec, feats, text, pairs, "mel")
+        clean, masks, _ = T.masked_embeddings(module, feats, text, pairs)
         same = dec(list(feats.hidden), text, feats.logmel, None)
-        _, shaken, _ = T.masked_embeddings(tiny_clap, dec, feats, text, pairs, "mel", 1.0, torch.Generator().manual_seed(0))
+        _, shaken, _ = T.masked_embeddings(module, feats, text, pairs, 1.0, torch.Generator().manual_seed(0))
     assert torch.equal(masks, same)
     assert (shaken - masks).abs().max() > 0.1 and 0 <= shaken.min() and shaken.max() <= 1
 
@@ -138,7 +151,7 @@ def test_no_logmel_skip_trains_a_decoder_that_sees_only_the_encoder(dataset, tmp
     T.train(_cfg(dataset, run, max_steps=1, logmel_skip=False), clap=tiny_clap)
     dec, _ = D.load_decoder(run, clap=tiny_clap)
     assert dec.cfg.logmel_skip is False
-    feats = T.clap_features(tiny_clap, 0.1 * torch.randn(1, 480_000, generator=torch.Generator().manual_seed(2)), "mel")
+    feats = _features(tiny_clap, 0.1 * torch.randn(1, 480_000, generator=torch.Generator().manual_seed(2)))
     text = tiny_clap.encode_text(["a tone at 300 hertz"])
     with torch.no_grad():
         a = dec(list(feats.hidden), text, feats.logmel, None)
@@ -259,93 +272,24 @@ class _FixedMask(torch.nn.Module):
 
 
 @pytest.mark.parametrize("domain", ["mel", "stft"])
-def test_hard_mask_gradient_at_the_input_reaches_the_cells_it_dropped(tiny_clap, domain):
+def test_hard_mask_shows_clap_a_binary_mask_and_only_the_kept_cells_get_a_gradient(tiny_clap, domain):
+    """A dropped cell is silence in the masked log-mel (clamped at the floor), so its gradient is 0."""
     waves = torch.randn(1, 480_000, generator=torch.Generator().manual_seed(0)) * 0.1
-    feats = T.clap_features(tiny_clap, waves, domain)
-    text = torch.nn.functional.normalize(torch.randn(1, feats.audio.shape[-1]), dim=-1)
-    pairs = torch.tensor([[0, 0]])
-    out = {}
-    for where in ("mask", "input", "chord"):
-        decoder = _FixedMask(64 if domain == "mel" else 513)
-        masked, shown, _ = T.masked_embeddings(tiny_clap, decoder, feats, text, pairs, domain, hard=True,
-                                               hard_grad=where)
-        assert shown.detach().unique().tolist() == [0.0, 1.0]
-        (text * masked).sum().backward()
-        grad = decoder.logits.grad[0]
-        kept = torch.zeros_like(grad, dtype=torch.bool)
-        kept[300:500, 10:30] = True
-        out[where] = masked.detach(), grad[kept].abs().sum(), grad[~kept].abs().sum()
-    for where in ("input", "chord"):
-        assert torch.allclose(out["mask"][0], out[where][0], atol=1e-5)  # CLAP is shown the same hard mask
-        assert out[where][2] > 0 and out[where][1] > 0              # only the input-side gradients reach the floor
-    assert out["mask"][2] == 0 and out["mask"][1] > 0
-
-
-def test_hard_floor_drops_cells_by_its_decibels_and_lets_their_gradient_through(tiny_clap):
-    waves = torch.randn(1, 480_000, generator=torch.Generator().manual_seed(0)) * 0.1
-    feats = T.clap_features(tiny_clap, waves, "mel")
-    text = torch.nn.functional.normalize(torch.randn(1, feats.audio.shape[-1]), dim=-1)
-    pairs = torch.tensor([[0, 0]])
-    seen = []
-    encode = tiny_clap.encode
-    tiny_clap.encode = lambda logmel: (seen.append(logmel.detach()), encode(logmel))[1]
-    try:
-        decoder = _FixedMask()
-        masked, shown, _ = T.masked_embeddings(tiny_clap, decoder, feats, text, pairs, "mel", hard=True, floor_db=40.0)
-    finally:
-        del tiny_clap.encode
-    assert shown.detach().unique().tolist() == [0.0, 1.0]   # the mask the other terms see stays binary
-    level = spectral.to_db(feats.mel[0])
-    kept = torch.zeros(1001, 64, dtype=torch.bool)
-    kept[300:500, 10:30] = True
-    assert torch.allclose(seen[0][0][kept], level[kept], atol=1e-3)
-    assert torch.allclose(seen[0][0][~kept], level[~kept] - 40.0, atol=1e-3)
+    feats = _features(tiny_clap, waves, domain)
+    text = torch.nn.functional.normalize(torch.randn(1, feats.embedding.shape[-1]), dim=-1)
+    decoder = _FixedMask(64 if domain == "mel" else 513)
+    masked, shown, _ = T.masked_embeddings(_module(tiny_clap, domain, decoder), feats, text, torch.tensor([[0, 0]]),
+                                           hard=True)
+    assert shown.detach().unique().tolist() == [0.0, 1.0]
+    with torch.no_grad():
+        binary, _ = tiny_clap.encode(_module(tiny_clap, domain).masked_log_mel(feats, torch.tensor([0]),
+                                                                               shown.detach()))
+    assert torch.allclose(masked.detach(), binary, atol=1e-6)         # CLAP is shown the thresholded mask
     (text * masked).sum().backward()
     grad = decoder.logits.grad[0]
-    assert bool((grad[~kept] != 0).float().mean() > 0.99)      # at silence (floor_db 0) they get exactly none
-
-
-def test_hard_floor_is_checked():
-    with pytest.raises(T.TrainError, match="hard_floor_db"):
-        T.TrainConfig(manifest="m", out="o", hard_floor_db=30.0)
-    with pytest.raises(T.TrainError, match="hard_floor_db"):
-        T.TrainConfig(manifest="m", out="o", hard_mask=True, hard_floor_db=-3.0)
-
-
-@pytest.mark.parametrize("domain", ["mel", "stft"])
-def test_chord_input_is_the_hard_masked_log_mel_at_the_ends_and_a_line_between(tiny_clap, domain):
-    waves = torch.randn(2, 480_000, generator=torch.Generator().manual_seed(1)) * 0.1
-    feats = T.clap_features(tiny_clap, waves, domain)
-    clips = torch.tensor([0, 1])
-    bins = 64 if domain == "mel" else 513
-    binary = (torch.rand(2, 1001, bins, generator=torch.Generator().manual_seed(2)) > 0.7).float()
-    for gate in (torch.zeros_like(binary), torch.ones_like(binary)) + ((binary,) if domain == "mel" else ()):
-        assert torch.allclose(T.chord_input(feats, clips, gate, domain), T.masked_input(feats, clips, gate, domain),
-                              atol=1e-3)
-    # linear in the gate: the gradient of a cell is its level above the floor, whether the cell is kept or not
-    gate = (binary * 0.5).requires_grad_()
-    T.chord_input(feats, clips, gate, domain).sum().backward()
-    level = T.masked_input(feats, clips, torch.ones_like(binary), domain)
-    if domain == "mel":
-        assert torch.allclose(gate.grad, level - spectral.SILENCE_DB, rtol=1e-4)
-        assert bool((gate.grad > 0).all())
-    else:  # every bin a mel band covers, and only those (below ~94 Hz and above 14 kHz CLAP hears nothing)
-        covered = spectral.mel_power(torch.eye(bins)).sum(-1) > 0
-        assert bool((gate.grad[..., covered] > 0).all()) and bool((gate.grad[..., ~covered] == 0).all())
-
-
-def test_hard_grad_is_checked_and_recorded(dataset, tmp_path, tiny_clap):
-    with pytest.raises(T.TrainError, match="straight-through gradient"):
-        _cfg(dataset, tmp_path / "bad", hard_mask=True, hard_grad="logit")
-    with pytest.raises(T.TrainError, match="applies with hard_mask"):
-        _cfg(dataset, tmp_path / "bad", hard_grad="input")
-    by_mask = tmp_path / "mask"
-    T.train(_cfg(dataset, by_mask, max_steps=2, mask_noise=1.0, hard_mask=True), clap=tiny_clap)
-    for where in ("input", "chord"):
-        T.train(_cfg(dataset, tmp_path / where, max_steps=2, mask_noise=1.0, hard_mask=True, hard_grad=where),
-                clap=tiny_clap)
-        assert json.loads((tmp_path / where / "config.json").read_text())["train"]["hard_grad"] == where
-        assert _max_diff(_weights(by_mask), _weights(tmp_path / where)) > 0
+    kept = torch.zeros_like(grad, dtype=torch.bool)
+    kept[300:500, 10:30] = True
+    assert grad[kept].abs().sum() > 0 and grad[~kept].abs().sum() == 0
 
 
 def test_hard_mask_changes_training_and_is_recorded(dataset, tmp_path, tiny_clap):
@@ -381,31 +325,47 @@ def test_init_refuses_a_decoder_of_another_clap_unless_told(dataset, tmp_path, t
     assert json.loads((tuned / "config.json").read_text())["train"]["init_any_clap"] is True
     with pytest.raises(T.TrainError, match="only applies with init"):
         _cfg(dataset, tmp_path / "x", init_any_clap=True)
-    alone = CliRunner().invoke(main, ["train", "--data", str(dataset), "--out", str(tmp_path / "y"), "--init-any-clap"])
-    assert alone.exit_code == 2 and "--init-any-clap needs --init" in alone.output
-    resumed = CliRunner().invoke(main, ["train", "--resume", str(tuned), "--init-any-clap"])
-    assert resumed.exit_code == 2 and "--init-any-clap goes with --init" in resumed.output
+    any_clap = _recipe(tmp_path / "any.toml", "[decoder]\ninit_any_clap = true\n")
+    alone = CliRunner().invoke(main, ["train", "--data", str(dataset), "--out", str(tmp_path / "y"), "--config", any_clap])
+    assert alone.exit_code == 2 and "[decoder] init_any_clap needs --init" in alone.output
+    resumed = CliRunner().invoke(main, ["train", "--resume", str(tuned), "--config", any_clap])
+    assert resumed.exit_code == 2 and "[decoder] init_any_clap goes with --init" in resumed.output
     assert not (tmp_path / "y").exists()
 
 
-def test_init_refuses_another_architecture(dataset, tmp_path, tiny_clap):
+def _recipe(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_init_refuses_another_architecture_with_the_message_the_cli_shows(dataset, tmp_path, tiny_clap):
     T.train(_cfg(dataset, tmp_path / "base", max_steps=1), clap=tiny_clap)
-    with pytest.raises(T.TrainError, match=r"width 64 \(asked: 16\)"):
+    message = "[decoder] width 16 differs from the --init decoder's 64: fine-tuning keeps its architecture"
+    with pytest.raises(T.TrainError) as refused:
         T.train(_cfg(dataset, tmp_path / "b", max_steps=1, width=16, init=str(tmp_path / "base")), clap=tiny_clap)
+    assert str(refused.value) == message and not (tmp_path / "b").exists()
+    cli = CliRunner().invoke(main, ["train", "--data", str(dataset), "--out", str(tmp_path / "c"), "--init",
+                                    str(tmp_path / "base"), "--config", _recipe(tmp_path / "w.toml", "[decoder]\nwidth = 16\n")])
+    assert cli.exit_code == 2 and message in cli.output
+    # what the CLI does for a fine-tuning run, a library caller can do too: the init decoder's architecture
+    cfg = R.resolve_config({"manifest": str(dataset), "out": str(tmp_path / "d"), "init": str(tmp_path / "base"),
+                            "domain": "mel"})
+    assert (cfg.width, cfg.levels, cfg.text_readout) == (64, 4, False) and cfg.init == str(tmp_path / "base")
 
 
 def test_train_init_cli_reuses_the_architecture(dataset, tmp_path):
     base, tuned = tmp_path / "base", tmp_path / "tuned"
     common = ["--data", str(dataset), "--clap", "random:tiny", "--workers", "0", "--max-steps", "1",
               "--val-fraction", "0", "--device", "cpu"]
-    assert CliRunner().invoke(main, ["train", *common, "--out", str(base), "--text-readout", "--width", "16"]).exit_code == 0
+    narrow = _recipe(tmp_path / "narrow.toml", "[decoder]\ntext_readout = true\nwidth = 16\n")
+    assert CliRunner().invoke(main, ["train", *common, "--out", str(base), "--config", narrow]).exit_code == 0
     result = CliRunner().invoke(main, ["train", *common, "--out", str(tuned), "--init", str(base)])
     assert result.exit_code == 0, result.output
     stored = json.loads((tuned / "config.json").read_text())
     assert stored["decoder"]["width"] == 16 and stored["decoder"]["text_readout"] is True
     clash = CliRunner().invoke(main, ["train", *common, "--out", str(tmp_path / "x"), "--init", str(base),
-                                      "--width", "32"])
-    assert clash.exit_code == 2 and "--width 32 differs from the --init decoder's 16" in clash.output
+                                      "--config", _recipe(tmp_path / "wide.toml", "[decoder]\nwidth = 32\n")])
+    assert clash.exit_code == 2 and "[decoder] width 32 differs from the --init decoder's 16" in clash.output
     both = CliRunner().invoke(main, ["train", "--resume", str(tuned), "--init", str(base)])
     assert both.exit_code == 2 and "--init starts a new run" in both.output
     assert not (tmp_path / "x").exists()
@@ -424,13 +384,14 @@ def test_reach_penalty_lifts_only_the_strongest_cells_of_a_sunk_mask():
 
 def test_reach_counts_only_the_matched_pairs(tiny_clap):
     waves = torch.randn(2, 480_000, generator=torch.Generator().manual_seed(0)) * 0.1
-    feats = T.clap_features(tiny_clap, waves, "mel")
-    text = torch.nn.functional.normalize(torch.randn(2, feats.audio.shape[-1]), dim=-1)
+    feats = _features(tiny_clap, waves)
+    text = torch.nn.functional.normalize(torch.randn(2, feats.embedding.shape[-1]), dim=-1)
     decoder = _FixedMask()
     with torch.no_grad():
         decoder.logits.fill_(-6.0)
-    plain = T.masked_embeddings(tiny_clap, decoder, feats, text, torch.tensor([[0, 1], [1, 0]]), "mel", reach=1.0)[2]
-    matched = T.masked_embeddings(tiny_clap, decoder, feats, text, torch.tensor([[0, 0], [1, 0]]), "mel", reach=1.0)[2]
+    module = _module(tiny_clap, "mel", decoder)
+    plain = T.masked_embeddings(module, feats, text, torch.tensor([[0, 1], [1, 0]]), reach=1.0)[2]
+    matched = T.masked_embeddings(module, feats, text, torch.tensor([[0, 0], [1, 0]]), reach=1.0)[2]
     assert plain.item() == 0.0 and matched.item() == pytest.approx(36.0, rel=1e-3)
 
 
@@ -468,15 +429,16 @@ def test_removal_loss_is_zero_when_the_mask_keeps_everything_and_the_clip_above_
         tiny_clap):
     rng = np.random.default_rng(1)
     waves = torch.from_numpy(0.3 * rng.standard_normal((3, 48_000 * 2)).astype(np.float32))
-    feats = T.clap_features(tiny_clap, waves, "mel")
-    text = torch.nn.functional.normalize(torch.randn(3, feats.audio.shape[1]), dim=-1)
+    module = _module(tiny_clap)
+    feats = _features(tiny_clap, waves)
+    text = torch.nn.functional.normalize(torch.randn(3, feats.embedding.shape[1]), dim=-1)
     pairs = torch.tensor([[1, 0], [0, 0], [2, 2], [1, 1], [2, 1]])     # matched rows not first, not in order
     shape = (len(pairs), *feats.logmel.shape[1:])
     with torch.no_grad():
-        assert T.removal_loss(tiny_clap, feats, text, pairs, torch.ones(shape), "mel").item() < 1e-6
-        silence, _ = tiny_clap.encode(T.masked_input(feats, torch.tensor([0]), torch.zeros(1, *shape[1:]), "mel"))
-        expected = torch.relu((text * feats.audio).sum(-1) - text @ silence[0]).mean()
-        got = T.removal_loss(tiny_clap, feats, text, pairs, torch.zeros(shape), "mel")
+        assert T.removal_loss(module, feats, text, pairs, torch.ones(shape)).item() < 1e-6
+        silence, _ = tiny_clap.encode(module.masked_log_mel(feats, torch.tensor([0]), torch.zeros(1, *shape[1:])))
+        expected = torch.relu((text * feats.embedding).sum(-1) - text @ silence[0]).mean()
+        got = T.removal_loss(module, feats, text, pairs, torch.zeros(shape))
     assert expected.item() > 1e-4 and got.item() == pytest.approx(expected.item(), abs=1e-5)
 
 
@@ -491,8 +453,8 @@ def test_lambda_reach_adds_the_reach_penalty_of_the_matched_masks_to_the_loss(da
         with torch.no_grad():
             decoder.logits.fill_(-6.0)                              # every cell sunk: top-cell logit -6
         cfg = _cfg(dataset, tmp_path / "run", lambda_reach=weight)
-        terms, _ = T.micro_batch_loss(tiny_clap, decoder, lambda caps: torch.stack([texts[c] for c in caps]), waves,
-                                      ["a", "b"], cfg, torch.Generator().manual_seed(0))
+        terms, _ = T.micro_batch_loss(_module(tiny_clap, "mel", decoder), lambda caps: torch.stack([texts[c] for c in caps]),
+                                      waves, ["a", "b"], cfg, torch.Generator().manual_seed(0))
         return float(terms.total.detach())
 
     assert loss(0.5) - loss(0.0) == pytest.approx(0.5 * 36.0, rel=1e-3)
@@ -511,20 +473,21 @@ def test_lambda_absent_adds_the_absent_term_of_the_mismatched_masks_and_is_recor
     from lmaczs_cli.loss import absent_term
 
     waves = torch.randn(2, 480_000, generator=torch.Generator().manual_seed(0)) * 0.1
-    feats = T.clap_features(tiny_clap, waves, "mel")
-    prompts = torch.nn.functional.normalize(feats.audio.float(), dim=-1)   # each clip's caption scores it highest
+    feats = _features(tiny_clap, waves)
+    prompts = torch.nn.functional.normalize(feats.embedding.float(), dim=-1)   # each clip's caption scores it highest
     texts = {"a": prompts[0], "b": prompts[1]}
 
     def terms(weight):
         cfg = _cfg(dataset, tmp_path / "run", lambda_absent=weight)
-        out, _ = T.micro_batch_loss(tiny_clap, _FixedMask(), lambda caps: torch.stack([texts[c] for c in caps]), waves,
-                                    ["a", "b"], cfg, torch.Generator().manual_seed(0))
+        out, _ = T.micro_batch_loss(_module(tiny_clap, "mel", _FixedMask()),
+                                    lambda caps: torch.stack([texts[c] for c in caps]), waves, ["a", "b"], cfg,
+                                    torch.Generator().manual_seed(0))
         return out
 
     on, off = terms(2.0), terms(0.0)
     assert off.absent is None and on.absent is not None
     masks = torch.sigmoid(_FixedMask().logits).expand(4, -1, -1)
-    expected = absent_term(prompts, feats.audio, T.all_pairs(2), masks)
+    expected = absent_term(prompts, feats.embedding, T.all_pairs(2), masks)
     assert float(expected.detach()) > 0
     assert float(on.absent.detach()) == pytest.approx(float(expected.detach()), rel=1e-4)
     assert float((on.total - off.total).detach()) == pytest.approx(2.0 * float(expected.detach()), rel=1e-3)
@@ -532,3 +495,191 @@ def test_lambda_absent_adds_the_absent_term_of_the_mismatched_masks_and_is_recor
     T.train(_cfg(dataset, run, max_steps=2, lambda_absent=1.0), clap=tiny_clap)
     assert json.loads((run / "config.json").read_text())["train"]["lambda_absent"] == 1.0
     assert json.loads((run / "config.json").read_text())["loss"]["lambda_absent"] == 1.0
+
+
+# --------------------------------------------------------------------------- recipes and the command line
+
+
+def test_train_help_fits_one_screen_and_keeps_research_settings_in_the_recipe():
+    train = main.commands["train"]
+    options = [p for p in train.get_params(click_context(train)) if p.opts[0].startswith("-")]
+    assert len(options) <= 30
+    names = {o for p in options for o in p.opts + p.secondary_opts}
+    for gone in ("--hard-grad", "--hard-floor-db", "--mask-noise", "--hard-mask", "--logit-bound", "--lambda-out",
+                 "--lambda-overlap", "--lambda-absent", "--lambda-reach", "--lr-schedule", "--init-any-clap",
+                 "--width", "--group-by-audio"):
+        assert gone not in names, gone
+    for kept in ("--config", "--data", "--out", "--clap", "--epochs", "--max-steps", "--batch-size", "--lr",
+                 "--resume", "--init", "--device", "--amp", "--workers", "--domain", "--lambda-sparsity",
+                 "--lambda-diversity", "--seed", "--log-every", "--tokenizer"):
+        assert kept in names, kept
+
+
+def click_context(command):
+    import click
+
+    return click.Context(command)
+
+
+def test_every_train_option_is_a_config_field_with_the_same_default():
+    """The command line's options are TrainConfig fields (R.COMMAND_LINE), shown with its defaults."""
+    import dataclasses
+
+    from lmaczs_cli.cli import TRAIN_FIELD_OF
+
+    train = main.commands["train"]
+    defaults = {f.name: f.default for f in dataclasses.fields(T.TrainConfig)}
+    fields = {}
+    for p in train.params:
+        if p.name in ("config", "resume", "help"):
+            continue
+        field = TRAIN_FIELD_OF.get(p.name, p.name)
+        fields[field] = p.default
+        if field not in ("manifest", "out"):
+            assert p.default == defaults[field], (p.name, p.default, defaults[field])
+    assert set(fields) == set(R.COMMAND_LINE)
+
+
+def test_every_config_field_has_one_recipe_section():
+    import dataclasses
+
+    placed = [name for names in R.RECIPE_SECTIONS.values() for name in names]
+    assert sorted(placed) == sorted(f.name for f in dataclasses.fields(T.TrainConfig))
+    assert not {"hard_grad", "hard_floor_db"} & set(placed)
+
+
+def test_a_saved_recipe_round_trips_to_the_same_config(dataset, tmp_path, plain_run, monkeypatch):
+    """The recipe a run writes reproduces its config: through the library and through --config."""
+    saved = plain_run / R.RECIPE_NAME
+    stored = R.stored_config(plain_run)
+    assert R.resolve_config(R.load_recipe(saved)) == stored
+    seen = []
+    monkeypatch.setattr(T, "train", lambda cfg, **kw: seen.append((cfg, kw)) or {"out": cfg.out, "steps": 0,
+                                                                                   "skipped": 0})
+    result = CliRunner().invoke(main, ["train", "--config", str(saved)])
+    assert result.exit_code == 0, result.output
+    assert seen[0][0] == stored and seen[0][1]["resume"] is False
+    # every field, strings with quotes, backslashes and non-ASCII characters included
+    odd = dataclasses_replace(stored, manifest=str(tmp_path / 'dé"jà\\vu.jsonl'), tokenizer="tok\tdir\x7f",
+                              mismatched=1, lr=3.3e-07, amp=True, val_fraction=0.0, lr_schedule="cosine",
+                              mask_noise=2.0, hard_mask=True, logit_bound=8.0, lambda_reach=0.03, lambda_out=3.0,
+                              lambda_overlap=1.0, lambda_absent=3.0, group_by_audio=True, text_readout=True,
+                              skip_gate=True, levels=3, max_steps=7)
+    R.write_recipe(odd, tmp_path / "odd.toml")
+    assert T.TrainConfig(**R.load_recipe(tmp_path / "odd.toml")) == odd
+
+
+def dataclasses_replace(cfg, **kw):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **kw)
+
+
+def test_options_on_the_command_line_override_the_recipe_and_defaults_do_not(dataset, tmp_path, monkeypatch):
+    recipe = _recipe(tmp_path / "r.toml", f"""
+[data]
+manifest = "{dataset}"
+workers = 0
+[decoder]
+width = 16
+text_readout = true
+[optimiser]
+lr = 1e-3
+epochs = 3
+lr_schedule = "cosine"
+[loss]
+lambda_sparsity = 0.2
+mask_noise = 1
+[run]
+out = "{tmp_path / 'from-recipe'}"
+device = "cpu"
+""")
+    seen = []
+    monkeypatch.setattr(T, "train", lambda cfg, **kw: seen.append(cfg) or {"out": cfg.out, "steps": 0, "skipped": 0})
+    assert CliRunner().invoke(main, ["train", "--config", recipe]).exit_code == 0
+    assert CliRunner().invoke(main, ["train", "--config", recipe, "--lr", "5e-5", "--out", str(tmp_path / "o"),
+                                     "--epochs", "2"]).exit_code == 0
+    first, second = seen
+    assert (first.lr, first.epochs, first.width, first.text_readout, first.lambda_sparsity) == (1e-3, 3, 16, True, 0.2)
+    assert first.mask_noise == 1.0 and first.lr_schedule == "cosine" and first.workers == 0
+    assert first.out == str(tmp_path / "from-recipe") and first.lambda_diversity == 1.0   # not set: the default
+    assert (second.lr, second.epochs, second.out) == (5e-5, 2, str(tmp_path / "o"))
+    assert (second.width, second.lambda_sparsity) == (16, 0.2)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[decoder]\nhard_grad = \"input\"\n", "[decoder] hard_grad: no such setting"),
+    ("[optimiser]\nwidth = 16\n", "width belongs in [decoder], not [optimiser]"),
+    ("[training]\nlr = 1e-3\n", "unknown section [training]"),
+    ("[optimiser]\nepochs = \"two\"\n", "[optimiser] epochs = 'two' must be an integer"),
+    ("[run]\namp = 1\n", "[run] amp = 1 must be true or false"),
+    ("[optimiser]\nepochs = 0\n", "epochs must be 1 or more (got 0)"),
+    ("[loss]\nlambda_out = -1\n", "lambda_out must be 0 or more"),
+    ("lr = 1e-3\n", "lr belongs in [optimiser]"),
+    ("data = 1\n", "data must be a table"),
+    ("[optimiser\n", "not a TOML file"),
+])
+def test_a_bad_recipe_is_refused_with_what_to_fix(dataset, tmp_path, text, message):
+    recipe = _recipe(tmp_path / "bad.toml", text)
+    result = CliRunner().invoke(main, ["train", "--config", recipe, "--data", str(dataset), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_resume_rules_live_in_the_library_with_the_messages_the_cli_shows(dataset, tmp_path, plain_run):
+    """train(cfg, resume=True) refuses what `lmaczs train --resume` refuses, word for word."""
+    import dataclasses
+
+    stored = R.stored_config(plain_run)
+    cases = [
+        (dataclasses.replace(stored, group_by_audio=True), "[data] group_by_audio = true",
+         "[data] group_by_audio cannot change on --resume: it would re-plan the epoch in progress"),
+        (dataclasses.replace(stored, domain="stft"), None,
+         "--domain cannot change on --resume: the checkpoint holds a decoder of the stored shape"),
+        (dataclasses.replace(stored, width=16), "[decoder] width = 16",
+         "[decoder] width cannot change on --resume"),
+        (dataclasses.replace(stored, init=str(plain_run)), None, "--init starts a new run"),
+    ]
+    for cfg, recipe, message in cases:
+        with pytest.raises(T.TrainError, match=re_escape(message)):
+            T.train(cfg, resume=True)
+        args = ["train", "--resume", str(plain_run)]
+        if recipe:
+            section, line = recipe.split(" ", 1)
+            args += ["--config", _recipe(tmp_path / "r.toml", f"{section}\n{line}\n")]
+        elif cfg.domain != stored.domain:
+            args += ["--domain", cfg.domain]
+        else:
+            args += ["--init", str(plain_run)]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and message in result.output, (message, result.output)
+    with pytest.raises(T.TrainError, match="no config.json there"):
+        T.train(dataclasses.replace(stored, out=str(tmp_path)), resume=True)
+    assert R.resolve_config({"epochs": 5}, resume=plain_run) == dataclasses.replace(stored, epochs=5)
+
+
+def re_escape(text):
+    import re
+
+    return re.escape(text)
+
+
+def test_config_values_are_checked_for_library_callers_too():
+    with pytest.raises(T.TrainError, match="batch_size must be 1 or more"):
+        T.TrainConfig(manifest="m", out="o", batch_size=0)
+    with pytest.raises(T.TrainError, match="unknown mask domain 'linear'"):
+        T.TrainConfig(manifest="m", out="o", domain="linear")
+    with pytest.raises(T.TrainError, match="needs a manifest and an out folder"):
+        T.TrainConfig(manifest="m")
+    with pytest.raises(T.TrainError, match="--data and --out are required"):
+        R.resolve_config({"manifest": "m"})
+
+
+def test_the_readme_recipe_example_is_a_valid_recipe(tmp_path):
+    import re
+
+    text = (REPO / "README.md").read_text()
+    [block] = re.findall(r"```toml\n(.+?)```", text, re.S)
+    fields = R.load_recipe(Path(_recipe(tmp_path / "readme.toml", block)))
+    cfg = T.TrainConfig(manifest="m", out="o", **fields)
+    assert cfg.hard_mask is True and cfg.lr_schedule == "cosine" and cfg.lambda_out == 3.0

@@ -1,8 +1,9 @@
 """How right a demo model's explanations are, on held-out scenes of the demo world where the
-truth is known: the figures issue C asks for (`localization_report`), the similarity gap the
+truth is known: whether masks lie on the prompted event and stay small for absent prompts
+(`localization_report`; the demo tests hold the bundled model to bounds on it), the similarity gap the
 ground truth itself would leave under a CLAP (`oracle_report`), and whether the masks depend on
 what CLAP saw (`randomization_report`); `by_event` and `oracle_by_event` split the first two per
-event kind. The build records all of them in build.json; the demo tests assert on the first.
+event kind. The build records all of them in build.json.
 
 Effective resolution: one HTSAT stage-1 token is 8 stretched frames x 8 mel bands
 (`metrics.TOKEN_FRAMES/BANDS`), so each event's ground-truth region is dilated by 4 frames and
@@ -63,7 +64,7 @@ def prompt_rows(explainer: Any, n_scenes: int = 12, seed: int = 0) -> list[dict[
 
 def localization_report(explainer: Any, n_scenes: int = 12, seed: int = 0,
                         rows: list[dict[str, Any]] | None = None) -> dict[str, float]:
-    """The figures issue C asks for, over `prompt_rows` (computed here unless given). Means over
+    """Whether explanations are right, over `prompt_rows` (computed here unless given). Means over
     (scene, present event): ``mass`` share of the mask inside the event's dilated region, ``chance``
     that region's share of the grid and ``other`` the share on the scene's other events; ``matched``
     / ``absent`` mask means for present / absent prompts and ``ratio`` = absent / matched; ``gap``

@@ -1,6 +1,6 @@
 """Speech-like audio for the out-of-domain study (`lmaczs eval --contaminate speech`) when no
-speech corpus is at hand: espeak-ng's synthetic speech if it is installed, else vowel-like
-syllables synthesised from a glottal pulse train through formant resonators."""
+speech corpus is at hand: espeak-ng's synthetic speech if it is installed, else phrases of the
+demo world's formant-synthesised "speech-like voice" with pauses between them."""
 from __future__ import annotations
 
 import shutil
@@ -9,14 +9,13 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import scipy.signal
 import soundfile as sf
 
-from ..audio import CLIP_SAMPLES, SAMPLE_RATE
+from ..audio import CLIP_SAMPLES, SAMPLE_RATE, is_audio_name
+from .events import render_event
 
-# (F1, F2, F3) in Hz of /ɑ/, /i/, /ɔ/, /ɛ/, /u/: adult male averages (Peterson & Barney, 1952)
-VOWELS = ((730, 1090, 2440), (270, 2290, 3010), (570, 840, 2410), (530, 1840, 2480), (300, 870, 2240))
-FORMANT_BANDWIDTH_HZ = 100.0
+PHRASE_SECONDS = (1.5, 3.0)   # s, range of one phrase's length
+PAUSE_SECONDS = (0.2, 0.6)    # s, range of the pause after a phrase
 SENTENCES = ("the quick brown fox jumps over the lazy dog",
              "she sells sea shells by the sea shore every morning",
              "please call me back when you have a moment to talk",
@@ -24,25 +23,19 @@ SENTENCES = ("the quick brown fox jumps over the lazy dog",
 
 
 def formant_speech(seed: int) -> np.ndarray:
-    """10 s of vowel-like syllables (about 4 per second, some paused), f0 100-220 Hz with a slow
-    drift. float32 (480000,) at 48 kHz, peak 0.3."""
+    """10 s of phrases of the demo world's "speech-like voice" (`events.render_event`: a
+    glottal pulse train through vowel formant resonators, about 4 syllables a second), each
+    PHRASE_SECONDS long with a PAUSE_SECONDS pause after it, every phrase its own speaker
+    pitch. float32 (480000,) at 48 kHz, peak 0.3; a pure function of seed."""
     rng = np.random.default_rng(seed)
-    t = np.arange(CLIP_SAMPLES) / SAMPLE_RATE
-    f0 = rng.uniform(100, 220) * (1 + 0.1 * np.sin(2 * np.pi * 0.5 * t))
-    phase = np.cumsum(f0) / SAMPLE_RATE
-    source = (np.diff(np.floor(phase), prepend=0) > 0).astype(np.float64)     # one pulse per period
-    r = np.exp(-np.pi * FORMANT_BANDWIDTH_HZ / SAMPLE_RATE)                  # resonator pole radius
     out = np.zeros(CLIP_SAMPLES)
-    edges = np.cumsum(rng.uniform(0.15, 0.35, 64) * SAMPLE_RATE).astype(int)
-    for a, b in zip(np.r_[0, edges[:-1]], edges):
-        if a >= CLIP_SAMPLES:
-            break
-        b = min(b, CLIP_SAMPLES)
-        seg = source[a:b]
-        for f in VOWELS[rng.integers(len(VOWELS))]:
-            seg = scipy.signal.lfilter([1 - r], [1, -2 * r * np.cos(2 * np.pi * f / SAMPLE_RATE), r * r], seg)
-        out[a:b] = seg * np.hanning(b - a) * (rng.uniform() > 0.2)
-    return (0.3 * out / (np.abs(out).max() + 1e-9)).astype(np.float32)
+    at = int(rng.uniform(*PAUSE_SECONDS) * SAMPLE_RATE)
+    while (left := (CLIP_SAMPLES - at) / SAMPLE_RATE) >= PHRASE_SECONDS[0] / 2:
+        seconds = min(rng.uniform(*PHRASE_SECONDS), left)
+        phrase = render_event("speech-like voice", seconds, int(rng.integers(2 ** 63)))
+        out[at: at + phrase.size] = phrase
+        at += phrase.size + int(rng.uniform(*PAUSE_SECONDS) * SAMPLE_RATE)
+    return (0.3 * out / np.abs(out).max()).astype(np.float32)
 
 
 class SpeechFolderError(ValueError):
@@ -54,13 +47,12 @@ def write_speech_folder(folder: Path, n: int = 4) -> str:
     is never added to or overwritten); return how they were made: "espeak-ng" when that program
     is on PATH and runs (its 22.05 kHz wavs, sentences cycled, each repeat 20 words/min faster),
     else "formant" (48 kHz flac). Each file is written atomically."""
-    from ..data import AUDIO_EXTENSIONS
     from ..files import atomic_path
 
     if n < 1:
         raise SpeechFolderError(f"asked for {n} speech clips; give at least 1")
     folder = Path(folder)
-    if folder.is_dir() and any(p.suffix[1:].lower() in AUDIO_EXTENSIONS for p in folder.iterdir()):
+    if folder.is_dir() and any(is_audio_name(p.name) for p in folder.iterdir()):
         raise SpeechFolderError(f"{folder} already holds audio; give a new or empty folder")
     folder.mkdir(parents=True, exist_ok=True)
     espeak = shutil.which("espeak-ng")

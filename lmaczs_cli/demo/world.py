@@ -29,11 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import scipy.fft
 import scipy.signal
 import soundfile as sf
+import torch
 
 from .events import EVENTS, MIN_SECONDS, kind_seconds, render_event
+from .. import spectral
 from ..audio import CLIP_SAMPLES, CLIP_SECONDS, HOP, N_FFT, N_FRAMES, N_FREQS, SAMPLE_RATE
 
 __all__ = [
@@ -59,31 +60,27 @@ _ATTEMPTS = 8                 # compositions tried before a scene is refused (se
 _MIN_OWN_SHARE = 0.5          # an event's mask must hold this share of its own energy
 
 
-
 # ------------------------------------------------------------------------ ground truth
 
 
-@functools.lru_cache(maxsize=None)
-def _hann() -> np.ndarray:
-    # periodic Hann of N_FFT, as the front end (lmaczs_cli.spectral) uses
-    return (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)).astype(np.float32)
+_MARGIN = -(-(N_FFT // 2) // HOP)   # 2 frames: how far a centred frame's window reaches past its centre
 
 
-def stft_frames(x: np.ndarray, first: int = 0, stop: int | None = None) -> np.ndarray:
-    """Frames [first, stop) of the front end's STFT, in numpy (no torch needed).
+def stft_frames(x: np.ndarray, first: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Frames [first, stop) of the front end's STFT (`lmaczs_cli.spectral.stft`) of x.
 
-    x: float (n,). Hann 1024 (periodic), hop 480, centred with reflect padding, as
-    `lmaczs_cli.spectral.stft`. Returns complex64 (stop - first, N_FREQS); all
-    n // HOP + 1 frames by default.
+    x: float32 (n,). Returns complex64 (stop - first, N_FREQS); all n // HOP + 1 frames by
+    default. Only the samples those frames' windows see are transformed: the segment
+    starts and ends _MARGIN frames beyond them, or at the signal's own ends, where it is
+    reflect-padded exactly as the whole signal is.
     """
     total = len(x) // HOP + 1
     stop = total if stop is None else stop
     if not 0 <= first < stop <= total:
         raise ValueError(f"frames [{first}, {stop}) outside the {total} of this signal")
-    padded = np.pad(np.asarray(x, np.float32), N_FFT // 2, mode="reflect")
-    span = padded[first * HOP: (stop - 1) * HOP + N_FFT]
-    frames = np.lib.stride_tricks.sliding_window_view(span, N_FFT)[::HOP]
-    return scipy.fft.rfft(frames * _hann(), axis=-1)
+    lo, hi = max(0, first - _MARGIN), stop + _MARGIN
+    segment = np.ascontiguousarray(x[lo * HOP: hi * HOP] if hi < total else x[lo * HOP:], np.float32)
+    return spectral.stft(torch.from_numpy(segment)[None])[0, first - lo: stop - lo]
 
 
 def _typical_level(power: np.ndarray) -> float:
@@ -110,13 +107,6 @@ def dominance_mask(event_power: np.ndarray, rest_power: np.ndarray,
     return (event_power > rest_power) & (event_power >= floor)
 
 
-@functools.lru_cache(maxsize=None)
-def _mel_fb() -> np.ndarray:
-    from ..spectral import mel_filterbank   # torch only when mel masks are asked for
-
-    return mel_filterbank().numpy().astype(np.float64)   # (N_FREQS, N_MELS)
-
-
 def mask_to_mel(mask: np.ndarray, power: np.ndarray) -> np.ndarray:
     """Map a linear-grid mask to the mel grid: a band is on where at least half of its
     filterbank-weighted power lies in on-bins.
@@ -125,10 +115,10 @@ def mask_to_mel(mask: np.ndarray, power: np.ndarray) -> np.ndarray:
     bins (a tone owning 3 bins of a 20-bin band still owns the band when it carries its
     power). Returns bool (T, N_MELS). Bins outside every mel filter do not count.
     """
-    fb = _mel_fb()
-    power = np.asarray(power, np.float64)
-    total = power @ fb
-    return (total > 0) & ((power * mask) @ fb >= 0.5 * total)
+    power = torch.as_tensor(np.asarray(power, np.float64))
+    total = spectral.mel_power(power)
+    owned = spectral.mel_power(power * torch.as_tensor(np.asarray(mask, bool)))
+    return ((total > 0) & (owned >= 0.5 * total)).numpy()
 
 
 # ------------------------------------------------------------------------ scenes
@@ -172,7 +162,7 @@ class Scene:
     def mel_masks(self) -> dict[str, np.ndarray]:
         """Event name -> bool (N_FRAMES, N_MELS): `masks` mapped by `mask_to_mel` with the
         mix's power."""
-        P = np.abs(stft_frames(self.wave)) ** 2
+        P = spectral.power(stft_frames(self.wave))
         return {name: mask_to_mel(m, P) for name, m in self.masks.items()}
 
 
@@ -297,8 +287,8 @@ def _compose(rng: np.random.Generator, names: Sequence[str], seed: int) -> Scene
         powers = []
         for name, full, (first, stop) in zip(names, placed, spans):
             X_event = stft_frames(full, first, stop)
-            P_event = np.abs(X_event) ** 2
-            P_rest = np.abs(stft_frames(mix, first, stop) - X_event) ** 2     # the STFT is linear
+            P_event = spectral.power(X_event).numpy()
+            P_rest = spectral.power(stft_frames(mix, first, stop) - X_event).numpy()   # the STFT is linear
             masks[name][first:stop] = dominance_mask(P_event, P_rest)
             powers.append(P_event)
         _settle_shared_cells(masks, names, spans, powers)

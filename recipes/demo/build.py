@@ -1,7 +1,13 @@
 """Build the bundled demo model from scratch: a small LAION-CLAP trained contrastively on the
 demo world, then an LMAC-ZS decoder trained with `lmaczs train` on a world manifest.
 
-    python -m lmaczs_cli.demo.build --out lmaczs_cli/demo/model
+    python -m recipes.demo.build --out my-demo-model          (from the repository root)
+
+--out is required: the build never writes into the installed package unless told to (``--out
+lmaczs_cli/demo/model`` replaces the bundled model, with the examples beside it). The decoder's
+training settings are a `lmaczs train` recipe file (``--decoder-recipe FILE``, TOML, sections
+[data] [decoder] [optimiser] [loss] ...) on top of `DECODER_DEFAULTS`; the build itself sets
+the manifest, the output folder and the CLAP.
 
 Steps (all seeded; ~45 min on 2 CPU cores, see README):
   1. render a pool of world scenes (1-3 events each, captions) and single-event clips, and
@@ -37,17 +43,18 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 
-from .. import spectral
-from ..audio import N_FRAMES, N_MELS, SAMPLE_RATE
-from ..clap import ClapConfig, ClapModel, ClipBpeTokenizer, build_laion_clap, save_clap
-from ..loss import similarity_term, sparsity_term
-from ..train import HARD_GRADS, LR_SCHEDULES
-from . import world
+from lmaczs_cli import spectral
+from lmaczs_cli.audio import N_FRAMES, N_MELS, SAMPLE_RATE
+from lmaczs_cli.clap import ClapConfig, ClapModel, ClipBpeTokenizer, build_laion_clap, save_clap
+from lmaczs_cli.demo import world
+from lmaczs_cli.demo.scores import oracle_by_event, oracle_report, oracle_rows
+from lmaczs_cli.errors import LmaczsError
+from lmaczs_cli.loss import similarity_term, sparsity_term
+
 from .clap_losses import (
     ABSENT_COS, PRESENT_COS, attenuate, contrast_loss, contrastive_loss, drop_events, geometry_loss, isolation_loss,
     label_loss, off_diagonal, pair_loss, presence_loss, prompt_overlap, silence_gap_loss, speckle,
 )
-from .scores import oracle_by_event, oracle_report, oracle_rows
 
 DEMO_CLAP = ClapConfig(
     "HTSAT-custom", "transformer", joint_dim=128, htsat_embed_dim=32, htsat_depths=(1, 1, 1, 1),
@@ -199,7 +206,7 @@ def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_si
     speckle of cells (`speckle`), their presence unchanged."""
     torch.manual_seed(seed)
     if init is not None:
-        from ..clap import load_clap_dir
+        from lmaczs_cli.clap import load_clap_dir
 
         model = load_clap_dir(init)
         log(f"starting from the CLAP in {init}")
@@ -347,7 +354,7 @@ def plan_objective(model: ClapModel, n_scenes: int = 24, seed: int = 0, lambda_s
     with two or three events, explained for every event prompt (mean over scenes):
 
       "isolate"              each present event's prompt keeps that event's cells, absent prompts
-                             keep nothing (what issue C's localization bounds ask for);
+                             keep nothing (what the demo's localization bounds ask for);
       "isolate, -30 dB"      the same, with the dropped cells 30 dB down instead of at the floor
                              (mask 10^(-30/20) there): a sigmoid mask never reaches 0;
       "all events"           every prompt keeps the cells of every event;
@@ -439,10 +446,31 @@ CLAP_ROUND_OPTIONS = ("clap_steps", "clap_batch", "clap_lr", "clap_init", "scene
                       "pair_weight", "pair_margin", "label_weight", "text_warmup", "silence_weight")
 
 
+# The decoder's training settings unless --decoder-recipe says otherwise (TrainConfig fields).
+DECODER_DEFAULTS: dict[str, Any] = {
+    "epochs": 3, "batch_size": 4, "lr": 1e-3, "lambda_sparsity": 0.1, "lambda_diversity": 0.5, "val_fraction": 0.1,
+    "workers": 0, "device": "cpu", "log_every": 10, "save_every": 10_000,
+}
+BUILD_SETS = ("manifest", "out", "clap", "tokenizer")   # TrainConfig fields the build fills in itself
+
+
+def decoder_settings(path: Path) -> dict[str, Any]:
+    """The TrainConfig fields of the recipe file ``path``, refusing those the build sets itself."""
+    from lmaczs_cli.recipe import SECTION_OF, load_recipe
+
+    settings = load_recipe(path)
+    taken = [f"[{SECTION_OF[k]}] {k}" for k in BUILD_SETS if k in settings]
+    if taken:
+        raise LmaczsError(f"--decoder-recipe {path}: the build sets {', '.join(taken)} itself; leave them out")
+    return settings
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The build's options, checked (argparse exits with a message on a bad combination)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "model")
+    ap.add_argument("--out", type=Path, required=True,
+                    help="model folder to write (lmaczs_cli/demo/model replaces the bundled model; the examples "
+                         "go beside it, in ../examples)")
     ap.add_argument("--work", type=Path, default=Path("demo-build"), help="scratch folder (world manifest, runs)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--clap-steps", type=int, default=600)
@@ -489,31 +517,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="decoder training texts: scene captions, per-event prompts, or both")
     ap.add_argument("--decoder-events", type=int, default=None, choices=range(1, world.MAX_EVENTS + 1),
                     help="every decoder training scene holds this many events (default: 1..3 at random)")
-    ap.add_argument("--decoder-epochs", type=int, default=3)
-    ap.add_argument("--decoder-batch", type=int, default=4)
-    ap.add_argument("--decoder-lr", type=float, default=1e-3)
-    ap.add_argument("--decoder-text-readout", action="store_true", help="lmaczs train --text-readout")
-    ap.add_argument("--decoder-group-by-audio", action="store_true", help="lmaczs train --group-by-audio")
-    ap.add_argument("--decoder-no-logmel-skip", action="store_true", help="lmaczs train --no-logmel-skip")
-    ap.add_argument("--decoder-levels", type=int, default=4, choices=(2, 3, 4), help="lmaczs train --levels")
-    ap.add_argument("--decoder-skip-gate", action="store_true", help="lmaczs train --skip-gate")
-    ap.add_argument("--decoder-mask-noise", type=float, default=0.0, help="lmaczs train --mask-noise")
-    ap.add_argument("--decoder-hard-mask", action="store_true", help="lmaczs train --hard-mask")
-    ap.add_argument("--decoder-hard-grad", choices=HARD_GRADS, default="mask", help="lmaczs train --hard-grad")
-    ap.add_argument("--decoder-hard-floor-db", type=float, default=0.0, help="lmaczs train --hard-floor-db")
-    ap.add_argument("--decoder-logit-bound", type=float, default=0.0, help="lmaczs train --logit-bound")
-    ap.add_argument("--decoder-init", type=Path, default=None,
-                    help="lmaczs train --init: start the decoder from one saved in this folder (same CLAP, same "
-                         "architecture flags)")
-    ap.add_argument("--decoder-init-any-clap", action="store_true", help="lmaczs train --init-any-clap")
-    ap.add_argument("--decoder-lr-schedule", choices=LR_SCHEDULES, default="constant",
-                    help="lmaczs train --lr-schedule")
-    ap.add_argument("--lambda-sparsity", type=float, default=0.1)
-    ap.add_argument("--lambda-diversity", type=float, default=0.5)
-    ap.add_argument("--lambda-out", type=float, default=0.0, help="lmaczs train --lambda-out")
-    ap.add_argument("--lambda-overlap", type=float, default=0.0, help="lmaczs train --lambda-overlap")
-    ap.add_argument("--lambda-absent", type=float, default=0.0, help="lmaczs train --lambda-absent")
-    ap.add_argument("--lambda-reach", type=float, default=0.0, help="lmaczs train --lambda-reach")
+    ap.add_argument("--decoder-recipe", type=Path, default=None,
+                    help="`lmaczs train` recipe file (TOML) with the decoder's training settings, on top of "
+                         "DECODER_DEFAULTS ([decoder] init = DIR fine-tunes a saved decoder)")
     ap.add_argument("--report-scenes", type=int, default=12,
                     help="held-out scenes the decoder is scored on (localization figures, build.json)")
     ap.add_argument("--skip-clap", action="store_true", help="reuse the CLAP already in --out")
@@ -523,8 +529,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--clap-init", type=Path, default=None,
                     help="fine-tune the CLAP saved in this folder instead of training from scratch")
     args = ap.parse_args(argv)
-    if args.decoder_init_any_clap and args.decoder_init is None:
-        ap.error("--decoder-init-any-clap needs --decoder-init DIR (the decoder to start from)")
+    args.decoder_settings = {}
+    if args.decoder_recipe is not None:
+        try:
+            args.decoder_settings = decoder_settings(args.decoder_recipe)
+        except LmaczsError as e:
+            ap.error(str(e))
+    if args.clap_only and args.decoder_recipe is not None:
+        ap.error("--clap-only trains no decoder, so --decoder-recipe would do nothing")
     if args.text_warmup < 0:
         ap.error(f"--text-warmup is a number of steps, 0 or more (got {args.text_warmup})")
     if not 0.0 <= args.speckle <= 1.0:
@@ -540,6 +552,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# the decoder settings build.json records (TrainConfig fields)
+DECODER_REPORTED = ("epochs", "batch_size", "lr", "lr_schedule", "lambda_sparsity", "lambda_diversity", "lambda_out",
+                    "lambda_overlap", "lambda_reach", "lambda_absent", "text_readout", "group_by_audio", "mask_noise",
+                    "hard_mask", "logit_bound", "logmel_skip", "levels", "skip_gate", "init", "init_any_clap")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -548,10 +566,13 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"seed": args.seed}
 
-    from ..clap import load_clap_dir
-    from ..explain import Explainer
-    from ..train import TrainConfig, train
-    from .scores import by_event, localization_report, prompt_rows, randomization_report
+    from lmaczs_cli.clap import load_clap_dir
+    from lmaczs_cli.demo.scores import by_event, localization_report, prompt_rows, randomization_report
+    from lmaczs_cli.explain import Explainer
+    from lmaczs_cli.recipe import resolve_config
+    from lmaczs_cli.train import train
+
+    settings = {**DECODER_DEFAULTS, "seed": args.seed, **args.decoder_settings}
 
     if args.skip_clap:
         model = load_clap_dir(out)
@@ -581,8 +602,8 @@ def main(argv: list[str] | None = None) -> None:
     report["oracle_by_event"] = oracle_by_event(perfect)
     log("  overshoot (alone - scene) per event: " + ", ".join(
         f"{name} {v['overshoot']:+.3f}" for name, v in report["oracle_by_event"].items()))
-    report["plans"] = plan_objective(model, lambda_sparsity=args.lambda_sparsity,
-                                     lambda_diversity=args.lambda_diversity)
+    report["plans"] = plan_objective(model, lambda_sparsity=settings["lambda_sparsity"],
+                                     lambda_diversity=settings["lambda_diversity"])
     for name, terms in report["plans"].items():
         log(f"LMAC-ZS objective of the plan '{name}': " + ", ".join(f"{k} {v:.3f}" for k, v in terms.items()))
 
@@ -601,32 +622,16 @@ def main(argv: list[str] | None = None) -> None:
     run = work / "decoder"
     if run.exists():
         shutil.rmtree(run)
-    cfg = TrainConfig(manifest=str(manifest), out=str(run), clap=str(out), epochs=args.decoder_epochs,
-                      batch_size=args.decoder_batch, lr=args.decoder_lr, lambda_sparsity=args.lambda_sparsity,
-                      lambda_diversity=args.lambda_diversity, val_fraction=0.1, workers=0, device="cpu",
-                      log_every=10, save_every=10_000, seed=args.seed, text_readout=args.decoder_text_readout,
-                      mask_noise=args.decoder_mask_noise, hard_mask=args.decoder_hard_mask,
-                      hard_grad=args.decoder_hard_grad, hard_floor_db=args.decoder_hard_floor_db,
-                      logit_bound=args.decoder_logit_bound, lambda_out=args.lambda_out,
-                      lambda_overlap=args.lambda_overlap, lambda_reach=args.lambda_reach,
-                      lambda_absent=args.lambda_absent,
-                      logmel_skip=not args.decoder_no_logmel_skip,
-                      levels=args.decoder_levels, skip_gate=args.decoder_skip_gate,
-                      lr_schedule=args.decoder_lr_schedule,
-                      init=str(args.decoder_init) if args.decoder_init else None,
-                      init_any_clap=args.decoder_init_any_clap,
-                      group_by_audio=args.decoder_group_by_audio)
+    cfg = resolve_config({**settings, "manifest": str(manifest), "out": str(run), "clap": str(out)})
     t_dec = time.time()
     summary = train(cfg, clap=model, on_event=lambda e: log(
         f"decoder step {e['step']} sim {e.get('similarity', 0):.4f} spa {e.get('sparsity', 0):.3f} "
         f"div {e.get('diversity', 0):.4f} out {e.get('removal', 0):.4f} ov {e.get('overlap', 0):.4f} "
         f"ab {e.get('absent', 0):.4f}")
         if e["event"] == "step" and e["step"] % 25 == 0 else None)
-    settings = cfg.to_json()
-    report["decoder"] = {"texts": args.decoder_texts, "events": args.decoder_events, **{k: settings[k] for k in (
-        "epochs", "batch_size", "lr", "lr_schedule", "lambda_sparsity", "lambda_diversity", "lambda_out",
-        "lambda_overlap", "lambda_reach", "lambda_absent", "text_readout", "group_by_audio", "mask_noise", "hard_mask",
-        "hard_grad", "hard_floor_db", "logit_bound", "logmel_skip", "levels", "skip_gate", "init", "init_any_clap")}}
+    resolved = cfg.to_json()
+    report["decoder"] = {"texts": args.decoder_texts, "events": args.decoder_events,
+                         **{k: resolved[k] for k in DECODER_REPORTED}}
     report["decoder_train_s"] = time.time() - t_dec
     report["decoder_steps"] = summary["steps"]
     for name in ("decoder.safetensors", "config.json"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import spectral
+from lmaczs_cli import spectral
 
 PRESENT_COS, ABSENT_COS = 0.6, 0.1  # presence-loss targets: cosine to a present / absent event's prompt
 
@@ -151,7 +151,7 @@ def contrast_loss(clean_audio: torch.Tensor, masked_audio: torch.Tensor, nothing
 
     In `train_clap` a clip and its masked copy get independent level offsets (±6 dB each), and
     half the masked copies lose their background too, so the fall measured here is not only the
-    event's; the rounds of docs/demo-model.md were trained so."""
+    event's; the rounds of demo-model.md were trained so."""
     s_clean = clean_audio @ prompts.T                                         # (B, E)
     dropped = (presence > 0.5) & (masked_presence < 0.5)
     gone = F.relu(margin - (s_clean - masked_audio @ prompts.T))[dropped]
@@ -168,7 +168,7 @@ def pair_loss(with_event: torch.Tensor, without_event: torch.Tensor, prompts: to
     Why, beside `contrast_loss`: there the event's fall is measured from the clean clip to its
     masked copy, which also lost a speckle of cells, its background (half the time) and its level
     (an independent offset). A CLAP can meet that hinge by scoring any masked-looking clip lower,
-    without hearing the event, and c1/c2 of docs/demo-model.md still score a steady tone or a click
+    without hearing the event, and c1/c2 of demo-model.md still score a steady tone or a click
     train in a busy scene the same whether it is there or not. Here both copies share the speckle,
     the background, the level and the other events, so only the event's own cells tell them apart
     (and whatever of an overlapping event lies in them; their attenuation is drawn afresh)."""
@@ -184,7 +184,7 @@ def silence_gap_loss(audio: torch.Tensor, nothing: torch.Tensor, prompts: torch.
     prompts (E, D); presence (B, E) in {0, 1}. Zero when no entry is absent.
 
     Why, beside `presence_loss`: there absent pairs and the empty clip are regressed onto the same
-    target, but not onto each other, and every CLAP of docs/demo-model.md scores an absent prompt
+    target, but not onto each other, and every CLAP of demo-model.md scores an absent prompt
     on a scene ~0.08-0.09 higher than on silence (g3: 0.19 against 0.11; g4, target 0.0: 0.13
     against 0.04). LMAC-ZS's similarity term then asks an absent prompt's mask to keep part of the
     scene, since an empty mask would score lower than the clip. Here the gap itself is the loss;

@@ -25,7 +25,6 @@ from lmaczs_cli import spectral
 from lmaczs_cli.audio import HOP, N_FFT, N_FREQS
 
 PAD = N_FFT // 2
-N_OVERLAP = -(-N_FFT // HOP)            # frames reaching into one chunk: 3
 
 
 def masked_istft_reference(re: torch.Tensor, im: torch.Tensor, masks: torch.Tensor, prompts: int,
@@ -40,15 +39,13 @@ def masked_istft_reference(re: torch.Tensor, im: torch.Tensor, masks: torch.Tens
 
 @functools.lru_cache(maxsize=None)
 def _bases_np() -> tuple[np.ndarray, np.ndarray]:
-    from lmaczs_cli.export.ops import _idft_np
-
-    return _idft_np()                    # (513, 1024) each: inverse real DFT x synthesis window
+    return spectral.idft_bases_np()          # (513, 1024) each: inverse real DFT x synthesis window
 
 
 @functools.lru_cache(maxsize=None)
 def _inv_norm_np(n_frames: int) -> np.ndarray:
     """1 / overlap-added squared window over the padded axis, zero-extended to (T + 2) * HOP."""
-    norm = spectral._window_square_sum_np(n_frames).astype(np.float64)
+    norm = spectral.window_square_sum_np(n_frames).astype(np.float64)
     inv = np.where(norm > 1e-8, 1.0 / np.where(norm > 1e-8, norm, 1.0), 1.0)
     out = np.zeros((n_frames + 2) * HOP, np.float32)
     out[: inv.size] = inv
