@@ -6,11 +6,20 @@
 
 Sections (each skipped with its reason when what it needs is missing):
   embed      CLAP audio embedding, clips/s per batch size (the anchor of every ratio)
-  explain    the explainer (front end, encoder, decoder, listenable iSTFT, masked check),
-             clips/s per batch size and backend: torch eager; onnx (ONNX Runtime, from a
-             fresh `lmaczs export` of the same model); trt when TensorRT and a GPU exist
+  explain    the explainer (front end, encoder, decoder, listenable iSTFT[, masked check]),
+             clips/s per batch size, with and without the check, on real recordings and on
+             synthetic clips, per backend: torch eager; onnx (ONNX Runtime, from a fresh
+             `lmaczs export` of the same model; "onnx" in --sections); trt when TensorRT and a
+             GPU exist. The backends are timed interleaved, call by call.
+  topk       --labels (50) --top-k 3 in one encoder pass vs a one-prompt explain of the same clips
+  folder     `lmaczs explain` over a folder of 10-s files (decode, model, writes) vs the in-memory
+             batched rate of the same model and batch size; where its time goes
+  rss        resident memory growth of `lmaczs explain` over many short files
+  startup    `lmaczs --help`, `import lmaczs_cli`, loading the demo model (fresh processes)
   methods    cost per clip of each explanation method of `lmaczs eval` (LMAC-ZS one pass,
              GradCAM / GradCAM++, SmoothGrad and IG many)
+Real recordings: bench/audio/ (four sounds of the freedesktop sound theme, Debian package
+sound-theme-freedesktop; licences in bench/audio/README.md), each tiled to 10 s.
 Every figure is the median of --repeats timed runs (>= 5 by default; after a warm-up) with
 min and max. Writes bench/results/<date>-<machine>[-<model>][-quick].json (-2, -3 ... for later
 runs of the day; nothing is overwritten), a Markdown table beside it and a PNG plot (throughput
@@ -21,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import re
 import statistics
@@ -66,6 +76,42 @@ def machine() -> dict[str, Any]:
             "torch": torch.__version__, "lmaczs": __version__}
 
 
+AUDIO = ROOT / "bench" / "audio"
+
+
+def recordings(n: int) -> torch.Tensor:
+    """n 10-s clips from the real recordings in bench/audio (cycled), each tiled to 10 s."""
+    from lmaczs_cli.audio import load_audio
+
+    files = sorted(p for p in AUDIO.iterdir() if p.suffix in (".oga", ".ogg", ".flac", ".wav"))
+    if not files:
+        raise Skip(f"no recordings in {AUDIO}")
+    waves = [np.resize(load_audio(files[k % len(files)]), CLIP_SAMPLES) for k in range(n)]
+    return torch.from_numpy(np.stack(waves).astype(np.float32))
+
+
+def clip_set(kind: str, n: int) -> torch.Tensor:
+    return recordings(n) if kind == "real" else clips(n)
+
+
+def timed_together(fns: dict[str, Callable[[], Any]], items: int, repeats: int,
+                   sync: Callable[[], None]) -> dict[str, dict[str, Any]]:
+    """`timed` for several functions, their calls interleaved (one warm-up each, then
+    round-robin), so that a slow spell of the machine falls on all of them alike."""
+    for fn in fns.values():
+        fn()
+    rates: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            rates[k].append(items / (time.perf_counter() - t0))
+    return {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "repeats": repeats}
+            for k, v in rates.items()}
+
+
 def clips(n: int, seed: int = 0) -> torch.Tensor:
     """n 10-s 48-kHz test clips: a quiet noise floor with two tone bursts each."""
     rng = np.random.default_rng(seed)
@@ -101,19 +147,9 @@ def load_explainer(spec: str, device: str):
 def bench_embed(ex, args, sync) -> list[dict[str, Any]]:
     rows = []
     for b in args.batch_sizes:
-        waves = clips(b).to(ex.device)
-        with torch.no_grad():
-            r = timed(lambda: ex.clap.embed_audio(waves), b, args.repeats, sync)
+        waves = clips(b)
+        r = timed(lambda: ex.runner.embed_audio(waves), b, args.repeats, sync)
         rows.append({"section": "embed", "backend": "torch", "batch": b, "clips_per_s": r})
-    return rows
-
-
-def bench_explain_torch(ex, args, sync) -> list[dict[str, Any]]:
-    rows = []
-    for b in args.batch_sizes:
-        waves = clips(b).to(ex.device)
-        r = timed(lambda: ex.run_windows(waves, [args.prompt]), b, args.repeats, sync)   # with the check
-        rows.append({"section": "explain", "backend": "torch", "batch": b, "clips_per_s": r})
     return rows
 
 
@@ -129,27 +165,185 @@ def _runner(backend: str, ex, args, folder: Path):
             require_trt()
         except Exception as e:
             raise Skip(str(e)) from e
-    export_onnx(ex.clap, ex.decoder, folder, domain=ex.domain, max_batch=max(args.batch_sizes))
     if backend == "onnx":
-        return OnnxRunner(folder, device="cpu" if ex.device.type == "cpu" else "auto")
+        if not (folder / "manifest.json").exists():
+            export_onnx(ex.clap, ex.decoder, folder, domain=ex.domain, max_batch=max(args.batch_sizes))
+        return OnnxRunner(folder, device="cpu" if ex.device.type == "cpu" else "auto",
+                          threads=torch.get_num_threads())
     from lmaczs_cli.export.to_trt import export_engines
 
-    export_engines(folder, fp16=True, max_batch=max(args.batch_sizes))
+    folder = folder / "fp16"               # TensorRT precision comes from the graph: an fp16 export
+    export_onnx(ex.clap, ex.decoder, folder, domain=ex.domain, max_batch=max(args.batch_sizes), fp16=True)
+    export_engines(folder, max_batch=max(args.batch_sizes))
     return TrtRunner(folder)
 
 
-def bench_explain_backend(backend: str, ex, args, sync) -> list[dict[str, Any]]:
+def _runners(ex, args, folder: Path, skipped: dict[str, str]) -> dict[str, Any]:
+    """torch and every other backend asked for in --sections that can run here."""
+    runners = {"torch": ex.runner}
+    for backend in ("onnx", "trt"):
+        if backend in args.sections:
+            try:
+                runners[backend] = _runner(backend, ex, args, folder)
+            except Skip as e:
+                skipped[backend] = str(e)
+    return runners
+
+
+def bench_explain(ex, args, sync, runners: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    text = ex.text_embedding([args.prompt]).cpu()
+    for kind in ("real", "synthetic"):
+        for b in args.batch_sizes:
+            waves = clip_set(kind, b)
+            t = text[None].expand(b, -1, -1).contiguous()
+            for check in (True, False):
+                fns = {name: (lambda r=r, c=check: r.explain(waves, t, check=c)) for name, r in runners.items()}
+                for name, r in timed_together(fns, b, args.repeats, sync).items():
+                    rows.append({"section": "explain", "backend": name, "batch": b, "clips": kind, "check": check,
+                                 "clips_per_s": r})
+    return rows
+
+
+def bench_topk(ex, args, sync, runners: dict[str, Any]) -> list[dict[str, Any]]:
+    """50 labels, top 3, one encoder pass, vs one prompt (same clips, batch, check)."""
+    labels = ex.text_embedding([f"this is the sound of label {i}" for i in range(50)]).cpu()
+    text = ex.text_embedding([args.prompt]).cpu()
+    b = max(args.batch_sizes)
+    waves = clip_set("real", b)
+    t = text[None].expand(b, -1, -1).contiguous()
+    rows = []
+    for check in (True, False):
+        fns = {}
+        for name, r in runners.items():
+            fns[f"{name} top-3 of 50"] = lambda r=r, c=check: r.explain_topk(waves, labels, 3, check=c)
+            fns[f"{name} one prompt"] = lambda r=r, c=check: r.explain(waves, t, check=c)
+        for name, r in timed_together(fns, b, args.repeats, sync).items():
+            backend, _, mode = name.partition(" ")
+            rows.append({"section": "topk", "backend": backend, "mode": mode, "batch": b, "clips": "real",
+                         "check": check, "clips_per_s": r})
+    return rows
+
+
+def bench_folder(ex, args, sync) -> list[dict[str, Any]]:
+    """`lmaczs explain` over --folder-files 10-s files (wav; no pictures, then the default
+    pictures) vs the in-memory batched rate of the same model and batch size."""
+    import soundfile as sf
+
+    from lmaczs_cli.runs import ExplainJob, run_explain
+
+    b = max(args.batch_sizes)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        runner = _runner(backend, ex, args, Path(tmp))
-        text = ex.text_embedding([args.prompt]).cpu()
-        dev = "cuda" if backend == "trt" else "cpu"
-        for b in args.batch_sizes:
-            waves = clips(b).to(dev)
-            t = text[None].expand(b, -1, -1).contiguous().to(dev)
-            r = timed(lambda: runner.explain(waves, t), b, args.repeats, sync)
-            rows.append({"section": "explain", "backend": backend, "batch": b, "clips_per_s": r})
+        inp = Path(tmp) / "in"
+        inp.mkdir()
+        waves = recordings(args.folder_files).numpy()
+        for k, w in enumerate(waves):
+            sf.write(inp / f"clip{k:04d}.flac", w, SAMPLE_RATE)
+        mem = clip_set("real", b)
+        text = ex.text_embedding([args.prompt]).cpu()[None].expand(b, -1, -1).contiguous()
+        in_memory = timed(lambda: ex.runner.explain(mem, text), b, args.repeats, sync)
+        rows.append({"section": "folder", "backend": "torch", "mode": "in memory", "batch": b, "clips": "real",
+                     "check": True, "clips_per_s": in_memory})
+        for mode, png in (("folder, no pictures", False), ("folder, pictures", True)):
+            rates, where = [], {}
+            for rep in range(max(1, args.repeats // 2)):
+                job = ExplainJob(paths=(str(inp),), out=str(Path(tmp) / f"out-{png}-{rep}"), prompts=(args.prompt,),
+                                 batch_size=b, workers=args.workers, save_png=png, device=args.device)
+                t0 = time.perf_counter()
+                summary = run_explain(job, explainer=ex)
+                wall = time.perf_counter() - t0
+                rates.append(args.folder_files / wall)
+                where = {"wall_s": wall, **{k: summary.get(k) for k in ("seconds", "timings") if k in summary}}
+            rows.append({"section": "folder", "backend": "torch", "mode": mode, "batch": b, "clips": "real",
+                         "check": True, "files": args.folder_files, "workers": args.workers, "where": where,
+                         "clips_per_s": {"median": statistics.median(rates), "min": min(rates), "max": max(rates),
+                                         "repeats": len(rates)}})
     return rows
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def bench_rss(ex, args, sync) -> list[dict[str, Any]]:
+    """Resident memory of `lmaczs explain` (this process) over --rss-files short files: after
+    the first 5 % and at the end (growth = the difference), sampled every 0.2 s."""
+    import threading
+
+    import soundfile as sf
+
+    from lmaczs_cli.runs import ExplainJob, run_explain
+
+    if not os.path.exists("/proc/self/statm"):
+        raise Skip("needs /proc (Linux) to read resident memory")
+    with tempfile.TemporaryDirectory() as tmp:
+        inp = Path(tmp) / "in"
+        inp.mkdir()
+        rng = np.random.default_rng(0)
+        for k in range(args.rss_files):
+            sf.write(inp / f"s{k:05d}.wav", (0.1 * rng.standard_normal(4_800)).astype(np.float32), SAMPLE_RATE)
+        samples: list[tuple[float, float]] = []
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(0.2):
+                samples.append((time.perf_counter(), _rss_mb()))
+
+        thread = threading.Thread(target=sample, daemon=True)
+        job = ExplainJob(paths=(str(inp),), out=str(Path(tmp) / "out"), prompts=(args.prompt,),
+                         batch_size=max(args.batch_sizes), workers=args.workers, check=False, device=args.device)
+        events: list[tuple[float, int]] = []
+        done = [0]
+
+        def on_event(e: dict[str, Any]) -> None:
+            if e.get("event") == "file":
+                done[0] += 1
+                if done[0] in (max(1, args.rss_files // 20), args.rss_files):
+                    events.append((time.perf_counter(), done[0]))
+
+        start_rss = _rss_mb()
+        thread.start()
+        t0 = time.perf_counter()
+        run_explain(job, explainer=ex, on_event=on_event)
+        wall = time.perf_counter() - t0
+        stop.set()
+        thread.join()
+        end_rss = _rss_mb()
+    early = events[0][0] if events else t0
+    after_early = [m for t, m in samples if t >= early] or [end_rss]
+    return [{"section": "rss", "files": args.rss_files, "rss_start_mb": start_rss,
+             "rss_after_5pct_mb": after_early[0], "rss_end_mb": end_rss, "rss_peak_mb": max(after_early),
+             "growth_mb": end_rss - after_early[0], "files_per_s": args.rss_files / wall}]
+
+
+def bench_startup(ex, args, sync) -> list[dict[str, Any]]:
+    """Fresh processes: `lmaczs --help`, `import lmaczs_cli`, and loading the demo model
+    (time inside the process, from before the import to a loaded Explainer)."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("lmaczs") or str(Path(sys.executable).parent / "lmaczs")
+    load = ("import time; t0 = time.perf_counter(); from lmaczs_cli import Explainer; "
+            "Explainer.load('demo', device='cpu'); print(time.perf_counter() - t0)")
+    cases = {"lmaczs --help": [exe, "--help"], "import lmaczs_cli": [sys.executable, "-c", "import lmaczs_cli"]}
+    rows = []
+    for name, cmd in cases.items():
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            subprocess.run(cmd, capture_output=True, check=True, cwd=tempfile.gettempdir())
+            times.append(time.perf_counter() - t0)
+        rows.append({"section": "startup", "what": name, "seconds": _spread(times)})
+    times = [float(subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, check=True,
+                                  cwd=tempfile.gettempdir()).stdout.split()[-1]) for _ in range(args.repeats)]
+    rows.append({"section": "startup", "what": "load the demo model (import + Explainer.load)", "seconds": _spread(times)})
+    return rows
+
+
+def _spread(values: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "repeats": len(values)}
 
 
 def bench_methods(ex, args, sync) -> list[dict[str, Any]]:
@@ -173,47 +367,76 @@ def bench_methods(ex, args, sync) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------- outputs
 
 
+def _fig(c: dict[str, Any], fmt: str = ".2f") -> str:
+    return f"{c['median']:{fmt}} ({c['min']:{fmt}}-{c['max']:{fmt}})"
+
+
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [f"Benchmarks, {result['date']}, {m['cpu']} ({m['threads']} threads)"
              + (f", GPU {m['gpu']}" if m["gpu"] else ", no GPU") + f", model `{result['model']}`, "
              f"median of {result['repeats']} (min-max).", ""]
-    thr = [r for r in result["rows"] if "clips_per_s" in r]
+    rows = result["rows"]
+    thr = [r for r in rows if "clips_per_s" in r]
     if thr:
-        lines += ["| section | backend | batch | clips/s |", "|---|---|---:|---:|"]
+        lines += ["| section | backend | mode | clips | check | batch | clips/s |", "|---|---|---|---|---|---:|---:|"]
         for r in thr:
-            c = r["clips_per_s"]
-            lines.append(f"| {r['section']} | {r['backend']} | {r['batch']} | "
-                         f"{c['median']:.2f} ({c['min']:.2f}-{c['max']:.2f}) |")
+            check = {True: "yes", False: "no"}.get(r.get("check"), "")
+            lines.append(f"| {r['section']} | {r['backend']} | {r.get('mode', '')} | {r.get('clips', 'synthetic')} | "
+                         f"{check} | {r['batch']} | {_fig(r['clips_per_s'])} |")
         lines.append("")
-    cost = [r for r in result["rows"] if "seconds_per_clip" in r]
+    for r in (r for r in rows if r["section"] == "folder" and "where" in r):
+        w = r["where"]
+        lines.append(f"Folder run, {r['mode']}: {r['files']} files in {w.get('wall_s', 0):.1f} s "
+                     f"({r.get('workers')} decode workers); {json.dumps({k: v for k, v in w.items() if k != 'wall_s'})}")
+    rss = [r for r in rows if r["section"] == "rss"]
+    for r in rss:
+        lines.append(f"Resident memory over {r['files']} short files: {r['rss_after_5pct_mb']:.0f} MB after the first "
+                     f"5 %, {r['rss_end_mb']:.0f} MB at the end (growth {r['growth_mb']:+.0f} MB, peak "
+                     f"{r['rss_peak_mb']:.0f} MB), {r['files_per_s']:.1f} files/s.")
+    startup = [r for r in rows if r["section"] == "startup"]
+    if startup:
+        lines += ["", "| startup | seconds |", "|---|---:|"] + [f"| {r['what']} | {_fig(r['seconds'], '.3f')} |"
+                                                             for r in startup]
+    cost = [r for r in rows if "seconds_per_clip" in r]
     if cost:
-        lines += ["| method | s/clip |", "|---|---:|"]
+        lines += ["", "| method | s/clip |", "|---|---:|"]
         for r in cost:
-            c = r["seconds_per_clip"]
-            lines.append(f"| {r['method']} | {c['median']:.3f} ({c['min']:.3f}-{c['max']:.3f}) |")
-        lines.append("")
+            lines.append(f"| {r['method']} | {_fig(r['seconds_per_clip'], '.3f')} |")
     if result["ratios"]:
-        lines += ["| ratio | value |", "|---|---:|"] + [f"| {k} | {v:.2f} |" for k, v in result["ratios"].items()]
-        lines.append("")
+        lines += ["", "| ratio | value |", "|---|---:|"] + [f"| {k} | {v:.2f} |" for k, v in result["ratios"].items()]
     if result["skipped"]:
-        lines += [f"Skipped: {k}: {v}" for k, v in result["skipped"].items()]
+        lines += [""] + [f"Skipped: {k}: {v}" for k, v in result["skipped"].items()]
     return "\n".join(lines) + "\n"
 
 
 def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Side-by-side ratios at the largest batch both sides measured."""
-    rate = {(r["section"], r["backend"], r["batch"]): r["clips_per_s"]["median"] for r in rows if "clips_per_s" in r}
-    out = {}
-    for backend in ("onnx", "trt"):
-        common = [b for (s, be, b) in rate if s == "explain" and be == backend and ("explain", "torch", b) in rate]
-        if common:
-            b = max(common)
-            out[f"explain {backend} / torch (batch {b})"] = rate[("explain", backend, b)] / rate[("explain", "torch", b)]
-    common = [b for (s, be, b) in rate if s == "explain" and be == "torch" and ("embed", "torch", b) in rate]
-    if common:
-        b = max(common)
-        out[f"explain torch / embed (batch {b})"] = rate[("explain", "torch", b)] / rate[("embed", "torch", b)]
+    """The figures side by side: each ratio of two clips/s medians measured in the same run."""
+    rate = {(r["section"], r["backend"], r.get("mode", ""), r.get("clips", ""), r.get("check"), r["batch"]):
+            r["clips_per_s"]["median"] for r in rows if "clips_per_s" in r}
+    out: dict[str, float] = {}
+
+    def put(name: str, num: tuple, den: tuple) -> None:
+        if num in rate and den in rate:
+            out[name] = rate[num] / rate[den]
+
+    batches = sorted({k[-1] for k in rate if k[0] == "explain"})
+    for b in batches:
+        for kind in ("real", "synthetic"):
+            for check, label in ((True, "check"), (False, "no check")):
+                for backend in ("onnx", "trt"):
+                    put(f"explain {backend} / torch, {kind}, {label}, batch {b}",
+                        ("explain", backend, "", kind, check, b), ("explain", "torch", "", kind, check, b))
+            for backend in ("torch", "onnx", "trt"):
+                put(f"{backend} no check / check, {kind}, batch {b}",
+                    ("explain", backend, "", kind, False, b), ("explain", backend, "", kind, True, b))
+        put(f"explain torch / embed, synthetic, check, batch {b}",
+            ("explain", "torch", "", "synthetic", True, b), ("embed", "torch", "", "", None, b))
+    for k in [k for k in rate if k[0] == "topk" and k[2] == "one prompt"]:
+        label = "check" if k[4] else "no check"
+        put(f"top-3 of 50 cost / one-prompt cost, {k[1]}, {label}, batch {k[5]}", k, (*k[:2], "top-3 of 50", *k[3:]))
+    for k in [k for k in rate if k[0] == "folder" and k[2] != "in memory"]:
+        put(f"{k[2]} / in memory, batch {k[5]}", k, ("folder", "torch", "in memory", "real", True, k[5]))
     return out
 
 
@@ -229,7 +452,10 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     series: dict[str, list[tuple[int, float]]] = {}
     for r in result["rows"]:
         if "clips_per_s" in r:
-            series.setdefault(f"{r['section']} ({r['backend']})", []).append((r["batch"], r["clips_per_s"]["median"]))
+            if r["section"] in ("embed", "explain"):
+                check = {True: ", check", False: ", no check"}.get(r.get("check"), "")
+                name = f"{r['section']} {r['backend']} ({r.get('clips', 'synthetic')}{check})"
+                series.setdefault(name, []).append((r["batch"], r["clips_per_s"]["median"]))
     for name, pts in series.items():
         pts.sort()
         a.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
@@ -267,27 +493,45 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clap", default="demo", help="demo | random:ARCH (a fresh seeded decoder) [default: demo]")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--sections", nargs="+", default=["embed", "explain", "onnx", "trt", "methods"])
+    ap.add_argument("--sections", nargs="+",
+                    default=["embed", "explain", "onnx", "trt", "topk", "folder", "rss", "startup", "methods"])
     ap.add_argument("--methods", nargs="+", default=["lmaczs", "gradcam", "gradcam++", "smoothgrad", "ig"])
     ap.add_argument("--prompt", default="the sound of a siren")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--folder-files", type=int, default=200, help="10-s files of the folder section")
+    ap.add_argument("--rss-files", type=int, default=10_000, help="short files of the rss section")
+    ap.add_argument("--workers", type=int, default=0, help="decode processes of the folder and rss sections")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args(argv)
     if args.quick:
         args.clap, args.batch_sizes, args.repeats = "random:tiny", [1, 2], 2
+        args.folder_files, args.rss_files = 4, 20
     ex = load_explainer(args.clap, args.device)
     sync = torch.cuda.synchronize if ex.device.type == "cuda" else (lambda: None)
+    skipped: dict[str, str] = {}
+    export_dir = tempfile.TemporaryDirectory()
+    runners: dict[str, Any] = {}
+
+    def with_runners(fn: Callable[..., list[dict[str, Any]]]) -> Callable[[], list[dict[str, Any]]]:
+        def run() -> list[dict[str, Any]]:
+            if not runners:
+                runners.update(_runners(ex, args, Path(export_dir.name), skipped))
+            return fn(ex, args, sync, runners)
+        return run
+
     sections: dict[str, Callable[[], list[dict[str, Any]]]] = {
         "embed": lambda: bench_embed(ex, args, sync),
-        "explain": lambda: bench_explain_torch(ex, args, sync),
-        "onnx": lambda: bench_explain_backend("onnx", ex, args, sync),
-        "trt": lambda: bench_explain_backend("trt", ex, args, sync),
+        "explain": with_runners(bench_explain),
+        "topk": with_runners(bench_topk),
+        "folder": lambda: bench_folder(ex, args, sync),
+        "rss": lambda: bench_rss(ex, args, sync),
+        "startup": lambda: bench_startup(ex, args, sync),
         "methods": lambda: bench_methods(ex, args, sync),
     }
     now = dt.datetime.now(dt.timezone.utc)
     result: dict[str, Any] = {"date": now.strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(), "model": args.clap,
-                              "repeats": args.repeats, "quick": args.quick, "rows": [], "skipped": {}}
-    for name in args.sections:
+                              "repeats": args.repeats, "quick": args.quick, "rows": [], "skipped": skipped}
+    for name in [n for n in args.sections if n in sections]:
         t0 = time.perf_counter()
         try:
             result["rows"] += sections[name]()

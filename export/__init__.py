@@ -1,10 +1,11 @@
 """ONNX and TensorRT export: ``lmaczs export``.
 
-  to_onnx   torch -> audio_encoder.onnx, text_encoder.onnx, explainer.onnx, manifest.json
-  to_trt    ONNX -> TensorRT engines (plain plans + sidecar keys)
+  to_onnx   torch -> the graphs (audio / text encoders, explainer with and without the check,
+            top-k explainer; float32 or ``--fp16``), tokenizer files, manifest.json
+  to_trt    ONNX -> strongly typed TensorRT engines (plain plans + sidecar keys), TensorRT 10.x / 11.x
   graphs    the traced modules and the patches that make laion's HTSAT export cleanly
   ops       STFT / iSTFT / bicubic stretch as slicing, concatenation and MatMul
-  audit     operator audit against the pinned TensorRT table (trt_ops.json)
+  audit     op and type audit against the pinned TensorRT table (trt_ops.json); a problem fails the export
 """
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from typing import Any
 
 def export_explainer_folder(out: str | Path, *, clap: str = "demo", decoder: str | Path | None = None,
                             tokenizer: str | Path | None = None, force: bool = False, opset: int = 17,
-                            max_batch: int = 8) -> dict[str, Any]:
-    """Load a CLAP + decoder as `Explainer.load` does and write its ONNX graphs into ``out``.
+                            max_batch: int = 8, fp16: bool = False) -> dict[str, Any]:
+    """Load a CLAP + decoder as `Explainer.load` does and write its ONNX graphs (float16 encoder
+    and decoder layers with ``fp16``) and tokenizer files into ``out``.
 
-    Returns the manifest. (Engines: ``to_trt.export_engines(out, ...)`` afterwards.)"""
+    Returns the manifest; its audit problems (``to_onnx.audit_problems``) make
+    ``to_trt.export_engines(out, ...)`` refuse to build."""
     from lmaczs_cli.backends import load_models
 
     from .to_onnx import export_onnx
@@ -25,4 +28,4 @@ def export_explainer_folder(out: str | Path, *, clap: str = "demo", decoder: str
     clap_model, dec, config = load_models(clap, decoder, tokenizer, force)
     domain = config.get("domain", dec.cfg.domain)
     return export_onnx(clap_model, dec, out, domain=domain, mel_to_linear=config.get("mel_to_linear", "linear"),
-                       opset=opset, max_batch=max_batch)
+                       opset=opset, max_batch=max_batch, fp16=fp16)

@@ -6,6 +6,9 @@ trace with a dynamic batch and without a bicubic ``Resize``.
                       input_ids, attention_mask (B, 77) -> embedding (B, D)     [RoBERTa towers]
   ExplainerGraph      waves (B, 480000), text (B, K, D) -> masks (B, K, 1001, bins),
                       audio (B, K, 480000), similarity (B, K), masked_similarity (B, K)
+                      (``check=False``: the same without masked_similarity and its encoder pass)
+  ExplainerTopkGraph  waves (B, 480000), labels (L, D), k (K,) -> scores (B, L), topk (B, K),
+                      masks, audio, similarity[, masked_similarity] for each window's best K labels
 
 The audio and explainer graphs are ``lmaczs_cli.model.ExplainerModule`` itself, built with its
 ``matmul`` spectral operations (framing + factorised DFT MatMuls instead of STFT ops; see
@@ -114,3 +117,20 @@ class ExplainerGraph(nn.Module):
         """waves (B, 480000), text (B, K, D) -> masks (B, K, 1001, bins), audio (B, K, 480000),
         similarity (B, K)[, masked_similarity (B, K)]."""
         return parts_of(self.model(waves, text, check=self.check), self.outputs)
+
+
+class ExplainerTopkGraph(nn.Module):
+    """Top-k in one encoder pass (`ExplainerModule.forward_topk`), outputs as a tuple. K is the
+    length of the input ``k`` (its values are unused), so one graph serves any K."""
+
+    OUTPUTS = ("scores", "topk", "masks", "audio", "similarity", "masked_similarity")
+
+    def __init__(self, clap: ClapModel, decoder: MaskDecoder, domain: str, mel_to_linear: str = "linear",
+                 check: bool = True) -> None:
+        super().__init__()
+        self.model = ExplainerModule(clap, decoder, domain, mel_to_linear, spectral="matmul")
+        self.check = check
+        self.outputs = self.OUTPUTS if check else self.OUTPUTS[:5]
+
+    def forward(self, waves: torch.Tensor, labels: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return parts_of(self.model.forward_topk(waves, labels, k, check=self.check), self.outputs)

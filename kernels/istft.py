@@ -134,9 +134,9 @@ def masked_istft(re: torch.Tensor, im: torch.Tensor, masks: torch.Tensor, prompt
     if not mel and M != N_FREQS:
         raise ValueError(f"a mask with {M} bins needs mel_weights ({M}, {N_FREQS})")
     dev = re.device
-    cr, ci = (torch.from_numpy(a).to(dev) for a in _bases_np())
-    inv = torch.from_numpy(_inv_norm_np(T)).to(dev)
-    w = (mel_weights if mel else torch.zeros(1, N_FREQS)).to(dev, torch.float32).contiguous()
+    cr, ci = (spectral.device_constant(a, dev) for a in _bases_np())     # copied to a GPU once, kept
+    inv = spectral.device_constant(_inv_norm_np(T), dev)
+    w = mel_weights.to(dev, torch.float32).contiguous() if mel else torch.zeros(1, N_FREQS, device=dev)
     out = torch.empty(BK, length, device=dev, dtype=torch.float32)
     grid = (BK, triton.cdiv(T + 2, block_t), triton.cdiv(HOP, block_n))
     _kernel()[grid](

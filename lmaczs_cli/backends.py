@@ -44,21 +44,41 @@ class Runner(ABC):
     @abstractmethod
     def embed_text(self, prompts: Sequence[str]) -> torch.Tensor: ...
 
+    def to_host(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A step's outputs as CPU tensors (runners on a GPU copy through pinned memory)."""
+        return {k: v.cpu() for k, v in outputs.items()}
+
+    def explain_topk(self, waves: torch.Tensor, labels: torch.Tensor, k: int,
+                     check: bool = True) -> dict[str, torch.Tensor]:
+        """Each window scored against labels (L, D) and explained for its best k:
+        {scores (B, L), topk (B, k) indices best first, and `explain`'s outputs for them}.
+        Here in two passes (embedding, then explain); runners with a one-pass form override it."""
+        scores = self.embed_audio(waves).float().to(labels.device) @ labels.float().T
+        best = scores.topk(k, dim=-1).indices
+        return {"scores": scores, "topk": best, **self.explain(waves, labels[best], check=check)}
+
 
 # --------------------------------------------------------------------------- torch
 
 
 class TorchRunner(Runner):
-    """The torch `ExplainerModule` (``lmaczs_cli.model``): fp32 on the CPU; on CUDA the front end
-    stays fp32 and the encoder and decoder run under float16 autocast.
+    """The torch `ExplainerModule` (``lmaczs_cli.model``). On the CPU: eager float32. On CUDA, by
+    default: the front end in float32, the encoder and decoder under float16 autocast
+    (``device.half_dtype`` says why float16), the listenable step as the fused Triton kernel,
+    and every batch padded to a fixed bucket size and replayed as a captured CUDA graph
+    (``device.FixedShapeSteps``), with inputs copied through pinned memory.
 
     clap: a ``ClapModel``; decoder: a ``MaskDecoder``; config: the decoder's saved config
     (``domain``, ``mel_to_linear``); spectral: the model's spectral operations ("auto": the
-    fused Triton listenable kernel on CUDA when triton is installed)."""
+    fused Triton listenable kernel on CUDA when triton is installed); precision: "auto" |
+    "fp32" | "bf16" | "fp16"; compile: "auto" (CUDA graphs on CUDA, off on the CPU) | "graphs"
+    | "inductor" (torch.compile per bucket shape) | "off" (eager, exact shapes); buckets: the
+    batch sizes of the fixed shapes."""
 
     def __init__(self, clap: Any, decoder: Any, config: dict[str, Any], device: str | torch.device = "cpu",
-                 spectral: str = "auto") -> None:
-        from .device import resolve_device
+                 spectral: str = "auto", precision: str = "auto", compile: str = "auto",
+                 buckets: Sequence[int] = ()) -> None:
+        from .device import BUCKETS, FixedShapeSteps, compile_mode, half_dtype, resolve_device
         from .model import ExplainerModule
 
         self.device = resolve_device(device)
@@ -68,36 +88,115 @@ class TorchRunner(Runner):
         self.domain = config["domain"] if "domain" in config else decoder.cfg.domain
         self.model = ExplainerModule(self.clap, self.decoder, self.domain, config.get("mel_to_linear", "linear"),
                                      spectral=spectral).eval()
+        self.half = half_dtype(precision, self.device)
+        self.compile = compile_mode(compile, self.device)
+        self.steps = (FixedShapeSteps(self.compile, self.device, self.half, buckets or BUCKETS)
+                      if self.compile != "off" else None)
 
     def _autocast(self) -> Any:
-        return torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda")
+        from .device import autocast
+
+        return autocast(self.device, self.half)
+
+    def _in(self, x: torch.Tensor) -> torch.Tensor:
+        from .device import to_device
+
+        return to_device(x, self.device)
+
+    def _step(self, name: Any, fn: Any, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.steps is not None:
+            return self.steps.run(name, fn, *inputs)
+        with self._autocast():
+            return fn(*inputs)
+
+    def _explain_check(self, waves: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model(waves, text, check=True)
+
+    def _explain_nocheck(self, waves: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model(waves, text, check=False)
+
+    def _embed_step(self, waves: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"embedding": self.model.encode_audio(waves)[0]}
 
     @torch.no_grad()
     def explain(self, waves: torch.Tensor, text: torch.Tensor, check: bool = True) -> dict[str, torch.Tensor]:
-        with self._autocast():
-            out = self.model(waves.to(self.device, non_blocking=True), text.to(self.device), check=check)
+        fn = self._explain_check if check else self._explain_nocheck
+        out = self._step(("explain", check), fn, self._in(waves), self._in(text))
         return {k: v.float() for k, v in out.items()}
 
     @torch.no_grad()
     def embed_audio(self, waves: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
-            return self.model.encode_audio(waves.to(self.device, non_blocking=True))[0].float()
+        return self._step("embed", self._embed_step, self._in(waves))["embedding"].float()
+
+    def to_host(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Outputs to the CPU through pinned buffers (one wait for all of them)."""
+        from .device import to_host
+
+        return to_host(outputs)
 
     @torch.no_grad()
     def embed_text(self, prompts: Sequence[str]) -> torch.Tensor:
         return self.clap.encode_text(list(prompts)).float().to(self.device)
 
+    @torch.no_grad()
+    def explain_topk(self, waves: torch.Tensor, labels: torch.Tensor, k: int,
+                     check: bool = True) -> dict[str, torch.Tensor]:
+        """One encoder pass: the scores and the explanations of the best k come from one forward."""
+        with self._autocast():
+            out = self.model.forward_topk(waves.to(self.device, non_blocking=True), labels.to(self.device),
+                                          torch.empty(k), check=check)
+        return {n: v if n == "topk" else v.float() for n, v in out.items()}
+
 
 # --------------------------------------------------------------------------- export folders
 
 
-def _tokenizer(manifest: dict[str, Any], tokenizer_dir: str | os.PathLike | None) -> Any:
+def _tokenizer(manifest: dict[str, Any], tokenizer_dir: str | os.PathLike | None,
+               folder: str | os.PathLike | None = None) -> Any:
+    """The export's tokenizer: ``tokenizer_dir`` when given, else the files copied into the export
+    folder (its manifest's ``tokenizer.dir``, checked against their sha256), else (an export
+    written before tokenizers were copied) the CLIP BPE vocabulary of the laion-clap wheel or
+    a RoBERTa tokenizer in the Hugging Face cache."""
     from .clap import ClipBpeTokenizer, RobertaTokenizerWrapper
+    from .files import sha256_file
 
     tok = manifest["tokenizer"]
+    copied = Path(folder) / tok["dir"] if folder is not None and "dir" in tok else None
+    if tokenizer_dir is None and copied is not None:
+        for name, digest in tok.get("files", {}).items():
+            if not (copied / name).is_file() or sha256_file(copied / name) != digest:
+                raise BackendError(f"{copied / name} is missing or changed since the export; re-run lmaczs export")
+        tokenizer_dir = copied
     if tok["kind"] == "roberta":
         return RobertaTokenizerWrapper(tokenizer_dir, tok["context_length"])
+    if tokenizer_dir is not None:
+        return FolderClipBpeTokenizer(Path(tokenizer_dir), tok["context_length"])
     return ClipBpeTokenizer(tok["context_length"])
+
+
+class FolderClipBpeTokenizer:
+    """CLIP BPE tokens from a vocabulary file in a folder (an export's copy): laion's
+    SimpleTokenizer on that file, then start token + BPE ids + end token, cut to the context
+    length and zero-padded, as laion's ``tokenize`` does -> (N, context) int64."""
+
+    def __init__(self, folder: Path, context_length: int = 77) -> None:
+        from .clap import laion_module
+        from .export.to_onnx import CLIP_BPE_VOCAB
+
+        path = folder / CLIP_BPE_VOCAB
+        if not path.is_file():
+            raise BackendError(f"{folder}: no {CLIP_BPE_VOCAB} (the CLIP BPE vocabulary); re-run lmaczs export, "
+                               "or pass --tokenizer with the folder that holds it")
+        self.context_length = context_length
+        self._tok = laion_module("tokenizer").SimpleTokenizer(str(path))
+
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        start, end = self._tok.encoder["<start_of_text>"], self._tok.encoder["<end_of_text>"]
+        out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
+        for i, text in enumerate(texts):
+            ids = [start, *self._tok.encode(text), end][: self.context_length]
+            out[i, : len(ids)] = torch.tensor(ids)
+        return out
 
 
 def _token_feeds(tokens: Any, input_names: Sequence[str]) -> dict[str, np.ndarray]:
@@ -171,7 +270,7 @@ class OnnxRunner(Runner):
         self._options = session_options(threads)
         self._call = DenormalFreeCaller()
         self._sessions: dict[str, Any] = {}
-        self._tokenizer = _tokenizer(self.config, tokenizer)
+        self._tokenizer = _tokenizer(self.config, tokenizer, self.folder)
 
     @staticmethod
     def _providers(ort: Any, device: str) -> list[str]:
@@ -191,12 +290,32 @@ class OnnxRunner(Runner):
             self._sessions[graph] = ort.InferenceSession(str(path), self._options, providers=self.providers)
         return self._sessions[graph]
 
+    def _graph(self, name: str) -> bool:
+        return name in self.config["graphs"]
+
     def explain(self, waves: torch.Tensor, text: torch.Tensor, check: bool = True) -> dict[str, torch.Tensor]:
+        """Without ``check`` the explainer_nocheck graph runs (no second encoder pass), where the
+        export folder has it."""
         feeds = {"waves": _np32(waves), "text": _np32(text)}
-        outs = self._call(self.session("explainer").run, list(self.OUTPUTS), feeds)
-        result = {k: torch.from_numpy(v) for k, v in zip(self.OUTPUTS, outs)}
+        graph = "explainer" if check or not self._graph("explainer_nocheck") else "explainer_nocheck"
+        names = list(self.OUTPUTS if graph == "explainer" else self.OUTPUTS[:3])
+        outs = self._call(self.session(graph).run, names, feeds)
+        result = {k: torch.from_numpy(v) for k, v in zip(names, outs)}
         if not check:
-            del result["masked_similarity"]   # the graph always computes it
+            result.pop("masked_similarity", None)
+        return result
+
+    def explain_topk(self, waves: torch.Tensor, labels: torch.Tensor, k: int,
+                     check: bool = True) -> dict[str, torch.Tensor]:
+        """One encoder pass through the explainer_topk graph (two passes for an export folder without it)."""
+        if not self._graph("explainer_topk"):
+            return super().explain_topk(waves, labels, k, check)
+        names = ["scores", "topk", *self.OUTPUTS]
+        feeds = {"waves": _np32(waves), "labels": _np32(labels), "k": np.zeros(k, np.float32)}
+        outs = self._call(self.session("explainer_topk").run, names, feeds)
+        result = {n: torch.from_numpy(v) for n, v in zip(names, outs)}
+        if not check:
+            del result["masked_similarity"]
         return result
 
     def embed_audio(self, waves: torch.Tensor) -> torch.Tensor:
@@ -215,35 +334,94 @@ def _np32(x: torch.Tensor) -> np.ndarray:
 
 class TrtRunner(Runner):
     """TensorRT engines built by ``lmaczs export --trt`` (one CUDA GPU). Each engine is checked
-    against its sidecar key (ONNX sha256, TensorRT version, GPU, precision, profile)."""
+    against its sidecar key (ONNX sha256, TensorRT version, GPU, precision, profile).
+
+    Any batch, prompt count and label count works: calls are cut into chunks that fit the
+    engines' optimisation profile (``--max-batch``) and the results joined, in order. Tensor
+    types come from the engines; float outputs are returned as float32. ``device``: a CUDA
+    device (the CPU only with a stand-in tensorrt module, in tests)."""
 
     OUTPUTS = OnnxRunner.OUTPUTS
+    REQUIRED = ("explainer", "audio_encoder", "text_encoder")
 
-    def __init__(self, folder: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> None:
+    def __init__(self, folder: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
+                 device: str | torch.device = "cuda") -> None:
         from .export.to_onnx import read_manifest
-        from .export.to_trt import load_engine, require_trt
+        from .export.to_trt import import_trt, load_engine, require_trt
 
-        require_trt()
+        self.device = torch.device(device)
+        trt = require_trt() if self.device.type == "cuda" else import_trt()
         self.folder = Path(folder)
         self.config = read_manifest(self.folder)
         self.domain = self.config["domain"]
-        self.device = torch.device("cuda")
-        self._engines = {g: load_engine(self.folder, g) for g in ("explainer", "audio_encoder", "text_encoder")}
-        self._tokenizer = _tokenizer(self.config, tokenizer)
+        missing = [g for g in self.REQUIRED if g not in self.config["graphs"]]
+        if missing:
+            raise BackendError(f"{self.folder}: its manifest has no {', '.join(missing)} graph; re-run lmaczs export")
+        # every graph of the folder that has an engine; the required ones must
+        self._engines = {g: load_engine(self.folder, g, self.device, trt) for g in self.config["graphs"]
+                         if g in self.REQUIRED or (self.folder / f"{g}.engine").is_file()}
+        self._tokenizer = _tokenizer(self.config, tokenizer, self.folder)
+
+    def _explain_engine(self, graph: str, waves: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+        """waves (B, N), text (B, K, D) through an explainer engine, in profile-sized chunks of
+        batch and prompts (every output is (B, K, ...))."""
+        engine = self._engines[graph]
+        bmax, kmax = engine.max_size("waves", 0), engine.max_size("text", 1)
+        rows = []
+        for b in range(0, waves.shape[0], bmax):
+            cols = [engine.run({"waves": waves[b:b + bmax], "text": text[b:b + bmax, k:k + kmax]})
+                    for k in range(0, text.shape[1], kmax)]
+            rows.append({n: torch.cat([c[n] for c in cols], dim=1) for n in cols[0]})
+        return {n: _float(torch.cat([r[n] for r in rows])) for n in rows[0]}
 
     def explain(self, waves: torch.Tensor, text: torch.Tensor, check: bool = True) -> dict[str, torch.Tensor]:
-        out = self._engines["explainer"].run({"waves": waves, "text": text})
+        graph = "explainer" if check or "explainer_nocheck" not in self._engines else "explainer_nocheck"
+        out = self._explain_engine(graph, waves, text)
         if not check:
-            del out["masked_similarity"]
+            out.pop("masked_similarity", None)
+        return out
+
+    def explain_topk(self, waves: torch.Tensor, labels: torch.Tensor, k: int,
+                     check: bool = True) -> dict[str, torch.Tensor]:
+        """One encoder pass through the explainer_topk engine when k and the label count fit its
+        profile (in batch chunks); otherwise scores from the audio engine, then `explain`."""
+        engine = self._engines.get("explainer_topk")
+        if engine is None or k > engine.max_size("k", 0) or labels.shape[0] > engine.max_size("labels", 0):
+            return super().explain_topk(waves, labels, k, check)
+        bmax, parts = engine.max_size("waves", 0), []
+        for b in range(0, waves.shape[0], bmax):
+            parts.append(engine.run({"waves": waves[b:b + bmax], "labels": labels, "k": torch.zeros(k)}))
+        out = {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
+        out = {n: v.long() if n == "topk" else _float(v) for n, v in out.items()}
+        if not check:
+            out.pop("masked_similarity", None)
         return out
 
     def embed_audio(self, waves: torch.Tensor) -> torch.Tensor:
-        return self._engines["audio_encoder"].run({"waves": waves})["embedding"]
+        engine = self._engines["audio_encoder"]
+        bmax = engine.max_size("waves", 0)
+        return _float(torch.cat([engine.run({"waves": waves[b:b + bmax]})["embedding"]
+                                 for b in range(0, waves.shape[0], bmax)]))
 
     def embed_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        engine = self._engines["text_encoder"]
         names = list(self.config["graphs"]["text_encoder"]["inputs"])
-        feeds = {k: torch.from_numpy(v) for k, v in _token_feeds(self._tokenizer(list(prompts)), names).items()}
-        return self._engines["text_encoder"].run(feeds)["embedding"]
+        bmax = engine.max_size(names[0], 0)
+        out = []
+        for i in range(0, len(prompts), bmax):
+            feeds = _token_feeds(self._tokenizer(list(prompts[i:i + bmax])), names)
+            out.append(engine.run({k: torch.from_numpy(v) for k, v in feeds.items()})["embedding"])
+        return _float(torch.cat(out))
+
+    def to_host(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        from .device import to_host
+
+        return to_host(outputs)
+
+
+def _float(x: torch.Tensor) -> torch.Tensor:
+    """Floating outputs as float32 (an engine may return float16 or bfloat16); others as they are."""
+    return x.float() if x.is_floating_point() else x
 
 
 # --------------------------------------------------------------------------- choosing one
@@ -273,12 +451,14 @@ def load_models(clap: str = "demo", decoder: str | os.PathLike | None = None,
 def load_runner(backend: str = "torch", *, clap: str = "demo", decoder: str | os.PathLike | None = None,
                 engines: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
                 device: str = "auto", force: bool = False, threads: int | None = None,
-                spectral: str = "auto") -> Runner:
+                spectral: str = "auto", precision: str = "auto", compile: str = "auto") -> Runner:
     """The runner of ``backend``: torch loads ``clap`` (demo | laion:NAME | PATH | hf:DIR |
     random:ARCH) with ``decoder`` (a `lmaczs train` folder; the bundled one for the demo CLAP);
-    onnx and trt read the export folder ``engines`` (written by `lmaczs export`)."""
+    onnx and trt read the export folder ``engines`` (written by `lmaczs export`). ``precision``
+    and ``compile``: the torch runner's (`TorchRunner`)."""
     if backend == "torch":
-        return TorchRunner(*load_models(clap, decoder, tokenizer, force), device=device, spectral=spectral)
+        return TorchRunner(*load_models(clap, decoder, tokenizer, force), device=device, spectral=spectral,
+                           precision=precision, compile=compile)
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     if engines is None:

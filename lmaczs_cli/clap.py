@@ -28,12 +28,14 @@ non-fusion models; longer files are explained in windows (``audio.windows``).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import importlib
 import importlib.util
 import json
 import os
+import re
 import sys
 import types
 import warnings
@@ -233,7 +235,10 @@ def build_laion_clap(cfg: ClapConfig) -> nn.Module:
         context_length=cfg.context_length, vocab_size=cfg.vocab_size, width=cfg.text_width,
         heads=cfg.text_heads, layers=cfg.text_layers, model_type="roberta" if cfg.is_roberta else cfg.text,
     )
-    with _offline_construction(cfg):
+    with _offline_construction(cfg), warnings.catch_warnings():
+        # laion's Swin blocks call torch.meshgrid without `indexing` (the default, "ij", is what
+        # they mean); torch warns once per process about a future default that does not apply.
+        warnings.filterwarnings("ignore", message=r"torch\.meshgrid: in an upcoming release", category=UserWarning)
         model = model_mod.CLAP(
             embed_dim=cfg.audio_width, audio_cfg=_audio_cfg(cfg), text_cfg=text_cfg,
             joint_embed_shape=cfg.joint_dim, enable_fusion=False,
@@ -404,25 +409,133 @@ class ClapModel(nn.Module):
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _torch_load(path: Path) -> Any:
+# --- safe loading of third-party .pt files
+#
+# A .pt file is a pickle: unpickling it can run any code. LAION's released checkpoints hold
+# tensors plus, in the optimizer state, a learning rate that laion's cosine schedule computes
+# with numpy (a numpy float64 scalar: `numpy.core.multiarray.scalar` with its dtype). Those are
+# the only globals allowed beyond torch's own tensor rebuilders; anything else is refused unless
+# the user trusts the file (`trust=True`, `--trust-checkpoint`).
+
+_TRUST = contextvars.ContextVar("lmaczs_trust_checkpoints", default=False)
+TRUST_HINT = "If you trust where it came from, pass --trust-checkpoint (Python: trust=True)"
+
+
+@contextlib.contextmanager
+def trusting_checkpoints(trust: bool = True) -> Iterator[None]:
+    """Within this block `load_clap` unpickles .pt checkpoints fully (``--trust-checkpoint``):
+    for a file from a source you trust that holds more than tensors. Like torch's own
+    ``serialization.safe_globals``, it applies to the current thread only."""
+    token = _TRUST.set(trust)
+    try:
+        yield
+    finally:
+        _TRUST.reset(token)
+
+
+def laion_safe_globals() -> list[Any]:
+    """The globals a LAION ``.pt`` checkpoint may name besides tensors (torch's safe-globals form)."""
+    import numpy as np
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)   # numpy 2 moved numpy.core to numpy._core
+        scalar = np.core.multiarray.scalar
+    dtypes = [type(np.dtype(t)) for t in ("float64", "float32", "int64")]   # BUILD of a pickled dtype
+    return [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"),
+            np.dtype, *dtypes]
+
+
+_ZIP_MAGIC = b"PK\x03\x04"        # torch.save's format since torch 1.6
+_PICKLE_MAGIC = b"\x80"            # torch's legacy format: a pickle (protocol 2+) from byte 0
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([A-Za-z_][\w.]*\w) was not an allowed global")
+
+
+def checkpoint_format(path: Path) -> str:
+    """What a model file is, by its first bytes: "zip" (torch.save), "pickle" (torch's legacy
+    format), "safetensors", "empty" or "unknown"."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head:
+        return "empty"
+    if head.startswith(_ZIP_MAGIC):
+        return "zip"
+    if head.startswith(_PICKLE_MAGIC):
+        return "pickle"
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
+        return "safetensors"
+    return "unknown"
+
+
+def _torch_load(path: Path, trust: bool = False) -> Any:
+    """torch.load a third-party checkpoint safely: weights only, plus `laion_safe_globals`;
+    every way the file can be unusable raises ClapError naming the file and the fix."""
     import pickle
 
+    what = checkpoint_format(path)
+    if what == "empty":
+        raise ClapError(f"{path}: empty file (0 bytes); download the checkpoint again")
+    if what == "safetensors":
+        raise ClapError(f"{path}: a safetensors file, not a LAION .pt checkpoint; pass the folder that "
+                        "holds it with its clap.json (a CLAP saved by lmaczs), or hf:DIR for a transformers "
+                        "ClapModel folder")
+    if what == "unknown":
+        raise ClapError(f"{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle); "
+                        "pass a LAION .pt checkpoint such as 630k-audioset-best.pt")
+    if what == "zip":
+        import zipfile
+
+        if not zipfile.is_zipfile(path):
+            raise ClapError(f"{path}: truncated or corrupt (its zip archive has no central directory, as "
+                            "when a download stops early); download the checkpoint again")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        if trust:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(laion_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        warnings.warn(
-            f"{path} holds pickled objects beyond tensors; loading it with weights_only=False "
-            f"because you named it as a CLAP checkpoint ({str(e).splitlines()[0]})",
-            stacklevel=3,
-        )
-        return torch.load(path, map_location="cpu", weights_only=False)
+        unsafe = _UNSAFE_GLOBAL.search(str(e))
+        if unsafe and not trust:
+            raise ClapError(
+                f"{path}: refused: it pickles {unsafe.group(1)}, which is neither a tensor nor one of "
+                f"the numpy scalars LAION's checkpoints hold, and unpickling it could run code. "
+                f"{TRUST_HINT}."
+            ) from e
+        raise ClapError(f"{path}: corrupt checkpoint ({_first_line(e)}); download it again") from e
+    except Exception as e:   # zip members missing, cut pickles (EOFError), storages out of range, ...
+        raise ClapError(f"{path}: corrupt checkpoint ({_first_line(e)}); download it again") from e
+
+
+def _first_line(e: BaseException) -> str:
+    """A one-line reason: torch's weights-only messages put it after "Unpickler error:"."""
+    text = str(e)
+    if "Unpickler error:" in text:
+        text = text.split("Unpickler error:", 1)[1]
+    line = next((s.strip() for s in text.splitlines() if s.strip()), "")
+    line = line[:160] + ("..." if len(line) > 160 else "")
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
+
+
+def read_safetensors(path: str | os.PathLike, fix: str,
+                     error: type[LmaczsError] = ClapError) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; a missing, empty, cut or corrupt file raises `error`
+    naming the file and `fix` (what to do about it)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: missing; {fix}")
+    try:
+        return load_file(str(path))
+    except Exception as e:   # safetensors' SafetensorError: header too large / too small, cut buffer
+        raise error(f"{path}: not a readable safetensors file ({_first_line(e)}); {fix}") from e
 
 
 def laion_state_dict(checkpoint: Any) -> dict[str, torch.Tensor]:
     """laion's key handling: ``state_dict`` entry, ``module.`` prefix; epoch/optimizer dropped."""
     sd = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(sd, dict) or not sd:
-        raise ClapError("not a LAION-CLAP checkpoint: no state_dict of tensors inside")
+        raise ClapError("not a LAION-CLAP checkpoint: no state_dict of tensors inside; "
+                        "pass a LAION-CLAP .pt such as 630k-audioset-best.pt")
     out = {}
     for k, v in sd.items():
         if not isinstance(v, torch.Tensor):
@@ -449,13 +562,15 @@ def infer_config(sd: dict[str, torch.Tensor]) -> ClapConfig:
             context_length=sd["positional_embedding"].shape[0],
         )
     else:
-        raise ClapError("unrecognised CLAP checkpoint: no RoBERTa or transformer text branch keys")
+        raise ClapError("not a LAION-CLAP checkpoint: no RoBERTa or transformer text branch keys; "
+                        "pass a LAION-CLAP .pt such as 630k-audioset-best.pt")
     joint = sd["audio_projection.0.weight"].shape[0]
     if "audio_branch.conv_block1.conv1.weight" in sd:
         return ClapConfig("PANN-14", joint_dim=joint, **text)
     w = sd.get("audio_branch.patch_embed.proj.weight")
     if w is None:
-        raise ClapError("unrecognised CLAP checkpoint: neither HTSAT nor PANN-14 audio branch keys")
+        raise ClapError("not a LAION-CLAP checkpoint: neither HTSAT nor PANN-14 audio branch keys; "
+                        "pass a LAION-CLAP .pt such as 630k-audioset-best.pt")
     width = w.shape[0]
     depths = tuple(
         len({k.split(".")[4] for k in sd if k.startswith(f"audio_branch.layers.{i}.blocks.")})
@@ -486,6 +601,11 @@ def load_weights(clap: nn.Module, sd: dict[str, torch.Tensor], source: str) -> N
             f"{source}: weights do not match the architecture "
             f"(missing {len(missing)}: {missing[:5]}; unexpected {len(extra)}: {extra[:5]})"
         )
+    shapes = [f"{k} {tuple(sd[k].shape)} where the model has {tuple(v.shape)}"
+              for k, v in own.items() if tuple(sd[k].shape) != tuple(v.shape)]
+    if shapes:
+        raise ClapError(f"{source}: weights do not match the architecture ({len(shapes)} shapes differ: "
+                        + "; ".join(shapes[:3]) + ")")
     clap.load_state_dict(sd, strict=True)
 
 
@@ -495,13 +615,25 @@ def _make_tokenizer(cfg: ClapConfig, tokenizer_dir: str | os.PathLike | None) ->
     return ClipBpeTokenizer(cfg.context_length)
 
 
-def load_laion_checkpoint(path: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> ClapModel:
-    """Load one of LAION's ``.pt`` CLAP checkpoints (non-fusion HTSAT or PANN-14)."""
+def load_laion_checkpoint(path: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
+                          trust: bool | None = None) -> ClapModel:
+    """Load one of LAION's ``.pt`` CLAP checkpoints (non-fusion HTSAT or PANN-14).
+
+    The file is unpickled with weights only (tensors and `laion_safe_globals`); ``trust=True``
+    unpickles it fully, for a file from a source you trust (None: `trusting_checkpoints`)."""
     path = Path(path)
     if not path.is_file():
         raise ClapError(f"CLAP checkpoint not found: {path}")
-    sd = laion_state_dict(_torch_load(path))
-    cfg = infer_config(sd)
+    try:
+        sd = laion_state_dict(_torch_load(path, _TRUST.get() if trust is None else trust))
+        cfg = infer_config(sd)
+    except ClapError as e:
+        if str(e).startswith(str(path)):
+            raise
+        raise ClapError(f"{path}: {e}") from e
+    except (KeyError, IndexError) as e:   # a state dict with some of laion's keys but not all
+        raise ClapError(f"{path}: not a LAION-CLAP checkpoint (no {e}); pass a LAION-CLAP .pt such as "
+                        "630k-audioset-best.pt") from e
     tok = _make_tokenizer(cfg, tokenizer)  # fail early, before building a large model
     clap = build_laion_clap(cfg)
     load_weights(clap, sd, str(path))
@@ -530,18 +662,33 @@ def save_clap(model: ClapModel, directory: str | os.PathLike, dtype: torch.dtype
 
 def load_clap_dir(directory: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> ClapModel:
     """Load a CLAP saved by ``save_clap`` (``clap.json`` + ``clap.safetensors``)."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     meta_path = directory / "clap.json"
     if not meta_path.is_file():
-        raise ClapError(f"{directory}: no clap.json here; is this a folder written by lmaczs?")
-    meta = json.loads(meta_path.read_text())
-    cfg = ClapConfig.from_json(meta["config"])
+        raise ClapError(f"{directory}: no clap.json in this folder; pass a folder with clap.json + "
+                        "clap.safetensors (a CLAP saved by lmaczs), a LAION .pt file, or hf:DIR")
+    cfg = _read_clap_config(meta_path)
+    weights = read_safetensors(directory / "clap.safetensors", "copy the CLAP folder again")
     tok = _make_tokenizer(cfg, tokenizer)
     clap = build_laion_clap(cfg)
-    load_weights(clap, load_file(str(directory / "clap.safetensors")), str(directory))
+    load_weights(clap, weights, str(directory / "clap.safetensors"))
     return ClapModel(clap, cfg, tok, source=str(directory))
+
+
+def _read_clap_config(path: Path) -> ClapConfig:
+    """The ClapConfig in a clap.json; anything unreadable raises ClapError naming the file."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ClapError(f"{path}: not readable JSON ({_first_line(e)}); copy the CLAP folder again") from e
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise ClapError(f"{path}: not an lmaczs CLAP config (no \"config\" object); copy the CLAP folder again")
+    try:
+        return ClapConfig.from_json(meta["config"])
+    except ClapError as e:
+        raise ClapError(f"{path}: {e}") from e
+    except (TypeError, ValueError) as e:
+        raise ClapError(f"{path}: not a valid CLAP config ({_first_line(e)}); copy the CLAP folder again") from e
 
 
 def random_clap(arch: str, seed: int = 0, tokenizer: str | os.PathLike | None = None) -> ClapModel:
@@ -564,25 +711,58 @@ def random_clap(arch: str, seed: int = 0, tokenizer: str | os.PathLike | None = 
 
 
 def laion_checkpoint_path(name: str) -> Path:
-    """Find ``laion:NAME`` locally (lmaczs cache, torch hub), else fetch it with laion's hub repo."""
+    """Find ``laion:NAME`` locally (lmaczs cache, torch hub), else fetch it with laion's hub repo.
+
+    Without a reachable hub (HF_HUB_OFFLINE set, or no connection to it within a few seconds)
+    this fails at once, rather than after huggingface_hub's retries."""
     stem = name[:-3] if name.endswith(".pt") else name
     if stem in LAION_FUSION_CHECKPOINTS:
         raise ClapError(f"laion:{stem} is a fusion model; lmaczs supports non-fusion CLAP (e.g. laion:630k-audioset-best)")
     if stem not in LAION_CHECKPOINTS:
         raise ClapError(f"unknown LAION checkpoint {stem!r}; known: {', '.join(LAION_CHECKPOINTS)}")
     fname = stem + ".pt"
-    for folder in (cache_locations()["lmaczs_cache"], cache_locations()["torch_hub"]):
+    caches = cache_locations()
+    folders = (caches["lmaczs_cache"], caches["torch_hub"])
+    for folder in folders:
         if (Path(folder) / fname).is_file():
             return Path(folder) / fname
+
+    def unreachable(why: str) -> ClapError:
+        return ClapError(f"laion:{stem}: {fname} is not in {folders[0]} or {folders[1]} and the Hugging Face "
+                         f"hub is not reachable ({why}). Download {fname} yourself and pass --clap PATH/{fname}, "
+                         f"or put it in {folders[0]}.")
+
+    why = _hub_unreachable()
+    if why:
+        raise unreachable(why)
     try:
         from huggingface_hub import hf_hub_download
 
         return Path(hf_hub_download(LAION_HUB_REPO, fname))
     except Exception as e:
-        raise ClapError(
-            f"laion:{stem}: not in {cache_locations()['lmaczs_cache']} and the hub is not reachable "
-            f"({type(e).__name__}). Download {fname} yourself and pass --clap PATH/{fname}."
-        ) from e
+        raise unreachable(type(e).__name__) from e
+
+
+HUB_PROBE_TIMEOUT_S = 3.0   # a hub that does not answer a TCP connect in this time counts as offline
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached now, or None: HF_HUB_OFFLINE, or no TCP
+    connection to its host (DNS failure, refused, or silent for HUB_PROBE_TIMEOUT_S)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError as e:
+        return f"no connection to {url.hostname}: {e.strerror or type(e).__name__}"
+    return None
 
 
 def demo_dir() -> Path:
@@ -590,8 +770,12 @@ def demo_dir() -> Path:
     return Path(__file__).parent / "demo" / "model"
 
 
-def load_clap(spec: str = "demo", tokenizer: str | os.PathLike | None = None) -> ClapModel:
-    """Resolve the one model option: ``demo | laion:NAME | hf:DIR | PATH | random:ARCH``."""
+def load_clap(spec: str = "demo", tokenizer: str | os.PathLike | None = None,
+              trust: bool | None = None) -> ClapModel:
+    """Resolve the one model option: ``demo | laion:NAME | hf:DIR | PATH | random:ARCH``.
+
+    A ``.pt`` file (PATH, laion:NAME) is unpickled with weights only; ``trust=True`` opts in to
+    full unpickling for a file you trust (None: as `trusting_checkpoints` says, else False)."""
     if spec == "demo":
         if not (demo_dir() / "clap.json").is_file():
             raise ClapError("the bundled demo model is not in this installation yet; use --clap random:ARCH or PATH")
@@ -603,22 +787,17 @@ def load_clap(spec: str = "demo", tokenizer: str | os.PathLike | None = None) ->
 
         return load_hf_clap(spec[len("hf:"):], tokenizer)
     if spec.startswith("laion:"):
-        return load_laion_checkpoint(laion_checkpoint_path(spec[len("laion:"):]), tokenizer)
+        return load_laion_checkpoint(laion_checkpoint_path(spec[len("laion:"):]), tokenizer, trust)
     path = Path(spec)
     if path.is_dir():
         return load_clap_dir(path, tokenizer)
     if path.is_file():
-        return load_laion_checkpoint(path, tokenizer)
+        return load_laion_checkpoint(path, tokenizer, trust)
     raise ClapError(f"--clap {spec}: no such file or folder (use demo, laion:NAME, hf:DIR, PATH or random:ARCH)")
 
 
 def cache_locations() -> dict[str, str]:
     """Where model files are looked for: the HF cache (RoBERTa tokenizer), torch hub, our cache."""
-    from huggingface_hub.constants import HF_HUB_CACHE
-    import torch.hub
+    from .environment import cache_locations as locations
 
-    return {
-        "hf_hub_cache": str(HF_HUB_CACHE),
-        "torch_hub": str(Path(torch.hub.get_dir())),
-        "lmaczs_cache": str(Path(os.environ.get("LMACZS_CACHE", Path.home() / ".cache" / "lmaczs"))),
-    }
+    return locations()

@@ -4,8 +4,10 @@ Parsing, progress and exit codes live here; no ML logic does. Heavy modules (tor
 onnxruntime, ...) are imported inside the command that needs them, so `lmaczs --help`
 stays fast.
 
-Exit codes: 0 all fine, 1 some work failed (a domain error, or some files failed),
-2 usage error (click's own code for bad options; also a backend this machine cannot run, such as --trt without a GPU).
+Exit codes (EXIT_CODES, shown in `lmaczs --help`): 0 all done; 1 some inputs failed (each is
+listed, the rest done); 2 usage error or an unusable model, file or path: click's own code for
+bad options, and every library error (`LmaczsError`) that stops a command, printed as one line
+(--debug: with its traceback); 130 interrupted (Ctrl-C).
 """
 from __future__ import annotations
 
@@ -18,35 +20,73 @@ from typing import Any, Callable
 import click
 
 from . import __version__
-from .environment import collect_info
 from .errors import LmaczsError
 
 EXIT_OK = 0
-EXIT_FAILED = 1  # some work failed
-EXIT_USAGE = 2  # click.UsageError's exit code
+EXIT_FAILED = 1  # some inputs failed (they are listed)
+EXIT_USAGE = 2  # click.UsageError's exit code; also an unusable model file or path
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+EXIT_CODES = ((EXIT_OK, "all done"),
+              (EXIT_FAILED, "some inputs failed (each is listed; the others were done)"),
+              (EXIT_USAGE, "usage error, or an unusable model file or path (one line; --debug shows the traceback)"),
+              (EXIT_INTERRUPTED, "interrupted (Ctrl-C); finished work is kept"))
 
-# Library exceptions whose message is meant for the user; the CLI prints them without a
-# traceback and exits with EXIT_FAILED. Add each module's domain exception here, from a
-# module that imports without torch, so `lmaczs --help` stays fast.
+# Library exceptions whose message is meant for the user; the CLI prints them as one line
+# and exits with EXIT_USAGE. Add each module's domain exception here, from a module that
+# imports without torch, so `lmaczs --help` stays fast.
 DOMAIN_ERRORS: tuple[type[Exception], ...] = (LmaczsError,)
+DEBUG = "lmaczs.debug"   # ctx.meta key: --debug was given
 
 CLAP_HELP = "demo | laion:NAME | PATH (LAION .pt checkpoint or saved CLAP folder) | hf:DIR (transformers ClapModel folder) | random:ARCH"
 DEVICE_HELP = "auto | cpu | cuda | cuda:N  [default: auto: cuda when available]"
 EVAL_METHODS = ("lmaczs", "gradcam", "gradcam++", "smoothgrad", "ig")
 
 
+class UnusableError(click.ClickException):
+    """A command cannot run as asked: a model file, a path or an option is unusable (exit 2)."""
+
+    exit_code = EXIT_USAGE
+
+
 class _Group(click.Group):
-    """A click group that turns library (domain) exceptions into clean CLI errors."""
+    """A click group that turns library (domain) errors and unusable paths into one-line
+    messages with exit 2, and Ctrl-C into exit 130; --debug lets the traceback through."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:
+            if ctx.meta.get(DEBUG):
+                raise
+            click.echo("interrupted; what finished is kept", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
         except DOMAIN_ERRORS as e:
-            raise click.ClickException(str(e)) from e
+            if ctx.meta.get(DEBUG):
+                raise
+            raise UnusableError(" ".join(str(e).split())) from e
+        except OSError as e:   # a path the library did not check (disk full, permissions changed)
+            if ctx.meta.get(DEBUG) or not e.filename:
+                raise
+            raise UnusableError(f"{e.filename}: {e.strerror or e}; check the path and its permissions "
+                                "(--debug shows where it happened)") from e
+
+
+def _trust_checkpoint(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """--trust-checkpoint: unpickle .pt checkpoints fully for the rest of this command."""
+    if value:
+        from .clap import trusting_checkpoints
+
+        ctx.with_resource(trusting_checkpoints())
 
 
 def clap_options(f: Callable) -> Callable:
     """The options that name the CLAP model, shared by every command that loads one."""
+    f = click.option(
+        "--trust-checkpoint", is_flag=True, expose_value=False, callback=_trust_checkpoint,
+        help="Unpickle a .pt --clap checkpoint fully. Without it only tensors and the numpy scalars of "
+             "LAION's checkpoints are read, and a file holding anything else is refused: unpickling "
+             "can run code. Give it only for a file from a source you trust.",
+    )(f)
     f = click.option(
         "--tokenizer",
         type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -83,7 +123,8 @@ def _force_option(f: Callable) -> Callable:
     return click.option(
         "--force",
         is_flag=True,
-        help="Load a decoder even if it was trained on a different CLAP.",
+        help="Load a decoder even if it was trained on a different CLAP (of the same architecture: "
+             "a decoder whose input shapes do not fit is refused all the same).",
     )(f)
 
 
@@ -98,9 +139,15 @@ def _parse_methods(ctx: click.Context, param: click.Parameter, value: str) -> tu
     return methods
 
 
+def _exit_code_help() -> str:
+    return "\n".join(f"  {code:<4} {meaning}" for code, meaning in EXIT_CODES)
+
+
 @click.group(name="lmaczs", cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="lmaczs", message="%(prog)s %(version)s")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error instead of its one-line message.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
     """Listenable explanations for zero-shot audio classifiers.
 
     LAION-CLAP scores an audio clip against any text prompt. LMAC-ZS (Paissan et al.,
@@ -126,7 +173,16 @@ def main() -> None:
       lmaczs train --data captions.jsonl --clap random:tiny --out runs/dec1
       lmaczs export --out engines/ && lmaczs explain clips/ -p siren --backend onnx --engines engines/ --out out/
       lmaczs eval --data demo --limit 16 --out eval/
+
+    Exit codes:
+
+    \b
+    {exit_codes}
     """
+    ctx.meta[DEBUG] = debug
+
+
+main.help = (main.help or "").replace("{exit_codes}", _exit_code_help().replace("\n", "\n    "))
 
 
 @main.command(short_help="Write listenable explanations for clips and prompts.")
@@ -173,10 +229,19 @@ def main() -> None:
 )
 @click.option("--save-mask", is_flag=True, help="Also write <name>.<prompt>.npz: mask, time_s, freq_hz, domain.")
 @click.option("--save-residual", is_flag=True, help="Also write <name>.<prompt>.residual.wav: what the mask removed.")
-@click.option("--save-png", "--png", "save_png", is_flag=True, help="Also write spectrogram / mask / masked PNGs.")
+@click.option("--png/--no-png", "--save-png", "save_png", default=True, show_default=True,
+              help="Write <name>.<prompt>.png: spectrogram | mask | masked, shown as thumbnails in index.html "
+                   "(--no-png saves their cost, a few tenths of a second per file and prompt).")
 @click.option("--listen-check", is_flag=True,
               help="Re-encode each written wav and record the listened similarity beside the masked one.")
 @click.option("--no-check", is_flag=True, help="Skip the masked-similarity pass (a second encoder pass).")
+@click.option("--compile", "compile_mode", type=click.Choice(["auto", "graphs", "inductor", "off"]), default="auto",
+              show_default=True,
+              help="CUDA: run fixed-shape batches under CUDA graphs (auto, graphs) or torch.compile (inductor); "
+              "off: plain eager. No effect on the CPU.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="CUDA: encoder and decoder precision (auto: fp16; the front end is always fp32). "
+              "No effect on the CPU.")
 @click.option("--overwrite", is_flag=True, help="Redo work a previous run finished.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.pass_context
@@ -189,26 +254,34 @@ def explain(ctx: click.Context, paths: tuple[Path, ...], prompts: tuple[str, ...
     For every audio file in PATHS (files or folders, searched recursively; any soundfile
     format; hidden and non-audio files skipped) and every prompt, writes under --out,
     mirroring the input tree: <name>.<prompt-slug>.wav (the listenable explanation,
-    16-bit PCM at --sr), optional .npz mask, .residual.wav and .png, one results.jsonl
-    line per (file, prompt, 10-s window) with the similarity before and after masking,
-    errors.jsonl for files that failed, and index.html (open it from disk). A file of
-    any length is explained in overlapping 10-s windows and stitched. A rerun skips
-    finished work; a killed run loses only what was in flight. Under torchrun each rank
-    takes its share of the files and rank 0 joins the results (or `lmaczs merge` later).
-    Exits 0 when all files succeed, 1 when some failed (they are listed), 2 on usage errors.
+    16-bit PCM at --sr), <name>.<prompt-slug>.png (spectrogram | mask | masked; --no-png
+    skips it), optional .npz mask and .residual.wav, one results.jsonl line per (file,
+    prompt, 10-s window) with the similarity before and after masking, errors.jsonl for
+    files that failed, and index.html (open it from disk). An explanation whose mask keeps
+    less than 0.1 % of the time-frequency grid, or whose wav is 60 dB or more below its
+    input, is marked empty: the model finds nothing of the prompt there. A file of any
+    length is explained in overlapping 10-s windows and stitched. A rerun skips finished
+    work (and loads no model when nothing is left); a killed run loses only what was in
+    flight. Under torchrun each rank takes its share of the files and rank 0 joins the
+    results (or `lmaczs merge` later). Exits 0 when all files succeed, 1 when some failed
+    (they are listed), 2 on usage errors and unusable models or paths, 130 on Ctrl-C.
 
     Examples:
 
     \b
       lmaczs explain clips/ --prompt "dog barking" --out explanations/
-      lmaczs explain street.ogg -p "car horn" -p "footsteps" --save-png --out out/
+      lmaczs explain street.ogg -p "car horn" -p "footsteps" --no-png --out out/
       lmaczs explain clips/ --labels labels.txt --top-k 3 --clap random:tiny --decoder runs/dec1 --out out/
     """
     job_options = _explain_options(ctx, paths, prompts, prompts_file, prompts_csv, labels, top_k, out, backend,
                                    decoder, tokenizer, options)
+    import warnings
+
     from .device import torchrun_rank
     from .runs import ExplainJob, run_explain
 
+    # torch's advice when --workers exceeds the cores it counts: the user chose the number.
+    warnings.filterwarnings("ignore", message=r"This DataLoader will create \d+ worker processes", category=UserWarning)
     quiet = not torchrun_rank().main
     with _explain_progress(quiet) as on_event:
         summary = run_explain(ExplainJob(**job_options), on_event=on_event)
@@ -272,6 +345,13 @@ def _explain_options(ctx: click.Context, paths: tuple[Path, ...], prompts: tuple
         inputs.check_prompts(prompts)
         if backend == "torch":      # onnx|trt take their model from --engines
             inputs.check_decoder(options["clap"], decoder)
+            if decoder is not None:             # its files, before any model loads
+                from .decoder import DecoderError, read_decoder_config
+
+                try:
+                    read_decoder_config(decoder)
+                except DecoderError as e:
+                    raise UnusableError(f"--decoder {e}") from e
         resolve_device(options["device"])
         file_prompts = inputs.read_prompts_csv(prompts_csv) if prompts_csv else {}
         all_prompts = [*prompts, *(inputs.read_lines(prompts_file) if prompts_file else [])]
@@ -286,8 +366,6 @@ def _explain_options(ctx: click.Context, paths: tuple[Path, ...], prompts: tuple
         top_k = 3 if top_k is None else top_k
         if top_k > len(label_set):
             raise click.UsageError(f"--top-k {top_k} exceeds the {len(label_set)} labels in {labels}")
-    if decoder is not None and decoder.is_file():
-        decoder = decoder.parent
     check = not options.pop("no_check")
     return dict(paths=tuple(str(p) for p in paths), out=str(out), prompts=tuple(dict.fromkeys(all_prompts)),
                 file_prompts=file_prompts, labels=tuple(label_set), top_k=top_k or 0,
@@ -320,30 +398,48 @@ def _check_backend(backend: str, options: dict[str, Any], decoder: Path | None) 
 
 @contextlib.contextmanager
 def _explain_progress(quiet: bool):
-    """A rich progress bar on stderr (files, files/s, ETA); yields the run's on_event callback."""
+    """A rich progress bar on stderr over the run's 10-s windows, so it moves within a long file:
+    windows and files done, windows/s with the real-time factor, ETA. Yields the on_event
+    callback of `run_explain`."""
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                               TimeRemainingColumn)
+    from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
     from rich.text import Text
 
-    class FilesPerSecond(ProgressColumn):
+    class Rate(ProgressColumn):
         def render(self, task: Any) -> Text:
-            return Text(f"{task.speed:.2f} files/s" if task.speed else "- files/s")
+            speed = task.finished_speed or task.speed
+            if not speed:
+                return Text("- windows/s")
+            realtime = speed * task.fields["seconds"] / max(task.total or 1, 1)
+            return Text(f"{speed:.2f} windows/s ({realtime:.1f} s of audio/s)")
 
-    progress = Progress(TextColumn("[bold]explain[/bold]"), BarColumn(), MofNCompleteColumn(), FilesPerSecond(),
-                        TimeRemainingColumn(), console=Console(stderr=True), disable=quiet)
+    progress = Progress(TextColumn("[bold]explain[/bold]"), BarColumn(),
+                        TextColumn("{task.completed:.0f}/{task.total:.0f} windows, {task.fields[files]} files"),
+                        Rate(), TimeRemainingColumn(), console=Console(stderr=True), disable=quiet)
     task = None
+    state = {"done": 0, "files": 0}
 
     def on_event(e: dict[str, Any]) -> None:
         nonlocal task
-        if e["event"] == "start":   # shown from here: errors before it stay one clean line
+        if e["event"] == "start" and e["files"]:   # shown from here: errors before it stay one clean line
             progress.start()
-            task = progress.add_task("explain", total=e["total"], completed=e["done"])
-        elif e["event"] == "file" and task is not None:
-            progress.advance(task)
+            state["files"] = e["files"]
+            task = progress.add_task("explain", total=max(e["windows"], 1), files=f"0/{e['files']}",
+                                     seconds=e["seconds"])
+        elif task is None:
+            return
+        elif e["event"] == "windows":
+            progress.advance(task, e["n"])
+        elif e["event"] == "file":
+            state["done"] += 1
+            progress.update(task, files=f"{state['done']}/{state['files']}")
+            if e["status"] == "failed":     # its windows will never come
+                progress.advance(task, e.get("windows", 0))
 
     try:
         yield on_event
+        if task is not None:                 # done: windows a file's header under-counted included
+            progress.update(task, completed=progress.tasks[0].total)
     finally:
         if task is not None:
             progress.stop()
@@ -357,8 +453,10 @@ def _explain_report(summary: dict[str, Any], as_json: bool) -> None:
         click.echo(f"failed: {f['file']}: {f['reason']}", err=True)
     if len(summary["failures"]) > 20:
         click.echo(f"... and {len(summary['failures']) - 20} more in {summary['errors']}", err=True)
-    click.echo(f"explained {summary['explained']} files ({summary['explanations']} explanations) into "
-               f"{summary['out']}; {summary['already_done']} already done, {summary['failed']} failed; "
+    empty = summary.get("empty", 0)
+    click.echo(f"explained {summary['explained']} files ({summary['explanations']} explanations"
+               + (f", {empty} empty: the model finds nothing of their prompt there" if empty else "")
+               + f") into {summary['out']}; {summary['already_done']} already done, {summary['failed']} failed; "
                f"report {summary['index']}")
 
 
@@ -456,6 +554,10 @@ def train(ctx: click.Context, config: Path | None, resume: Path | None, **option
         cfg = recipe.resolve_config({**fields, **_train_fields(ctx, options)}, resume)
     except recipe.TrainError as e:
         raise click.UsageError(str(e)) from e
+    if cfg.out:
+        from .inputs import check_out
+
+        check_out(cfg.out)              # before any model loads
     summary = _run_training(training, cfg, resume is not None)
     if summary.get("skipped") is None:  # not rank 0 under torchrun: rank 0 reports
         return
@@ -499,6 +601,8 @@ def _run_training(training: Any, cfg: Any, resume: bool) -> dict[str, Any]:
             task = progress.add_task("train", total=e["total_steps"], completed=e["done_steps"], terms="")
             console.print(f"{e['train_clips']} training clips, {e['val_clips']} validation clips, "
                           f"{e['per_epoch']} steps/epoch, decoder {e['decoder_parameters']:,} parameters")
+            if e.get("val_note"):
+                console.print(f"note: {e['val_note']}", markup=False)
         elif e["event"] == "step" and task is not None:
             terms = (f"loss {e['total']:.4f} sim {e['similarity']:.4f} spa {e['sparsity']:.3f} "
                      f"div {e['diversity']:.4f} {e['clips_per_s']:.1f} clips/s") if "total" in e else ""
@@ -526,8 +630,9 @@ def _run_training(training: Any, cfg: Any, resume: bool) -> dict[str, Any]:
 @_force_option
 @click.option("--trt", is_flag=True, help="Also build TensorRT engines (needs a CUDA GPU and tensorrt).")
 @click.option("--fp16/--fp32", default=False, show_default=True,
-              help="Engine precision of the encoder and decoder layers; STFT, mel, log, iSTFT and the "
-              "text encoder always run fp32.")
+              help="Precision of the audio encoder and decoder layers, written into the graphs (and so into "
+              "the strongly typed engines built from them); STFT, mel, log, iSTFT and the text encoder "
+              "always stay fp32.")
 @click.option("--opset", type=click.IntRange(min=17, max=20), default=17, show_default=True,
               help="ONNX opset (17: LayerNormalization; 20: the newest the TorchScript exporter writes).")
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
@@ -542,9 +647,13 @@ def export(ctx: click.Context, out: Path, clap: str, tokenizer: Path | None, dec
     Writes audio_encoder.onnx (waveforms -> embedding, hidden states), text_encoder.onnx
     (token ids -> embedding, fp32), explainer.onnx (the fused graph: waveforms (B, 480000)
     and text embeddings (B, K, D) in; masks, listenable waveforms and similarities out,
-    its STFT and iSTFT as MatMuls) and manifest.json, for `lmaczs explain --backend onnx|trt
-    --engines OUT`. With --trt, <graph>.engine plans with .engine.json sidecars; an engine
-    whose sidecar still matches is kept.
+    its STFT and iSTFT as MatMuls), its forms without the masked check and for top-k, the
+    tokenizer files (tokenizer/) and manifest.json: all `lmaczs explain --backend onnx|trt
+    --engines OUT` needs. With --trt, a <graph>.engine plan per graph with a .engine.json
+    sidecar (TensorRT 10.x or 11.x); an engine whose sidecar still matches is kept.
+
+    Every graph is audited against TensorRT's operators and types; a problem fails the
+    export with exit 2, naming the node, and no engine is built.
 
     Examples:
 
@@ -561,18 +670,23 @@ def export(ctx: click.Context, out: Path, clap: str, tokenizer: Path | None, dec
             require_trt()
         except TrtUnavailable as e:
             raise click.UsageError(f"--trt: {e}") from e
+    from .export.to_onnx import audit_problems, check_audit
+
     manifest = export_explainer_folder(out, clap=clap, decoder=decoder, tokenizer=tokenizer, force=force,
-                                       opset=opset, max_batch=max_batch)
+                                       opset=opset, max_batch=max_batch, fp16=fp16)
     for graph, spec in manifest["graphs"].items():
-        click.echo(f"wrote {out / spec['file']}")
-    checked = manifest["tensorrt_audit"]
-    problems = [f"{g}: {p}" for g in manifest["graphs"] for p in checked[g]]
-    click.echo(f"TensorRT {checked['tensorrt']} operator audit: " + ("ok" if not problems else
-               f"{len(problems)} problem(s)\n  " + "\n  ".join(problems)))
+        click.echo(f"wrote {out / spec['file']} ({spec['precision']})")
+    click.echo(f"copied the tokenizer into {out / manifest['tokenizer']['dir']}")
+    problems = audit_problems(manifest)
+    click.echo(f"TensorRT {manifest['tensorrt_audit']['tensorrt']} operator audit: "
+               + ("ok" if not problems else f"{len(problems)} problem(s)"))
+    for p in problems:
+        click.echo(f"  {p}", err=True)
+    check_audit(manifest, out)           # exit 2 naming the first problem; no engine is built
     if trt:
         from .export.to_trt import export_engines
 
-        for graph, key in export_engines(out, fp16=fp16, max_batch=max_batch, max_prompts=max_batch,
+        for graph, key in export_engines(out, max_batch=max_batch, max_prompts=max_batch,
                                          workspace_gib=workspace_gib).items():
             click.echo(f"engine {out / (graph + '.engine')} ({key.precision}, TensorRT {key.tensorrt}, {key.gpu})")
 
@@ -580,7 +694,8 @@ def export(ctx: click.Context, out: Path, clap: str, tokenizer: Path | None, dec
 @main.command(name="eval", short_help="Compare LMAC-ZS with baselines by faithfulness and localization.")
 @click.option(
     "--data", required=True, metavar="SRC",
-    help="demo (world scenes with ground truth), a labelled folder (class/clip.wav), ESC-50's folder "
+    help="demo (world scenes with ground truth: the selection split), demo-test (the frozen test split, for "
+    "reports only), a labelled folder (class/clip.wav), ESC-50's folder "
     "(meta/esc50.csv + audio/) or UrbanSound8K's (metadata/UrbanSound8K.csv + audio/foldN/).",
 )
 @click.option(
@@ -600,8 +715,15 @@ def export(ctx: click.Context, out: Path, clap: str, tokenizer: Path | None, dec
 @click.option("--fold", type=click.IntRange(min=1), default=None, help="ESC-50 / UrbanSound8K: only this fold.")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="Only the first N clips (demo: N scenes; default 32).")
-@click.option("--contaminate", type=click.Choice(["mix", "white-noise", "speech"]), default=None,
-              help="Out-of-domain study: add another clip of the set, white noise or speech (--speech).")
+@click.option("--contaminate", type=click.Choice(["mix", "white-noise", "speech", "speech-in-domain"]), default=None,
+              help="Out-of-domain study: add another clip of the set, white noise or speech (--speech); "
+              "speech-in-domain: the demo world's own formant voice (an in-domain case).")
+@click.option("--curves", is_flag=True,
+              help="Insertion and deletion curves at equal budgets (each mask cut to its top 1-50 % of cells) "
+              "for every method, with their areas (curves.md, curves.png).")
+@click.option("--ad-convention", type=click.Choice(["paper", "speechbrain"]), default="paper", show_default=True,
+              help="AD as the paper defines it, or as SpeechBrain's L-MAC code computes it (probabilities "
+              "softmaxed twice), to set figures beside theirs.")
 @click.option("--snr", type=float, default=3.0, show_default=True, help="dB, clip over contamination.")
 @click.option("--speech", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder of speech recordings for --contaminate speech.")
@@ -653,6 +775,9 @@ def eval_(data: str, out: Path, as_json: bool, **options: Any) -> None:
         speech=str(options.pop("speech")) if options.get("speech") else options.pop("speech"),
         baselines=settings, **options,
     )
+    from .inputs import check_out
+
+    check_out(out)                      # before any model loads
     summary = _run_eval(run_eval, cfg)
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
@@ -725,6 +850,8 @@ def info(as_json: bool) -> None:
       lmaczs info
       lmaczs info --json
     """
+    from .environment import collect_info
+
     # Keep stray prints of imported libraries off stdout, which --json owns.
     with contextlib.redirect_stdout(sys.stderr):
         report = collect_info()
@@ -753,6 +880,8 @@ def _print_info(report: dict[str, Any]) -> None:
     for name, version in report["packages"].items():
         table.add_row(f"  {name}", version)
     table.add_row("  onnxruntime providers", ", ".join(report["onnxruntime_providers"]) or "none")
+    if report.get("onnxruntime_problem"):
+        table.add_row("  onnxruntime problem", report["onnxruntime_problem"])
     section("device")
     dev = report["device"]
     if dev["cuda_available"]:

@@ -245,8 +245,10 @@ def _read_folder(root: Path) -> tuple[list[Item], list[Skip]]:
 
 
 def class_caption(class_name: str) -> str:
-    """A labelled folder's caption: "dog_barking" -> "this is the sound of dog barking"."""
-    return CLASS_CAPTION.format(" ".join(re.sub(r"[_-]", " ", class_name).split()))
+    """A labelled folder's caption, its name as written but for underscores, which file names
+    use for spaces (ESC-50's "dog_barking"): "dog_barking" -> "this is the sound of dog barking",
+    "speech-like voice" -> "this is the sound of speech-like voice"."""
+    return CLASS_CAPTION.format(" ".join(class_name.replace("_", " ").split()))
 
 
 def manifest_hash(items: Sequence[Item]) -> str:

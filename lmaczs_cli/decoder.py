@@ -10,6 +10,10 @@ Shape of the computation (HTSAT-tiny; PANN-14 in brackets):
   deep = lat4(h4) + lat3(h3) -> xattn -> up(ConvT) + lat2(h2) -> xattn -> up + lat1(h1) -> xattn
       (levels=3: deep = lat3(h3); levels=2: no deep stage, start from lat2(h2) -- the decoder reads
        only CLAP's first stages, whose tokens see a neighbourhood of the clip, not all of it)
+      (first_level=2: no "+ lat1(h1)"; first_level=3: neither "+ lat2(h2)" nor "+ lat1(h1)"; 4: deep = lat4(h4) -- the
+       mask is decoded from the deep stages alone by the transposed convolutions, as the paper's
+       decoder; with logmel_skip=False nothing but CLAP's decision-level states reaches it, so
+       re-initialising stages 3-4 must change the masks: the model-randomisation check)
       (text_readout: + a logit map <q(t), k(x)> read off this h1-grid map, brought onto the mask grid)
       -> 3 x up(ConvT)          (B, c, 1024, 64) [(B, c, 1000, 64)]
       (+ the clip's normalised log-mel as a skip channel, brought onto the same grid;
@@ -84,7 +88,8 @@ def _interp_matrix_np(n_in: int, n_out: int) -> np.ndarray:
 
 
 def interp_matrix(n_in: int, n_out: int, device: torch.device | str | None = None) -> torch.Tensor:
-    return torch.from_numpy(_interp_matrix_np(n_in, n_out)).to(device)
+    """(n_out, n_in) linear interpolation matrix on ``device`` (made once per device)."""
+    return spectral.device_constant(_interp_matrix_np(n_in, n_out), device)
 
 
 def resample_time(x: torch.Tensor, n_out: int) -> torch.Tensor:
@@ -119,6 +124,7 @@ class DecoderConfig:
     text_readout: bool = False                 # add a text-audio dot-product logit map (TextReadout)
     levels: int = 4                            # CLAP stages read, from the first: 4 (h1..h4), 3, or 2 (h1, h2)
     skip_gate: bool = False                    # the log-mel skip gates the mask (SkipGate) instead of joining the features
+    first_level: int = 1                       # shallowest CLAP stage read: 1 (h1..), 2 (h2..), 3 (h3, h4), 4 (h4)
 
     def __post_init__(self) -> None:
         if self.domain not in spectral.MASK_DOMAINS:
@@ -133,6 +139,9 @@ class DecoderConfig:
             raise DecoderError("skip_gate needs the log-mel skip and the mel domain")
         if self.levels not in (2, 3, 4):
             raise DecoderError(f"levels must be 2, 3 or 4 (CLAP stages read from the first), not {self.levels}")
+        if not 1 <= self.first_level <= self.levels:
+            raise DecoderError(f"first_level {self.first_level} must lie between 1 and levels={self.levels}: "
+                               "the decoder reads CLAP stages first_level..levels")
         for name in ("hidden_channels", "hidden_time", "hidden_freq"):
             object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
 
@@ -282,7 +291,8 @@ class MaskDecoder(nn.Module):
         self.cfg = cfg
         w = cfg.width
         widths = (w // 2, w, w, w)[: cfg.levels]           # per level h1..h4
-        self.lateral = nn.ModuleList(nn.Conv2d(c, wl, 1) for c, wl in zip(cfg.hidden_channels, widths))
+        read = slice(cfg.first_level - 1, cfg.levels)      # the stages read: first_level..levels
+        self.lateral = nn.ModuleList(nn.Conv2d(c, wl, 1) for c, wl in zip(cfg.hidden_channels[read], widths[read]))
         self.text_tokens = nn.Linear(cfg.text_dim, cfg.text_tokens * w)
         self.token_pos = nn.Parameter(torch.randn(cfg.text_tokens, w) * 0.02)
         self.token_norm = nn.LayerNorm(w)
@@ -311,17 +321,19 @@ class MaskDecoder(nn.Module):
         tok = self.text_tokens(text).reshape(text.shape[0], self.cfg.text_tokens, self.cfg.width)
         return self.token_norm(tok + self.token_pos)
 
-    def grids(self, hidden: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """CLAP hidden states -> their lateral projections on (time, frequency) grids.
+    def grids(self, hidden: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+        """CLAP hidden states -> their lateral projections on (time, frequency) grids, one per
+        level 1..levels; None for the stages under first_level, which the decoder does not read.
 
         The 1x1 lateral convolutions act per position, so they commute with the unfolding; they
         run first, on the folded grids, so the unfolding permutes `width` channels instead of
         CLAP's 192-768 (that permutation, with its small inner axes, was the slowest op of the
         decoder in ONNX Runtime)."""
-        lat = [conv(h.contiguous()) for conv, h in zip(self.lateral, hidden)]   # same kernel for any layout
+        skipped = self.cfg.first_level - 1
+        lat = [conv(h.contiguous()) for conv, h in zip(self.lateral, hidden[skipped:])]   # any layout
         if self.cfg.backbone == "htsat":
-            return [unfold_htsat(x) for x in lat]
-        return lat
+            lat = [unfold_htsat(x) for x in lat]
+        return [None] * skipped + lat
 
     def condition(self, level: int, x: torch.Tensor, tok: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """The text's way in at one level: cross-attention to the K tokens, then FiLM."""
@@ -338,18 +350,22 @@ class MaskDecoder(nn.Module):
         """hidden: CLAP's h1..h4 (B, C_i, H_i, W_i); text: (B, text_dim) L2-normalised;
         logmel: (B, 1001, 64) dB (needed when cfg.logmel_skip); log_power: (B, 1001, 513) dB
         (STFT domain only; the refinement sees it).  ->  mask (B, 1001, bins) in [0, 1]."""
-        g1, g2, *deep = self.grids(hidden)
+        g1, g2, *deep = self.grids(hidden)                 # None where a stage is not read
+        (t1, t2), (f1, f2) = self.cfg.hidden_time[:2], self.cfg.hidden_freq[:2]
         tok = self.tokens(text)
         stage = 0
         if deep:                                           # h4 + h3 (or h3 alone) on the deepest grid
-            x = deep[-1] + _fit(deep[0], deep[-1].shape[-2], deep[-1].shape[-1]) if len(deep) == 2 else deep[0]
+            d = [g for g in deep if g is not None]
+            x = d[-1] + _fit(d[0], d[-1].shape[-2], d[-1].shape[-1]) if len(d) == 2 else d[0]
             x = self.condition(0, self.mix[0](x), tok, text)
-            x = _fit(self.up_deep(x), g2.shape[-2], g2.shape[-1]) + g2
+            x = _fit(self.up_deep(x), t2, f2)              # transposed convolutions up: (B, w, T2, F2)
+            x = x + g2 if g2 is not None else x
             stage = 1
         else:
             x = g2
         x = self.condition(stage, self.mix[stage](x), tok, text)
-        x = _fit(self.up_mid(x), g1.shape[-2], g1.shape[-1]) + g1
+        x = _fit(self.up_mid(x), t1, f1)                   # (B, w/2, T1, F1)
+        x = x + g1 if g1 is not None else x
         x = self.condition(stage + 1, self.mix[stage + 1](x), tok, text)
         read = self.readout(x, text) if self.readout is not None else None      # (B, 1, T1, F1)
         x = self.up_full(x)                                # (B, c, 8*T1, 8*F1) = (B, c, 1024, 64)
@@ -402,31 +418,102 @@ def save_decoder(decoder: MaskDecoder, directory: str | os.PathLike, meta: dict[
     return directory
 
 
+def decoder_folder(path: str | os.PathLike) -> Path:
+    """The folder of a decoder given as its folder or as its decoder.safetensors / config.json."""
+    path = Path(path)
+    return path.parent if path.is_file() else path
+
+
 def read_decoder_config(directory: str | os.PathLike) -> dict[str, Any]:
-    path = Path(directory) / "config.json"
+    """The config.json of a decoder (its folder, or a file in it); anything missing or unreadable
+    raises DecoderError naming the file and the fix."""
+    given = Path(directory)
+    folder = decoder_folder(given)
+    train_out = "a decoder is the --out folder of `lmaczs train` (config.json + decoder.safetensors)"
+    if not folder.is_dir():
+        raise DecoderError(f"{given}: no such decoder folder; {train_out}")
+    path = folder / "config.json"
     if not path.is_file():
-        raise DecoderError(f"{directory}: no config.json; pass the --out folder of `lmaczs train`")
-    config = json.loads(path.read_text())
-    if config.get("format") != DECODER_FORMAT:
-        raise DecoderError(f"{path}: not an lmaczs decoder (format {config.get('format')!r})")
+        where = "beside it" if given.is_file() else "in this folder"
+        raise DecoderError(f"{given}: no config.json {where}; {train_out}")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DecoderError(f"{path}: not readable JSON ({type(e).__name__}: {e}); copy the decoder folder again "
+                           "or re-run `lmaczs train`") from e
+    if not isinstance(config, dict) or config.get("format") != DECODER_FORMAT:
+        found = config.get("format") if isinstance(config, dict) else None
+        raise DecoderError(f"{path}: not an lmaczs decoder config (format {found!r}, expected "
+                           f"{DECODER_FORMAT!r}); {train_out}")
     return config
 
 
-def load_decoder(directory: str | os.PathLike, clap: Any = None, force: bool = False) -> tuple[MaskDecoder, dict[str, Any]]:
-    """Load a decoder saved by ``save_decoder``. With ``clap`` given, refuse a decoder that was
-    trained on another CLAP (by identity hash) unless ``force``."""
-    from safetensors.torch import load_file
+def _decoder_config(config: dict[str, Any], path: Path) -> DecoderConfig:
+    try:
+        return DecoderConfig.from_json(config["decoder"])
+    except DecoderError as e:
+        raise DecoderError(f"{path}: {e}") from e
+    except (KeyError, TypeError, ValueError) as e:
+        raise DecoderError(f"{path}: not a valid decoder config ({type(e).__name__}: {e}); copy the decoder "
+                           "folder again or re-run `lmaczs train`") from e
 
+
+# The decoder's inputs: what DecoderConfig.for_clap reads off a CLAP. A decoder whose inputs
+# differ from the CLAP's cannot run on it, identity or not.
+CLAP_GEOMETRY = ("backbone", "hidden_channels", "hidden_time", "hidden_freq", "text_dim")
+
+
+def check_fits_clap(cfg: DecoderConfig, clap: Any, source: str | os.PathLike) -> None:
+    """Refuse a decoder whose input shapes are not those of `clap`'s hidden states and text
+    embedding (a decoder trained for another CLAP architecture), naming the shapes."""
+    have = DecoderConfig.for_clap(clap)
+    differ = [(k, getattr(cfg, k), getattr(have, k)) for k in CLAP_GEOMETRY if getattr(cfg, k) != getattr(have, k)]
+    if differ:
+        shapes = "; ".join(f"{k} {_shape(want)} where this CLAP gives {_shape(got)}" for k, want, got in differ)
+        raise DecoderError(f"{source}: this decoder was built for another CLAP architecture ({shapes}); "
+                           "--force cannot make it fit. Pass the CLAP it was trained on, or train a decoder "
+                           "for this one (`lmaczs train --clap ...`).")
+
+
+def _shape(v: Any) -> str:
+    return "x".join(str(x) for x in v) if isinstance(v, (tuple, list)) else str(v)
+
+
+def load_decoder(directory: str | os.PathLike, clap: Any = None, force: bool = False) -> tuple[MaskDecoder, dict[str, Any]]:
+    """Load a decoder saved by ``save_decoder`` (its folder, or a file in it). With ``clap`` given,
+    refuse a decoder that was trained on another CLAP (by identity hash) unless ``force``, and
+    one whose input shapes do not fit the CLAP's even with ``force``. Every unusable file raises
+    DecoderError naming it and the fix."""
+    from .clap import read_safetensors
+
+    folder = decoder_folder(directory)
     config = read_decoder_config(directory)
+    cfg = _decoder_config(config, folder / "config.json")
     if clap is not None:
-        want = config.get("clap", {}).get("identity")
+        want = (config.get("clap") or {}).get("identity")
         have = clap.identity()
         if want != have and not force:
             raise DecoderError(
-                f"{directory} was trained on CLAP {str(want)[:12]} ({config.get('clap', {}).get('source')}), "
+                f"{folder} was trained on CLAP {str(want)[:12]} ({(config.get('clap') or {}).get('source')}), "
                 f"but the CLAP given is {have[:12]} ({clap.source}); its masks would be meaningless. "
                 f"Pass the same --clap, or --force to use it anyway."
             )
-    decoder = MaskDecoder(DecoderConfig.from_json(config["decoder"]))
-    decoder.load_state_dict(load_file(str(Path(directory) / "decoder.safetensors")), strict=True)
+        if want != have:
+            check_fits_clap(cfg, clap, folder)
+    weights_path = folder / "decoder.safetensors"
+    weights = read_safetensors(weights_path, "copy the decoder folder again or re-run `lmaczs train`", DecoderError)
+    decoder = MaskDecoder(cfg)
+    own = decoder.state_dict()
+    missing, extra = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+    problems = [f"{k} {tuple(weights[k].shape)} where config.json makes {tuple(v.shape)}"
+                for k, v in own.items() if k in weights and weights[k].shape != v.shape][:3]
+    if missing:
+        problems.insert(0, f"{len(missing)} missing, e.g. {missing[0]}")
+    if extra:
+        problems.insert(0, f"{len(extra)} unexpected, e.g. {extra[0]}")
+    if problems:
+        detail = "; ".join(problems)
+        raise DecoderError(f"{weights_path}: its weights do not match its config.json ({detail}); copy the "
+                           "decoder folder again or re-run `lmaczs train`")
+    decoder.load_state_dict(weights, strict=True)
     return decoder.eval(), config

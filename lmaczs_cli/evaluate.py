@@ -11,7 +11,8 @@ truth (the demo world), localization of ĉ's event.
 Data (`load_dataset`): a labelled folder (``class/clip.wav``), ESC-50's layout
 (``meta/esc50.csv`` + ``audio/``, ``fold``), UrbanSound8K's (``metadata/UrbanSound8K.csv`` +
 ``audio/foldN/``) or a named set of `NAMED_DATASETS` (``demo``: held-out scenes of the demo
-world with ground truth), imported only when named; `run_eval` also takes a `Dataset` built
+world with ground truth, its selection split; ``demo-test``: its frozen test split, for reports
+only), imported only when named; `run_eval` also takes a `Dataset` built
 by the caller.
 
 Studies: contamination at an SNR (`contaminate`), cascading randomisation of the audio
@@ -27,7 +28,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,10 @@ from .files import atomic_path
 from .model import ExplainerModule
 
 METHODS = ("lmaczs", *BASELINES)
-CONTAMINATIONS = ("mix", "white-noise", "speech")
+# "speech": recordings from a folder (--speech; `lmaczs_cli.demo.speech` ships speech from outside
+# the demo world); "speech-in-domain": the demo world's own formant "speech-like voice", labelled
+# as what it is: for the demo CLAP it is a known event kind, not out-of-domain audio.
+CONTAMINATIONS = ("mix", "white-noise", "speech", "speech-in-domain")
 RUN_FORMAT = "lmaczs-eval/1"
 
 
@@ -74,6 +78,11 @@ class EvalConfig:
     prompt_sensitivity: bool = False
     study_clips: int = 4                       # clips the two studies use (the first N)
     logit_scale: float = 1.0                   # softmax temperature of p_c; 1: the paper's formula
+    ad_convention: str = "paper"               # "paper", or "speechbrain": AD on probabilities softmaxed
+                                               # twice, as SpeechBrain's L-MAC code (metrics.AD_CONVENTIONS)
+    curves: bool = False                       # insertion and deletion curves at equal budgets for
+                                               # every method, with their areas
+    budgets: tuple[float, ...] = metrics.BUDGETS   # the curves' shares of mask cells kept / removed
     seed: int = 0
     baselines: BaselineSettings = field(default_factory=BaselineSettings)
 
@@ -84,7 +93,14 @@ class EvalConfig:
         if self.contaminate not in (None, *CONTAMINATIONS):
             raise EvalError(f"unknown contamination {self.contaminate!r}; use one of {', '.join(CONTAMINATIONS)}")
         if self.contaminate == "speech" and not self.speech:
-            raise EvalError("--contaminate speech needs --speech DIR (a folder of speech recordings)")
+            raise EvalError("--contaminate speech needs --speech DIR (a folder of speech recordings; "
+                            "`python -m lmaczs_cli.demo.speech DIR` writes one)")
+        budgets = list(self.budgets)
+        if len(budgets) < 2 or not all(0 < q <= 1 for q in budgets) or budgets != sorted(set(budgets)):
+            raise EvalError(f"budgets must be at least two increasing shares in (0, 1]; got {self.budgets}")
+        if self.ad_convention not in metrics.AD_CONVENTIONS:
+            raise EvalError(f"unknown AD convention {self.ad_convention!r}; "
+                            f"use one of {', '.join(metrics.AD_CONVENTIONS)}")
 
     def settings(self) -> dict[str, Any]:
         """What the numbers depend on (not where they are written or on which device)."""
@@ -140,7 +156,8 @@ class Dataset:
 
 # Data sets named rather than found on disk: name -> "module:function", the function taking
 # (limit, seed) and returning a Dataset. Imported only when named, so this module needs none of them.
-NAMED_DATASETS = {"demo": "lmaczs_cli.demo.dataset:eval_dataset"}
+NAMED_DATASETS = {"demo": "lmaczs_cli.demo.dataset:eval_dataset",                # selection split
+                  "demo-test": "lmaczs_cli.demo.dataset:frozen_test_dataset"}   # frozen test split
 
 
 def load_dataset(data: str, fold: int | None = None, limit: int | None = None, seed: int = 0) -> Dataset:
@@ -213,7 +230,8 @@ def mix_at_snr(wave: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray
 
 
 class Contaminator:
-    """Adds mix (the next clip of the set), white noise or speech (a folder, cycled) at an SNR."""
+    """Adds mix (the next clip of the set), white noise, speech (a folder, cycled) or the demo
+    world's in-domain formant speech at an SNR."""
 
     def __init__(self, kind: str, snr: float, clips: Sequence[EvalClip], speech: str | None, seed: int) -> None:
         self.kind, self.snr, self.clips, self.seed = kind, snr, list(clips), seed
@@ -229,6 +247,10 @@ class Contaminator:
             return np.random.default_rng([self.seed, index]).standard_normal(CLIP_SAMPLES).astype(np.float32)
         if self.kind == "mix":
             return self.clips[(index + 1) % len(self.clips)].wave()
+        if self.kind == "speech-in-domain":
+            from .demo.speech import formant_speech
+
+            return formant_speech(self.seed * 1_000_003 + index)
         x = load_audio(self.speech[index % len(self.speech)])
         return pad_clip(x) if x.size <= CLIP_SAMPLES else x[:CLIP_SAMPLES]
 
@@ -384,7 +406,7 @@ def run_eval(cfg: EvalConfig, on_event: Callable[[dict[str, Any]], None] | None 
             rows = [j for j, i in enumerate(idx) if ds.clips[i].key not in done[method]]
             if rows:
                 _run_method(method, masker, [ds.clips[idx[j]] for j in rows], waves[rows], prob[rows],
-                            ds.classes, records, cfg.logit_scale)
+                            ds.classes, records, cfg)
                 emit({"event": "batch", "method": method, "clips": len(rows)})
     studies: dict[str, Any] = {}
     study = ds.clips[: cfg.study_clips]
@@ -403,15 +425,42 @@ def run_eval(cfg: EvalConfig, on_event: Callable[[dict[str, Any]], None] | None 
 
 
 def _run_method(method: str, masker: MaskMethods, batch: Sequence[EvalClip], waves: torch.Tensor,
-                prob: np.ndarray, classes: Sequence[str], records: Records, logit_scale: float) -> None:
+                prob: np.ndarray, classes: Sequence[str], records: Records, cfg: EvalConfig) -> None:
     """One method on one batch: masks for ĉ, re-scored inputs, per-clip records appended."""
     pred = prob.argmax(axis=1)
     t0 = time.perf_counter()
     masks = masker(method, waves, torch.from_numpy(pred).to(waves.device))
     seconds = time.perf_counter() - t0
-    pm, pr = masked_probabilities(masker.model, masker.text, waves, masks, logit_scale)
-    values = metrics.per_clip_metrics(prob, pm, pr, masks)
-    records.append(method, _clip_records(method, batch, pred, prob, values, masks, classes, seconds))
+    pm, pr = masked_probabilities(masker.model, masker.text, waves, masks, cfg.logit_scale)
+    values = metrics.per_clip_metrics(prob, pm, pr, masks, ad=cfg.ad_convention)
+    rows = _clip_records(method, batch, pred, prob, values, masks, classes, seconds)
+    if cfg.curves:
+        inserted, deleted = budget_curves(masker.model, masker.text, waves, masks, pred, cfg.logit_scale,
+                                          cfg.budgets)
+        areas = zip(metrics.curve_area(inserted, cfg.budgets), metrics.curve_area(deleted, cfg.budgets))
+        for row, ins, dele, (ins_area, del_area) in zip(rows, inserted, deleted, areas):
+            row.update({"insertion": ins.tolist(), "deletion": dele.tolist(),
+                        "insertion_auc": float(ins_area), "deletion_auc": float(del_area)})
+    records.append(method, rows)
+
+
+@torch.no_grad()
+def budget_curves(model: ExplainerModule, text: torch.Tensor, waves: torch.Tensor, masks: np.ndarray,
+                  target: np.ndarray, logit_scale: float,
+                  budgets: tuple[float, ...] = metrics.BUDGETS) -> tuple[np.ndarray, np.ndarray]:
+    """Insertion and deletion at equal budgets (`metrics.top_cells`): each mask binarised to its top
+    share q of cells; p of class ``target`` (B,) with only those cells kept (insertion) and with
+    them removed (deletion), both applied as `masked_probabilities` applies a mask (a gain on
+    magnitude before the log: a removed cell is silence). waves (B, 480000), masks (B, 1001, bins)
+    -> two (B, Q), column q for budgets[q]."""
+    spec = model.analyse(waves)
+    rows = np.arange(len(target))
+    inserted, deleted = [], []
+    for keep in metrics.top_cells(masks, budgets):
+        kept = torch.from_numpy(keep.astype(np.float32)).to(waves.device)
+        for curve, m in ((inserted, kept), (deleted, 1 - kept)):
+            curve.append(probabilities(model.clap, text, model.masked_log_mel(spec, 1, m), logit_scale)[rows, target])
+    return np.stack(inserted, axis=1), np.stack(deleted, axis=1)
 
 
 def _waves(batch: Sequence[EvalClip], idx: Sequence[int], dirty: Contaminator | None) -> torch.Tensor:
@@ -457,21 +506,29 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(structural_similarity(np.asarray(a, np.float64), np.asarray(b, np.float64), data_range=1.0))
 
 
-def cascading_ssim(clap: Any, decoder: nn.Module, domain: str, text: torch.Tensor, settings: BaselineSettings,
-                   methods: Sequence[str], waves: torch.Tensor, target: torch.Tensor,
-                   seed: int) -> dict[str, dict[str, float]]:
-    """Cascading randomisation (Adebayo et al. 2018) of a copy of `clap`: re-initialise encoder
-    stages from the top down, cumulatively; each method's masks for `target` (B,) (rows of
-    `text`) are compared by SSIM with the intact model's. Returns {stage: {method: mean SSIM}}."""
-    original = {m: MaskMethods(clap, decoder, domain, text, settings)(m, waves, target) for m in methods}
+def cascading_masks(clap: Any, decoder: nn.Module, domain: str, text: torch.Tensor, settings: BaselineSettings,
+                    methods: Sequence[str], waves: torch.Tensor, target: torch.Tensor,
+                    seed: int) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+    """Cascading randomisation (Adebayo et al. 2018) of a copy of `clap` (the original is left
+    alone): encoder stages re-initialised from the top down, cumulatively. Yields ("intact",
+    masks) first, then (stage, masks) after each stage: each method's masks (B, 1001, bins) for
+    `target` (B,) (rows of `text`)."""
+    yield "intact", {m: MaskMethods(clap, decoder, domain, text, settings)(m, waves, target) for m in methods}
     broken = type(clap)(copy.deepcopy(clap.clap), clap.cfg, clap.tokenizer, f"{clap.source} (randomised)")
-    out: dict[str, dict[str, float]] = {}
     for s, (name, modules) in enumerate(encoder_stages(broken)):
         reinitialise_(modules, seed + s)
         masker = MaskMethods(broken, decoder, domain, text, settings)
-        out[name] = {m: float(np.mean([ssim(a, b) for a, b in zip(original[m], masker(m, waves, target))]))
-                     for m in methods}
-    return out
+        yield name, {m: masker(m, waves, target) for m in methods}
+
+
+def cascading_ssim(clap: Any, decoder: nn.Module, domain: str, text: torch.Tensor, settings: BaselineSettings,
+                   methods: Sequence[str], waves: torch.Tensor, target: torch.Tensor,
+                   seed: int) -> dict[str, dict[str, float]]:
+    """`cascading_masks` compared with the intact model's by SSIM. Returns {stage: {method: mean SSIM}}."""
+    stages = cascading_masks(clap, decoder, domain, text, settings, methods, waves, target, seed)
+    _, original = next(stages)
+    return {name: {m: float(np.mean([ssim(a, b) for a, b in zip(original[m], masks[m])])) for m in methods}
+            for name, masks in stages}
 
 
 def randomization_study(clap: Any, decoder: nn.Module, domain: str, text: torch.Tensor, waves: torch.Tensor,

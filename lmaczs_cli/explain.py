@@ -14,6 +14,7 @@ The `lmaczs explain` command around it lives in ``runs`` (finding files: ``input
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import deque
@@ -47,6 +48,14 @@ class Explanation:
     @property
     def mask_mean(self) -> float:
         return float(self.mask.mean())
+
+    @property
+    def empty(self) -> bool:
+        """Whether the mask keeps (next to) nothing: the model finds nothing of the prompt here
+        (mask mean below ``report.EMPTY_MASK_MEAN``)."""
+        from .report import is_empty
+
+        return is_empty(self.mask_mean, None)
 
     @property
     def times(self) -> np.ndarray:
@@ -90,25 +99,37 @@ class Explainer:
              tokenizer: str | os.PathLike | None = None, device: str = "auto", force: bool = False,
              clap_ckpt: str | None = None, batch_size: int = 8, backend: str = "torch",
              engines: str | os.PathLike | None = None, threads: int | None = None,
-             spectral: str = "auto") -> "Explainer":
+             spectral: str = "auto", precision: str = "auto", compile: str = "auto",
+             trust: bool = False) -> "Explainer":
         """``Explainer.load("demo")`` for the bundled demo, or ``clap=`` (demo | laion:NAME | PATH |
         hf:DIR | random:ARCH; ``clap_ckpt=`` is an alias) with ``decoder=`` (a `lmaczs train`
         folder). ``backend="onnx"`` or ``"trt"`` runs an export folder ``engines=`` instead
-        (written by `lmaczs export`). ``spectral=``: the torch model's spectral operations
-        ("auto": the fused Triton listenable kernel on CUDA)."""
+        (written by `lmaczs export`). Torch on CUDA: ``spectral=`` the spectral operations ("auto":
+        the fused Triton listenable kernel), ``precision=`` of the encoder and decoder ("auto":
+        float16; the front end is float32 always), ``compile=`` "auto" | "graphs" | "inductor" |
+        "off" (fixed-shape batches under CUDA graphs or torch.compile; "off": eager).
+        ``trust=True`` unpickles a LAION ``.pt`` fully (only for a file you trust: it can run code);
+        by default anything but tensors and plain numbers in it is refused."""
+        from .clap import trusting_checkpoints
+
         spec = clap or clap_ckpt or name or "demo"
-        runner = load_runner(backend, clap=spec, decoder=decoder, engines=engines, tokenizer=tokenizer,
-                             device=device, force=force, threads=threads, spectral=spectral)
+        with trusting_checkpoints() if trust else contextlib.nullcontext():
+            runner = load_runner(backend, clap=spec, decoder=decoder, engines=engines, tokenizer=tokenizer,
+                                 device=device, force=force, threads=threads, spectral=spectral,
+                                 precision=precision, compile=compile)
         return cls(runner, batch_size=batch_size)
 
     @classmethod
     def from_models(cls, clap: Any, decoder: Any, config: dict[str, Any] | None = None, *, device: str = "auto",
-                    batch_size: int = 8, spectral: str = "auto") -> "Explainer":
+                    batch_size: int = 8, spectral: str = "auto", precision: str = "auto",
+                    compile: str = "auto") -> "Explainer":
         """An explainer over torch models you already hold (a ``ClapModel`` and a ``MaskDecoder``);
         config: the decoder's saved config (``domain``, ``mel_to_linear``; default: the decoder's)."""
         from .backends import TorchRunner
 
-        return cls(TorchRunner(clap, decoder, config or {}, device=device, spectral=spectral), batch_size=batch_size)
+        runner = TorchRunner(clap, decoder, config or {}, device=device, spectral=spectral, precision=precision,
+                             compile=compile)
+        return cls(runner, batch_size=batch_size)
 
     @property
     def device(self) -> torch.device:
@@ -205,9 +226,11 @@ class Explainer:
         or `Clip.key`). A clip that cannot be decoded or explained gives a result with
         `error` set; it never stops the others.
 
-        labels + top_k: top-k mode. Each clip is first scored against every label's prompt
-        (`label_prompt`), then its best `top_k` are explained (one extra encoder pass per
-        window); `ClipResult.topk` holds the scores. keep_input: return the decoded input too.
+        labels + top_k: top-k mode. Each clip is scored against every label's prompt
+        (`label_prompt`) and its best `top_k` are explained; `ClipResult.topk` holds the
+        scores. A clip of one window (up to 10 s) gets its scores and its explanations from one
+        encoder pass; a longer clip is first scored over all its windows (scores averaged), then
+        explained (one extra encoder pass per window). keep_input: return the decoded input too.
         """
         if isinstance(prompts, str):
             raise ExplainError("explain_many takes a list of prompts: explain_many(items, [prompt])")
@@ -218,7 +241,13 @@ class Explainer:
             raise ExplainError(f"top_k must be 1..{len(label_prompts)} (the number of labels), got {top_k}")
         clips = [_as_clip(x, i) for i, x in enumerate(items)]
         batcher = _Batcher(self, check)
+        if label_prompts:
+            batcher.labels = _Labels(list(labels), label_prompts, self.text_embedding(label_prompts), top_k)
         for clip, wave, error, decode_s in _decoded(clips, workers):
+            if error is None and label_prompts and wave.size <= CLIP_SAMPLES:     # one pass: scored as explained
+                batcher.add(_InFlight(clip, wave, [""] * top_k, None, None, decode_s, keep_input))
+                yield from batcher.finished()
+                continue
             if error is None:
                 try:
                     if label_prompts:
@@ -346,12 +375,16 @@ def _identity(x: Any) -> Any:
 
 
 def _decoded(clips: list[Clip], workers: int) -> Iterator[tuple[Clip, np.ndarray | None, str | None, float]]:
-    """(clip, wave, error, decode_s) in clip order; paths decoded `workers` processes ahead."""
+    """(clip, wave, error, decode_s) in clip order; paths decoded `workers` processes ahead, or,
+    with ``workers=0``, by one thread of this process a few files ahead (libsndfile and soxr
+    release the GIL, so decoding overlaps the model's batches without another process)."""
     paths = [None if c.wave is not None else os.fspath(c.path) for c in clips]
-    if any(p is not None for p in paths):
+    if any(p is not None for p in paths) and workers:
         loader: Iterable = torch.utils.data.DataLoader(
             _DecodeDataset(paths), batch_size=None, shuffle=False, num_workers=workers,
-            collate_fn=_identity, prefetch_factor=2 if workers else None)
+            collate_fn=_identity, prefetch_factor=2)
+    elif any(p is not None for p in paths):
+        loader = _prefetched(_DecodeDataset(paths), ahead=4)
     else:
         loader = ((None, None, 0.0) for _ in clips)
     for clip, (tensor, error, dt) in zip(clips, loader):
@@ -364,6 +397,21 @@ def _decoded(clips: list[Clip], workers: int) -> Iterator[tuple[Clip, np.ndarray
             yield clip, None, str(e), dt
             continue
         yield clip, wave, None, dt
+
+
+def _prefetched(dataset: "_DecodeDataset", ahead: int) -> Iterator[Any]:
+    """dataset[0], dataset[1], ... in order, decoded by one background thread up to `ahead`
+    items in advance (bounded: at most `ahead` decoded waves wait in memory)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="lmaczs-decode") as pool:
+        pending: deque = deque()
+        for i in range(len(dataset)):
+            pending.append(pool.submit(dataset.__getitem__, i))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 class _InFlight:
@@ -419,21 +467,33 @@ class _InFlight:
                           duration_s=self.wave.size / SAMPLE_RATE, decode_s=self.decode_s, model_s=self.model_s)
 
 
+@dataclass
+class _Labels:
+    """Top-k mode: the labels, their prompts and text embeddings (L, D), and K."""
+
+    names: list[str]
+    prompts: list[str]
+    text: torch.Tensor
+    k: int
+
+
 class _Batcher:
     """Packs windows of in-flight clips into model batches of `batch_size` windows.
 
-    Windows wait in one queue per prompt count K (a batch's text is (B, K, D)); a queue
-    runs as soon as it holds a full batch, so at most one partial batch per K waits.
+    Windows wait in one queue per prompt count K (a batch's text is (B, K, D)), and one-window
+    clips of top-k mode in a queue of their own (their prompts come out of the batch); a queue
+    runs as soon as it holds a full batch, so at most one partial batch per queue waits.
     A clip is finished when its last window comes back.
     """
 
     def __init__(self, explainer: Explainer, check: bool) -> None:
         self.ex, self.check = explainer, check
-        self.queues: dict[int, list[tuple[_InFlight, int]]] = {}
+        self.queues: dict[int | str, list[tuple[_InFlight, int]]] = {}
         self.done: deque[ClipResult] = deque()
+        self.labels: _Labels | None = None
 
     def add(self, clip: _InFlight) -> None:
-        q = self.queues.setdefault(len(clip.prompts), [])
+        q = self.queues.setdefault("topk" if clip.text is None else len(clip.prompts), [])
         q.extend((clip, w) for w in range(clip.n_windows))
         bs = self.ex.batch_size
         while len(q) >= bs:
@@ -455,9 +515,15 @@ class _Batcher:
         t0 = time.perf_counter()
         try:
             waves = torch.from_numpy(np.stack([c.window(w) for c, w in chunk]))
-            text = torch.stack([c.text for c, _ in chunk])
-            out = self.ex.run_batch(waves, text, check=self.check)
-            arrays = {k: v.cpu().numpy() for k, v in out.items()}
+            if chunk[0][0].text is None:                   # top-k, one pass
+                assert self.labels is not None
+                out = self.ex.runner.explain_topk(waves, self.labels.text, self.labels.k, check=self.check)
+                self._choose(chunk, out.pop("scores").float().cpu().numpy(), out.pop("topk").cpu().numpy())
+                out = {k: v.float() for k, v in out.items()}
+            else:
+                text = torch.stack([c.text for c, _ in chunk])
+                out = self.ex.run_batch(waves, text, check=self.check)
+            arrays = {k: v.numpy() for k, v in self.ex.runner.to_host(out).items()}
         except Exception as e:   # the whole batch failed (e.g. out of memory): fail its clips
             self._fail({c for c, _ in chunk}, f"model failed on this batch: {reason_of(e)}")
             return
@@ -468,6 +534,14 @@ class _Batcher:
                   None if msim is None else msim[i], share)
             if c.received == c.n_windows:
                 self.done.append(c.result(self.ex.domain, self.check))
+
+    def _choose(self, chunk: list[tuple[_InFlight, int]], scores: np.ndarray, best: np.ndarray) -> None:
+        """Top-k, one pass: each clip's labels, best first, from the batch's scores (B, L) and picks (B, K)."""
+        lab = self.labels
+        assert lab is not None
+        for (c, _), row, picks in zip(chunk, scores, best):
+            c.topk = [{"label": lab.names[i], "prompt": lab.prompts[i], "score": float(row[i])} for i in picks]
+            c.prompts = [t["prompt"] for t in c.topk]
 
     def _fail(self, clips: set[_InFlight], reason: str) -> None:
         for k, q in self.queues.items():

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .audio import AudioError, is_audio_name
-from .errors import LmaczsError
+from .errors import LmaczsError, PathError
 
 
 class ExplainError(LmaczsError):
@@ -92,6 +92,29 @@ def read_prompts_csv(path: str | os.PathLike) -> dict[str, list[str]]:
         if row[1].strip() not in out[key]:
             out[key].append(row[1].strip())
     return out
+
+
+# ----------------------------------------------------------------------------- output folder
+
+
+def check_out(out: str | os.PathLike) -> Path:
+    """Make an output folder, or refuse it with one line naming why (a file in the way, no
+    permission, a read-only or impossible path): commands call it before any model loads.
+    Returns it, absolute."""
+    import tempfile
+
+    path = Path(os.path.abspath(out))
+    try:
+        blocker = next((p for p in [path, *path.parents] if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise PathError(f"--out {out}: {blocker} is a file, not a folder; choose another --out")
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise PathError(f"--out {out}: cannot write there ({why}); choose a folder you can write to") from e
+    return path
 
 
 # ----------------------------------------------------------------------------- discovery

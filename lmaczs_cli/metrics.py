@@ -1,5 +1,7 @@
 """Metrics on masks. Localization against ground truth (the demo world has it); the
-faithfulness metrics of the paper (AI, AD, AG, FF, Fid-In, SPS, COMP, MM) join them here."""
+faithfulness metrics of the paper (AI, AD, AG, FF, Fid-In, SPS, COMP, MM), with AD also in
+SpeechBrain's convention (`AD_CONVENTIONS`); insertion and deletion at equal budgets
+(`top_cells`, `curve_area`), which compare methods whatever the size of their masks."""
 from __future__ import annotations
 
 import numpy as np
@@ -77,6 +79,31 @@ def gain(p: np.ndarray, p_masked: np.ndarray) -> np.ndarray:
     return np.maximum(0.0, p_masked - p) / (1.0 - p)
 
 
+def drop_softmaxed_twice(prob: np.ndarray, prob_masked: np.ndarray) -> np.ndarray:
+    """AD per clip as SpeechBrain's L-MAC code computes it (``compute_AD`` of its ESC-50 interpret
+    recipe): its inputs are already class probabilities and it applies a softmax to them again,
+    then takes `drop` of ĉ's entries. prob, prob_masked (N, C) probabilities, ĉ the argmax of
+    prob (a softmax keeps it) -> (N,). The second softmax squeezes C probabilities into
+    [1/(e + C - 1), e/(e + C - 1)], so no drop passes 1 - 1/e (63 %); offered only to set figures
+    beside theirs (their 1e-10 in the denominator is left out: it changes nothing visible)."""
+    pred = np.asarray(prob).argmax(axis=1)
+    return drop_of_top_class(class_probabilities(prob), class_probabilities(prob_masked), pred)
+
+
+def drop_of_top_class(prob: np.ndarray, prob_masked: np.ndarray, pred: np.ndarray | None = None) -> np.ndarray:
+    """AD per clip as the paper defines it: `drop` of the entries of ĉ (``pred``, default each
+    row's argmax of prob). prob, prob_masked (N, C) -> (N,)."""
+    prob, prob_masked = np.asarray(prob), np.asarray(prob_masked)
+    pred = prob.argmax(axis=1) if pred is None else np.asarray(pred)
+    rows = np.arange(len(prob))
+    return drop(prob[rows, pred], prob_masked[rows, pred])
+
+
+# AD conventions of `per_clip_metrics`: name -> per clip AD from the (N, C) probabilities of the
+# original and the masked input. "paper" is the paper's formula, the default everywhere.
+AD_CONVENTIONS = {"paper": drop_of_top_class, "speechbrain": drop_softmaxed_twice}
+
+
 def faithfulness_removal(p: np.ndarray, p_removed: np.ndarray) -> np.ndarray:
     """FF per clip: p_ĉ(X) − p_ĉ(X − X_int), the probability lost when the explanation is removed."""
     return np.asarray(p, np.float64) - np.asarray(p_removed, np.float64)
@@ -121,15 +148,18 @@ def mask_mean(mask: np.ndarray) -> np.ndarray:
 
 
 def per_clip_metrics(prob: np.ndarray, prob_masked: np.ndarray, prob_removed: np.ndarray,
-                     masks: np.ndarray) -> dict[str, np.ndarray]:
+                     masks: np.ndarray, ad: str = "paper") -> dict[str, np.ndarray]:
     """Every metric of the paper per clip, from the class probabilities of the original input
     (N, C), the masked input M⊙X (N, C) and the input with the explanation removed X − X_int
-    (N, C), and the masks (N, T, F). ĉ is the original's top class."""
+    (N, C), and the masks (N, T, F). ĉ is the original's top class. ``ad`` names the AD
+    convention (`AD_CONVENTIONS`; "paper" unless figures are to be set beside SpeechBrain's)."""
+    if ad not in AD_CONVENTIONS:
+        raise ValueError(f"unknown AD convention {ad!r}; use one of {', '.join(AD_CONVENTIONS)}")
     pred = prob.argmax(axis=1)
     rows = np.arange(len(pred))
     p, pm, pr = prob[rows, pred], prob_masked[rows, pred], prob_removed[rows, pred]
     return {
-        "AI": increase(p, pm), "AD": drop(p, pm), "AG": gain(p, pm),
+        "AI": increase(p, pm), "AD": AD_CONVENTIONS[ad](prob, prob_masked), "AG": gain(p, pm),
         "FF": faithfulness_removal(p, pr), "Fid-In": fidelity_in(pred, prob_masked.argmax(axis=1)),
         "SPS": sparseness(masks), "COMP": complexity(masks), "MM": mask_mean(masks),
     }
@@ -154,3 +184,43 @@ def localization(mask: np.ndarray, region: np.ndarray) -> dict[str, float]:
     grown = dilate(region)
     return {"loc_mass": mass_in_region(mask, grown), "loc_auc": region_auc(mask, region),
             "loc_chance": float(grown.mean())}
+
+
+# --------------------------------------------------------------------------- equal budgets
+# AI and AD judge each mask at its own size, and a method that keeps more of the clip keeps more
+# of the class's evidence. Insertion and deletion curves compare methods at equal budgets: each
+# mask is binarised to its top q of cells, then ĉ's probability is read with only those cells kept
+# (insertion: higher is better) and with only those removed (deletion: lower is better).
+
+BUDGETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)   # shares q of a mask's cells kept or removed
+
+
+def top_cells(mask: np.ndarray, budgets: tuple[float, ...] = BUDGETS) -> np.ndarray:
+    """Binarised masks at each budget: masks (N, ...) -> bool (Q, N, ...), row q of clip n keeping
+    exactly round(budgets[q] · cells) of the clip's cells, those with the largest values. Ties
+    (a flat or saturated mask) are broken in one fixed pseudo-random order of the cells, so a flat
+    mask keeps cells spread over the grid, not its first frames. One ranking per clip serves every
+    budget, so a larger budget keeps every cell a smaller one keeps."""
+    if any(not 0 <= q <= 1 for q in budgets):
+        raise ValueError(f"budgets are shares of the mask's cells, in [0, 1]; got {budgets}")
+    m = np.asarray(mask, dtype=np.float64)
+    flat = m.reshape(len(m), -1)
+    n = flat.shape[1]
+    tie = np.random.default_rng(0).permutation(n)
+    out = np.zeros((len(budgets), *flat.shape), dtype=bool)
+    for i, row in enumerate(flat):
+        order = np.lexsort((tie, -row))            # largest value first, ties in the fixed order
+        for b, q in enumerate(budgets):
+            out[b, i, order[: int(round(q * n))]] = True
+    return out.reshape(len(budgets), *m.shape)
+
+
+def curve_area(values: np.ndarray, budgets: tuple[float, ...] = BUDGETS) -> np.ndarray:
+    """Area under per-clip curves sampled at ``budgets``: values (N, Q) -> (N,), the trapezoid
+    rule over the budgets divided by their span (first to last), so the area is in the values'
+    own unit: a curve constant at p has area p."""
+    x = np.asarray(budgets, dtype=np.float64)
+    if len(x) < 2 or np.any(np.diff(x) <= 0):
+        raise ValueError(f"budgets must be at least two increasing shares; got {budgets}")
+    v = np.asarray(values, dtype=np.float64)
+    return (((v[:, 1:] + v[:, :-1]) / 2) * np.diff(x)).sum(axis=1) / (x[-1] - x[0])

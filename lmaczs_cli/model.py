@@ -205,6 +205,11 @@ class ExplainerModule(nn.Module):
         self.domain, self.mel_to_linear = domain, mel_to_linear
         self.ops = spectral_ops(spectral, _device_of(clap))
 
+    @property
+    def encoder_dtype(self) -> torch.dtype:
+        """The CLAP audio encoder's weight type: its log-mel input is cast to it (float32 stays float32)."""
+        return _dtype_of(getattr(self.clap, "branch", self.clap))
+
     # ---- the parts (training calls these with gradients on)
 
     def analyse(self, waves: torch.Tensor) -> Spectrum:
@@ -217,14 +222,16 @@ class ExplainerModule(nn.Module):
         spec = self.analyse(waves)
         with _float32_region(waves.device.type):
             logmel = spectral.to_db(spec.mel)                       # (B, 1001, 64)
-        embedding, hidden = self.clap.encode(logmel)
+        embedding, hidden = self.clap.encode(logmel.to(self.encoder_dtype))    # Cast: a half-precision encoder
         return Features(spec, logmel, embedding, hidden)
 
     def decode(self, feats: Features, rows: torch.Tensor | int, text: torch.Tensor) -> torch.Tensor:
         """Masks (N, 1001, bins) for N (clip, prompt) pairs: text (N, D); rows (N,) the clip of each
         pair, or an int K when each clip takes K consecutive prompts (pair b*K+k is clip b)."""
-        log_power = _take(spectral.to_db(feats.power), rows) if self.domain == "stft" else None
-        return self.decoder([_take(h, rows) for h in feats.hidden], text, _take(feats.logmel, rows), log_power)
+        dtype = _dtype_of(self.decoder)            # float32, or the half type of a half-precision decoder
+        log_power = _take(spectral.to_db(feats.power), rows).to(dtype) if self.domain == "stft" else None
+        return self.decoder([_take(h, rows).to(dtype) for h in feats.hidden], text.to(dtype),
+                            _take(feats.logmel, rows).to(dtype), log_power)
 
     def masked_log_mel(self, feats: Features | Spectrum, rows: torch.Tensor | int,
                        masks: torch.Tensor) -> torch.Tensor:
@@ -254,18 +261,44 @@ class ExplainerModule(nn.Module):
         """waves (B, 480000), text (B, K, D) L2-normalised ->
         masks (B, K, 1001, bins), similarity (B, K), audio (B, K, 480000) unless ``listen=False``,
         masked_similarity (B, K) unless ``check=False`` (then the second encoder pass is skipped)."""
-        B, K, D = text.shape
+        return self.explain_features(self.features(waves), text, waves.shape[-1], check, listen)
+
+    def forward_topk(self, waves: torch.Tensor, labels: torch.Tensor, k_like: torch.Tensor, check: bool = True,
+                     listen: bool = True) -> dict[str, torch.Tensor]:
+        """Top-k in one encoder pass: each window is scored against every label and explained for
+        its best K, all from the same forward. labels (L, D) L2-normalised; k_like (K,): any tensor
+        whose length is K (a shape, so that an exported graph takes any K) ->
+        scores (B, L), topk (B, K) label indices best first, and `forward`'s outputs for them."""
         feats = self.features(waves)
+        scores = feats.embedding.to(labels.dtype) @ labels.T                        # (B, L)
+        best = scores.topk(k_like.shape[0], dim=-1).indices                         # (B, K)
+        out = self.explain_features(feats, labels[best], waves.shape[-1], check, listen)
+        return {"scores": scores, "topk": best, **out}
+
+    def explain_features(self, feats: Features, text: torch.Tensor, length: int, check: bool = True,
+                         listen: bool = True) -> dict[str, torch.Tensor]:
+        """`forward` after the encoder pass: feats of B windows, text (B, K, D)."""
+        B, K, D = text.shape
         flat = text.reshape(B * K, D)
         masks = self.decode(feats, K, flat)                                      # (B*K, 1001, bins)
         out = {"masks": masks.reshape(B, K, *masks.shape[1:]),
                "similarity": (text * feats.embedding[:, None].to(text.dtype)).sum(-1)}
         if listen:
-            out["audio"] = self.listen(feats, masks, K, waves.shape[-1]).reshape(B, K, -1)
+            out["audio"] = self.listen(feats, masks, K, length).reshape(B, K, -1)
         if check:
-            masked_emb, _ = self.clap.encode(self.masked_log_mel(feats, K, masks))
+            masked_emb, _ = self.clap.encode(self.masked_log_mel(feats, K, masks).to(self.encoder_dtype))
             out["masked_similarity"] = (flat * masked_emb.to(flat.dtype)).sum(-1).reshape(B, K)
         return out
+
+
+def _dtype_of(module: nn.Module | None) -> torch.dtype:
+    """The floating-point type of a module's weights (float32 when it has none).
+
+    A module converted to half precision (``lmaczs export --fp16`` traces the audio encoder and
+    decoder so, giving an ONNX graph whose own types say which layers are half) gets its inputs
+    cast to its type here; under autocast the weights stay float32 and these casts are no-ops."""
+    p = next((p for p in module.parameters() if p.is_floating_point()), None) if module is not None else None
+    return p.dtype if p is not None else torch.float32
 
 
 def _device_of(module: nn.Module) -> torch.device:

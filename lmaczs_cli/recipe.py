@@ -5,7 +5,8 @@ A recipe file is TOML with one section per part of a run; any field left out kee
 
     [data]       manifest, audio_dir, val_manifest, val_fraction, val_max, group_by_audio, workers, strict
     [model]      clap, tokenizer, domain
-    [decoder]    width, text_tokens, text_readout, levels, skip_gate, logmel_skip, init, init_any_clap
+    [decoder]    width, text_tokens, text_readout, levels, first_level, skip_gate, logmel_skip, init,
+                 init_any_clap
     [optimiser]  epochs, max_steps, batch_size, accum, lr, lr_schedule, seed
     [loss]       lambda_sparsity, lambda_diversity, mismatched, mask_noise, hard_mask, logit_bound,
                  lambda_reach, lambda_out, lambda_overlap, lambda_absent
@@ -67,6 +68,7 @@ class TrainConfig:
     text_tokens: int = 8                # decoder cross-attention keys (>= 4)
     text_readout: bool = False          # decoder's text-audio dot-product logits (DecoderConfig)
     levels: int = 4                     # CLAP stages the decoder reads, from the first (DecoderConfig)
+    first_level: int = 1                # ... and from which stage on: 3 reads h3, h4; 4 h4 only (DecoderConfig)
     skip_gate: bool = False             # the log-mel skip gates the mask instead of joining the features
     logmel_skip: bool = True            # decoder input from the log-mel itself (DecoderConfig)
     init: str | None = None             # start from this saved decoder's weights (train.init_decoder)
@@ -114,6 +116,9 @@ class TrainConfig:
                 raise TrainError(f"{name} must be {low} or more (got {value})")
         if self.levels not in (2, 3, 4):
             raise TrainError(f"levels must be 2, 3 or 4 (CLAP stages read from the first), not {self.levels}")
+        if not 1 <= self.first_level <= self.levels:
+            raise TrainError(f"first_level must lie between 1 and levels = {self.levels}, "
+                             f"not {self.first_level}: the decoder reads CLAP stages first_level..levels")
         if not 0.0 <= self.val_fraction <= 0.5:
             raise TrainError(f"val_fraction is a share between 0 and 0.5 (got {self.val_fraction:g})")
         if not self.lr > 0:
@@ -141,7 +146,7 @@ RECIPE_SECTIONS: dict[str, tuple[str, ...]] = {   # recipe file section -> Train
     "data": ("manifest", "audio_dir", "val_manifest", "val_fraction", "val_max", "group_by_audio", "workers",
              "strict"),
     "model": ("clap", "tokenizer", "domain"),
-    "decoder": ("width", "text_tokens", "text_readout", "levels", "skip_gate", "logmel_skip", "init",
+    "decoder": ("width", "text_tokens", "text_readout", "levels", "first_level", "skip_gate", "logmel_skip", "init",
                 "init_any_clap"),
     "optimiser": ("epochs", "max_steps", "batch_size", "accum", "lr", "lr_schedule", "seed"),
     "loss": ("lambda_sparsity", "lambda_diversity", "mismatched", "mask_noise", "hard_mask", "logit_bound",
@@ -149,7 +154,8 @@ RECIPE_SECTIONS: dict[str, tuple[str, ...]] = {   # recipe file section -> Train
     "run": ("out", "device", "amp", "log_every", "save_every"),
 }
 SECTION_OF = {name: section for section, names in RECIPE_SECTIONS.items() for name in names}
-ARCHITECTURE = ("domain", "width", "text_tokens", "text_readout", "logmel_skip", "levels", "skip_gate")
+ARCHITECTURE = ("domain", "width", "text_tokens", "text_readout", "logmel_skip", "levels", "skip_gate",
+                "first_level")
 FIXED_ON_RESUME = {   # fields a resumed run must keep, and why
     "group_by_audio": "it would re-plan the epoch in progress (some clips twice, some never)",
     **dict.fromkeys(ARCHITECTURE, "the checkpoint holds a decoder of the stored shape"),

@@ -6,8 +6,10 @@ without its extension, see `output_stems`):
     <stem>.<slug>.wav            listenable explanation, 16-bit PCM at --sr (default 48 kHz)
     <stem>.<slug>.residual.wav   --save-residual: what the mask removed, x - x'
     <stem>.<slug>.npz            --save-mask: mask (frames, bins), time_s, freq_hz, domain
-    <stem>.<slug>.png            --save-png: spectrogram / mask / masked, with axes
-    results.jsonl                one line per (file, prompt, window)
+    <stem>.<slug>.png            spectrogram / mask / masked with axes, colorbars and the prompt
+                                 (unless --no-png)
+    results.jsonl                one line per (file, prompt, window); ``empty`` and ``level_db``
+                                 describe the whole explanation (`is_empty`)
     errors.jsonl                 one line per file that failed: file, reason
     index.html                   the report: players, images, scores; opens without a server
     .lmaczs-outputs.txt          every output path ever written here (so that a rerun with
@@ -27,9 +29,7 @@ import html
 import json
 import os
 import re
-import struct
 import threading
-import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -211,74 +211,11 @@ def write_mask(path: str | os.PathLike, mask: np.ndarray, domain: str, prompt: s
 
 
 # ----------------------------------------------------------------------------- PNG
-# Written by hand (numpy + zlib) while matplotlib was not a dependency: a PNG is a header,
-# filtered rows through zlib and CRCs, and the few labels need only the 5x7 bitmap glyphs
-# below. `lmaczs eval` now depends on matplotlib; drawing these panels with it instead is
-# a known follow-up (it would drop this writer and its glyph table).
 
-_GLYPHS = {   # 5 x 7 bitmaps, rows separated by "/"
-    "0": ".###./#...#/#..##/#.#.#/##..#/#...#/.###.", "1": "..#../.##../..#../..#../..#../..#../.###.",
-    "2": ".###./#...#/....#/...#./..#../.#.../#####", "3": "#####/...#./..#../...#./....#/#...#/.###.",
-    "4": "...#./..##./.#.#./#..#./#####/...#./...#.", "5": "#####/#..../####./....#/....#/#...#/.###.",
-    "6": "..##./.#.../#..../####./#...#/#...#/.###.", "7": "#####/....#/...#./..#../.#.../.#.../.#...",
-    "8": ".###./#...#/#...#/.###./#...#/#...#/.###.", "9": ".###./#...#/#...#/.####/....#/...#./.##..",
-    ".": "...../...../...../...../...../.##../.##..", "-": "...../...../...../.###./...../...../.....",
-    "(": "...#./..#../.#.../.#.../.#.../..#../...#.", ")": ".#.../..#../...#./...#./...#./..#../.#...",
-    " ": "...../...../...../...../...../...../.....",
-    "a": "...../...../.###./....#/.####/#...#/.####", "c": "...../...../.###./#..../#..../#...#/.###.",
-    "d": "....#/....#/.##.#/#..##/#...#/#...#/.####", "e": "...../...../.###./#...#/#####/#..../.###.",
-    "g": "...../.####/#...#/#...#/.####/....#/.###.", "i": "..#../...../.##../..#../..#../..#../.###.",
-    "k": "#..../#..../#..#./#.#../##.../#.#../#..#.", "m": "...../...../##.#./#.#.#/#.#.#/#...#/#...#",
-    "o": "...../...../.###./#...#/#...#/#...#/.###.", "p": "...../####./#...#/#...#/####./#..../#....",
-    "r": "...../...../#.##./##..#/#..../#..../#....", "s": "...../...../.####/#..../.###./....#/####.",
-    "t": ".#.../.#.../###../.#.../.#.../.#..#/..##.", "z": "...../...../#####/...#./..#../.#.../#####",
-    "B": "####./#...#/#...#/####./#...#/#...#/####.", "H": "#...#/#...#/#...#/#####/#...#/#...#/#...#",
-}
-_VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], np.float64)
-_PANEL_H = 128
-_LEFT, _RIGHT, _TITLE, _BOTTOM = 44, 10, 14, 26
-
-
-@functools.lru_cache(maxsize=None)
-def _glyph(ch: str) -> np.ndarray:
-    """bool (7, 5) bitmap of a character (unknown characters draw as a space)."""
-    rows = _GLYPHS.get(ch, _GLYPHS[" "]).split("/")
-    return np.array([[c == "#" for c in row] for row in rows], bool)
-
-
-def _text(img: np.ndarray, x: int, y: int, text: str, color=(0, 0, 0), align: str = "left") -> None:
-    """Draw `text` with its top-left (or top-right for align="right") at (x, y)."""
-    width = 6 * len(text) - 1
-    if align == "right":
-        x -= width
-    elif align == "center":
-        x -= width // 2
-    for i, ch in enumerate(text):
-        g = _glyph(ch)
-        x0 = x + 6 * i
-        ys, xs = np.nonzero(g)
-        ok = (y + ys >= 0) & (y + ys < img.shape[0]) & (x0 + xs >= 0) & (x0 + xs < img.shape[1])
-        img[y + ys[ok], x0 + xs[ok]] = color
-
-
-def _colormap(v: np.ndarray) -> np.ndarray:
-    """v in [0, 1], any shape -> uint8 RGB (..., 3) on a viridis ramp."""
-    pos = np.clip(v, 0, 1) * (len(_VIRIDIS) - 1)
-    i = np.minimum(pos.astype(int), len(_VIRIDIS) - 2)
-    f = (pos - i)[..., None]
-    return np.round(_VIRIDIS[i] * (1 - f) + _VIRIDIS[i + 1] * f).astype(np.uint8)
-
-
-def encode_png(rgb: np.ndarray) -> bytes:
-    """uint8 (H, W, 3) -> PNG bytes (8-bit RGB, no interlace, filter 0 on every row)."""
-    h, w, _ = rgb.shape
-    raw = np.concatenate([np.zeros((h, 1), np.uint8), rgb.reshape(h, w * 3)], axis=1).tobytes()
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+PNG_SIZE_IN = (10.0, 7.0)   # inches at PNG_DPI: 1000 x 700 px; index.html shows it as a thumbnail
+PNG_DPI = 100
+PNG_MAX_COLUMNS = 2000      # time columns drawn at most: a long file is averaged down to this
+DB_RANGE = 80.0             # dB shown below the loudest cell of the input
 
 
 def _resize_time(x: np.ndarray, width: int) -> np.ndarray:
@@ -288,12 +225,6 @@ def _resize_time(x: np.ndarray, width: int) -> np.ndarray:
         edges = np.linspace(0, t, width + 1).astype(int)
         return np.add.reduceat(x, edges[:-1], axis=0) / np.diff(edges)[:, None]
     return x[np.minimum((np.arange(width) * t) // width, t - 1)]
-
-
-def _resize_freq(x: np.ndarray, height: int) -> np.ndarray:
-    """(W, F) -> (W, height) by nearest bin (F >= 1)."""
-    f = x.shape[1]
-    return x[:, np.minimum((np.arange(height) * f) // height, f - 1)]
 
 
 def log_spectrogram(wave: np.ndarray, domain: str) -> np.ndarray:
@@ -323,54 +254,115 @@ def log_spectrogram(wave: np.ndarray, domain: str) -> np.ndarray:
     return np.concatenate(out)
 
 
-def spectrogram_png(wave: np.ndarray, mask: np.ndarray, domain: str, width: int | None = None) -> bytes:
-    """Three stacked panels sharing a time axis: spectrogram (dB), mask, masked spectrogram.
+def spectrogram_png(wave: np.ndarray, mask: np.ndarray, domain: str, prompt: str | None = None,
+                    similarity: float | None = None, masked_similarity: float | None = None) -> bytes:
+    """`spectrogram_figure` as PNG bytes (PNG_SIZE_IN at PNG_DPI)."""
+    import io
+    import warnings
+
+    # A prompt in a script the font lacks (CJK in DejaVu Sans) draws boxes; matplotlib would also
+    # warn once per glyph. A process-wide filter: catch_warnings is not thread-safe, and writer
+    # threads draw at once.
+    warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from", category=UserWarning)
+    fig = spectrogram_figure(wave, mask, domain, prompt, similarity, masked_similarity)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=PNG_DPI)
+    return buf.getvalue()
+
+
+def spectrogram_figure(wave: np.ndarray, mask: np.ndarray, domain: str, prompt: str | None = None,
+                       similarity: float | None = None, masked_similarity: float | None = None) -> Any:
+    """Three stacked panels sharing a time axis: spectrogram (dB), mask, masked spectrogram (dB),
+    each with a colorbar; time in s, frequency in Hz (low at the bottom); the title names the
+    prompt and the similarities before and after masking. Returns a matplotlib Figure.
 
     wave: float32 (n,) at 48 kHz; mask: (n // HOP + 1, bins) in [0, 1] on the `domain` grid.
-    Low frequencies at the bottom; frequency ticks in Hz, time ticks in s.
+    Drawn with matplotlib's object API (no pyplot state), so writer threads can draw at once.
     """
+    import textwrap
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     spec = log_spectrogram(wave, domain)
     frames = min(spec.shape[0], mask.shape[0])
     spec, mask = spec[:frames], mask[:frames].astype(np.float64)
-    masked = spec + 20 * np.log10(np.maximum(mask, 1e-5))    # power sees M²
-    top = float(spec.max()) if np.isfinite(spec).all() else 0.0
-    lo = top - 80.0
-    w = width or int(np.clip(frames, 480, 960))
-    panels = [("spectrogram (dB)", (spec - lo) / 80.0), ("mask", mask), ("masked (dB)", (masked - lo) / 80.0)]
-    H = 3 * (_TITLE + _PANEL_H) + _BOTTOM
-    W = _LEFT + w + _RIGHT
-    img = np.full((H, W, 3), 255, np.uint8)
-    freqs = mask_frequencies(domain)
-    ticks_hz = [100, 1000, 5000, 10000] if domain == "mel" else [0, 5000, 10000, 15000, 20000]
-    for p, (title, values) in enumerate(panels):
-        y0 = p * (_TITLE + _PANEL_H) + _TITLE
-        _text(img, _LEFT, y0 - 10, title)
-        tile = _resize_freq(_resize_time(np.nan_to_num(values, nan=0.0), w), _PANEL_H)   # (w, 128)
-        img[y0: y0 + _PANEL_H, _LEFT: _LEFT + w] = _colormap(tile.T[::-1])
-        for hz in ticks_hz:
-            row = int(np.argmin(np.abs(freqs - hz))) * _PANEL_H // len(freqs)
-            y = y0 + _PANEL_H - 1 - row
-            img[y, _LEFT - 3: _LEFT] = 0
-            label = f"{hz // 1000}k" if hz >= 1000 else str(hz)
-            _text(img, _LEFT - 5, y - 3, label, align="right")
-        _text(img, 2, y0, "Hz")
+    masked = spec + 20 * np.log10(np.maximum(mask, 1e-5))    # a gain on magnitude: power sees M²
+    top = float(spec.max()) if frames and np.isfinite(spec).all() else 0.0
+    width = min(frames, PNG_MAX_COLUMNS)
     duration = wave.size / SAMPLE_RATE
-    y_axis = 3 * (_TITLE + _PANEL_H)
-    step = next((s for s in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
-                 if duration / s <= 8), 7200)
-    for k in range(int(duration / step + 1e-9) + 1):
-        t = k * step
-        x = _LEFT + min(int(round(t / max(duration, 1e-9) * (w - 1))), w - 1)
-        img[y_axis: y_axis + 3, x] = 0
-        _text(img, x, y_axis + 5, f"{t:g}", align="center")
-    _text(img, W - 2, y_axis + 15, "time (s)", align="right")
-    return encode_png(img)
+    freqs = mask_frequencies(domain)
+    fig = Figure(figsize=PNG_SIZE_IN, dpi=PNG_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(3, 1, sharex=True)
+    panels = [("input", spec, "magma", (top - DB_RANGE, top), "dB"),
+              ("mask", mask, "viridis", (0.0, 1.0), "mask (gain)"),
+              ("masked input: what the model kept", masked, "magma", (top - DB_RANGE, top), "dB")]
+    for ax, (name, values, cmap, (lo, hi), unit) in zip(axes, panels):
+        tile = _resize_time(np.nan_to_num(values, nan=lo), width).T          # (bins, width)
+        im = ax.imshow(tile, origin="lower", aspect="auto", cmap=cmap, vmin=lo, vmax=hi,
+                       extent=(0.0, max(duration, 1e-3), -0.5, len(freqs) - 0.5), interpolation="nearest")
+        fig.colorbar(im, ax=ax, label=unit, pad=0.01)
+        ax.set_ylabel("frequency (Hz)")
+        ax.set_title(name, fontsize=9, loc="left")
+        _frequency_ticks(ax, freqs)
+    axes[-1].set_xlabel("time (s)")
+    if prompt is not None:
+        title = f"\u201c{prompt}\u201d"
+        if similarity is not None:
+            title += f"  similarity {similarity:.3f}"
+        if masked_similarity is not None:
+            title += f", masked {masked_similarity:.3f}"
+        fig.suptitle(textwrap.shorten(title, 140, placeholder=" ...").replace("$", r"\$"), fontsize=11)
+    return fig
 
 
-def write_png(path: str | os.PathLike, wave: np.ndarray, mask: np.ndarray, domain: str) -> None:
-    data = spectrogram_png(wave, mask, domain)
+def _frequency_ticks(ax: Any, freqs: np.ndarray) -> None:
+    """Label the bin axis in Hz at round frequencies (bins are mel-spaced or linear)."""
+    ticks = [hz for hz in (100, 200, 500, 1000, 2000, 5000, 10_000, 20_000) if freqs[0] <= hz <= freqs[-1]]
+    ax.set_yticks([float(np.interp(hz, freqs, np.arange(len(freqs)))) for hz in ticks],
+                  [f"{hz // 1000}k" if hz >= 1000 else str(hz) for hz in ticks])
+
+
+def write_png(path: str | os.PathLike, wave: np.ndarray, mask: np.ndarray, domain: str, prompt: str | None = None,
+              similarity: float | None = None, masked_similarity: float | None = None) -> None:
+    data = spectrogram_png(wave, mask, domain, prompt, similarity, masked_similarity)
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+# ----------------------------------------------------------------------------- empty explanations
+
+EMPTY_MASK_MEAN = 1e-3   # a mask keeping less than 0.1 % of the time-frequency grid keeps (next to) nothing
+EMPTY_LEVEL_DB = -60.0   # an explanation this far below its input (RMS) is silence to a listener
+LEVEL_FLOOR_DB = -200.0  # the level recorded for a silent explanation
+
+
+def relative_level_db(explanation: np.ndarray, original: np.ndarray | None) -> float | None:
+    """RMS level of an explanation relative to its input, in dB (0: as loud), floored at
+    LEVEL_FLOOR_DB (a silent explanation); None when the input is digital silence or not at hand."""
+    if original is None:
+        return None
+    ref = _rms(original)
+    if ref == 0.0:
+        return None
+    rms = _rms(explanation)
+    return max(20.0 * float(np.log10(rms / ref)), LEVEL_FLOOR_DB) if rms > 0 else LEVEL_FLOOR_DB
+
+
+def _rms(x: np.ndarray, block: int = 1 << 20) -> float:
+    """Root mean square, summed in float64 a block at a time (an hours-long file needs no copy)."""
+    if not x.size:
+        return 0.0
+    total = sum(float(np.dot(b, b)) for b in (x[i: i + block].astype(np.float64) for i in range(0, x.size, block)))
+    return float(np.sqrt(total / x.size))
+
+
+def is_empty(mask_mean: float, level_db: float | None) -> bool:
+    """Whether an explanation keeps (next to) nothing: its mask mean is below EMPTY_MASK_MEAN, or
+    the explanation is EMPTY_LEVEL_DB or more below its input. It says the model finds nothing of
+    the prompt in the clip; such a wav is no explanation of anything."""
+    return mask_mean < EMPTY_MASK_MEAN or (level_db is not None and level_db <= EMPTY_LEVEL_DB)
 
 
 # ----------------------------------------------------------------------------- JSONL
@@ -551,11 +543,22 @@ def remove_temporaries(out: str | os.PathLike) -> int:
 
 # ----------------------------------------------------------------------------- HTML
 
-_CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
-table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 6px;vertical-align:top}
-th{background:#f3f3f3;text-align:left}td.n{text-align:right;font-variant-numeric:tabular-nums}
-img{max-width:480px;display:block}audio{width:220px}.file{font-family:monospace;word-break:break-all}
-.note{color:#666}"""
+# Laid out for a 1280-px window and narrower: the table takes the page's width with fixed
+# column shares (table-layout: fixed), long names wrap anywhere, players and pictures fit
+# their cells; nothing is wider than the page.
+_CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:1em;color:#222}
+table{border-collapse:collapse;margin:1em 0;width:100%;table-layout:fixed}
+td,th{border:1px solid #ccc;padding:4px 6px;vertical-align:top;overflow-wrap:anywhere}
+th{background:#f3f3f3;text-align:left;font-weight:600;font-size:13px;overflow-wrap:normal}td.n{text-align:right;font-variant-numeric:tabular-nums}
+.file{font-family:ui-monospace,monospace;font-size:13px}.small,.note{color:#666;font-size:12px}
+.pair{display:flex;gap:6px}.pair>figure{flex:1 1 0;min-width:0;margin:0}
+figcaption{font-size:12px;color:#555}audio{width:100%;min-width:0;display:block}
+img.thumb{width:100%;height:auto;display:block;border:1px solid #ddd}
+tr.empty td{background:#fafafa}.nothing{color:#a33;font-size:12px;margin:0 0 4px}
+col.file{width:16%}col.prompt{width:15%}col.n{width:8%}col.listen{width:26%}col.picture{width:22%}
+table.errors col.file{width:30%}"""
+
+EMPTY_NOTE = "the model finds nothing of this prompt here"
 
 
 def _href(target: str, base: Path) -> str | None:
@@ -591,78 +594,128 @@ def _mean(values: list[Any]) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    if seconds < 60:
+        return f"{seconds:.1f} s" if seconds >= 1 else f"{1000 * seconds:.0f} ms"
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
+def _group_order(lines: list[dict[str, Any]]) -> tuple[int, str]:
+    """Prompts in the order given (top-k: best first); lines written before that was recorded
+    fall back to alphabetical order after them."""
+    first = lines[0]
+    order = first.get("prompt_order", first.get("rank"))
+    return (order if isinstance(order, int) else 1 << 30, first.get("prompt", ""))
+
+
 def write_index(out: str | os.PathLike, results: Sequence[dict[str, Any]], errors: Sequence[dict[str, Any]]) -> None:
-    """index.html: one row per (file, prompt) with players, image and scores; then the errors.
+    """index.html: per file, one row per prompt (in the order given) with the similarities,
+    the original and the explanation players side by side and the picture as a thumbnail
+    (click for full size); then the files that failed. Columns with nothing in them for the
+    whole run are left out; an empty explanation says so.
 
     Every name and prompt is HTML-escaped; every link is relative (percent-encoded) and
     only made when its file exists, so the page opens from disk without a server.
     The original audio is linked where it lies, not copied.
     """
     out = Path(out)
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    by_file: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in results:
-        groups[(r["file"], r["prompt"])].append(r)
-    rows = []
-    missing_originals = 0
-    for (file, prompt), lines in groups.items():
-        first = lines[0]
-        outs = first.get("outputs", {})
-        links = {k: _href(str(out / v), out) for k, v in outs.items()}
+        by_file[r["file"]][r["prompt"]].append(r)
+    cols = {"heard": any(r.get("listened_similarity") is not None for r in results),
+            "masked": any(r.get("masked_similarity") is not None for r in results),
+            "picture": any((r.get("outputs") or {}).get("png") for r in results)}
+    rows: list[str] = []
+    missing_originals = n_groups = n_empty = 0
+    for file in sorted(by_file):
+        groups = sorted(by_file[file].values(), key=_group_order)
+        first = groups[0][0]
         original = _href(first.get("input", ""), out)
         missing_originals += original is None
-        topk = first.get("topk")
-        score = "" if not topk else "<br>".join(
-            f"{'<b>' if t['prompt'] == prompt else ''}{_esc(t['label'])} {t['score']:.3f}"
-            f"{'</b>' if t['prompt'] == prompt else ''}" for t in topk)
-        cells = [
-            f'<td class="file">{_esc(file)}</td>',
-            f"<td>{_esc(prompt)}</td>",
-            f'<td class="n">{_num(_mean([x.get("similarity") for x in lines]))}</td>',
-            f'<td class="n">{_num(_mean([x.get("masked_similarity") for x in lines]))}</td>',
-            f'<td class="n">{_num(_mean([x.get("listened_similarity") for x in lines]))}</td>',
-            f'<td class="n">{_num(_mean([x.get("mask_mean") for x in lines]))}</td>',
-            f'<td class="n">{len(lines)}</td>',
-            _audio_cell(original, "original not found"),
-            _audio_cell(links.get("wav"), ""),
-            _audio_cell(links.get("residual"), ""),
-            (f'<td><a href="{html.escape(links["png"])}"><img src="{html.escape(links["png"])}" '
-             f'alt="spectrogram, mask and masked spectrogram" loading="lazy"></a></td>'
-             if links.get("png") else "<td></td>"),
-            f'<td><a href="{html.escape(links["mask"])}">npz</a></td>' if links.get("mask") else "<td></td>",
-            f"<td>{score}</td>",
-        ]
-        rows.append("<tr>" + "".join(cells) + "</tr>")
-    err_rows = [f'<tr><td class="file">{_esc(e.get("file", ""))}</td><td>{_esc(e.get("reason", ""))}</td></tr>'
-                for e in errors]
-    n_files = len({f for f, _ in groups})
+        windows = max(len(g) for g in groups)
+        file_cell = (f'<td class="file" rowspan="{len(groups)}">{_esc(file)}<div class="small">'
+                     f'{_duration(first.get("duration_s"))}'
+                     + (f", {windows} windows of 10 s" if windows > 1 else "") + "</div></td>")
+        for i, lines in enumerate(groups):
+            n_groups += 1
+            rows.append(_index_row(out, lines, original, cols, file_cell if i == 0 else ""))
+            n_empty += bool(lines[0].get("empty"))
+    heads = [("file", "file"), ("prompt", "prompt"), ("n", "similarity")]
+    heads += [("n", "masked")] * cols["masked"] + [("n", "heard")] * cols["heard"] + [("n", "mask mean")]
+    heads += [("listen", "original | explanation")] + [("picture", "spectrogram | mask | masked")] * cols["picture"]
+    summary = (f"{len(by_file)} files, {n_groups} explanations"
+               + (f" ({n_empty} empty: {EMPTY_NOTE})" if n_empty else "") + f", {len(errors)} failed"
+               + "".join(f', <a href="{name}">{name}</a>' for name in (RESULTS, ERRORS) if (out / name).exists()) + ".")
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         "<title>lmaczs explanations</title>", f"<style>{_CSS}</style></head><body>",
-        "<h1>lmaczs explanations</h1>",
-        f"<p>{n_files} files, {len(groups)} explanations, {len(errors)} failed"
-        + "".join(f', <a href="{name}">{name}</a>' for name in (RESULTS, ERRORS) if (out / name).exists()) + ".</p>",
+        "<h1>lmaczs explanations</h1>", f"<p>{summary}</p>",
         '<p class="note">Similarities are cosines between the CLAP audio and text embeddings: of the '
-        "input, of the masked input the model saw, and (listened) of the explanation wav re-encoded; "
-        "means over the 10-s windows. Original audio is linked where it lies, not copied; browsers "
-        "play wav, flac, ogg and mp3 but not every format libsndfile reads.</p>",
-        "<table><thead><tr><th>file</th><th>prompt</th><th>similarity</th><th>masked</th><th>listened</th>"
-        "<th>mask mean</th><th>windows</th><th>original</th><th>explanation</th><th>residual</th>"
-        "<th>spectrogram | mask | masked</th><th>mask</th><th>top-k</th></tr></thead><tbody>",
+        "input, of the masked input the model saw" + (", of the explanation wav re-encoded (heard)" if cols["heard"] else "")
+        + "; means over the 10-s windows. An explanation is marked empty when its mask keeps less than "
+        f"{100 * EMPTY_MASK_MEAN:g} % of the time-frequency grid or its wav is {-EMPTY_LEVEL_DB:g} dB or more below "
+        "the input. Original audio is linked where it lies, not copied; browsers play wav, flac, ogg and mp3 "
+        "but not every format libsndfile reads.</p>",
+        "<table class=\"results\"><colgroup>" + "".join(f'<col class="{c}">' for c, _ in heads) + "</colgroup>",
+        "<thead><tr>" + "".join(f"<th>{h}</th>" for _, h in heads) + "</tr></thead><tbody>",
         *rows, "</tbody></table>",
     ]
     if missing_originals:
         parts.append(f'<p class="note">{missing_originals} originals are no longer where they were read.</p>')
-    if err_rows:
-        parts += ["<h2>Failed files</h2>", "<table><thead><tr><th>file</th><th>reason</th></tr></thead><tbody>",
-                  *err_rows, "</tbody></table>"]
+    if errors:
+        parts += ["<h2>Failed files</h2>", '<table class="errors"><colgroup><col class="file"><col></colgroup>',
+                  "<thead><tr><th>file</th><th>reason</th></tr></thead><tbody>",
+                  *(f'<tr><td class="file">{_esc(e.get("file", ""))}</td><td>{_esc(e.get("reason", ""))}</td></tr>'
+                    for e in errors), "</tbody></table>"]
     parts.append("</body></html>")
     with atomic_path(out / INDEX) as tmp:
         tmp.write_text("\n".join(parts) + "\n", encoding="utf-8")
 
 
-def _audio_cell(href: str | None, missing: str) -> str:
+def _index_row(out: Path, lines: list[dict[str, Any]], original: str | None, cols: dict[str, bool],
+               file_cell: str) -> str:
+    """One (file, prompt) row of index.html."""
+    first = lines[0]
+    prompt = first["prompt"]
+    links = {k: _href(str(out / v), out) for k, v in (first.get("outputs") or {}).items()}
+    extra = []
+    for t in first.get("topk") or []:
+        if t.get("prompt") == prompt:
+            extra.append(f"top-{first.get('rank', 0) + 1} label {_esc(t['label'])}, score {t['score']:.3f}")
+    if links.get("mask"):
+        extra.append(f'<a href="{html.escape(links["mask"])}">mask .npz</a>')
+    if links.get("residual"):
+        extra.append(f'<a href="{html.escape(links["residual"])}">residual .wav</a>')
+    cells = [file_cell, f'<td>{_esc(prompt)}' + "".join(f'<div class="small">{x}</div>' for x in extra) + "</td>",
+             f'<td class="n">{_num(_mean([x.get("similarity") for x in lines]))}</td>']
+    if cols["masked"]:
+        cells.append(f'<td class="n">{_num(_mean([x.get("masked_similarity") for x in lines]))}</td>')
+    if cols["heard"]:
+        cells.append(f'<td class="n">{_num(_mean([x.get("listened_similarity") for x in lines]))}</td>')
+    cells.append(f'<td class="n">{_num(_mean([x.get("mask_mean") for x in lines]))}</td>')
+    empty = bool(first.get("empty"))
+    note = ""
+    if empty:
+        level = first.get("level_db")
+        note = (f'<p class="nothing">Empty: {EMPTY_NOTE}' + (f" (its wav is {-level:.0f} dB below the input)"
+                if isinstance(level, (int, float)) and level > LEVEL_FLOOR_DB else "") + ".</p>")
+    cells.append("<td>" + note + '<div class="pair">' + _player(original, "original", "original not found")
+                 + _player(links.get("wav"), "explanation", "not written") + "</div></td>")
+    if cols["picture"]:
+        png = links.get("png")
+        cells.append(f'<td><a href="{html.escape(png)}"><img class="thumb" src="{html.escape(png)}" '
+                     f'alt="spectrogram, mask and masked spectrogram for {_esc(prompt)}" loading="lazy"></a></td>'
+                     if png else '<td class="note">no picture</td>')
+    return ('<tr class="empty">' if empty else "<tr>") + "".join(cells) + "</tr>"
+
+
+def _player(href: str | None, caption: str, missing: str) -> str:
     if href is None:
-        return f'<td class="note">{missing}</td>'
+        return f'<figure><figcaption>{caption}</figcaption><span class="note">{missing}</span></figure>'
     h = html.escape(href)
-    return f'<td><audio controls preload="none" src="{h}"></audio><br><a href="{h}">file</a></td>'
+    return (f'<figure><figcaption><a href="{h}">{caption}</a></figcaption>'
+            f'<audio controls preload="none" src="{h}"></audio></figure>')

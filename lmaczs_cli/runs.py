@@ -4,6 +4,7 @@ work out what a previous run already finished, shard the list under torchrun, ex
 `merge_outputs` joins the shards of a torchrun run."""
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -18,10 +19,10 @@ import numpy as np
 import torch
 
 from . import report
-from .audio import CLIP_SAMPLES, SAMPLE_RATE, load_audio
+from .audio import CLIP_SAMPLES, SAMPLE_RATE, audio_info, load_audio, window_starts
 from .device import torchrun_rank
 from .explain import Clip, ClipResult, Explainer
-from .inputs import Discovery, Entry, ExplainError, discover, reason_of
+from .inputs import Discovery, Entry, ExplainError, check_out, discover, reason_of
 
 
 # ----------------------------------------------------------------------------- the command
@@ -39,6 +40,7 @@ class ExplainJob:
     top_k: int = 0                                  # ... and how many best labels to explain
     clap: str = "demo"                              # demo | laion:NAME | PATH | random:ARCH
     tokenizer: str | None = None
+    trust_checkpoint: bool = False                  # unpickle a .pt --clap fully (else: `clap.trusting_checkpoints`)
     decoder: str | None = None                      # a `lmaczs train` folder (default: the demo's)
     force: bool = False                             # accept a decoder trained on another CLAP
     backend: str = "torch"                          # torch eager | onnx (ONNX Runtime) | trt (TensorRT)
@@ -49,6 +51,8 @@ class ExplainJob:
     writers: int = 4                                # output-writing threads
     sr: int = SAMPLE_RATE                           # Hz of the written wavs
     check: bool = True                              # masked-similarity pass
+    compile_mode: str = "auto"                      # CUDA: graphs | inductor | off (see Explainer.load)
+    precision: str = "auto"                         # CUDA: encoder/decoder precision
     listen_check: bool = False                      # re-encode each written wav
     save_mask: bool = False
     save_residual: bool = False
@@ -102,20 +106,26 @@ def run_explain(job: ExplainJob, explainer: Explainer | None = None,
     Under torchrun (RANK / WORLD_SIZE set) each rank takes every world-th entry of the
     sorted list and appends to its own results / errors shard; with a gloo process group
     rank 0 prepares the folder before and merges the shards after (barriers around the
-    work). Returns the summary (this run's counts; all ranks' under torchrun).
-    on_event receives {"event": "start", "total", "done"} and {"event": "file", "file",
-    "status": "explained" | "failed"} (from writer threads too).
+    work). The output folder is checked before anything else, and the model is loaded only
+    when there is work left (a rerun of a finished run loads none). Returns the summary (this
+    run's counts; all ranks' under torchrun).
+
+    on_event receives, from this thread and the writer threads:
+      {"event": "start", "files", "windows", "seconds"}   the work: files, 10-s windows, audio s
+      {"event": "windows", "n"}                           a model batch explained n windows
+      {"event": "file", "file", "status": "explained" | "failed", "windows"}
     """
     t_start = time.perf_counter()
+    check_out(job.out)
     me = torchrun_rank()
     rank, world = me.rank, me.world
     plan = _Plan.make(job)
-    explainer = explainer or _load_for_rank(job, world)
     group = _process_group(world)
     if rank == 0:
         _prepare(plan)
     _barrier(group)
-    mine = _work(plan, explainer, plan.found.entries[rank::world], "" if world == 1 else f".rank{rank}",
+    load = (lambda: explainer) if explainer is not None else (lambda: _load_for_rank(job, world))
+    mine = _work(plan, load, plan.found.entries[rank::world], "" if world == 1 else f".rank{rank}",
                  on_event or (lambda e: None))
     parts = _gather(group, mine)
     merged = report.merge(plan.out) if rank == 0 else None
@@ -132,7 +142,7 @@ def run_explain(job: ExplainJob, explainer: Explainer | None = None,
     return {
         "out": str(plan.out), "rank": rank, "world": world,
         "files": len(plan.good), "explained": total["explained"], "explanations": total["explanations"],
-        "already_done": total["already_done"], "failed": total["failed"],
+        "empty": total["empty"], "already_done": total["already_done"], "failed": total["failed"],
         "skipped": {"hidden": skipped["hidden"], "not_audio": skipped["not_audio"],
                     "outputs": skipped["outputs"], "no_prompt": total["no_prompt"]},
         "failures": sorted((f for p in parts for f in p["failures"]), key=lambda f: f["file"]),
@@ -143,11 +153,15 @@ def run_explain(job: ExplainJob, explainer: Explainer | None = None,
 
 
 def _load_for_rank(job: ExplainJob, world: int) -> Explainer:
+    from .clap import trusting_checkpoints
+
     device = job.device
     if world > 1 and device in ("auto", "cuda") and torch.cuda.is_available():   # one GPU per rank
         device = f"cuda:{torchrun_rank().local_rank % torch.cuda.device_count()}"
-    return Explainer.load(clap=job.clap, decoder=job.decoder, tokenizer=job.tokenizer, device=device,
-                          force=job.force, batch_size=job.batch_size, backend=job.backend, engines=job.engines)
+    with trusting_checkpoints() if job.trust_checkpoint else contextlib.nullcontext():   # else as the caller's
+        return Explainer.load(clap=job.clap, decoder=job.decoder, tokenizer=job.tokenizer, device=device,
+                              force=job.force, batch_size=job.batch_size, backend=job.backend,
+                              engines=job.engines, compile=job.compile_mode, precision=job.precision)
 
 
 def _prepare(plan: _Plan) -> None:
@@ -161,10 +175,11 @@ def _prepare(plan: _Plan) -> None:
                  drop_error=lambda r: r.get("file") in every)
 
 
-def _work(plan: _Plan, explainer: Explainer, mine: list[Entry], suffix: str,
+def _work(plan: _Plan, load: Callable[[], Explainer], mine: list[Entry], suffix: str,
           emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Explain this rank's entries: the model in this thread, writes in a thread pool (at most
-    2 x writers files waiting, so memory stays flat). Returns its counts and failures."""
+    2 x writers files waiting, so memory stays flat). The model is loaded (`load`) only when
+    there is work. Returns its counts and failures."""
     job, out = plan.job, plan.out
     todo = plan.todo(report.read_jsonl(out / report.RESULTS))
     results_log = report.JsonlLog(out / f"results{suffix}.jsonl")
@@ -173,12 +188,12 @@ def _work(plan: _Plan, explainer: Explainer, mine: list[Entry], suffix: str,
     failures: list[dict[str, str]] = []
     lock = threading.Lock()
 
-    def fail(entry: Entry, reason: str) -> None:
+    def fail(entry: Entry, reason: str, windows: int = 0) -> None:
         errors_log.append([{"file": entry.rel, "input": os.path.abspath(entry.path), "reason": reason}])
         with lock:
             counts["failed"] += 1
             failures.append({"file": entry.rel, "reason": reason})
-        emit({"event": "file", "file": entry.rel, "status": "failed"})
+        emit({"event": "file", "file": entry.rel, "status": "failed", "windows": windows})
 
     work: list[Clip] = []
     for e in mine:
@@ -186,41 +201,91 @@ def _work(plan: _Plan, explainer: Explainer, mine: list[Entry], suffix: str,
             work.append(Clip(key=e, path=e.path, prompts=None if job.top_k_mode else todo[e.rel]))
         elif e.error is None:
             counts["no_prompt" if not (plan.wanted[e.rel] or job.top_k_mode) else "already_done"] += 1
-    emit({"event": "start", "total": len(work) + sum(e.error is not None for e in mine), "done": 0})
-    for e in mine:
-        if e.error is not None:
-            fail(e, e.error)
-    writer = _Writer(job, out, explainer, plan.stems, results_log, {os.path.realpath(e.path) for e in plan.good})
+    sizes = {c.key.rel: _size(c.path) for c in work}      # (windows, seconds) from each file's header
+    try:
+        explainer = load() if work else None               # before "start": its errors stay one line
+        emit({"event": "start", "files": len(work) + sum(e.error is not None for e in mine),
+              "windows": sum(w for w, _ in sizes.values()), "seconds": sum(t for _, t in sizes.values())})
+        for e in mine:
+            if e.error is not None:
+                fail(e, e.error)
+        if explainer is not None:
+            _explain_work(job, out, explainer, plan, work, sizes, results_log, counts, lock, fail, emit)
+    finally:
+        results_log.close()
+        errors_log.close()
+    return {"counts": dict(counts), "failures": failures}
+
+
+def _size(path: str | os.PathLike) -> tuple[int, float]:
+    """(10-s windows, seconds) of an audio file by its header; (1, 0.0) when it cannot be read
+    (it fails later, with its reason)."""
+    try:
+        info = audio_info(path)
+    except Exception:
+        return 1, 0.0
+    n = int(round(info.frames * SAMPLE_RATE / max(info.samplerate, 1)))
+    return len(window_starts(max(n, 1))), info.duration_s
+
+
+def _explain_work(job: ExplainJob, out: Path, explainer: Explainer, plan: _Plan, work: list[Clip],
+                  sizes: dict[str, tuple[int, float]], results_log: report.JsonlLog, counts: Counter,
+                  lock: threading.Lock, fail: Callable[..., None], emit: Callable[[dict[str, Any]], None]) -> None:
+    """Run the model over `work` and hand each result to the writer threads."""
+    writer = _Writer(job, out, explainer, plan.stems, plan.wanted, results_log,
+                     {os.path.realpath(e.path) for e in plan.good})
     slots = threading.BoundedSemaphore(2 * job.writers)
     workers = auto_workers(explainer.device) if job.workers is None else job.workers
 
     def write(entry: Entry, res: ClipResult) -> None:
         try:
-            n = writer.write(entry, res)
+            n, empty = writer.write(entry, res)
         except Exception as e:
             fail(entry, f"writing its outputs failed: {reason_of(e)}")
         else:
             with lock:
                 counts["explained"] += 1
                 counts["explanations"] += n
-            emit({"event": "file", "file": entry.rel, "status": "explained"})
+                counts["empty"] += empty
+            emit({"event": "file", "file": entry.rel, "status": "explained", "windows": sizes[entry.rel][0]})
         finally:
             slots.release()
 
+    runner = explainer.runner
+    explainer.runner = _CountingRunner(runner, emit)
     try:
         with ThreadPoolExecutor(max_workers=job.writers, thread_name_prefix="lmaczs-write") as pool:
             for res in explainer.explain_many(work, labels=job.labels or None, top_k=job.top_k, check=job.check,
-                                              workers=workers, keep_input=job.save_residual or job.save_png):
+                                              workers=workers, keep_input=True):
                 if res.error is not None:
-                    fail(res.key, res.error)
+                    fail(res.key, res.error, sizes[res.key.rel][0])
                     continue
                 slots.acquire()
                 pool.submit(write, res.key, res)
     finally:
-        results_log.close()
-        errors_log.close()
+        explainer.runner = runner
         writer.ledger.close()
-    return {"counts": dict(counts), "failures": failures}
+
+
+class _CountingRunner:
+    """The explainer's runner, reporting how many windows each model batch explains (progress
+    within a long file); everything else is the runner's own."""
+
+    def __init__(self, runner: Any, emit: Callable[[dict[str, Any]], None]) -> None:
+        self._runner, self._emit = runner, emit
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._runner, name)
+
+    def explain(self, waves: torch.Tensor, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        out = self._runner.explain(waves, *args, **kwargs)
+        self._emit({"event": "windows", "n": int(waves.shape[0])})
+        return out
+
+    def explain_topk(self, waves: torch.Tensor, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        out = self._runner.explain_topk(waves, *args, **kwargs)
+        self._emit({"event": "windows", "n": int(waves.shape[0])})
+        return out
 
 
 def merge_outputs(out: str | os.PathLike) -> dict[str, Any]:
@@ -337,15 +402,18 @@ class _Writer:
     """Writes one explained file's outputs (atomically), then its results lines (one write)."""
 
     def __init__(self, job: ExplainJob, out: Path, explainer: Explainer, stems: dict[str, str],
-                 results: report.JsonlLog, inputs: set[str]) -> None:
+                 wanted: dict[str, tuple[str, ...]], results: report.JsonlLog, inputs: set[str]) -> None:
         self.job, self.out, self.ex, self.stems, self.results, self.inputs = job, out, explainer, stems, results, inputs
+        self.wanted = wanted     # rel -> prompts in the order given (the report keeps it)
         self.ledger = report.Ledger(out)
 
-    def write(self, entry: Entry, res: ClipResult) -> int:
-        """Returns the number of explanations written."""
+    def write(self, entry: Entry, res: ClipResult) -> tuple[int, int]:
+        """Returns the number of explanations written and how many of them are empty
+        (`report.is_empty`: the model finds nothing of the prompt there)."""
         t0 = time.perf_counter()
         job, lines = self.job, []
         listen_s = 0.0
+        n_empty = 0
         for rank, ex in enumerate(res.explanations):
             names = report.output_names(self.stems[entry.rel], ex.prompt)
             names = {k: names[k] for k in job.kinds()}
@@ -360,7 +428,11 @@ class _Writer:
             if "mask" in targets:
                 report.write_mask(targets["mask"], ex.mask, ex.domain, ex.prompt, entry.rel)
             if "png" in targets:
-                report.write_png(targets["png"], res.wave, ex.mask, ex.domain)
+                report.write_png(targets["png"], res.wave, ex.mask, ex.domain, ex.prompt, ex.similarity,
+                                 ex.masked_similarity)
+            level_db = report.relative_level_db(ex.audio, res.wave)
+            empty = report.is_empty(ex.mask_mean, level_db)
+            n_empty += empty
             listened = None
             if job.listen_check:
                 t1 = time.perf_counter()
@@ -376,15 +448,18 @@ class _Writer:
                         "duration_s": round(res.duration_s, 6),
                         "similarity": w["similarity"], "masked_similarity": w.get("masked_similarity"),
                         "mask_mean": w["mask_mean"], "domain": ex.domain, "sr": job.sr,
-                        "peak": round(peak, 6), "outputs": names}
+                        "peak": round(peak, 6), "outputs": names, "empty": empty,
+                        "level_db": None if level_db is None else round(level_db, 2)}
                 if listened is not None:
                     line["listened_similarity"] = float(listened[w["window"]])
                 if res.topk is not None:
                     line.update(top_k=job.top_k, rank=rank, topk=res.topk)
+                elif ex.prompt in self.wanted.get(entry.rel, ()):
+                    line["prompt_order"] = self.wanted[entry.rel].index(ex.prompt)
                 lines.append(line)
         timing = {"decode_s": round(res.decode_s, 4), "model_s": round(res.model_s, 4),
                   "write_s": round(time.perf_counter() - t0 - listen_s, 4), "listen_s": round(listen_s, 4)}
         for line in lines:
             line["timing"] = timing
         self.results.append(lines)      # after every output of the file is in place
-        return len(res.explanations)
+        return len(res.explanations), n_empty

@@ -20,6 +20,23 @@ import torch
 from .audio import F_MAX, F_MIN, HOP, N_FFT, N_FREQS, N_MELS, SAMPLE_RATE
 
 AMIN = 1e-10  # power floor before log10 (torchlibrosa's amin; ref = 1.0, no top_db)
+_ON_GPU: dict[tuple[int, torch.device], tuple[np.ndarray, torch.Tensor]] = {}
+
+
+def device_constant(array: np.ndarray, device: torch.device | str | None = None) -> torch.Tensor:
+    """A constant array (window, filterbank, bases: each made once by a cached function) as a
+    tensor on ``device``. On the CPU it shares the array's memory, and a traced graph records it
+    as a constant; on a GPU it is copied once and kept: a host-to-device copy in every forward
+    would stall the stream, and cannot be captured in a CUDA graph."""
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cpu":
+        return torch.from_numpy(array)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (id(array), device)
+    if key not in _ON_GPU:           # the array is kept with it: its id cannot be reused
+        _ON_GPU[key] = (array, torch.from_numpy(array).to(device))
+    return _ON_GPU[key][1]
 
 
 @functools.lru_cache(maxsize=None)
@@ -31,7 +48,7 @@ def hann_np() -> np.ndarray:
 
 def hann_window(device: torch.device | str | None = None) -> torch.Tensor:
     """Periodic Hann window, shape (N_FFT,), float32."""
-    return torch.from_numpy(hann_np()).to(device)
+    return device_constant(hann_np(), device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -45,7 +62,7 @@ def mel_np() -> np.ndarray:
 
 def mel_filterbank(device: torch.device | str | None = None) -> torch.Tensor:
     """Mel filterbank matrix, shape (N_FREQS, N_MELS) = (513, 64); ``P @ fb`` is mel power."""
-    return torch.from_numpy(mel_np()).to(device)
+    return device_constant(mel_np(), device)
 
 
 def stft(wave: torch.Tensor) -> torch.Tensor:
@@ -121,7 +138,7 @@ def mel_to_linear_np() -> np.ndarray:
 
 def mel_to_linear_weights(device: torch.device | str | None = None) -> torch.Tensor:
     """(N_MELS, N_FREQS) averaging weights used by ``mel_mask_to_linear`` (columns sum to 1)."""
-    return torch.from_numpy(mel_to_linear_np()).to(device)
+    return device_constant(mel_to_linear_np(), device)
 
 
 MEL_TO_LINEAR = ("linear", "power")
@@ -184,7 +201,7 @@ def istft(X: torch.Tensor, length: int) -> torch.Tensor:
     y = torch.nn.functional.fold(
         frames.transpose(1, 2), output_size=(1, out_len), kernel_size=(1, N_FFT), stride=(1, HOP)
     ).reshape(B, out_len)
-    norm = torch.from_numpy(window_square_sum_np(T)).to(y.device, y.dtype)
+    norm = device_constant(window_square_sum_np(T), y.device).to(y.dtype)
     y = y / torch.where(norm > 1e-8, norm, torch.ones_like(norm))
     start = N_FFT // 2
     y = y[:, start : start + length]

@@ -406,6 +406,19 @@ def _split_validation(items: list[data.Item], cfg: TrainConfig) -> tuple[list[da
     return [it for k, it in enumerate(items) if k not in val_idx], [items[k] for k in sorted(val_idx)]
 
 
+def validation_note(n_items: int, cfg: TrainConfig) -> str | None:
+    """What happens when --val-fraction of the data rounds to fewer than the 2 clips a validation
+    pass needs (None when it does not, or when no held-out share was asked for)."""
+    if cfg.val_manifest or cfg.val_fraction <= 0:
+        return None
+    n_val = min(cfg.val_max, int(n_items * cfg.val_fraction))
+    if n_val >= 2:
+        return None
+    return (f"--val-fraction {cfg.val_fraction:g} of {n_items} clips is {n_val} clip{'s' * (n_val != 1)}, fewer "
+            f"than the 2 a validation pass needs: training on all {n_items} clips without validation "
+            "(give --val-data FILE, or a --val-fraction that holds out 2 or more)")
+
+
 def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict[str, Any]], None] | None = None,
           clap: ClapModel | None = None) -> dict[str, Any]:
     """Train (or, with ``resume``, continue) a decoder. Returns the final summary.
@@ -450,7 +463,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict[str, 
     torch.manual_seed(cfg.seed)
     dec_cfg = DecoderConfig.for_clap(clap, domain=cfg.domain, width=cfg.width, text_tokens=cfg.text_tokens,
                                       text_readout=cfg.text_readout, logmel_skip=cfg.logmel_skip,
-                                      levels=cfg.levels, skip_gate=cfg.skip_gate)
+                                      levels=cfg.levels, skip_gate=cfg.skip_gate, first_level=cfg.first_level)
     decoder = (init_decoder(cfg.init, clap, dec_cfg, cfg.init_any_clap) if cfg.init and not resume
                else MaskDecoder(dec_cfg)).to(device)
     opt = torch.optim.Adam(decoder.parameters(), lr=cfg.lr)
@@ -491,6 +504,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict[str, 
     total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
     emit({"event": "start", "total_steps": total, "done_steps": progress["step"], "per_epoch": per_epoch,
           "train_clips": len(train_items), "val_clips": len(val_items), "rank": dd.rank, "world": dd.world,
+          "val_note": validation_note(len(train_items) + len(val_items), cfg),
           "decoder_parameters": sum(p.numel() for p in decoder.parameters())})
 
     step = progress["step"]

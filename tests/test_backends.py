@@ -203,3 +203,26 @@ def test_onnx_runner_calls_flush_denormals_on_every_thread():
                                 providers=["CPUExecutionProvider"])
     assert (caller(ours.run, None, {"x": x})[0] == 0).all()   # split over both threads, all flushed
     assert (caller(ours.run, None, {"x": x[:4]})[0] == 0).all()   # small: the calling thread alone
+
+
+def test_onnx_no_check_and_one_pass_top_k_graphs_match_torch(engines, decoder_dir):
+    """The export folder's explainer_nocheck graph leaves out the masked similarity (and its encoder
+    pass) and otherwise equals the full graph; explainer_topk picks each window's labels from the
+    same forward that explains them, as torch's one-pass top-k does."""
+    from lmaczs_cli.backends import OnnxRunner, load_runner
+
+    assert {"explainer_nocheck", "explainer_topk"} <= set(json.loads((engines / "manifest.json").read_text())["graphs"])
+    onnx = OnnxRunner(engines, device="cpu", threads=2)
+    ref = load_runner("torch", clap="random:tiny", decoder=decoder_dir, device="cpu")
+    g = torch.Generator().manual_seed(3)
+    waves = 0.2 * torch.randn(3, 480_000, generator=g)
+    text = torch.nn.functional.normalize(torch.randn(3, 2, 512, generator=g), dim=-1)
+    full, lean = onnx.explain(waves, text, check=True), onnx.explain(waves, text, check=False)
+    assert "masked_similarity" in full and set(lean) == {"masks", "audio", "similarity"}
+    assert np.abs(full["masks"].numpy() - lean["masks"].numpy()).max() <= 1e-6
+    labels = ref.embed_text([f"label {i}" for i in range(7)])
+    got, want = onnx.explain_topk(waves, labels, 3), ref.explain_topk(waves, labels, 3)
+    assert np.array_equal(got["topk"].numpy(), want["topk"].numpy())
+    assert np.abs(got["scores"].numpy() - want["scores"].numpy()).max() <= 1e-5
+    assert np.abs(got["masks"].numpy() - want["masks"].numpy()).max() <= 1e-3
+    assert "masked_similarity" not in onnx.explain_topk(waves, labels, 3, check=False)

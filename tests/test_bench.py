@@ -19,16 +19,28 @@ def test_bench_run_quick_writes_json_markdown_and_plot(tmp_path):
     result = json.loads(js.read_text())
     assert result["quick"] and result["machine"]["threads"] >= 1
     rows = result["rows"]
+    assert not {k: v for k, v in result["skipped"].items() if k != "trt"}, result["skipped"]
     sections = {(r["section"], r.get("backend", r.get("method"))) for r in rows}
-    assert {("embed", "torch"), ("explain", "torch"), ("explain", "onnx")} <= sections
+    assert {("embed", "torch"), ("explain", "torch"), ("explain", "onnx"), ("topk", "torch"), ("topk", "onnx"),
+            ("folder", "torch")} <= sections
     assert {m for s, m in sections if s == "methods"} == {"lmaczs", "gradcam", "gradcam++", "smoothgrad", "ig"}
+    explain = {(r["backend"], r["clips"], r["check"]) for r in rows if r["section"] == "explain"}
+    assert {(b, c, k) for b in ("torch", "onnx") for c in ("real", "synthetic") for k in (True, False)} <= explain
     for r in rows:
-        fig = r.get("clips_per_s") or r["seconds_per_clip"]
-        assert fig["min"] <= fig["median"] <= fig["max"] and fig["median"] > 0
+        fig = r.get("clips_per_s") or r.get("seconds_per_clip") or r.get("seconds")
+        if fig is not None:
+            assert fig["min"] <= fig["median"] <= fig["max"] and fig["median"] > 0
+    [rss] = [r for r in rows if r["section"] == "rss"]
+    assert rss["files"] == 20 and rss["rss_end_mb"] > 0
+    assert {r["what"] for r in rows if r["section"] == "startup"} >= {"lmaczs --help", "import lmaczs_cli"}
     assert "trt" in result["skipped"] or ("explain", "trt") in sections
-    assert any(k.startswith("explain onnx / torch") for k in result["ratios"])
+    ratios = result["ratios"]
+    assert any(k.startswith("explain onnx / torch, real, check") for k in ratios)
+    assert any(k.startswith("onnx no check / check") for k in ratios)
+    assert any(k.startswith("top-3 of 50 cost / one-prompt cost") for k in ratios)
+    assert any(k.startswith("folder, no pictures / in memory") for k in ratios)
     md = js.with_suffix(".md").read_text()
-    assert "| explain | onnx |" in md and "| ig |" in md
+    assert "| explain | onnx |" in md and "| ig |" in md and "Resident memory over 20 short files" in md
     assert js.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -89,11 +89,16 @@ def test_gradients_flow_through_frozen_encoder_to_input(tiny_clap):
 def _laion_style_checkpoint(model, path):
     """Exactly the key layout of LAION's 630k-audioset-best.pt: a DDP-wrapped state dict
     (``module.`` prefix) that still holds ``text_branch.embeddings.position_ids``, plus the
-    training loop's ``epoch``, ``name`` and ``optimizer`` entries."""
+    training loop's ``epoch``, ``name`` and ``optimizer`` entries; the optimizer's learning rate
+    is a numpy float64, as laion's cosine schedule computes it."""
+    import numpy as np
+
     sd = {f"module.{k}": v.clone() for k, v in model.clap.state_dict().items()}
     sd["module.text_branch.embeddings.position_ids"] = torch.arange(514)[None]
     opt = torch.optim.Adam([torch.zeros(2, requires_grad=True)])
-    torch.save({"epoch": 45, "name": "630k-audioset", "state_dict": sd, "optimizer": opt.state_dict()}, path)
+    state = opt.state_dict()
+    state["param_groups"][0]["lr"] = np.float64(0.5 * (1 + np.cos(np.pi * 0.3)) * 1e-4)
+    torch.save({"epoch": 45, "name": "630k-audioset", "state_dict": sd, "optimizer": state}, path)
 
 
 @pytest.mark.slow
@@ -179,3 +184,184 @@ def test_laion_name_found_in_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("LMACZS_CACHE", str(tmp_path))
     (tmp_path / "630k-best.pt").write_bytes(b"")
     assert C.laion_checkpoint_path("630k-best") == tmp_path / "630k-best.pt"
+
+
+# --------------------------------------------------------------------------- untrusted files
+
+
+def test_laion_format_with_numpy_scalars_loads_with_weights_only(tmp_path, tiny_clap):
+    path = tmp_path / "630k-like.pt"
+    _laion_style_checkpoint(tiny_clap, path)
+    with pytest.raises(Exception, match="numpy.core.multiarray.scalar"):    # what torch alone refuses
+        torch.load(path, weights_only=True)
+    loaded = C.load_clap(str(path))
+    waves = _waves(1, seed=6)
+    with torch.no_grad():
+        assert torch.equal(loaded.embed_audio(waves), tiny_clap.embed_audio(waves))
+
+
+class _Touch:
+    """Unpickling this creates a file: what a malicious checkpoint can do."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def _booby_trapped(tmp_path, tiny_clap):
+    target = tmp_path / "pwned.txt"
+    path = tmp_path / "trap.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in tiny_clap.clap.state_dict().items()},
+                "extra": _Touch(target)}, path)
+    return path, target
+
+
+def test_checkpoint_that_would_run_code_is_refused_and_never_runs(tmp_path, tiny_clap):
+    path, target = _booby_trapped(tmp_path, tiny_clap)
+    with pytest.raises(C.ClapError) as e:
+        C.load_clap(str(path))
+    assert str(e.value) == (
+        f"{path}: refused: it pickles io.open, which is neither a tensor nor one of the numpy scalars "
+        "LAION's checkpoints hold, and unpickling it could run code. If you trust where it came from, "
+        "pass --trust-checkpoint (Python: trust=True).")
+    assert not target.exists()
+    with C.trusting_checkpoints():                     # the opt-in: the payload runs (why it is refused)
+        loaded = C.load_clap(str(path))
+    waves = _waves(1, seed=7)
+    with torch.no_grad():
+        assert target.exists() and torch.equal(loaded.embed_audio(waves), tiny_clap.embed_audio(waves))
+    target.unlink()
+    C.load_clap(str(path), trust=True)
+    assert target.exists()
+
+
+def _clap_folder(tmp_path, tiny_clap):
+    return C.save_clap(tiny_clap, tmp_path / "clap")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty", "{p}: empty file (0 bytes); download the checkpoint again"),
+    ("truncated", "{p}: truncated or corrupt (its zip archive has no central directory, as when a download "
+                  "stops early); download the checkpoint again"),
+    ("random", "{p}: not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle); pass a LAION .pt "
+               "checkpoint such as 630k-audioset-best.pt"),
+    ("text", "{p}: not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle); pass a LAION .pt "
+             "checkpoint such as 630k-audioset-best.pt"),
+    ("safetensors", "{p}: a safetensors file, not a LAION .pt checkpoint; pass the folder that holds it with "
+                    "its clap.json (a CLAP saved by lmaczs), or hf:DIR for a transformers ClapModel folder"),
+    ("not-clap", "{p}: not a LAION-CLAP checkpoint: no RoBERTa or transformer text branch keys; pass a "
+                 "LAION-CLAP .pt such as 630k-audioset-best.pt"),
+    ("bad-member", "{p}: corrupt checkpoint ("),
+])
+def test_unusable_checkpoint_files_say_what_is_wrong(tmp_path, tiny_clap, case, message):
+    import os
+    import zipfile
+
+    good = tmp_path / "good.pt"
+    _laion_style_checkpoint(tiny_clap, good)
+    p = tmp_path / f"{case}.pt"
+    if case == "empty":
+        p.write_bytes(b"")
+    elif case == "truncated":
+        p.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    elif case == "random":
+        p.write_bytes(os.urandom(4096))
+    elif case == "text":
+        p.write_text("<html>404 not found</html>\n")
+    elif case == "safetensors":
+        p.write_bytes((_clap_folder(tmp_path, tiny_clap) / "clap.safetensors").read_bytes())
+    elif case == "not-clap":
+        torch.save({"state_dict": {"weight": torch.zeros(3)}}, p)
+    else:                                             # a zip whose tensor data is cut out
+        with zipfile.ZipFile(good) as src, zipfile.ZipFile(p, "w") as dst:
+            for item in src.infolist():
+                if "/data/" not in item.filename:
+                    dst.writestr(item, src.read(item))
+    with pytest.raises(C.ClapError) as e:
+        C.load_clap(str(p))
+    assert str(e.value).startswith(message.format(p=p)), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no-json", "{d}: no clap.json in this folder; pass a folder with clap.json + clap.safetensors (a CLAP "
+                "saved by lmaczs), a LAION .pt file, or hf:DIR"),
+    ("bad-json", "{d}/clap.json: not readable JSON (JSONDecodeError: "),
+    ("wrong-json", "{d}/clap.json: not an lmaczs CLAP config (no \"config\" object); copy the CLAP folder again"),
+    ("unknown-field", "{d}/clap.json: unknown CLAP config fields ['colour']: written by a newer lmaczs?"),
+    ("no-weights", "{d}/clap.safetensors: missing; copy the CLAP folder again"),
+    ("cut-weights", "{d}/clap.safetensors: not a readable safetensors file (SafetensorError: "),
+    ("other-weights", "{d}/clap.safetensors: weights do not match the architecture (missing "),
+])
+def test_unusable_clap_folders_say_what_is_wrong(tmp_path, tiny_clap, case, message):
+    import json
+
+    d = _clap_folder(tmp_path, tiny_clap)
+    meta = json.loads((d / "clap.json").read_text())
+    if case == "no-json":
+        (d / "clap.json").unlink()
+    elif case == "bad-json":
+        (d / "clap.json").write_text('{"config": ')
+    elif case == "wrong-json":
+        (d / "clap.json").write_text("[1, 2]")
+    elif case == "unknown-field":
+        (d / "clap.json").write_text(json.dumps({**meta, "config": {**meta["config"], "colour": "red"}}))
+    elif case == "no-weights":
+        (d / "clap.safetensors").unlink()
+    elif case == "cut-weights":
+        data = (d / "clap.safetensors").read_bytes()
+        (d / "clap.safetensors").write_bytes(data[: len(data) // 3])
+    else:
+        from safetensors.torch import save_file
+
+        save_file({"weight": torch.zeros(2)}, str(d / "clap.safetensors"))
+    with pytest.raises(C.ClapError) as e:
+        C.load_clap(str(d))
+    assert str(e.value).startswith(message.format(d=d)), str(e.value)
+
+
+def test_offline_laion_name_fails_at_once_without_asking_the_hub(monkeypatch, tmp_path):
+    import socket
+    import time
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("LMACZS_CACHE", str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def no_download(*a, **k):
+        raise AssertionError("the hub was asked although it is unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(C.ClapError, match=r"hub is not reachable \(HF_HUB_OFFLINE is set\)"):
+        C.laion_checkpoint_path("630k-audioset-best")
+
+    def no_network(address, timeout=None):
+        assert timeout is not None and timeout <= 5
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    t0 = time.perf_counter()
+    with pytest.raises(C.ClapError) as e:
+        C.load_clap("laion:630k-audioset-best")
+    assert time.perf_counter() - t0 < 1.0
+    assert str(e.value) == (
+        f"laion:630k-audioset-best: 630k-audioset-best.pt is not in {tmp_path} or {tmp_path / 'torch' / 'hub'} "
+        "and the Hugging Face hub is not reachable (no connection to huggingface.co: Name or service not "
+        "known). Download 630k-audioset-best.pt yourself and pass --clap PATH/630k-audioset-best.pt, or put "
+        f"it in {tmp_path}.")
+
+
+def test_building_laion_clap_prints_no_warning():
+    import subprocess
+    import sys
+
+    code = "from lmaczs_cli.clap import random_clap; random_clap('tiny')"
+    run = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stderr == ""

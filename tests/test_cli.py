@@ -123,11 +123,60 @@ def failing_command():
     del main.commands["fail-audio"]
 
 
-def test_domain_errors_become_clean_messages_with_exit_1(runner: CliRunner, failing_command: str) -> None:
+def test_domain_errors_become_one_line_with_exit_2(runner: CliRunner, failing_command: str) -> None:
     result = runner.invoke(main, [failing_command])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert result.stderr == "Error: not a sound file: clip.ogg\n"
     assert "Traceback" not in result.output
+
+
+def test_debug_lets_the_traceback_through(runner: CliRunner, failing_command: str) -> None:
+    result = runner.invoke(main, ["--debug", failing_command])
+    assert isinstance(result.exception, AudioError) and result.exit_code == 1
+    proc = subprocess.run([sys.executable, "-m", "lmaczs_cli", "--debug", "merge", str(REPO / "man")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback (most recent call last)" in proc.stderr
+    assert proc.stderr.rstrip().splitlines()[-1].startswith("lmaczs_cli.inputs.ExplainError: ")
+
+
+@pytest.fixture
+def raising_command():
+    """A throwaway subcommand that raises what its --what option names."""
+
+    @click.command(name="raise")
+    @click.option("--what")
+    def raise_(what: str) -> None:
+        if what == "ctrl-c":
+            raise KeyboardInterrupt
+        raise PermissionError(13, "Permission denied", "/data/out/x.wav")
+
+    main.add_command(raise_)
+    yield "raise"
+    del main.commands["raise"]
+
+
+def test_ctrl_c_exits_130_with_one_line(runner: CliRunner, raising_command: str) -> None:
+    result = runner.invoke(main, [raising_command, "--what", "ctrl-c"])
+    assert result.exit_code == 130
+    assert result.stderr == "interrupted; what finished is kept\n"
+
+
+def test_an_os_error_on_a_path_is_one_line_with_exit_2(runner: CliRunner, raising_command: str) -> None:
+    result = runner.invoke(main, [raising_command, "--what", "os"])
+    assert result.exit_code == 2
+    assert result.stderr == ("Error: /data/out/x.wav: Permission denied; check the path and its permissions "
+                             "(--debug shows where it happened)\n")
+
+
+def test_exit_codes_are_one_table_in_help_and_readme(runner: CliRunner) -> None:
+    from lmaczs_cli.cli import EXIT_CODES
+
+    assert [c for c, _ in EXIT_CODES] == [0, 1, 2, 130]
+    text = runner.invoke(main, ["--help"], terminal_width=200).output
+    listed = re.findall(r"^\s+(\d+)\s{2,}(.+)$", text.split("Exit codes:")[1].split("Options:")[0], re.M)
+    assert listed == [(str(c), m) for c, m in EXIT_CODES]
+    readme = (REPO / "README.md").read_text()
+    assert re.findall(r"^\| (\d+) \| (.+) \|$", readme, re.M) == [(str(c), m) for c, m in EXIT_CODES]
 
 
 def test_info_json_is_one_object_with_versions_device_and_caches(runner: CliRunner) -> None:
@@ -168,11 +217,9 @@ def test_info_table_names_versions_and_device(runner: CliRunner) -> None:
 
 
 def test_info_reports_cuda_devices_when_present(runner: CliRunner, monkeypatch) -> None:
-    import torch
+    from lmaczs_cli import environment
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"Fake GPU {i}")
+    monkeypatch.setattr(environment, "cuda_devices", lambda: ["Fake GPU 0", "Fake GPU 1"])
     report = json.loads(runner.invoke(main, ["info", "--json"]).stdout)
     assert report["device"]["device"] == "cuda"
     assert report["device"]["cuda_devices"] == ["Fake GPU 0", "Fake GPU 1"]
@@ -290,3 +337,55 @@ def test_resume_refuses_to_change_group_by_audio(runner: CliRunner, tmp_path: Pa
     assert "[decoder] text_readout cannot change on --resume: the checkpoint holds a decoder" in result.output
     result = runner.invoke(main, ["train", "--resume", str(run), "--domain", "stft"])
     assert result.exit_code == 2 and "--domain cannot change on --resume" in result.output
+
+
+def _fresh_python(code: str) -> str:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=REPO, check=True).stdout
+
+
+def test_info_says_what_torch_says_without_importing_it() -> None:
+    ours = json.loads(_fresh_python(
+        "import json, sys; from lmaczs_cli.environment import collect_info; r = collect_info(); "
+        "assert 'torch' not in sys.modules, 'info imported torch'; print(json.dumps(r))"))
+    theirs = json.loads(_fresh_python(
+        "import json, torch, torch.hub; print(json.dumps({'version': torch.__version__, 'cuda': torch.version.cuda, "
+        "'threads': torch.get_num_threads(), 'available': torch.cuda.is_available(), 'hub': torch.hub.get_dir(), "
+        "'devices': [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}))"))
+    assert ours["packages"]["torch"] == theirs["version"]
+    dev = ours["device"]
+    assert (dev["torch_cuda_version"], dev["torch_threads"]) == (theirs["cuda"], theirs["threads"])
+    assert (dev["cuda_available"], dev["cuda_devices"]) == (theirs["available"], theirs["devices"])
+    assert ours["caches"]["torch_hub"] == theirs["hub"]
+
+
+def test_help_and_package_import_load_no_heavy_module() -> None:
+    loaded = _fresh_python(
+        "import sys, lmaczs_cli; from lmaczs_cli.cli import main; "
+        "print(' '.join(m for m in ('torch', 'numpy', 'soundfile', 'rich', 'transformers') if m in sys.modules))")
+    assert loaded.strip() == ""
+
+
+def test_a_validation_fraction_that_rounds_to_no_clip_says_so(runner: CliRunner, tmp_path: Path, monkeypatch) -> None:
+    from lmaczs_cli import train as training
+
+    cfg = training.TrainConfig(manifest="m.jsonl", out="o", val_fraction=0.1)
+    assert training.validation_note(40, cfg) is None                             # 4 clips: a pass
+    assert training.validation_note(12, cfg) == (
+        "--val-fraction 0.1 of 12 clips is 1 clip, fewer than the 2 a validation pass needs: training on all 12 "
+        "clips without validation (give --val-data FILE, or a --val-fraction that holds out 2 or more)")
+    assert training.validation_note(12, training.TrainConfig(manifest="m", out="o", val_fraction=0.0)) is None
+
+    def fake_train(cfg, resume=False, on_event=None, clap=None):       # the loop's events, without the loop
+        on_event({"event": "start", "total_steps": 6, "done_steps": 0, "per_epoch": 3, "train_clips": 12,
+                  "val_clips": 0, "rank": 0, "world": 1, "decoder_parameters": 10,
+                  "val_note": training.validation_note(12, cfg)})
+        return {"out": cfg.out, "steps": 6, "skipped": 0}
+
+    monkeypatch.setattr(training, "train", fake_train)
+    (tmp_path / "m.jsonl").write_text("")
+    result = runner.invoke(main, ["train", "--data", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "run")],
+                           terminal_width=400)
+    assert result.exit_code == 0, result.output
+    printed = " ".join(result.stderr.split())                    # rich wraps lines to the terminal
+    assert f"note: {training.validation_note(12, cfg)}" in printed

@@ -130,6 +130,7 @@ def test_labelled_folder_captions_each_clip_with_its_class(tmp_path):
     write_noise(root / "dog_barking" / "a.WAV", 0.5)                  # upper-case extension
     write_noise(root / "dog_barking" / "deep" / "er" / "c.flac", 0.5)  # any depth
     write_noise(root / "car-horn" / "x.ogg", 0.5)
+    write_noise(root / "speech-like voice" / "v.wav", 0.5)
     write_noise(root / "dog_barking" / ".hidden.wav", 0.5)
     write_noise(root / ".cache" / "z.wav", 0.5)
     write_noise(root / "dog_barking" / ".trash" / "y.wav", 0.5)
@@ -140,10 +141,11 @@ def test_labelled_folder_captions_each_clip_with_its_class(tmp_path):
     items, skips = read_manifest(root)
 
     assert [(i.audio.relative_to(root.resolve()).as_posix(), i.caption) for i in items] == [
-        ("car-horn/x.ogg", "this is the sound of car horn"),
-        ("dog_barking/a.WAV", "this is the sound of dog barking"),
+        ("car-horn/x.ogg", "this is the sound of car-horn"),          # the name as written ...
+        ("dog_barking/a.WAV", "this is the sound of dog barking"),      # ... but for underscores
         ("dog_barking/b.wav", "this is the sound of dog barking"),
         ("dog_barking/deep/er/c.flac", "this is the sound of dog barking"),
+        ("speech-like voice/v.wav", "this is the sound of speech-like voice"),
     ]
     assert items[0].source == "labelled/car-horn/x.ogg"
     assert [(s.reason, s.source) for s in skips] == [("not in a class folder",

@@ -79,6 +79,38 @@ def test_a_decoder_of_fewer_levels_reads_only_clap_s_first_stages(tiny_clap, lev
         D.DecoderConfig.for_clap(tiny_clap, levels=1)
 
 
+@pytest.mark.parametrize("first_level", [2, 3, 4])
+def test_a_deep_decoder_reads_only_clap_s_deeper_stages_and_no_log_mel(tiny_clap, first_level):
+    """first_level = 4 with no log-mel skip: the mask is a function of h4 and the text alone (3: of
+    h3, h4), so re-initialising CLAP's earlier stages cannot move it and re-initialising stage 4 must."""
+    torch.manual_seed(0)
+    cfg = D.DecoderConfig.for_clap(tiny_clap, width=16, heads=2, text_tokens=4, logmel_skip=False,
+                                   text_readout=True, first_level=first_level)
+    dec = D.MaskDecoder(cfg).eval()
+    assert len(dec.lateral) == 5 - first_level
+    _, logmel, hidden, _ = _inputs(tiny_clap)
+    text = torch.nn.functional.normalize(torch.randn(2, tiny_clap.cfg.joint_dim), dim=-1)
+    shallow = [torch.randn_like(h) for h in hidden[: first_level - 1]] + list(hidden[first_level - 1:])
+    deepest = list(hidden[:3]) + [torch.randn_like(hidden[3])]
+    with torch.no_grad():
+        m = dec(list(hidden), text)
+        assert m.shape == (2, N_FRAMES, N_MELS) and 0 <= m.min() and m.max() <= 1
+        assert torch.equal(dec(shallow, text), m)
+        assert torch.equal(dec(list(hidden), text, 100 * torch.randn_like(logmel)), m)   # the log-mel is not read
+        assert (dec(deepest, text) - m).abs().max() > 1e-4
+    for bad in (0, 5):
+        with pytest.raises(D.DecoderError, match="first_level"):
+            D.DecoderConfig.for_clap(tiny_clap, first_level=bad)
+    with pytest.raises(D.DecoderError, match="first_level"):
+        D.DecoderConfig.for_clap(tiny_clap, levels=2, first_level=3)
+
+
+def test_a_config_saved_before_first_level_existed_reads_from_the_first_stage(tiny_clap):
+    saved = D.DecoderConfig.for_clap(tiny_clap, width=16, heads=2, text_tokens=4).to_json()
+    del saved["first_level"]
+    assert D.DecoderConfig.from_json(saved).first_level == 1
+
+
 def test_a_skip_gated_mask_is_the_clap_fed_mask_times_a_gate_on_the_log_mel(tiny_clap):
     torch.manual_seed(0)
     dec = D.MaskDecoder(D.DecoderConfig.for_clap(tiny_clap, width=16, heads=2, text_tokens=4, skip_gate=True)).eval()

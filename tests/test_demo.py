@@ -13,10 +13,16 @@ import torch
 
 from lmaczs_cli import metrics, spectral
 from lmaczs_cli.clap import demo_dir, load_clap
-from lmaczs_cli.demo import world
+from lmaczs_cli.demo import scores, world
 from lmaczs_cli.demo.scores import localization_report
 from lmaczs_cli.audio import N_FRAMES, N_MELS
 from lmaczs_cli.explain import Explainer
+
+# Unseen backgrounds at 0/10/20 dB (test_masks_travel_to_backgrounds_the_decoder_never_heard): the
+# bundled decoder reads mass 0.394 (chance 0.088) and absent / matched 0.626 at one thread; the
+# bounds leave 0.04 and 0.07. (The issue's targets, 0.5 and 0.4, are not met: demo-model.md.)
+BOUNDS_NOISY = {"mass": 0.35, "ratio": 0.70}
+SELECTION_NOISY_SEED = scores.SPLITS["selection"][0]   # the selection split's seeds, as decoder_study's
 
 
 @pytest.fixture(scope="module")
@@ -47,17 +53,20 @@ def test_demo_clap_zero_shot_accuracy_on_held_out_single_events():
 
 
 def test_masks_lie_on_present_events_and_absent_prompts_get_small_masks(demo):
-    """The bundled model's promise, on 48 held-out scenes: >= 60 % of a present prompt's mask inside its
-    event's region (dilated to the mask's effective resolution, `scores`), absent-prompt masks
-    <= 0.3x matched ones, similarity kept within 0.1, and no present prompt left with an empty
-    mask. The bundled decoder reads 0.622 (chance 0.109) / 0.26 / 0.054 / none at one thread."""
+    """The bundled model's promise, on 48 selection scenes: about half of a present prompt's mask
+    inside its event's region (dilated to the mask's effective resolution, `scores`), absent-prompt
+    masks about a third of matched ones, similarity kept within 0.1, and no present prompt left with
+    an empty mask. The bundled decoder, which reads CLAP's last stage only, reads 0.549 (chance
+    0.109) / 0.294 / 0.064 / none at one thread; the bounds leave about 0.035 each way. (The decoder
+    bundled before it, which read stage 1 and the log-mel, read 0.622 / 0.261 and failed the
+    randomisation check below: demo-model.md, "Decoders that read the deep stages".)"""
     r = localization_report(demo, n_scenes=48)
     report = (f"mass in region {r['mass']:.3f} (chance {r['chance']:.3f}); mask mean matched {r['matched']:.3f} "
               f"absent {r['absent']:.3f} (ratio {r['ratio']:.3f}); |sim - masked sim| mean {r['gap']:.3f} "
               f"max {r['gap_max']:.3f}; empty masks for present prompts {r['empty']:.2f}")
     print(report)
-    assert r["mass"] >= 0.6, report
-    assert r["ratio"] <= 0.3, report
+    assert r["mass"] >= 0.51, report
+    assert r["ratio"] <= 0.33, report
     assert r["gap"] <= 0.1, report
     assert r["empty"] == 0.0, report
 
@@ -142,22 +151,24 @@ def test_randomization_report_follows_the_encoder_stages_and_the_demo_masks_fall
     assert all(torch.equal(v, after[k]) for k, v in before.items())   # the explainer's own CLAP untouched
     assert list(r) == [name for name, _ in encoder_stages(demo.clap)]
     print({k: round(v, 3) for k, v in r.items()})
-    assert r["projection"] > 0.9                   # the decoder does not read the projection
-    assert min(r.values()) < 0.8                   # but its masks depend on what CLAP's stages saw
+    assert r["projection"] > 0.99                  # the decoder does not read the projection
+    assert r["stage 4"] < 0.98                     # it reads stage 4's output: 0.96 at one thread
+    assert r["stage 3"] < 0.76                     # and what stage 3 made of the clip: 0.71
 
 
-def test_demo_masks_move_off_the_event_once_clap_stage_1_is_re_initialised(demo):
+def test_demo_masks_fall_to_chance_once_clap_stage_3_is_re_initialised(demo):
     """What SSIM understates for sparse masks (their shared empty background scores as alike):
-    with CLAP re-initialised from the projection down to stage 1, the bundled decoder's masks for
-    the scenes' first events keep less than half of their mass on the event, and no longer follow
-    the intact masks (correlation below 0.5)."""
+    with CLAP re-initialised from the projection down to stage 3, the bundled decoder's masks for
+    8 selection scenes' first events keep about chance of their mass on the event (0.19 against a
+    chance of 0.14 and 0.54 intact, at one thread; bound: 1.6x chance) and no longer follow the
+    intact masks (correlation below 0.5)."""
     import copy
 
     from lmaczs_cli.baselines import BaselineSettings
     from lmaczs_cli.demo.scores import held_out_scenes
     from lmaczs_cli.evaluate import MaskMethods, encoder_stages, reinitialise_
 
-    scenes = held_out_scenes(4)
+    scenes = held_out_scenes(8)
     clap = demo.clap
     text = clap.encode_text([world.prompt_for(s.events[0].name) for s in scenes])
     waves = torch.from_numpy(np.stack([s.wave for s in scenes]))
@@ -165,7 +176,7 @@ def test_demo_masks_move_off_the_event_once_clap_stage_1_is_re_initialised(demo)
     broken = type(clap)(copy.deepcopy(clap.clap), clap.cfg, clap.tokenizer, "randomised")
     for s, (name, modules) in enumerate(encoder_stages(broken)):
         reinitialise_(modules, s)
-        if name == "stage 1":
+        if name == "stage 3":
             break
 
     def masks(model):
@@ -178,8 +189,48 @@ def test_demo_masks_move_off_the_event_once_clap_stage_1_is_re_initialised(demo)
     intact, randomised = masks(clap), masks(broken)
     corr = float(np.mean([np.corrcoef(a.ravel(), b.ravel())[0, 1] if b.std() > 0 else 0.0
                           for a, b in zip(intact, randomised)]))
-    print(f"mass on the event {mass(intact):.2f} -> {mass(randomised):.2f}; correlation {corr:.2f}")
-    assert mass(randomised) < 0.5 * mass(intact) and corr < 0.5
+    chance = float(np.mean([metrics.dilate(sc.mel_masks[sc.events[0].name]).mean() for sc in scenes]))
+    print(f"mass on the event {mass(intact):.2f} -> {mass(randomised):.2f} (chance {chance:.2f}); correlation {corr:.2f}")
+    assert mass(randomised) < 1.6 * chance and mass(randomised) < 0.5 * mass(intact) and corr < 0.5
+
+
+def _over_noise(explainer, backgrounds, snrs, seed=SELECTION_NOISY_SEED):
+    """Mean mass on the event, its chance, and absent / matched mask means, over one event of each
+    kind per (background, SNR) (`world.event_over_background`), each explained for its own prompt
+    and for another kind's (as recipes/demo/decoder_study.py's `noisy_rows`). Compositions the
+    noise buries (it owns most of the event's cells) cannot be scored and are left out."""
+    rng = np.random.default_rng(0)
+    mass, chance, matched, absent = [], [], [], []
+    for background in backgrounds:
+        for snr in snrs:
+            for name in world.EVENTS:
+                lacking = str(rng.choice([n for n in world.EVENTS if n != name]))
+                try:
+                    scene = world.event_over_background(name, seed, background, snr)
+                except RuntimeError:
+                    continue
+                on, off = explainer.explain_prompts(scene.wave, [world.prompt_for(name), world.prompt_for(lacking)],
+                                                    check=False)
+                region = metrics.dilate(scene.mel_masks[name])
+                mass.append(metrics.mass_in_region(on.mask, region))
+                chance.append(region.mean())
+                matched.append(on.mask_mean)
+                absent.append(off.mask_mean)
+    return {"n": len(mass), "mass": float(np.mean(mass)), "chance": float(np.mean(chance)),
+            "ratio": float(np.mean(absent) / np.mean(matched))}
+
+
+def test_masks_travel_to_backgrounds_the_decoder_never_heard(demo):
+    """Single events of every kind over white, brown and traffic noise (`world.UNSEEN_BACKGROUNDS`,
+    kinds no training recipe used) at 0, 10 and 20 dB SNR, selection seeds: the mask's mass on the
+    event stays well above chance, and white noise at 3 dB SNR keeps it above twice chance
+    (measured at one thread: BOUNDS_NOISY)."""
+    grid = _over_noise(demo, world.UNSEEN_BACKGROUNDS, (0.0, 10.0, 20.0))
+    white3 = _over_noise(demo, ("white",), (3.0,))
+    print({k: round(v, 3) for k, v in grid.items()}, {k: round(v, 3) for k, v in white3.items()})
+    assert grid["mass"] >= BOUNDS_NOISY["mass"] and grid["mass"] >= 3 * grid["chance"], grid
+    assert grid["ratio"] <= BOUNDS_NOISY["ratio"], grid
+    assert white3["mass"] >= 2 * white3["chance"], white3
 
 
 class _StandInClap:

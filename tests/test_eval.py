@@ -36,7 +36,8 @@ def _records(out: Path, method: str) -> list[dict]:
 
 def test_eval_writes_every_output(demo_run) -> None:
     out, summary = demo_run
-    for name in ("metrics.json", "metrics.csv", "metrics.md", "qualitative.png", "randomization.png"):
+    for name in ("metrics.json", "metrics.csv", "metrics.md", "qualitative.png", "randomization.png",
+                 "metrics.png", "localization.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert (out / "qualitative.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(summary["methods"]) == set(METHODS) and summary["n_clips"] == N_CLIPS
@@ -121,7 +122,7 @@ def test_rerun_resumes_and_refuses_other_settings(demo_run) -> None:
     assert "0 clip explanations to compute" in again.stderr
     assert json.loads(again.stdout)["methods"]["lmaczs"] == summary["methods"]["lmaczs"]
     other = CliRunner().invoke(main, ["eval", "--data", "demo", "--limit", "3", "--out", str(out)])
-    assert other.exit_code == 1 and "holds an eval run with other settings (" in other.stderr
+    assert other.exit_code == 2 and "holds an eval run with other settings (" in other.stderr
     assert "limit" in other.stderr and "use another --out" in other.stderr
 
 
@@ -234,3 +235,209 @@ def test_stage_reinitialisation_changes_only_the_named_stages(tiny_clap) -> None
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith(("clap.audio_branch.layers.3.", "clap.audio_branch.norm.")) for k in changed)
+
+
+def test_demo_splits_are_disjoint_and_the_frozen_test_split_is_new() -> None:
+    """train / selection / test are disjoint seed ranges; selection is the old held-out range (world
+    seed 0's "test" block, what `held_out_scenes` and the demo tests read), train holds the decoder's
+    manifest, and the frozen test range lies in no world block that a recipe or test names."""
+    from lmaczs_cli.demo import scores, world
+
+    ranges = sorted(scores.SPLITS.values())
+    assert all(a_stop <= b_start for (_, a_stop), (b_start, _) in zip(ranges, ranges[1:]))
+    first, stop = scores.SPLITS["train"]
+    assert first <= world.scene_seed(0, "train", 0) and world.scene_seed(0, "train", 10_000) < stop
+    assert scores.split_seeds("selection", 3) == [world.scene_seed(0, "test", i) for i in range(3)]
+    assert [s.seed for s in scores.held_out_scenes(2)] == scores.split_seeds("selection", 2)
+    used = {world.scene_seed(s, split, 0) >> 32 for s in range(4) for split in world.SPLITS}
+    assert scores.SPLITS["test"][0] >> 32 not in used and (scores.SPLITS["test"][1] - 1) >> 32 not in used
+    with pytest.raises(ValueError, match="use one of train, selection, test"):
+        scores.scenes("valid", 1)
+    with pytest.raises(ValueError, match="not train"):
+        scores.held_out_scenes(1, split="train")
+
+
+def test_demo_test_data_is_the_frozen_split_whatever_the_seed() -> None:
+    from lmaczs_cli.demo import scores
+
+    frozen = E.load_dataset("demo-test", limit=2)
+    assert [c.key for c in frozen.clips] == ["frozen/scene_00000", "frozen/scene_00001"]
+    assert np.array_equal(frozen.clips[1].wave(), scores.scenes("test", 2)[1].wave)
+    assert [c.wave().tobytes() for c in E.load_dataset("demo-test", limit=2, seed=3).clips] == \
+        [c.wave().tobytes() for c in frozen.clips]
+    selection = E.load_dataset("demo", limit=1)
+    assert np.array_equal(selection.clips[0].wave(), scores.held_out_scenes(1)[0].wave)
+
+
+@pytest.fixture(scope="module")
+def demo_models():
+    """The bundled demo (CLAP, decoder, domain), loaded once for the tests that call the library."""
+    from lmaczs_cli.explain import Explainer
+
+    ex = Explainer.load("demo", device="cpu")
+    return ex.clap, ex.decoder, ex.domain
+
+
+def test_budget_curves_at_the_ends_are_the_whole_clip_and_silence(demo_models) -> None:
+    """Keeping every cell is the clip itself; removing every cell (or keeping none) is silence."""
+    import torch
+
+    from lmaczs_cli import spectral
+    from lmaczs_cli.model import ExplainerModule
+
+    clap, decoder, domain = demo_models
+    ds = E.load_dataset("demo", limit=2)
+    text = clap.encode_text(ds.prompts)
+    waves = torch.from_numpy(np.stack([c.wave() for c in ds.clips]))
+    model = ExplainerModule(clap, decoder, domain)
+    masks = np.random.default_rng(0).uniform(size=(2, 1001, 64)).astype(np.float32)
+    target = np.array([3, 5])
+    inserted, deleted = E.budget_curves(model, text, waves, masks, target, 1.0, budgets=(0.0, 1.0))
+    whole = E.probabilities(clap, text, spectral.log_mel(waves), 1.0)[[0, 1], target]
+    silent = E.masked_probabilities(model, text, waves, np.zeros_like(masks), 1.0)[0][[0, 1], target]
+    assert np.allclose(inserted[:, 1], whole, atol=1e-5) and np.allclose(deleted[:, 0], whole, atol=1e-5)
+    assert np.allclose(inserted[:, 0], silent, atol=1e-6) and np.allclose(deleted[:, 1], silent, atol=1e-6)
+
+
+def test_curves_run_records_areas_and_writes_their_table_and_plot(demo_models, tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    monkeypatch.setattr(E, "load_models", lambda cfg: demo_models)
+    budgets = (0.05, 0.5)
+    cfg = E.EvalConfig(data="demo-test", out=str(tmp_path), methods=("lmaczs",), limit=2, device="cpu",
+                       curves=True, budgets=budgets, ad_convention="speechbrain")
+    summary = E.run_eval(cfg)
+    recs = _records(tmp_path, "lmaczs")
+    assert len(recs) == 2 and all(len(r["insertion"]) == len(budgets) for r in recs)
+    assert all(r["insertion_auc"] == pytest.approx(np.mean(r["insertion"])) for r in recs)   # two budgets: the mean
+    curves = summary["curves"]
+    assert curves["budgets"] == list(budgets)
+    assert curves["methods"]["lmaczs"]["deletion_auc"] == pytest.approx(np.mean([r["deletion_auc"] for r in recs]))
+    assert (tmp_path / "curves.md").read_text().startswith("| method | N | insertion AUC ↑ | deletion AUC ↓")
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "softmaxed twice" in (tmp_path / "metrics.md").read_text()
+    assert summary["settings"]["ad_convention"] == "speechbrain"
+    with pytest.raises(E.EvalError, match="use one of paper, speechbrain"):
+        E.EvalConfig(data="demo", out=str(tmp_path), ad_convention="quantus")
+    with pytest.raises(E.EvalError, match="at least two increasing shares"):
+        E.EvalConfig(data="demo", out=str(tmp_path), budgets=(0.5, 0.1))
+
+
+def test_in_domain_speech_is_the_world_formant_voice_and_labelled_so(tmp_path: Path) -> None:
+    from lmaczs_cli.demo.speech import formant_speech
+
+    ds = E.load_dataset("demo", limit=2)
+    dirty = E.Contaminator("speech-in-domain", 3.0, ds.clips, None, seed=2)
+    assert np.array_equal(dirty.noise(1), formant_speech(2 * 1_000_003 + 1))
+    assert E.EvalConfig(data="demo", out=str(tmp_path), contaminate="speech-in-domain").speech is None
+
+
+def _bench_eval():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_eval", Path(__file__).resolve().parents[1] / "bench" / "eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_frozen_report_replaces_its_readme_block_and_nothing_else(tmp_path: Path) -> None:
+    bench = _bench_eval()
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{bench.README_BEGIN}\nold table\n{bench.README_END}\nafter\n")
+    bench.replace_block(readme, "| new | table |\n")
+    assert readme.read_text() == f"# x\n\nbefore\n{bench.README_BEGIN}\n| new | table |\n{bench.README_END}\nafter\n"
+    (tmp_path / "other.md").write_text("no markers\n")
+    with pytest.raises(SystemExit, match="needs one"):
+        bench.replace_block(tmp_path / "other.md", "x")
+
+
+def test_the_out_of_domain_table_bolds_the_best_localization_and_skips_clips_without_truth() -> None:
+    bench = _bench_eval()
+
+    def run(acc, a, b):
+        return {"accuracy": acc, "methods": {"lmaczs": {"loc_mass": a, "AD": 3.0, "loc_chance": 0.1},
+                                             "gradcam": {"loc_mass": b, "AD": 2.0, "loc_chance": 0.1}}}
+
+    table = bench.ood_table({"snr_db": 3.0, "speech": "espeak-ng", "variants": {
+        "clean": run(90.0, 0.7, 0.4), "white-noise": run(20.0, 0.1, 0.3), "speech-in-domain": run(0.0, float("nan"), None)}})
+    lines = table.splitlines()
+    assert lines[2] == "| data | zero-shot | chance | LMAC-ZS | GradCAM |"
+    assert lines[4] == "| clean | 90.0 % | 0.100 | **0.700** / 3.0 | 0.400 / 2.0 |"
+    assert lines[5] == "| + white noise | 20.0 % | 0.100 | 0.100 / 3.0 | **0.300** / 2.0 |"
+    assert lines[6] == "| + in-domain formant speech | 0.0 % | 0.100 | nan / 3.0 | nan / 2.0 |"
+
+
+def test_the_report_says_who_leads_each_curve_area() -> None:
+    bench = _bench_eval()
+    methods = {"lmaczs": {"insertion_auc": 0.09, "deletion_auc": 0.06},
+               "gradcam": {"insertion_auc": 0.10, "deletion_auc": 0.07},
+               "ig": {"insertion_auc": 0.08, "deletion_auc": 0.08}}
+    assert bench.curve_leaders(methods) == ("At equal budgets, insertion area: GradCAM leads (0.100); LMAC-ZS is 2 of 3 "
+                                            "(0.090); deletion area: LMAC-ZS leads (0.060).")
+
+
+# --------------------------------------------------------------------- plots
+
+
+def _fake_records(n: int = 6) -> dict[str, list[dict]]:
+    from lmaczs_cli.eval_report import COLUMNS
+
+    rng = np.random.default_rng(3)
+    return {m: [{**{c: float(rng.random()) for c in COLUMNS}, "AI": float(rng.random() < 0.5), "loc_chance": 0.15}
+                for _ in range(n)] for m in ("lmaczs", "gradcam", "ig")}
+
+
+def test_metric_bars_show_each_method_mean_with_its_confidence_interval() -> None:
+    from lmaczs_cli import eval_report as ER
+
+    records = _fake_records()
+    fig = ER.figure_metrics(records)
+    panels = {ax.get_title().split(" ")[0]: ax for ax in fig.axes if ax.get_visible()}
+    assert set(panels) == {"AI", "AD", "AG", "FF", "Fid-In", "SPS", "COMP", "MM", "loc_mass", "loc_auc"}
+    ai = panels["AI"]
+    heights = [bar.get_height() for bar in ai.patches]
+    values = np.array([[r["AI"] for r in recs] for recs in records.values()])
+    assert heights == pytest.approx(100 * values.mean(axis=1))                    # AI in %
+    mean, half = ER.metric_spread(records, "AI")
+    assert half == pytest.approx(1.96 * 100 * values.std(axis=1, ddof=1) / np.sqrt(values.shape[1]))
+    caps = [line for line in ai.lines]                                            # the whiskers' caps
+    assert caps and max(max(line.get_ydata()) for line in caps) == pytest.approx(max(mean + half))
+    assert ai.get_ylabel() == "%" and panels["SPS"].get_ylabel() == "mean over clips"
+    assert [t.get_text() for t in ai.get_xticklabels()] == list(records)
+    assert "(higher is better)" in ai.get_title() and "(lower is better)" in panels["AD"].get_title()
+    legend = fig.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == list(records)
+    assert "95 % confidence interval" in legend.get_title().get_text()
+
+
+def test_localization_plot_has_a_point_per_clip_and_chance() -> None:
+    from lmaczs_cli import eval_report as ER
+
+    records = _fake_records(5)
+    ax = ER.figure_localization(records).axes[0]
+    assert [len(c.get_offsets()) for c in ax.collections] == [5, 5, 5]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[-1] == "chance (0.15)" and labels[0].startswith("lmaczs (mean ")
+    assert ax.get_xlabel().startswith("mask mean") and ax.get_ylabel() == "mask mass on the true region"
+
+
+def test_randomization_and_qualitative_plots_have_labelled_axes() -> None:
+    from lmaczs_cli import eval_report as ER
+
+    study = {"stages": ["projection", "stage 4", "stage 3"], "ssim": {"lmaczs": [0.9, 0.8, 0.2], "ig": [1, 1, 1]}}
+    ax = ER.figure_randomization(study).axes[0]
+    assert [len(line.get_xdata()) for line in ax.lines] == [3, 3]
+    assert ax.get_xlabel() and ax.get_ylabel() == "SSIM to the intact model's mask"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["lmaczs", "ig"]
+    rng = np.random.default_rng(0)
+    q = {"key": "scene", "wave": (0.1 * rng.standard_normal(480_000)).astype(np.float32), "domain": "mel",
+         "prompts": {"matched": "a siren", "mismatched": "rain"},
+         "masks": {m: {k: rng.random((1001, 64)).astype(np.float32) for k in ("matched", "mismatched")}
+                   for m in ("lmaczs", "gradcam")}}
+    fig = ER.figure_qualitative(q)
+    grid = [a for a in fig.axes if a.get_label() != "<colorbar>"]
+    assert len(grid) == 3 * 2                                       # log-mel + 2 methods, x matched / mismatched
+    assert "matched: \u201ca siren\u201d" in grid[0].get_title() and "rain" in grid[1].get_title()
+    assert {a.get_xlabel() for a in grid[-2:]} == {"time (s)"} and all(a.get_ylabel() == "Hz" for a in grid)
+    assert grid[0].get_xlim() == pytest.approx((0, 10.01))
+    assert "1k" in [t.get_text() for t in grid[0].get_yticklabels()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html.parser
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -171,13 +172,30 @@ def test_mixed_folder_gets_one_explanation_per_file_and_prompt(mixed_run):
     assert (out / R.INDEX).is_file() and not (out / R.ERRORS).exists()
 
 
-def test_png_decodes_to_three_panels_with_axes(mixed_run):
-    PIL = pytest.importorskip("PIL.Image", reason="Pillow is only used here to decode our hand-written PNG")
+def test_png_is_three_labelled_panels_with_colorbars_and_the_prompt_in_the_title(mixed_run):
+    import struct
+
     _, out, _, _ = mixed_run
-    png = out / R.output_names(R.output_stems(list(MIXED))["long/three_minutes.wav"], PROMPTS[0])["png"]
-    with PIL.open(png) as im:
-        im.load()
-        assert im.mode == "RGB" and im.size[0] > 480 and im.size[1] == 3 * (14 + 128) + 26
+    name = "long/three_minutes.wav"
+    png = (out / R.output_names(R.output_stems(list(MIXED))[name], PROMPTS[1])["png"]).read_bytes()
+    width, height = struct.unpack(">II", png[16:24])
+    assert (width, height) == (R.PNG_SIZE_IN[0] * R.PNG_DPI, R.PNG_SIZE_IN[1] * R.PNG_DPI)
+    assert b"Matplotlib" in png[:200]                     # drawn with matplotlib's fonts, not a bitmap font
+    line = next(r for r in _results(out) if r["file"] == name and r["prompt"] == PROMPTS[1])
+    wave = load_audio(mixed_run[0] / name)
+    fig = R.spectrogram_figure(wave, np.full((wave.size // HOP + 1, 64), 0.5, np.float32), "mel", PROMPTS[1],
+                               line["similarity"], line["masked_similarity"])
+    panels = [a for a in fig.axes if a.get_label() != "<colorbar>"]
+    bars = [a for a in fig.axes if a.get_label() == "<colorbar>"]
+    assert len(panels) == 3 and len(bars) == 3
+    assert [a.get_ylabel() for a in panels] == ["frequency (Hz)"] * 3 and panels[-1].get_xlabel() == "time (s)"
+    assert [b.get_ylabel() for b in bars] == ["dB", "mask (gain)", "dB"]
+    assert panels[0].get_xlim() == pytest.approx((0, 180.0))           # the axis is in seconds
+    ticks = [t.get_text() for t in panels[0].get_yticklabels()]
+    assert "1k" in ticks and "10k" in ticks                            # ... and this one in Hz
+    title = fig._suptitle.get_text()
+    assert PROMPTS[1] in title and f"similarity {line['similarity']:.3f}" in title
+    assert f"masked {line['masked_similarity']:.3f}" in title
 
 
 class _Links(html.parser.HTMLParser):
@@ -210,26 +228,96 @@ def test_report_links_exist_and_names_are_escaped(mixed_run):
     page, parser = _report(out)
     originals = {(out / unquote(v["src"])).resolve() for t, v in parser.tags if t == "audio"}
     assert (inp / XSS).resolve() in originals                                 # the original is linked
-    assert sum(t == "audio" for t, _ in parser.tags) == 3 * 2 * len(MIXED)    # original, explanation, residual
+    assert sum(t == "audio" for t, _ in parser.tags) == 2 * 2 * len(MIXED)    # original and explanation
+    assert sum(t == "img" for t, _ in parser.tags) == 2 * len(MIXED)          # thumbnails ...
+    thumbs = [v["src"] for t, v in parser.tags if t == "img"]
+    assert all(any(t == "a" and v.get("href") == src for t, v in parser.tags) for src in thumbs)   # ... full size
+    prompts = [t for t in parser.text if t in PROMPTS]
+    assert prompts == PROMPTS * len(MIXED)            # in the order given ("Rain..." sorts first in ASCII)
     assert not any("onerror" in attrs for _, attrs in parser.tags)            # the file name stayed text
     assert any(XSS in t for t in parser.text)
     assert "&lt;img src=x onerror=alert(1)&gt;.wav" in page
 
 
+LAYOUT_PROBE = """<script>
+window.addEventListener("load", () => {
+  const table = document.querySelector("table.results");
+  const heads = [...table.querySelectorAll("thead th")].map(th => th.getBoundingClientRect());
+  const filled = heads.map(() => false);
+  for (const td of table.querySelectorAll("tbody td")) {
+    const r = td.getBoundingClientRect();
+    const has = td.textContent.trim() !== "" || td.querySelector("audio, img, a");
+    heads.forEach((h, i) => { if (has && r.left < h.right - 1 && r.right > h.left + 1) filled[i] = true; });
+  }
+  const names = [...table.querySelectorAll("td.file")].map(td => {
+    const text = td.firstChild, range = document.createRange();
+    range.selectNodeContents(text);
+    const lines = new Set([...range.getClientRects()].map(r => Math.round(r.top))).size;
+    return {name: text.textContent, width: td.getBoundingClientRect().width, lines: lines};
+  });
+  const lines = el => {
+    const range = document.createRange();
+    range.selectNodeContents(el);
+    return new Set([...range.getClientRects()].map(r => Math.round(r.top))).size;
+  };
+  const headLines = [...table.querySelectorAll("thead th")].map(th => [th.textContent, lines(th)]);
+  document.body.setAttribute("data-layout", JSON.stringify({
+    view: document.documentElement.clientWidth, page: document.documentElement.scrollWidth,
+    table: table.getBoundingClientRect().right, heads: [...table.querySelectorAll("thead th")].map(th => th.textContent),
+    filled: filled, names: names, headLines: headLines,
+    thumbs: [...document.images].map(i => [i.naturalWidth, i.getBoundingClientRect().width])}));
+});
+</script>"""
+
+
+def _chromium(url: str, *args: str, profile: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["/usr/bin/chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           f"--user-data-dir={profile}", "--window-size=1280,1000", "--virtual-time-budget=5000",
+                           *args, url], capture_output=True, text=True, timeout=180)
+
+
 @pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="Debian chromium is not installed")
 def test_report_renders_in_headless_chromium(mixed_run, tmp_path):
+    """At 1280 px: the names readable (no letter-by-letter wrapping), the main table inside the
+    page, no column empty for the whole run, thumbnails drawn smaller than their full-size PNGs."""
     _, out, _, _ = mixed_run
-    run = subprocess.run(["/usr/bin/chromium", "--headless", "--no-sandbox", "--disable-gpu",
-                          f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=3000",
-                          "--dump-dom", (out / R.INDEX).as_uri()],
-                         capture_output=True, text=True, timeout=120)
+    shot = _chromium((out / R.INDEX).as_uri(), f"--screenshot={tmp_path / 'shot.png'}", profile=tmp_path / "p1")
+    assert shot.returncode == 0, shot.stderr[-2000:]
+    assert (tmp_path / "shot.png").read_bytes()[16:24] == (1280).to_bytes(4, "big") + (1000).to_bytes(4, "big")
+    probe = out / "layout-probe.html"               # the report with a measuring script, beside it
+    probe.write_text((out / R.INDEX).read_text(encoding="utf-8").replace("</body>", LAYOUT_PROBE + "</body>"),
+                     encoding="utf-8")
+    try:
+        run = _chromium(probe.as_uri(), "--dump-dom", profile=tmp_path / "p2")
+    finally:
+        probe.unlink()
     assert run.returncode == 0, run.stderr[-2000:]
     dom = _Links()
     dom.feed(run.stdout)
-    assert sum(t == "audio" for t, _ in dom.tags) == 3 * 2 * len(MIXED)
-    assert sum(t == "img" for t, _ in dom.tags) == 2 * len(MIXED)
+    layout = json.loads(next(a["data-layout"] for t, a in dom.tags if t == "body" and "data-layout" in a))
+    assert layout["view"] == 1280 and layout["page"] <= layout["view"] and layout["table"] <= layout["view"]
+    assert all(layout["filled"]), dict(zip(layout["heads"], layout["filled"]))
+    assert all(n <= len(text.split()) for text, n in layout["headLines"]), layout["headLines"]   # no word broken
+    for n in layout["names"]:
+        assert n["width"] >= 150, n
+        assert n["lines"] <= 1 + len(n["name"]) // 15, n          # at least 15 characters a line
+    assert len(layout["thumbs"]) == 2 * len(MIXED)
+    assert all(0 < shown < natural for natural, shown in layout["thumbs"])
     assert not any("onerror" in attrs for _, attrs in dom.tags)
     assert any(XSS in t for t in dom.text)
+
+
+def test_report_leaves_out_columns_empty_for_the_whole_run(tmp_path):
+    lines = [{"file": "a.wav", "input": "/nowhere/a.wav", "prompt": p, "window": 0, "similarity": 0.2,
+              "masked_similarity": None, "mask_mean": 0.1, "outputs": {"wav": f"a.{p}.wav"},
+              "prompt_order": k} for k, p in enumerate(["siren", "bell"])]
+    R.write_index(tmp_path, lines, [])
+    page, parser = (tmp_path / R.INDEX).read_text(encoding="utf-8"), _Links()
+    parser.feed(page)
+    heads = [t for t in parser.text if t in ("similarity", "masked", "heard", "mask mean",
+                                              "original | explanation", "spectrogram | mask | masked")]
+    assert heads == ["similarity", "mask mean", "original | explanation"]   # no check, no listen, no PNG
+    assert [t for t in parser.text if t in ("siren", "bell")] == ["siren", "bell"]
 
 
 # --------------------------------------------------------------------- bad input
@@ -281,6 +369,241 @@ def test_every_bad_input_is_listed_and_the_rest_explained(tmp_path, decoder_dir)
     assert summary["failed"] == len(expect) and {f["file"] for f in summary["failures"]} == set(expect)
     _, parser = _report(out)
     assert set(expect) <= set(parser.text)                     # the failed files are listed in the report
+
+
+# --------------------------------------------------------------------- unusable models and paths
+
+
+class _Touch:
+    """Unpickling this creates a file: what a malicious checkpoint can do."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory, tiny_clap, decoder_dir):
+    """Broken and foreign model files next to a good CLAP folder and decoder."""
+    import shutil
+
+    from lmaczs_cli.clap import save_clap
+
+    d = tmp_path_factory.mktemp("models")
+    clap = save_clap(tiny_clap, d / "clap")
+    sd = {f"module.{k}": v for k, v in tiny_clap.clap.state_dict().items()}
+    torch.save({"state_dict": sd, "epoch": 1}, d / "good.pt")
+    data = (d / "good.pt").read_bytes()
+    (d / "truncated.pt").write_bytes(data[: len(data) // 2])
+    (d / "empty.pt").write_bytes(b"")
+    (d / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    torch.save({"state_dict": sd, "extra": _Touch(d / "pwned.txt")}, d / "trap.pt")
+    for name in ("no_weights", "cut_weights", "bad_config", "no_config", "other_arch"):
+        shutil.copytree(decoder_dir, d / name)
+    (d / "no_weights" / "decoder.safetensors").unlink()
+    cut = (d / "cut_weights" / "decoder.safetensors").read_bytes()
+    (d / "cut_weights" / "decoder.safetensors").write_bytes(cut[:100])
+    (d / "bad_config" / "config.json").write_text('{"format": "lmaczs-decoder/1", "decoder": ')
+    (d / "no_config" / "config.json").unlink()
+    (d / "loose").mkdir()
+    shutil.copy(decoder_dir / "decoder.safetensors", d / "loose" / "decoder.safetensors")
+    cfg = DecoderConfig.for_clap(tiny_clap)                     # a decoder for a CLAP twice as wide
+    wide = DecoderConfig(**{**cfg.to_json(), "hidden_channels": [2 * c for c in cfg.hidden_channels]})
+    save_decoder(MaskDecoder(wide), d / "other_arch", {"clap": {"identity": "f" * 64, "source": "a wider CLAP"},
+                                                        "domain": "mel", "mel_to_linear": "linear"})
+    (d / "a_file").write_text("not a folder")
+    return d, clap
+
+
+UNUSABLE = [   # id, extra options ({d}: the model_files folder, {c}: the good CLAP folder), message
+               # ({why}: the wording of a third-party library, which changes between its versions)
+    ("empty-pt", ["--clap", "{d}/empty.pt"], "{d}/empty.pt: empty file (0 bytes); download the checkpoint again"),
+    ("truncated-pt", ["--clap", "{d}/truncated.pt"],
+     "{d}/truncated.pt: truncated or corrupt (its zip archive has no central directory, as when a download stops "
+     "early); download the checkpoint again"),
+    ("random-pt", ["--clap", "{d}/random.pt"],
+     "{d}/random.pt: not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle); pass a LAION .pt "
+     "checkpoint such as 630k-audioset-best.pt"),
+    ("safetensors-as-clap", ["--clap", "{c}/clap.safetensors"],
+     "{c}/clap.safetensors: a safetensors file, not a LAION .pt checkpoint; pass the folder that holds it with its "
+     "clap.json (a CLAP saved by lmaczs), or hf:DIR for a transformers ClapModel folder"),
+    ("clap-folder-without-files", ["--clap", "{d}/no_config"],
+     "{d}/no_config: no clap.json in this folder; pass a folder with clap.json + clap.safetensors (a CLAP saved by "
+     "lmaczs), a LAION .pt file, or hf:DIR"),
+    ("decoder-without-weights", ["--decoder", "{d}/no_weights"],
+     "{d}/no_weights/decoder.safetensors: missing; copy the decoder folder again or re-run `lmaczs train`"),
+    ("decoder-cut-weights", ["--decoder", "{d}/cut_weights"],
+     "{d}/cut_weights/decoder.safetensors: not a readable safetensors file (SafetensorError: {why}); copy the "
+     "decoder folder again or re-run `lmaczs train`"),
+    ("decoder-bad-config", ["--decoder", "{d}/bad_config"],
+     "--decoder {d}/bad_config/config.json: not readable JSON (JSONDecodeError: Expecting value: line 1 column 43 "
+     "(char 42)); copy the decoder folder again or re-run `lmaczs train`"),
+    ("decoder-folder-without-config", ["--decoder", "{d}/no_config"],
+     "--decoder {d}/no_config: no config.json in this folder; a decoder is the --out folder of `lmaczs train` "
+     "(config.json + decoder.safetensors)"),
+    ("decoder-file-alone", ["--decoder", "{d}/loose/decoder.safetensors"],
+     "--decoder {d}/loose/decoder.safetensors: no config.json beside it; a decoder is the --out folder of "
+     "`lmaczs train` (config.json + decoder.safetensors)"),
+    ("decoder-of-another-architecture", ["--decoder", "{d}/other_arch", "--force"],
+     "{d}/other_arch: this decoder was built for another CLAP architecture (hidden_channels 64x128x256x256 where "
+     "this CLAP gives 32x64x128x128); --force cannot make it fit. Pass the CLAP it was trained on, or train a "
+     "decoder for this one (`lmaczs train --clap ...`)."),
+]
+
+
+@pytest.mark.parametrize("options, message", [u[1:] for u in UNUSABLE], ids=[u[0] for u in UNUSABLE])
+def test_unusable_model_files_exit_2_with_one_line(tmp_path, decoder_dir, model_files, options, message):
+    d, clap = model_files
+    sf.write(tmp_path / "a.wav", _noise(0.5, 16_000), 16_000)
+    fill = {"d": str(d), "c": str(clap)}
+    options = [o.format(**fill) for o in options]
+    model = ["--clap", "random:tiny", "--decoder", str(decoder_dir), "--device", "cpu"]
+    for k in ("--clap", "--decoder"):
+        if k in options:
+            i = model.index(k)
+            del model[i: i + 2]
+    result = CliRunner().invoke(main, ["explain", str(tmp_path / "a.wav"), "-p", "dog", "--out",
+                                       str(tmp_path / "out"), *model, *options])
+    assert result.exit_code == 2, result.output
+    expected = re.escape(f"Error: {message.format(why='WHY', **fill)}\n").replace("WHY", "[^()\\n]+")
+    assert re.fullmatch(expected, result.stderr), result.stderr
+    assert not (tmp_path / "out" / R.RESULTS).exists()
+
+
+def test_checkpoint_that_would_run_code_is_refused_by_the_command(tmp_path, decoder_dir, model_files):
+    d, _ = model_files
+    sf.write(tmp_path / "a.wav", _noise(0.5, 16_000), 16_000)
+    args = ["explain", str(tmp_path / "a.wav"), "-p", "dog", "--out", str(tmp_path / "out"),
+            "--clap", str(d / "trap.pt"), "--decoder", str(decoder_dir), "--device", "cpu"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (
+        f"Error: {d}/trap.pt: refused: it pickles io.open, which is neither a tensor nor one of the numpy scalars "
+        "LAION's checkpoints hold, and unpickling it could run code. If you trust where it came from, pass "
+        "--trust-checkpoint (Python: trust=True).\n")
+    assert not (d / "pwned.txt").exists()
+    trusted = CliRunner().invoke(main, [*args, "--trust-checkpoint"])       # the opt-in runs the payload
+    assert (d / "pwned.txt").exists(), trusted.output
+    (d / "pwned.txt").unlink()
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("a model was loaded")
+
+
+@pytest.mark.parametrize("case", ["under-a-file", "name-too-long", "proc", "read-only-folder"])
+def test_unusable_out_is_refused_before_any_model_loads(tmp_path, monkeypatch, case):
+    import lmaczs_cli.runs as runs
+
+    monkeypatch.setattr(runs, "_load_for_rank", _no_model)
+    sf.write(tmp_path / "a.wav", _noise(0.5, 16_000), 16_000)
+    if case == "under-a-file":
+        (tmp_path / "f").write_text("x")
+        out, message = tmp_path / "f" / "out", f"--out {tmp_path}/f/out: {tmp_path}/f is a file, not a folder; " \
+                                               "choose another --out"
+    elif case == "name-too-long":
+        out = tmp_path / ("x" * 300)
+        message = f"--out {out}: cannot write there (File name too long); choose a folder you can write to"
+    elif case == "proc":
+        if not Path("/proc/self").is_dir():
+            pytest.skip("no /proc here")
+        out = Path("/proc/lmaczs-out")
+        message = f"--out {out}: cannot write there (No such file or directory); choose a folder you can write to"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into a read-only folder")
+        (tmp_path / "ro").mkdir(mode=0o500)
+        out = tmp_path / "ro" / "out"
+        message = f"--out {out}: cannot write there (Permission denied); choose a folder you can write to"
+    result = CliRunner().invoke(main, ["explain", str(tmp_path / "a.wav"), "-p", "dog", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr == f"Error: {message}\n"
+
+
+def test_interrupted_run_exits_130_and_keeps_finished_work(tmp_path, decoder_dir):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    for k in range(20):
+        sf.write(inp / f"clip{k:02d}.wav", _noise(1.0, 24_000, seed=k), 24_000)
+    cmd = [sys.executable, "-m", "lmaczs_cli", "explain", str(inp), "-p", "dog barking", "--out", str(out),
+           "--batch-size", "1", "--workers", "0", "--no-png", *_model(decoder_dir)]
+    proc = subprocess.Popen(cmd, env=ENV, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    results = out / R.RESULTS
+    deadline = time.monotonic() + 120
+    while not (results.exists() and results.stat().st_size > 0):
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "no results line within 120 s"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()[-2000:]
+    assert err.decode().endswith("interrupted; what finished is kept\n") and "Traceback" not in err.decode()
+    assert 1 <= len({r["file"] for r in _results(out)}) < 20
+
+
+def test_progress_counts_windows_within_a_long_file(tmp_path, decoder_dir):
+    from lmaczs_cli.runs import ExplainJob, run_explain
+
+    sf.write(tmp_path / "long.wav", _noise(25.0, 16_000), 16_000)          # 4 windows
+    sf.write(tmp_path / "short.wav", _noise(1.0, 16_000), 16_000)
+    events = []
+    ex = Explainer.load(clap="random:tiny", decoder=decoder_dir, device="cpu", batch_size=1)
+    run_explain(ExplainJob(paths=(str(tmp_path),), out=str(tmp_path / "out"), prompts=("dog",), batch_size=1,
+                           workers=0), explainer=ex, on_event=events.append)
+    assert events[0] == {"event": "start", "files": 2, "windows": 5, "seconds": pytest.approx(26.0)}
+    kinds = [e["event"] for e in events[1:]]
+    first_file = kinds.index("file")
+    assert kinds[:first_file] == ["windows"] * 4          # the bar moves while the long file is explained
+    assert sum(e["n"] for e in events if e["event"] == "windows") == 5
+
+
+def test_rerun_with_nothing_left_loads_no_model(tmp_path, decoder_dir, monkeypatch):
+    import lmaczs_cli.runs as runs
+
+    sf.write(tmp_path / "a.wav", _noise(1.0, 16_000), 16_000)
+    first = _explain([str(tmp_path / "a.wav"), "-p", "dog", "--out", str(tmp_path / "out"), "--no-png"], decoder_dir)
+    assert first.exit_code == 0, first.output
+    monkeypatch.setattr(runs, "_load_for_rank", _no_model)
+    again = _explain([str(tmp_path / "a.wav"), "-p", "dog", "--out", str(tmp_path / "out"), "--no-png", "--json"],
+                     decoder_dir)
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["already_done"] == 1
+
+
+class _NoMask(torch.nn.Module):
+    """A decoder stub whose mask keeps nothing."""
+
+    def forward(self, hidden, text, logmel, log_power=None):
+        return torch.zeros(logmel.shape[0], logmel.shape[1], 64)
+
+
+def test_empty_explanations_are_marked_counted_and_shown(tmp_path, tiny_clap, capsys):
+    from lmaczs_cli.cli import _explain_report
+    from lmaczs_cli.runs import ExplainJob, run_explain
+
+    sf.write(tmp_path / "a.wav", _noise(1.0, 16_000), 16_000)
+    ex = Explainer.from_models(tiny_clap, _NoMask(), {"domain": "mel"}, device="cpu")
+    summary = run_explain(ExplainJob(paths=(str(tmp_path / "a.wav"),), out=str(tmp_path / "out"),
+                                     prompts=("dog", "siren"), workers=0), explainer=ex)
+    lines = _results(tmp_path / "out")
+    assert [(r["prompt"], r["empty"], r["level_db"]) for r in lines] == [("dog", True, R.LEVEL_FLOOR_DB),
+                                                                        ("siren", True, R.LEVEL_FLOOR_DB)]
+    assert summary["empty"] == 2
+    _explain_report(summary, as_json=False)
+    assert "(2 explanations, 2 empty: the model finds nothing of their prompt there)" in capsys.readouterr().out
+    page = (tmp_path / "out" / R.INDEX).read_text(encoding="utf-8")
+    assert page.count("Empty: the model finds nothing of this prompt here.") == 2
+    assert "2 empty: the model finds nothing of this prompt here" in page
+
+
+def test_empty_threshold_is_mask_mean_or_level():
+    assert R.is_empty(R.EMPTY_MASK_MEAN / 2, None) and not R.is_empty(2 * R.EMPTY_MASK_MEAN, None)
+    assert R.is_empty(0.5, R.EMPTY_LEVEL_DB - 1) and not R.is_empty(0.5, R.EMPTY_LEVEL_DB + 1)
+    x = _noise(1.0, 48_000).astype(np.float32)
+    assert R.relative_level_db(x * 1e-3, x) == pytest.approx(-60.0, abs=1e-3)
+    assert R.relative_level_db(x, np.zeros_like(x)) is None and R.relative_level_db(0 * x, x) == R.LEVEL_FLOOR_DB
 
 
 # --------------------------------------------------------------------- resume
@@ -482,7 +805,7 @@ def test_out_equal_to_the_input_folder_never_overwrites_inputs(tmp_path, decoder
     assert (tmp_path / "a.wav.dog-barking.wav").is_file() and (tmp_path / "b.dog-barking.wav").is_file()
     summary = json.loads(result.stdout)
     assert summary["already_done"] == 3 and summary["explained"] == 0
-    assert summary["skipped"]["outputs"] == 3 + 2       # our wavs, results.jsonl and index.html
+    assert summary["skipped"]["outputs"] == 3 + 3 + 2   # our wavs and PNGs, results.jsonl and index.html
 
 
 def test_output_names_are_pure_safe_and_distinct():
@@ -575,8 +898,9 @@ def test_usage_errors_exit_2_with_their_message(tmp_path, args, message):
 
 def test_merge_refuses_a_folder_without_results(tmp_path):
     result = CliRunner().invoke(main, ["merge", str(tmp_path)])
-    assert result.exit_code == 1
-    assert "no results.jsonl and no results.rank<r>.jsonl shards" in result.stderr
+    assert result.exit_code == 2
+    assert result.stderr == (f"Error: {tmp_path}: no results.jsonl and no results.rank<r>.jsonl shards; "
+                             "pass an `lmaczs explain --out` folder\n")
 
 
 def test_missing_paths_and_out_are_usage_errors(tmp_path):
@@ -637,3 +961,46 @@ def test_package_exports_the_public_api():
 
     from lmaczs_cli import AudioError, Explainer as Ex, load_audio   # noqa: F401  (they import)
     assert Ex is Explainer and {"Explainer", "load_audio", "AudioError"} <= set(lmaczs_cli.__all__)
+
+
+def test_one_pass_top_k_picks_what_scoring_then_explaining_picks(decoder_dir):
+    """Top-k mode scores and explains a one-window clip in one encoder pass (longer clips: scored
+    over their windows first); either way the labels are those `classify` ranks first and the
+    explanations those of `explain_prompts` for them."""
+    ex = Explainer.load(clap="random:tiny", decoder=decoder_dir, device="cpu", batch_size=3)
+    rng = np.random.default_rng(7)
+    waves = [(0.2 * rng.standard_normal(int(s * 48_000))).astype(np.float32) for s in (3.0, 10.0, 7.5, 25.0)]
+    labels = [f"label {i}" for i in range(12)]
+    prompts = [label_prompt(x) for x in labels]
+    got = {r.key: r for r in ex.explain_many(waves, labels=labels, top_k=3)}
+    for i, w in enumerate(waves):
+        scores = ex.classify(w, prompts)
+        best = np.argsort(-scores, kind="stable")[:3]
+        assert [t["label"] for t in got[i].topk] == [labels[j] for j in best]
+        assert [t["score"] for t in got[i].topk] == pytest.approx(scores[best].tolist(), abs=1e-5)
+        ref = ex.explain_prompts(w, [prompts[j] for j in best])
+        for a, b in zip(got[i].explanations, ref):
+            assert a.prompt == b.prompt and np.abs(a.mask - b.mask).max() <= 1e-5
+            assert a.masked_similarity == pytest.approx(b.masked_similarity, abs=1e-5)
+
+
+def test_folder_pipeline_writes_the_same_files_with_zero_and_four_decode_workers(tmp_path, decoder_dir):
+    """Decoding in this process (a prefetch thread) or in 4 worker processes changes nothing written."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for k in range(6):
+        sf.write(inp / f"c{k}.wav", _noise(0.5 + 2.5 * k, 22_050 if k % 2 else 48_000, seed=k), 22_050 if k % 2 else 48_000)
+    (inp / "broken.wav").write_bytes(b"RIFF but not audio")
+    outs = {}
+    for workers in (0, 4):
+        out = tmp_path / f"out{workers}"
+        result = _explain([str(inp), "-p", "dog barking", "--out", str(out), "--batch-size", "3",
+                           "--workers", str(workers), "--no-png", "--json"], decoder_dir)
+        assert result.exit_code == 1, result.output          # the broken file is listed, the rest explained
+        outs[workers] = out
+    wavs = sorted(p.relative_to(outs[0]) for p in outs[0].rglob("*.wav"))
+    assert len(wavs) == 6 and wavs == sorted(p.relative_to(outs[4]) for p in outs[4].rglob("*.wav"))
+    for rel in wavs:
+        assert (outs[0] / rel).read_bytes() == (outs[4] / rel).read_bytes()
+    assert _errors(outs[0]).keys() == _errors(outs[4]).keys() == {"broken.wav"}
+    _assert_same_results(_results(outs[0]), _results(outs[4]))

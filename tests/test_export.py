@@ -286,10 +286,15 @@ def test_manifest_describes_the_graphs(exported, model):
     assert manifest["sources"]["clap"]["identity"] == clap.identity()
     assert set(manifest["versions"]) >= {"lmaczs", "torch", "onnx"}
     assert manifest["tensorrt_audit"] == {"tensorrt": "10.15", "source": audit.trt_table()["source"],
-                                          "audio_encoder": [], "text_encoder": [], "explainer": []}
+                                          **{g: [] for g in manifest["graphs"]}}
+    assert set(manifest["graphs"]) >= {"audio_encoder", "text_encoder", "explainer"}
+    assert manifest["precision"] == "fp32"
     for g in manifest["graphs"].values():
         assert sha256_file(folder / g["file"]) == g["sha256"]
         assert onnx.load(str(folder / g["file"])).opset_import[0].version == 17
+        assert g["precision"] == "fp32" and set(g["dtypes"]) == set(g["inputs"]) | set(g["outputs"])
+    assert manifest["graphs"]["text_encoder"]["dtypes"] == {"input_ids": "int64", "embedding": "float"}
+    assert manifest["graphs"]["explainer"]["dtypes"]["masks"] == "float"
 
 
 def test_stft_domain_explainer_matches_torch(tiny_clap, inputs, tmp_path):
@@ -312,15 +317,39 @@ def test_stft_domain_explainer_matches_torch(tiny_clap, inputs, tmp_path):
     assert audit.audit(tmp_path / "explainer.onnx", EXPLAINER_FORBIDDEN) == []
 
 
-def test_fp16_engines_keep_the_spectral_nodes_fp32(exported):
-    """The TensorRT fp16 build pins `spectral_node`s to fp32: every Log, every DFT/iDFT stage
-    MatMul and the mel MatMul are such nodes; no convolution or attention node is."""
-    from onnx import numpy_helper
+# --------------------------------------------------------------------------- the fp16 variant
 
-    from lmaczs_cli.export.to_trt import spectral_node
 
-    folder, _ = exported
-    model = onnx.load(str(folder / "explainer.onnx"))
+@pytest.fixture(scope="module")
+def fp16_explainer(model, tmp_path_factory):
+    """explainer.onnx traced with float16 encoder and decoder weights (`lmaczs export --fp16`)."""
+    from lmaczs_cli.export.to_onnx import export_explainer, half_precision
+
+    clap, decoder = model
+    path = tmp_path_factory.mktemp("fp16") / "explainer.onnx"
+    with half_precision(clap, decoder):
+        spec = export_explainer(clap, decoder, path, "mel")
+    return path, spec
+
+
+def _input_types(model: "onnx.ModelProto") -> dict[str, int]:
+    """Element type of every tensor of a graph (ONNX shape inference)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in [*inferred.graph.input, *inferred.graph.output, *inferred.graph.value_info]}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    return types
+
+
+def test_fp16_graph_keeps_the_spectral_nodes_float32(fp16_explainer):
+    """Precision is written into the graph: the DFT / inverse-DFT stage MatMuls, the mel MatMul
+    and every Log take float32; convolution, attention and normalisation layers take float16;
+    every float input and output stays float32."""
+    from onnx import TensorProto, numpy_helper
+
+    path, spec = fp16_explainer
+    model = onnx.load(str(path))
+    types = _input_types(model)
     consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     for n in model.graph.node:
         if n.op_type == "Constant":
@@ -335,8 +364,102 @@ def test_fp16_engines_keep_the_spectral_nodes_fp32(exported):
     stage_matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and any(is_stage(x) for x in n.input)]
     mel_matmuls = [n for n in model.graph.node
                    if n.op_type == "MatMul" and getattr(consts.get(n.input[1]), "shape", None) == (1024, 64)]
-    assert len(stage_matmuls) == 4 and mel_matmuls             # DFT stages 1, 2; iDFT stages 1, 2; mel
-    assert all(spectral_node(n.name) for n in stage_matmuls + mel_matmuls)
-    assert all(spectral_node(n.name) for n in model.graph.node if n.op_type == "Log")
-    model_ops = [n for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose", "Softmax", "LayerNormalization")]
-    assert model_ops and not any(spectral_node(n.name) for n in model_ops)
+    logs = [n for n in model.graph.node if n.op_type == "Log"]
+    assert len(stage_matmuls) == 4 and mel_matmuls and logs
+    for n in stage_matmuls + mel_matmuls + logs:
+        assert all(types[x] == TensorProto.FLOAT for x in n.input if x in types), n.name
+    half_ops = [n for n in model.graph.node if n.op_type in ("Conv", "Softmax", "LayerNormalization")]
+    assert half_ops and all(types[n.input[0]] == TensorProto.FLOAT16 for n in half_ops)
+    assert spec.precision == "fp16" and set(spec.dtypes.values()) == {"float"}
+    assert audit.audit(path, EXPLAINER_FORBIDDEN) == []
+
+
+def test_fp16_graph_matches_float32_torch(fp16_explainer, eager_explainer, inputs):
+    path, _ = fp16_explainer
+    waves, text = inputs
+    names = ["masks", "audio", "similarity", "masked_similarity"]
+    got = dict(zip(names, session(path.parent, path.name).run(names, {"waves": waves[:2].numpy(),
+                                                                      "text": text[:2].numpy()})))
+    ref = {k: v[:2] for k, v in eager_explainer.items()}
+    assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in got.values())
+    assert np.abs(got["masks"] - ref["masks"]).max() <= 2e-2
+    assert snr_db(got["audio"], ref["audio"]) >= 40
+    assert np.abs(got["similarity"] - ref["similarity"]).max() <= 1e-3
+    assert np.abs(got["masked_similarity"] - ref["masked_similarity"]).max() <= 1e-2
+
+
+def test_half_precision_restores_the_float32_weights_exactly(model):
+    from lmaczs_cli.export.to_onnx import half_precision
+
+    clap, decoder = model
+    before = {k: v.clone() for k, v in clap.state_dict().items()}
+    with half_precision(clap, decoder):
+        assert clap.clap.audio_branch.patch_embed.proj.weight.dtype == torch.float16
+        text = [p for n, p in clap.clap.named_parameters() if not n.startswith(("audio_branch.", "audio_projection."))]
+        assert text and all(p.dtype == torch.float32 for p in text)          # the text tower stays float32
+    assert all(torch.equal(before[k], v) and v.dtype == before[k].dtype for k, v in clap.state_dict().items())
+
+
+# --------------------------------------------------------------------------- tokenizer files
+
+
+PROMPTS = ["a dog barking", "rain on a tin roof, then thunder", "Ünïcödé birdsong!"]
+
+
+def test_export_folder_carries_its_clip_bpe_tokenizer(exported, tiny_clap):
+    from lmaczs_cli.backends import _tokenizer
+
+    folder, manifest = exported
+    tok = manifest["tokenizer"]
+    assert tok["kind"] == "clip-bpe" and tok["dir"] == "tokenizer" and tok["context_length"] == 77
+    assert {n: sha256_file(folder / "tokenizer" / n) for n in tok["files"]} == tok["files"] != {}
+    assert torch.equal(_tokenizer(manifest, None, folder)(PROMPTS), tiny_clap.tokenize(PROMPTS))
+
+
+def test_export_folder_carries_a_roberta_tokenizer(roberta_tokenizer_dir, tmp_path):
+    """RoBERTa towers: the tokenizer's saved files are copied; tokens from the copy are the original's."""
+    from lmaczs_cli.backends import _tokenizer
+    from lmaczs_cli.clap import ClapConfig, ClapModel, RobertaTokenizerWrapper
+    from lmaczs_cli.export.to_onnx import copy_tokenizer
+
+    original = RobertaTokenizerWrapper(roberta_tokenizer_dir)
+    clap = ClapModel(torch.nn.Linear(1, 1), ClapConfig("HTSAT-tiny", "roberta"), original, "test")
+    tok = copy_tokenizer(clap, tmp_path)
+    assert tok["kind"] == "roberta" and ({"vocab.json", "merges.txt"} <= set(tok["files"]) or "tokenizer.json" in tok["files"])
+    copied = _tokenizer({"tokenizer": tok}, None, tmp_path)(PROMPTS)
+    want = original(PROMPTS)
+    assert all(torch.equal(copied[k], want[k]) for k in ("input_ids", "attention_mask"))
+
+
+# --------------------------------------------------------------------------- types TensorRT lacks
+
+
+def _typed_model(nodes, inputs, outputs, init=()):
+    from onnx import helper
+
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(init))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_audit_names_double_tensors_and_integer_math():
+    from onnx import TensorProto, helper
+
+    f = helper.make_tensor_value_info
+    double_cast = _typed_model([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.DOUBLE, name="/model/Cast_7"),
+                                helper.make_node("Cast", ["y"], ["z"], to=TensorProto.FLOAT, name="/model/Cast_8")],
+                               [f("x", TensorProto.FLOAT, [2])], [f("z", TensorProto.FLOAT, [2])])
+    problems = audit.audit(double_cast)
+    assert any("Cast '/model/Cast_7': to double, a type TensorRT lacks" in p for p in problems)
+    double_io = _typed_model([helper.make_node("Identity", ["x"], ["y"], name="id")],
+                             [f("x", TensorProto.DOUBLE, [2])], [f("y", TensorProto.DOUBLE, [2])])
+    assert any("graph input 'x': double" in p for p in audit.audit(double_io))
+    int_matmul = _typed_model([helper.make_node("MatMul", ["a", "b"], ["c"], name="/decoder/MatMul_2")],
+                              [f("a", TensorProto.INT64, [2, 2]), f("b", TensorProto.INT64, [2, 2])],
+                              [f("c", TensorProto.INT64, [2, 2])])
+    assert any("MatMul '/decoder/MatMul_2': input 'a' is int64; TensorRT runs MatMul on floating types only" in p
+               for p in audit.audit(int_matmul))
+    index_math = _typed_model([helper.make_node("Gather", ["x", "i"], ["y"], name="g"),
+                               helper.make_node("Add", ["i", "i"], ["j"], name="add")],
+                              [f("x", TensorProto.FLOAT, [4]), f("i", TensorProto.INT64, [2])],
+                              [f("y", TensorProto.FLOAT, [2]), f("j", TensorProto.INT64, [2])])
+    assert audit.audit(index_math) == []            # int64 indices and index arithmetic are fine

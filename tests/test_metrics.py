@@ -94,3 +94,68 @@ def test_localization_of_a_mask_on_the_region_beats_chance() -> None:
     flat = M.localization(np.ones((1001, 64)), region)
     assert math.isclose(flat["loc_mass"], flat["loc_chance"]) and flat["loc_auc"] == 0.5
     assert 0 < loc["loc_chance"] < 0.05
+
+
+def test_speechbrain_ad_softmaxes_the_probabilities_again() -> None:
+    """SpeechBrain's L-MAC AD re-applies a softmax to class probabilities. By hand, for
+    p = [0.7, 0.2, 0.1] and p(M⊙X) = [0.4, 0.4, 0.2]: the paper's AD is (0.7 - 0.4) / 0.7 = 3/7;
+    softmaxed again, ĉ's entries are e^.7 / (e^.7 + e^.2 + e^.1) and e^.4 / (2e^.4 + e^.2), and
+    their relative drop is 0.2353."""
+    prob = np.array([[0.7, 0.2, 0.1]])
+    masked = np.array([[0.4, 0.4, 0.2]])
+    e = math.exp
+    twice, twice_masked = e(.7) / (e(.7) + e(.2) + e(.1)), e(.4) / (2 * e(.4) + e(.2))
+    assert M.AD_CONVENTIONS["paper"](prob, masked)[0] == pytest.approx(3 / 7)
+    sb = M.drop_softmaxed_twice(prob, masked)[0]
+    assert sb == pytest.approx((twice - twice_masked) / twice) and sb == pytest.approx(0.2353, abs=1e-4)
+    assert M.drop_softmaxed_twice(masked, masked)[0] == 0.0                           # nothing dropped
+    values = M.per_clip_metrics(prob, masked, prob, np.ones((1, 4, 2)), ad="speechbrain")
+    assert values["AD"][0] == pytest.approx(sb)
+    assert M.per_clip_metrics(prob, masked, prob, np.ones((1, 4, 2)))["AD"][0] == pytest.approx(3 / 7)
+    with pytest.raises(ValueError, match="use one of paper, speechbrain"):
+        M.per_clip_metrics(prob, masked, prob, np.ones((1, 4, 2)), ad="quantus")
+
+
+def test_speechbrain_ad_is_the_paper_formula_on_softmaxed_probabilities_and_bounded() -> None:
+    rng = np.random.default_rng(3)
+    prob = M.class_probabilities(rng.normal(size=(50, 14)) * 4)
+    masked = M.class_probabilities(rng.normal(size=(50, 14)) * 4)
+    pred = prob.argmax(axis=1)
+    expected = M.drop_of_top_class(M.class_probabilities(prob), M.class_probabilities(masked), pred)
+    assert np.allclose(M.drop_softmaxed_twice(prob, masked), expected)
+    # 14 classes: softmaxed probabilities lie within [1/(e+13), e/(e+13)], so no drop passes 1 - 1/e,
+    # where the paper's reach 1
+    assert M.drop_of_top_class(prob, masked).max() > 0.9
+    assert M.drop_softmaxed_twice(prob, masked).max() < 1 - 1 / math.e
+
+
+def test_top_cells_keep_exact_budgets_nested_and_largest_first() -> None:
+    mask = np.arange(20, dtype=float).reshape(1, 4, 5) / 20          # cell i has value i / 20
+    kept = M.top_cells(mask, (0.1, 0.25, 0.5))
+    assert kept.shape == (3, 1, 4, 5) and kept.dtype == bool
+    assert [int(k.sum()) for k in kept] == [2, 5, 10]
+    assert np.array_equal(np.flatnonzero(kept[0].ravel()), [18, 19])
+    assert np.array_equal(np.flatnonzero(kept[2].ravel()), np.arange(10, 20))
+    assert np.all(kept[1] <= kept[2]) and np.all(kept[0] <= kept[1])  # larger budgets keep a superset
+
+
+def test_top_cells_break_ties_in_a_fixed_spread_order() -> None:
+    flat = np.full((2, 100, 8), 0.5)
+    a, b = M.top_cells(flat, (0.1,)), M.top_cells(flat, (0.1,))
+    assert np.array_equal(a, b) and int(a[0, 0].sum()) == 80
+    assert np.array_equal(a[0, 0], a[0, 1])                                # the same order for every clip
+    frames = np.flatnonzero(a[0, 0].any(axis=1))
+    assert frames.min() < 20 and frames.max() > 80                         # spread, not the first frames
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        M.top_cells(flat, (0.1, 1.5))
+
+
+def test_curve_area_is_the_trapezoid_over_the_budget_span() -> None:
+    budgets = (0.1, 0.2, 0.5)
+    # constant p -> p; a line from 0 to 0.4 over [0.1, 0.5] -> its mean 0.2
+    values = np.array([[0.3, 0.3, 0.3], [0.0, 0.1, 0.4]])
+    assert np.allclose(M.curve_area(values, budgets), [0.3, 0.2])
+    # by hand: ((0.2 + 0.6) / 2 * 0.1 + (0.6 + 0.9) / 2 * 0.3) / 0.4 = (0.04 + 0.225) / 0.4
+    assert M.curve_area(np.array([[0.2, 0.6, 0.9]]), budgets)[0] == pytest.approx(0.6625)
+    with pytest.raises(ValueError, match="increasing"):
+        M.curve_area(values, (0.2, 0.1, 0.5))

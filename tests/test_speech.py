@@ -1,8 +1,9 @@
-"""Speech for `lmaczs eval --contaminate speech` (lmaczs_cli.demo.speech): the formant
-synthesiser, espeak-ng when it is on PATH (a stand-in program here), and a user's folder
-never added to."""
+"""Speech for `lmaczs eval --contaminate speech` (lmaczs_cli.demo.speech): the shipped
+espeak-ng clips (out of the demo world's domain), how they are remade (a stand-in espeak-ng
+here), the in-domain formant synthesiser, and a user's folder never added to."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from lmaczs_cli.demo.speech import SpeechFolderError, formant_speech, main, write_speech_folder
+from lmaczs_cli.demo.speech import (SPOKEN, SPOKEN_DIR, SpeechFolderError, formant_speech, main,
+                                    synthesise_speech, write_speech_folder)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -27,25 +29,42 @@ def test_formant_speech_is_voiced_band_limited_and_paused(seed: int) -> None:
     assert (frames > 0.2 * frames.max()).mean() > 0.25                           # and syllables
 
 
-def test_without_espeak_the_folder_gets_formant_flacs(tmp_path: Path, monkeypatch) -> None:
+def test_the_shipped_speech_is_espeak_ng_english_under_a_megabyte() -> None:
+    sources = json.loads((SPOKEN_DIR / "sources.json").read_text())
+    assert sources["program"].startswith("eSpeak NG") and "Data at" not in sources["program"]
+    assert [(c["voice"], c["words_per_min"], c["text"]) for c in sources["clips"]] == list(SPOKEN)
+    files = sorted(SPOKEN_DIR.glob("*.flac"))
+    assert [f.name for f in files] == [f"spoken_{i}.flac" for i in range(len(SPOKEN))]
+    assert sum(f.stat().st_size for f in files) <= 2**20
+    for f, clip in zip(files, sources["clips"]):
+        wave, sr = sf.read(f, dtype="float32")
+        assert sr == 22_050 and wave.size / sr == pytest.approx(clip["seconds"], abs=0.01) and wave.size / sr > 3
+        frames = np.sqrt(np.mean(wave[: wave.size // 2205 * 2205].reshape(-1, 2205).astype(np.float64) ** 2, axis=1))
+        assert (frames > 0.2 * frames.max()).mean() > 0.3                      # 100 ms frames: mostly voiced
+
+
+def test_the_folder_gets_the_shipped_clips_with_or_without_espeak(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path / "no-programs"))
-    assert write_speech_folder(tmp_path / "speech", n=2) == "formant"
+    assert write_speech_folder(tmp_path / "speech", n=2).startswith("espeak-ng, shipped")
     files = sorted((tmp_path / "speech").iterdir())
-    assert [f.name for f in files] == ["speech_0.flac", "speech_1.flac"]
-    wave, sr = sf.read(files[1], dtype="float32")
-    assert sr == 48_000 and np.allclose(wave, formant_speech(1), atol=1e-4)
+    assert [f.name for f in files] == ["spoken_0.flac", "spoken_1.flac"]
+    assert all(f.read_bytes() == (SPOKEN_DIR / f.name).read_bytes() for f in files)
+    with pytest.raises(SpeechFolderError, match=f"give 1 to {len(SPOKEN)}"):
+        write_speech_folder(tmp_path / "more", n=len(SPOKEN) + 1)
 
 
-def _fake_espeak(bin_dir: Path, fail: bool = False) -> Path:
-    """A stand-in espeak-ng: `-s WPM -w FILE TEXT` writes a 22.05 kHz wav whose length is the
-    text's, and logs its arguments."""
+def _fake_espeak(bin_dir: Path) -> Path:
+    """A stand-in espeak-ng: `--version` prints a version line with a local data path; `-v VOICE
+    -s WPM -w FILE TEXT` writes a 22.05 kHz wav whose length is the text's, and logs its arguments."""
     bin_dir.mkdir()
     script = bin_dir / "espeak-ng"
     script.write_text(f"""#!{sys.executable}
 import sys, numpy as np, soundfile as sf
 args = sys.argv[1:]
-open({str(bin_dir / 'calls')!r}, "a").write(" ".join(args[:3]) + "\\n")
-{"sys.exit('espeak-ng: no voice data')" if fail else ""}
+if args == ["--version"]:
+    print("eSpeak NG text-to-speech: 9.99  Data at: /somewhere/espeak-ng-data")
+    sys.exit(0)
+open({str(bin_dir / 'calls')!r}, "a").write(" ".join(args[:5]) + "\\n")
 n = 220 * len(args[-1])
 sf.write(args[args.index("-w") + 1], np.sin(np.arange(n) * 0.05).astype("float32") * 0.3, 22050, format="WAV")
 """)
@@ -53,26 +72,28 @@ sf.write(args[args.index("-w") + 1], np.sin(np.arange(n) * 0.05).astype("float32
     return bin_dir
 
 
-def test_espeak_ng_makes_the_speech_when_it_is_installed(tmp_path: Path, monkeypatch) -> None:
+def test_synthesise_speaks_every_clip_with_espeak_ng_and_records_how(tmp_path: Path, monkeypatch) -> None:
     bin_dir = _fake_espeak(tmp_path / "bin")
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    assert write_speech_folder(tmp_path / "speech", n=5) == "espeak-ng"
-    files = sorted((tmp_path / "speech").iterdir())
-    assert [f.name for f in files] == [f"speech_{i}.wav" for i in range(5)]
-    assert sf.info(files[0]).samplerate == 22_050 and sf.info(files[0]).frames > 0
-    calls = (bin_dir / "calls").read_text().split("\n")[:5]
-    assert calls[0] == "-s 160 -w" and calls[4] == "-s 180 -w"      # the 5th: sentence 1 again, faster
+    assert synthesise_speech(tmp_path / "spoken") == "eSpeak NG text-to-speech: 9.99"
+    calls = (bin_dir / "calls").read_text().splitlines()
+    assert calls[0] == f"-v {SPOKEN[0][0]} -s {SPOKEN[0][1]} -w" and len(calls) == len(SPOKEN)
+    sources = json.loads((tmp_path / "spoken" / "sources.json").read_text())
+    assert sources["program"] == "eSpeak NG text-to-speech: 9.99"
+    first = sources["clips"][0]
+    assert first["file"] == "spoken_0.flac" and first["seconds"] == round(220 * len(SPOKEN[0][2]) / 22050, 2)
+    info = sf.info(tmp_path / "spoken" / "spoken_0.flac")
+    assert info.samplerate == 22_050 and info.subtype == "PCM_16"
 
 
-def test_a_broken_espeak_falls_back_to_formant_speech(tmp_path: Path, monkeypatch) -> None:
-    bin_dir = _fake_espeak(tmp_path / "bin", fail=True)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    assert write_speech_folder(tmp_path / "speech", n=2) == "formant"
-    assert sorted(f.name for f in (tmp_path / "speech").iterdir()) == ["speech_0.flac", "speech_1.flac"]
-
-
-def test_a_folder_that_holds_audio_is_never_added_to(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_synthesise_without_espeak_says_how_to_install_it(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path / "no-programs"))
+    with pytest.raises(SpeechFolderError, match="apt-get install espeak-ng"):
+        synthesise_speech(tmp_path / "spoken")
+    assert not (tmp_path / "spoken").exists()
+
+
+def test_a_folder_that_holds_audio_is_never_added_to(tmp_path: Path, capsys) -> None:
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     sf.write(corpus / "speech_0.flac", np.zeros(4800, np.float32), 48_000)
@@ -83,7 +104,7 @@ def test_a_folder_that_holds_audio_is_never_added_to(tmp_path: Path, monkeypatch
     with pytest.raises(SystemExit) as e:
         main([str(corpus)])
     assert e.value.code == 2 and "already holds audio" in capsys.readouterr().err
-    with pytest.raises(SpeechFolderError, match="at least 1"):
+    with pytest.raises(SpeechFolderError, match="give 1 to"):
         write_speech_folder(tmp_path / "new", n=0)
     main([str(tmp_path / "new"), "-n", "1"])
-    assert "wrote 1 speech clips (formant)" in capsys.readouterr().out
+    assert "wrote 1 speech clips (espeak-ng, shipped" in capsys.readouterr().out

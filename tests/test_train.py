@@ -219,7 +219,7 @@ def test_bad_manifest_rows_end_up_in_skipped_jsonl(dataset, tmp_path, tiny_clap)
 def test_strict_stops_at_the_first_bad_row(dataset, tmp_path):
     result = CliRunner().invoke(main, ["train", "--data", str(dataset), "--out", str(tmp_path / "r"),
                                        "--clap", "random:tiny", "--strict", "--workers", "0"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "gone.wav: missing" in result.output and "drop --strict" in result.output
 
 
@@ -522,7 +522,8 @@ def click_context(command):
 
 
 def test_every_train_option_is_a_config_field_with_the_same_default():
-    """The command line's options are TrainConfig fields (R.COMMAND_LINE), shown with its defaults."""
+    """The command line's options are TrainConfig fields (R.COMMAND_LINE), shown with its defaults
+    (--trust-checkpoint is a permission to load a file, not part of the recipe)."""
     import dataclasses
 
     from lmaczs_cli.cli import TRAIN_FIELD_OF
@@ -531,7 +532,7 @@ def test_every_train_option_is_a_config_field_with_the_same_default():
     defaults = {f.name: f.default for f in dataclasses.fields(T.TrainConfig)}
     fields = {}
     for p in train.params:
-        if p.name in ("config", "resume", "help"):
+        if p.name in ("config", "resume", "help", "trust_checkpoint"):
             continue
         field = TRAIN_FIELD_OF.get(p.name, p.name)
         fields[field] = p.default
@@ -564,7 +565,7 @@ def test_a_saved_recipe_round_trips_to_the_same_config(dataset, tmp_path, plain_
                               mismatched=1, lr=3.3e-07, amp=True, val_fraction=0.0, lr_schedule="cosine",
                               mask_noise=2.0, hard_mask=True, logit_bound=8.0, lambda_reach=0.03, lambda_out=3.0,
                               lambda_overlap=1.0, lambda_absent=3.0, group_by_audio=True, text_readout=True,
-                              skip_gate=True, levels=3, max_steps=7)
+                              skip_gate=True, levels=3, first_level=2, max_steps=7)
     R.write_recipe(odd, tmp_path / "odd.toml")
     assert T.TrainConfig(**R.load_recipe(tmp_path / "odd.toml")) == odd
 
@@ -683,3 +684,29 @@ def test_the_readme_recipe_example_is_a_valid_recipe(tmp_path):
     fields = R.load_recipe(Path(_recipe(tmp_path / "readme.toml", block)))
     cfg = T.TrainConfig(manifest="m", out="o", **fields)
     assert cfg.hard_mask is True and cfg.lr_schedule == "cosine" and cfg.lambda_out == 3.0
+
+
+def test_a_recipe_sets_the_first_clap_stage_the_decoder_reads(dataset, tmp_path):
+    """[decoder] first_level = 3 with logmel_skip = false trains a decoder of CLAP's deep stages
+    alone; the level is part of the architecture a fine-tune keeps, and out of range is refused."""
+    recipe = _recipe(tmp_path / "deep.toml", f"""
+[data]
+manifest = "{dataset}"
+workers = 0
+[decoder]
+width = 16
+first_level = 3
+logmel_skip = false
+[optimiser]
+max_steps = 1
+[run]
+out = "{tmp_path / 'deep'}"
+device = "cpu"
+""")
+    cfg = R.resolve_config(R.load_recipe(recipe))
+    assert (cfg.first_level, cfg.logmel_skip) == (3, False)
+    assert "first_level" in R.ARCHITECTURE
+    with pytest.raises(T.TrainError, match="first_level"):
+        dataclasses_replace(cfg, first_level=5)
+    with pytest.raises(T.TrainError, match="first_level"):
+        dataclasses_replace(cfg, levels=2, first_level=3)

@@ -290,3 +290,77 @@ def test_write_world_refuses_unknown_texts(tmp_path):
     with pytest.raises(ValueError, match="texts must be one of"):
         world.write_world(tmp_path, 1, texts="labels")
     assert not any(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------ backgrounds
+
+
+def _slope_db_per_octave(x: np.ndarray, lo_hz: float = 200.0, hi_hz: float = 6400.0) -> float:
+    """Least-squares slope of the power spectrum (dB) against log2 frequency over [lo_hz, hi_hz]."""
+    f, p = scipy_welch(x)
+    keep = (f >= lo_hz) & (f <= hi_hz)
+    return float(np.polyfit(np.log2(f[keep]), 10 * np.log10(p[keep]), 1)[0])
+
+
+def scipy_welch(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    import scipy.signal
+
+    return scipy.signal.welch(x, fs=SAMPLE_RATE, nperseg=4096)
+
+
+@pytest.mark.parametrize("kind, slope", [("white", 0.0), ("pink", -3.0), ("brown", -6.0), ("blue", 3.0)])
+def test_coloured_backgrounds_are_unit_rms_with_their_spectral_slope(kind, slope):
+    x = world.background_noise(kind, np.random.default_rng(1))
+    assert x.dtype == np.float32 and x.shape == (CLIP_SAMPLES,)
+    assert np.sqrt(np.mean(x.astype(np.float64) ** 2)) == pytest.approx(1.0, rel=1e-4)
+    assert _slope_db_per_octave(x) == pytest.approx(slope, abs=0.5)
+    assert np.array_equal(x, world.background_noise(kind, np.random.default_rng(1)))
+
+
+def test_traffic_swells_and_stays_under_two_kilohertz():
+    x = world.background_noise("traffic", np.random.default_rng(2)).astype(np.float64)
+    f, p = scipy_welch(x)
+    assert p[f > 2500].sum() < 1e-3 * p.sum()
+    second = np.sqrt(np.mean(x.reshape(10, -1) ** 2, axis=1))          # RMS per second
+    assert second.max() > 2 * second.min()
+
+
+def test_training_and_unseen_backgrounds_do_not_share_a_kind():
+    assert not set(world.TRAIN_BACKGROUNDS) & set(world.UNSEEN_BACKGROUNDS)
+    with pytest.raises(ValueError, match="unknown background 'rain'"):
+        world.background_noise("rain", np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("snr", [0.0, 10.0, 20.0])
+def test_an_event_over_a_background_sits_snr_db_above_it(snr):
+    scene = world.event_over_background("siren", 5, "white", snr)
+    (ev,) = scene.events
+    source = scene.sources["siren"].astype(np.float64)
+    noise = scene.wave.astype(np.float64) - source
+    active = np.abs(source) > 0
+    level = 10 * np.log10(np.mean(source[active] ** 2))
+    assert scene.background == "white" and scene.snr_db == snr
+    assert level - 10 * np.log10(np.mean(noise ** 2)) == pytest.approx(snr, abs=0.6)
+    assert scene.masks["siren"].any()
+    again = world.event_over_background("siren", 5, "white", snr)
+    assert np.array_equal(scene.wave, again.wave)
+    assert not np.array_equal(scene.wave, world.event_over_background("siren", 6, "white", snr).wave)
+
+
+def test_a_louder_background_owns_more_of_the_event_s_cells():
+    quiet = world.event_over_background("rain shower", 3, "white", 20.0).masks["rain shower"].sum()
+    loud = world.event_over_background("rain shower", 3, "white", 0.0).masks["rain shower"].sum()
+    assert loud < quiet
+
+
+def test_write_world_over_training_backgrounds_records_kind_and_snr(tmp_path):
+    manifest = world.write_world(tmp_path, 3, split="train", backgrounds=("blue", "band"), snr_range=(0.0, 10.0))
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert {line["background"] for line in lines} <= {"blue", "band"}
+    assert all(0.0 <= line["snr_db"] for line in lines)
+    plain = [json.loads(line) for line in world.write_world(tmp_path / "plain", 3, split="train").read_text().splitlines()]
+    assert [sorted(e["name"] for e in line["events"]) for line in plain] == \
+        [sorted(e["name"] for e in line["events"]) for line in lines]          # the same kinds, over other noise
+    assert "background" not in plain[0]
+    with pytest.raises(ValueError, match="unknown backgrounds"):
+        world.write_world(tmp_path, 1, backgrounds=("white", "rain"))

@@ -1,8 +1,25 @@
-"""Speech-like audio for the out-of-domain study (`lmaczs eval --contaminate speech`) when no
-speech corpus is at hand: espeak-ng's synthetic speech if it is installed, else phrases of the
-demo world's formant-synthesised "speech-like voice" with pauses between them."""
+"""Speech for the out-of-domain study (`lmaczs eval --contaminate speech --speech DIR`) when no
+speech corpus is at hand.
+
+Out of domain: `SPOKEN_DIR` ships four clips of English sentences spoken by eSpeak NG, a
+rule-based synthesiser of English phonemes written independently of the demo world's generators
+(`SPOKEN` lists voice, rate and text; ``sources.json`` beside the clips records the program and
+version). It is synthetic speech, not a recording: further from the world than the world's own
+voice, nearer to it than a read-speech corpus such as the paper's LJ-Speech.
+`write_speech_folder` copies them, so every machine contaminates with the same bytes whether or
+not espeak-ng is installed; `synthesise_speech` made them (``python -m lmaczs_cli.demo.speech
+--synthesise DIR`` writes them anew into an empty DIR; needs espeak-ng on PATH, Debian's package
+``espeak-ng`` 1.51 made the shipped ones byte for byte). The clips were written by this
+project with espeak-ng, whose licence (GPL-3.0-or-later) covers the program, not the audio it
+speaks; they ship under the project's licence.
+
+In domain: `formant_speech`, phrases of the demo world's own formant "speech-like voice", an event
+kind the demo CLAP was trained on. `lmaczs eval --contaminate speech-in-domain` uses it, labelled
+as such; it is not out-of-domain speech.
+"""
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import tempfile
@@ -16,10 +33,13 @@ from .events import render_event
 
 PHRASE_SECONDS = (1.5, 3.0)   # s, range of one phrase's length
 PAUSE_SECONDS = (0.2, 0.6)    # s, range of the pause after a phrase
-SENTENCES = ("the quick brown fox jumps over the lazy dog",
-             "she sells sea shells by the sea shore every morning",
-             "please call me back when you have a moment to talk",
-             "the meeting has been moved to half past three on friday")
+SPOKEN_DIR = Path(__file__).parent / "spoken"   # the shipped clips: spoken_<i>.flac + sources.json
+SPOKEN = (   # (espeak-ng voice, words per minute, text) of clip i
+    ("en-us", 160, "the quick brown fox jumps over the lazy dog. please call me back when you have a moment."),
+    ("en-gb+f3", 150, "she sells sea shells by the sea shore every morning. the meeting has moved to friday."),
+    ("en-gb-scotland+m3", 175, "turn left at the second light, then keep going until you reach the old bridge."),
+    ("en-us+f2", 185, "we will need three more chairs, a bigger table and some coffee before the guests arrive."),
+)
 
 
 def formant_speech(seed: int) -> np.ndarray:
@@ -39,42 +59,62 @@ def formant_speech(seed: int) -> np.ndarray:
 
 
 class SpeechFolderError(ValueError):
-    """The folder given for speech already holds audio; nothing was written."""
+    """The folder given for speech cannot be written as asked; nothing was written."""
 
 
-def write_speech_folder(folder: Path, n: int = 4) -> str:
-    """Write n speech clips into folder (created; it must hold no audio yet, so a user's corpus
-    is never added to or overwritten); return how they were made: "espeak-ng" when that program
-    is on PATH and runs (its 22.05 kHz wavs, sentences cycled, each repeat 20 words/min faster),
-    else "formant" (48 kHz flac). Each file is written atomically."""
-    from ..files import atomic_path
-
-    if n < 1:
-        raise SpeechFolderError(f"asked for {n} speech clips; give at least 1")
+def _fresh_folder(folder: Path) -> Path:
+    """``folder`` created, refused when it already holds audio (a user's corpus is never added to)."""
     folder = Path(folder)
     if folder.is_dir() and any(is_audio_name(p.name) for p in folder.iterdir()):
         raise SpeechFolderError(f"{folder} already holds audio; give a new or empty folder")
     folder.mkdir(parents=True, exist_ok=True)
-    espeak = shutil.which("espeak-ng")
-    if espeak:
-        with tempfile.TemporaryDirectory() as scratch:
-            try:
-                for i in range(n):
-                    words_per_min = str(160 + 20 * (i // len(SENTENCES)))
-                    sentence = SENTENCES[i % len(SENTENCES)]
-                    subprocess.run([espeak, "-s", words_per_min, "-w", f"{scratch}/{i}.wav", sentence],
-                                   check=True, capture_output=True, timeout=60)
-            except (OSError, subprocess.SubprocessError):
-                pass                                        # a broken install: synthesise instead
-            else:
-                for i in range(n):
-                    with atomic_path(folder / f"speech_{i}.wav") as tmp:
-                        shutil.copyfile(f"{scratch}/{i}.wav", tmp)
-                return "espeak-ng"
+    return folder
+
+
+def write_speech_folder(folder: Path, n: int = len(SPOKEN)) -> str:
+    """Copy the first n shipped speech clips (`SPOKEN_DIR`, 22.05 kHz FLAC) into folder (created;
+    it must hold no audio yet); return where they came from. Each file is written atomically."""
+    from ..files import atomic_path
+
+    if not 1 <= n <= len(SPOKEN):
+        raise SpeechFolderError(f"asked for {n} speech clips; give 1 to {len(SPOKEN)} (the clips that ship)")
+    folder = _fresh_folder(folder)
     for i in range(n):
-        with atomic_path(folder / f"speech_{i}.flac") as tmp:
-            sf.write(tmp, formant_speech(i), SAMPLE_RATE, format="FLAC")
-    return "formant"
+        with atomic_path(folder / f"spoken_{i}.flac") as tmp:
+            shutil.copyfile(SPOKEN_DIR / f"spoken_{i}.flac", tmp)
+    return f"espeak-ng, shipped in {SPOKEN_DIR.name}/ ({_sources()['program']})"
+
+
+def _sources() -> dict:
+    return json.loads((SPOKEN_DIR / "sources.json").read_text(encoding="utf-8"))
+
+
+def synthesise_speech(folder: Path) -> str:
+    """Speak `SPOKEN` with espeak-ng into folder (created; it must hold no audio yet): spoken_<i>.flac
+    (16-bit, espeak-ng's 22.05 kHz) and sources.json (program, version, clips). Returns the version
+    line. How the shipped clips were made; needs espeak-ng on PATH."""
+    espeak = shutil.which("espeak-ng")
+    if espeak is None:
+        raise SpeechFolderError("espeak-ng is not on PATH; install it (Debian: apt-get install espeak-ng)")
+    version = subprocess.run([espeak, "--version"], check=True, capture_output=True, text=True).stdout
+    version = version.split("Data at")[0].strip()          # "eSpeak NG text-to-speech: 1.51", no local paths
+    folder = _fresh_folder(folder)
+    clips = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for i, (voice, words_per_min, text) in enumerate(SPOKEN):
+            wav = f"{scratch}/{i}.wav"
+            subprocess.run([espeak, "-v", voice, "-s", str(words_per_min), "-w", wav, text],
+                           check=True, capture_output=True, timeout=60)
+            audio, sr = sf.read(wav, dtype="int16")
+            sf.write(folder / f"spoken_{i}.flac", audio, sr, format="FLAC", subtype="PCM_16")
+            clips.append({"file": f"spoken_{i}.flac", "voice": voice, "words_per_min": words_per_min,
+                          "text": text, "seconds": round(len(audio) / sr, 2)})
+    (folder / "sources.json").write_text(json.dumps(
+        {"program": version, "command": "espeak-ng -v VOICE -s WORDS_PER_MIN -w OUT.wav TEXT, then 16-bit FLAC",
+         "licence": "audio made by this project with espeak-ng (GPL-3.0-or-later covers the program, not "
+                    "its output); shipped under the project's licence",
+         "clips": clips}, indent=2) + "\n", encoding="utf-8")
+    return version
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,9 +123,14 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m lmaczs_cli.demo.speech",
                                  description="Write speech clips for `lmaczs eval --contaminate speech --speech DIR`.")
     ap.add_argument("folder", type=Path, help="where to write them (created)")
-    ap.add_argument("-n", type=int, default=4, help="how many clips (default 4)")
+    ap.add_argument("-n", type=int, default=len(SPOKEN), help=f"how many clips (default {len(SPOKEN)})")
+    ap.add_argument("--synthesise", action="store_true",
+                    help="speak them anew with espeak-ng (how the shipped clips were made) instead of copying")
     args = ap.parse_args(argv)
     try:
+        if args.synthesise:
+            print(f"wrote {len(SPOKEN)} speech clips ({synthesise_speech(args.folder)}) to {args.folder}")
+            return
         how = write_speech_folder(args.folder, args.n)
     except SpeechFolderError as e:
         ap.error(str(e))

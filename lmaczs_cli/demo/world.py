@@ -20,6 +20,7 @@ streams; `write_world` gives each (seed, split) its own block of 2**32 scene see
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -38,7 +39,8 @@ from .. import spectral
 from ..audio import CLIP_SAMPLES, CLIP_SECONDS, HOP, N_FFT, N_FRAMES, N_FREQS, SAMPLE_RATE
 
 __all__ = [
-    "EVENTS", "MAX_EVENTS", "MIN_SECONDS", "SPLITS", "Event", "Scene", "caption_for", "dominance_mask",
+    "BACKGROUNDS", "EVENTS", "MAX_EVENTS", "MIN_SECONDS", "SPLITS", "TRAIN_BACKGROUNDS", "UNSEEN_BACKGROUNDS",
+    "Event", "Scene", "background_noise", "caption_for", "dominance_mask", "event_over_background",
     "mask_to_mel", "prompt_for", "render_event", "render_scene", "scene_seed",
     "single_event_scene", "stft_frames", "write_world",
 ]
@@ -54,8 +56,16 @@ MAX_EVENTS = 3                # events per scene: 1..MAX_EVENTS distinct kinds
 MAX_OVERLAP = 0.5             # placement keeps events' overlap in time under this share
                               # of the shorter one, when 20 tries allow
 SPLITS = ("train", "valid", "test")
+# Background noise kinds (`background_noise`). A decoder may train over TRAIN_BACKGROUNDS
+# (`write_world(backgrounds=...)`); UNSEEN_BACKGROUNDS are kept out of every training recipe so
+# that explanations over them (`event_over_background`) measure how the decoder travels.
+TRAIN_BACKGROUNDS = ("pink", "blue", "band")
+UNSEEN_BACKGROUNDS = ("white", "brown", "traffic")
+BACKGROUNDS = TRAIN_BACKGROUNDS + UNSEEN_BACKGROUNDS
+SNR_DB = (0.0, 20.0)          # dB: event level over background level, range for noisy scenes
 
-_SCENE_STREAM, _SINGLE_STREAM = 2, 3   # seed-sequence streams, disjoint from events.EVENT_STREAM
+_SCENE_STREAM, _SINGLE_STREAM, _NOISY_STREAM = 2, 3, 4   # seed-sequence streams, disjoint from
+                                                         # events.EVENT_STREAM
 _ATTEMPTS = 8                 # compositions tried before a scene is refused (see _compose)
 _MIN_OWN_SHARE = 0.5          # an event's mask must hold this share of its own energy
 
@@ -157,6 +167,8 @@ class Scene:
     sources: dict[str, np.ndarray]    # event name -> float32 (CLIP_SAMPLES,), the event as mixed;
                                       # wave = sum of sources + background (to float32 rounding)
     seed: int                         # what rebuilds it: render_scene or single_event_scene
+    background: str | None = None     # `background_noise` kind, None: the quiet pink-ish default
+    snr_db: float | None = None       # dB, events' mean drawn level over the background's (with background)
 
     @functools.cached_property
     def mel_masks(self) -> dict[str, np.ndarray]:
@@ -211,6 +223,43 @@ def _background(rng: np.random.Generator) -> np.ndarray:
     return x * np.float32(rng.choice([-1.0, 1.0]) * 10 ** (BACKGROUND_DB / 20))
 
 
+def _shaped_noise(rng: np.random.Generator, slope_db_per_octave: float, lo_hz: float = 20.0,
+                  hi_hz: float = SAMPLE_RATE / 2) -> np.ndarray:
+    """Gaussian noise whose power spectrum has this slope (0 white, -3 pink, -6 brown, +3 blue),
+    kept to [lo_hz, hi_hz]; float64 (CLIP_SAMPLES,), unshaped in level."""
+    spec = np.fft.rfft(rng.standard_normal(CLIP_SAMPLES))
+    f = np.fft.rfftfreq(CLIP_SAMPLES, 1 / SAMPLE_RATE)
+    gain = np.zeros_like(f)
+    keep = (f >= lo_hz) & (f <= hi_hz)
+    gain[keep] = (f[keep] / 1000.0) ** (slope_db_per_octave / (20 * math.log10(2)))   # amplitude
+    return np.fft.irfft(spec * gain, CLIP_SAMPLES)
+
+
+def background_noise(kind: str, rng: np.random.Generator) -> np.ndarray:
+    """A 10-s background of one of `BACKGROUNDS`, float32 (CLIP_SAMPLES,), unit RMS:
+    "white", "pink" (-3 dB/octave), "brown" (-6 dB/octave, from 20 Hz), "blue" (+3 dB/octave),
+    "band" (white noise in a random band one to three octaves wide between 200 Hz and 12 kHz),
+    "traffic" (generated road ambience: -4.5 dB/octave noise under 2 kHz, swelling as 3-6
+    vehicles pass, each a Gaussian bump 1-4 s wide over a steady floor)."""
+    if kind == "white":
+        x = rng.standard_normal(CLIP_SAMPLES)
+    elif kind in ("pink", "brown", "blue"):
+        x = _shaped_noise(rng, {"pink": -3.0, "brown": -6.0, "blue": 3.0}[kind])
+    elif kind == "band":
+        octaves = rng.uniform(1.0, 3.0)
+        lo = 200.0 * 2 ** rng.uniform(0.0, math.log2(12_000 / 200) - octaves)
+        x = _shaped_noise(rng, 0.0, lo, lo * 2 ** octaves)
+    elif kind == "traffic":
+        t = np.arange(CLIP_SAMPLES) / SAMPLE_RATE
+        swell = np.full(CLIP_SAMPLES, 0.3)
+        for _ in range(int(rng.integers(3, 7))):
+            swell += rng.uniform(0.5, 1.5) * np.exp(-0.5 * ((t - rng.uniform(0, CLIP_SECONDS)) / rng.uniform(0.5, 2.0)) ** 2)
+        x = _shaped_noise(rng, -4.5, 30.0, 2000.0) * swell
+    else:
+        raise ValueError(f"unknown background {kind!r}; use one of {', '.join(BACKGROUNDS)}")
+    return (x / np.sqrt(np.mean(x * x))).astype(np.float32)
+
+
 def _place(rng: np.random.Generator, durations: Sequence[float]) -> list[float]:
     """Start times (s) for events of these durations inside the clip, 0.1 s from its edges,
     overlapping each earlier one by at most MAX_OVERLAP of the shorter when 20 tries allow
@@ -258,8 +307,11 @@ def _settle_shared_cells(masks: dict[str, np.ndarray], names: Sequence[str],
             mj &= ~(both & (Pi >= Pj))
 
 
-def _compose(rng: np.random.Generator, names: Sequence[str], seed: int) -> Scene:
-    """Mix the named events at random times and levels over background noise.
+def _compose(rng: np.random.Generator, names: Sequence[str], seed: int,
+             noise: str | None = None, snr_db: float = 0.0) -> Scene:
+    """Mix the named events at random times and levels over background noise: the quiet
+    pink-ish noise at BACKGROUND_DB, or with `noise` that `background_noise` kind, snr_db under
+    the events' mean drawn level.
 
     A composition in which some event's mask holds less than _MIN_OWN_SHARE of its own
     energy (it is buried under another) is drawn again from the same generator.
@@ -283,6 +335,9 @@ def _compose(rng: np.random.Generator, names: Sequence[str], seed: int) -> Scene
             placed.append(full)
             levels.append(level)
             spans.append(_frame_range(a, a + len(x)))
+        if noise is not None:
+            background = background_noise(noise, rng) * np.float32(10 ** ((np.mean(drawn) - snr_db) / 20))
+            mix = background + np.sum(placed, axis=0, dtype=np.float32)
         masks = {name: np.zeros((N_FRAMES, N_FREQS), bool) for name in names}
         powers = []
         for name, full, (first, stop) in zip(names, placed, spans):
@@ -317,13 +372,17 @@ def _compose(rng: np.random.Generator, names: Sequence[str], seed: int) -> Scene
     )
 
 
-def render_scene(seed: int, n_events: int | None = None) -> Scene:
+def render_scene(seed: int, n_events: int | None = None, backgrounds: Sequence[str] = (),
+                 snr_range: tuple[float, float] = SNR_DB) -> Scene:
     """A 10-s scene of `n_events` distinct event kinds (None: 1..MAX_EVENTS at random).
 
     Durations come from each kind's range, start times are uniform (overlap limited, see
     MAX_OVERLAP), levels uniform in LEVEL_DB, over pink-ish noise at BACKGROUND_DB; the
     mix is scaled down, sources alike, when its peak would pass PEAK. Deterministic for
-    (seed, n_events); seed is a non-negative int.
+    (seed, n_events); seed is a non-negative int. With `backgrounds` (kinds of
+    `background_noise`), the background is one of them drawn at random, at an SNR drawn
+    uniformly in `snr_range` (dB), raised by 6 dB at a time while the noise buries an event (see
+    `_compose`); the scene's ``background`` and ``snr_db`` say which.
     """
     rng = np.random.default_rng([int(seed), _SCENE_STREAM])
     if n_events is None:
@@ -331,7 +390,17 @@ def render_scene(seed: int, n_events: int | None = None) -> Scene:
     if not 1 <= n_events <= MAX_EVENTS:
         raise ValueError(f"n_events must be 1..{MAX_EVENTS} (or None for random), got {n_events}")
     kinds = rng.choice(len(EVENTS), n_events, replace=False)
-    return _compose(rng, [EVENTS[k] for k in kinds], int(seed))
+    if not backgrounds:
+        return _compose(rng, [EVENTS[k] for k in kinds], int(seed))
+    noise, snr = str(rng.choice(list(backgrounds))), float(rng.uniform(*snr_range))
+    while True:
+        try:
+            scene = _compose(rng, [EVENTS[k] for k in kinds], int(seed), noise, snr)
+            return dataclasses.replace(scene, background=noise, snr_db=snr)
+        except RuntimeError:
+            if snr > 60:
+                raise
+            snr += 6.0
 
 
 def single_event_scene(name: str, seed: int) -> Scene:
@@ -344,6 +413,19 @@ def single_event_scene(name: str, seed: int) -> Scene:
 
 
 # ------------------------------------------------------------------------ writing
+
+
+def event_over_background(name: str, seed: int, background: str, snr_db: float) -> Scene:
+    """A 10-s scene holding one event of kind `name` at a random time and level over a
+    `background_noise` of kind `background`, snr_db under the event's level (its RMS over its
+    active span). Ground truth as for every scene: the cells where the event's power exceeds the
+    background's. Its seed stream is disjoint from `render_scene`'s and `single_event_scene`'s."""
+    kind_seconds(name)
+    if background not in BACKGROUNDS:
+        raise ValueError(f"unknown background {background!r}; use one of {', '.join(BACKGROUNDS)}")
+    rng = np.random.default_rng([int(seed), _NOISY_STREAM, EVENTS.index(name), BACKGROUNDS.index(background)])
+    scene = _compose(rng, [name], int(seed), background, float(snr_db))
+    return dataclasses.replace(scene, background=background, snr_db=float(snr_db))
 
 
 def scene_seed(seed: int, split: str, index: int) -> int:
@@ -361,7 +443,8 @@ WORLD_TEXTS = ("caption", "events", "both")
 
 
 def write_world(folder: str | os.PathLike, n_scenes: int, seed: int = 0, split: str = "train", *,
-                with_masks: bool = False, texts: str = "caption", n_events: int | None = None) -> Path:
+                with_masks: bool = False, texts: str = "caption", n_events: int | None = None,
+                backgrounds: Sequence[str] = (), snr_range: tuple[float, float] = SNR_DB) -> Path:
     """Write `n_scenes` scenes of one split and return the manifest's path.
 
     Layout under `folder`: ``<split>/scene_00000.flac`` (48 kHz mono, 24-bit FLAC) and the
@@ -379,6 +462,8 @@ def write_world(folder: str | os.PathLike, n_scenes: int, seed: int = 0, split: 
     (N_FRAMES, N_MELS) per event, named in the line's "masks". Scene i is
     ``render_scene(scene_seed(seed, split, i), n_events)``: deterministic, splits disjoint;
     `n_events` fixes every scene's number of events (None: 1..MAX_EVENTS at random).
+    With `backgrounds`, each scene is over one of those noise kinds at an SNR in `snr_range`
+    (`render_scene`), and its lines say which (``background``, ``snr_db``).
     """
     if n_scenes < 1:
         raise ValueError(f"n_scenes must be at least 1, got {n_scenes}")
@@ -387,15 +472,20 @@ def write_world(folder: str | os.PathLike, n_scenes: int, seed: int = 0, split: 
     scene_seed(seed, split, 0)   # validates split and seed before anything is written
     if n_events is not None and not 1 <= n_events <= MAX_EVENTS:
         raise ValueError(f"n_events must be 1..{MAX_EVENTS} (or None for random), got {n_events}")
+    unknown = [b for b in backgrounds if b not in BACKGROUNDS]
+    if unknown:
+        raise ValueError(f"unknown backgrounds {unknown}; use some of {', '.join(BACKGROUNDS)}")
     root = Path(folder)
     (root / split).mkdir(parents=True, exist_ok=True)
     lines = []
     for i in range(n_scenes):
-        scene = render_scene(scene_seed(seed, split, i), n_events)
+        scene = render_scene(scene_seed(seed, split, i), n_events, backgrounds, snr_range)
         stem = f"{split}/scene_{i:05d}"
         sf.write(root / f"{stem}.flac", scene.wave, SAMPLE_RATE, format="FLAC", subtype="PCM_24")
         record = {"audio": f"{stem}.flac", "caption": scene.caption, "seed": scene.seed,
                   "events": [e.to_json() for e in scene.events]}
+        if scene.background is not None:
+            record.update(background=scene.background, snr_db=scene.snr_db)
         if with_masks:
             arrays = {f"linear/{k}": v for k, v in scene.masks.items()}
             arrays.update({f"mel/{k}": v for k, v in scene.mel_masks.items()})

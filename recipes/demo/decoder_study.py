@@ -1,0 +1,161 @@
+"""Score a demo decoder on what the model-randomisation check and the unseen backgrounds ask,
+on the selection scenes (`scores.held_out_scenes`): every choice of decoder is made on these
+figures; the frozen test scenes are left for the final report.
+
+    python -m recipes.demo.decoder_study RUN [RUN ...] [--scenes 48] [--random-scenes 8]
+        [--noisy-seeds 2] [--json OUT.json]
+
+For each decoder folder RUN (a `lmaczs train --out`, or lmaczs_cli/demo/model):
+- ``localization``: `scores.localization_report` (mass, chance, absent / matched, gap, empty);
+- ``randomization``: cascading re-initialisation of the demo CLAP's audio encoder from the top
+  (`evaluate.encoder_stages`), per stage the mean SSIM of each scene's first-event mask to the
+  intact model's, and the masks' mass on that event beside its chance;
+- ``generalisation``: single events over `world.UNSEEN_BACKGROUNDS` (never in a training recipe)
+  at SNRs 0-20 dB (`world.event_over_background`), per background and SNR the mass on the event,
+  its chance, and absent / matched (the prompt of another event kind, drawn per scene).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from lmaczs_cli import Explainer, metrics
+from lmaczs_cli.demo import scores, world
+
+SNRS = (0.0, 5.0, 10.0, 15.0, 20.0)   # dB, the generalisation grid; white noise also at 3 dB
+NOISY_SEED = scores.SPLITS["selection"][0]   # first `event_over_background` seed of the selection
+                                             # scenes (the frozen report: scores.SPLITS["test"][0])
+
+
+def randomization_rows(explainer: Any, n_scenes: int = 8, seed: int = 0,
+                       split: str = "selection") -> dict[str, dict[str, float]]:
+    """{stage: {"ssim", "mass", "chance", "mask_mean"}} under cascading re-initialisation, each of
+    the first `n_scenes` selection scenes explained for its first event's prompt; "intact" first."""
+    import copy
+
+    from lmaczs_cli.baselines import BaselineSettings
+    from lmaczs_cli.evaluate import MaskMethods, encoder_stages, reinitialise_, ssim
+
+    clap = explainer.clap
+    decoder = explainer.decoder
+    domain = explainer.domain
+    scenes = scores.held_out_scenes(n_scenes, split)
+    text = clap.encode_text([world.prompt_for(s.events[0].name) for s in scenes])
+    waves = torch.from_numpy(np.stack([s.wave for s in scenes]))
+    target = torch.arange(n_scenes)
+    regions = [metrics.dilate(s.mel_masks[s.events[0].name]) for s in scenes]
+
+    def summary(masks: np.ndarray, original: np.ndarray) -> dict[str, float]:
+        return {"ssim": float(np.mean([ssim(a, b) for a, b in zip(original, masks)])),
+                "mass": float(np.mean([metrics.mass_in_region(m, r) for m, r in zip(masks, regions)])),
+                "chance": float(np.mean([r.mean() for r in regions])),
+                "mask_mean": float(masks.mean())}
+
+    original = MaskMethods(clap, decoder, domain, text, BaselineSettings())("lmaczs", waves, target)
+    out = {"intact": summary(original, original)}
+    broken = type(clap)(copy.deepcopy(clap.clap), clap.cfg, clap.tokenizer, f"{clap.source} (randomised)")
+    for s, (name, modules) in enumerate(encoder_stages(broken)):
+        reinitialise_(modules, seed + s)
+        masks = MaskMethods(broken, decoder, domain, text, BaselineSettings())("lmaczs", waves, target)
+        out[name] = summary(masks, original)
+    return out
+
+
+def noisy_rows(explainer: Any, backgrounds: Sequence[str] = world.UNSEEN_BACKGROUNDS,
+               snrs: Sequence[float] = SNRS, n_seeds: int = 1, seed: int = NOISY_SEED) -> list[dict[str, Any]]:
+    """One row per (background, snr, event kind, seed) of `world.event_over_background`: the
+    event's prompt and one absent kind's prompt (numpy generator seeded 0): ``mass``, ``chance``,
+    ``matched`` and ``absent`` mask means. Compositions the noise buries (it owns most of the
+    event's cells) cannot be scored and are left out."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for background in backgrounds:
+        for snr in snrs:
+            for name in world.EVENTS:
+                for k in range(n_seeds):
+                    lacking = str(rng.choice([n for n in world.EVENTS if n != name]))
+                    try:
+                        scene = world.event_over_background(name, seed + k, background, snr)
+                    except RuntimeError:
+                        continue
+                    on, off = explainer.explain_prompts(scene.wave, [world.prompt_for(name), world.prompt_for(lacking)],
+                                                        check=False)
+                    region = metrics.dilate(scene.mel_masks[name])
+                    rows.append({"background": background, "snr": float(snr), "event": name,
+                                 "mass": metrics.mass_in_region(on.mask, region), "chance": float(region.mean()),
+                                 "matched": float(on.mask_mean), "absent": float(off.mask_mean)})
+    return rows
+
+
+def noisy_summary(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per "background @ snr" and per background ("all" SNRs): n, mass, chance, ratio (absent / matched)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(f"{r['background']} @ {r['snr']:g} dB", []).append(r)
+        groups.setdefault(f"{r['background']} (all)", []).append(r)
+        groups.setdefault("all", []).append(r)
+    out = {}
+    for key, rs in groups.items():
+        matched = np.mean([r["matched"] for r in rs])
+        out[key] = {"n": len(rs), "mass": float(np.mean([r["mass"] for r in rs])),
+                    "chance": float(np.mean([r["chance"] for r in rs])),
+                    "ratio": float(np.mean([r["absent"] for r in rs]) / max(matched, 1e-12)),
+                    "matched": float(matched)}
+    return out
+
+
+def study(run: str, n_scenes: int, random_scenes: int, noisy_seeds: int) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    explainer = Explainer.load(clap="demo", decoder=run, device="cpu", force=True)
+    t0 = time.time()
+    out: dict[str, Any] = {"run": run}
+    out["localization"] = scores.localization_report(explainer, n_scenes)
+    out["randomization"] = randomization_rows(explainer, random_scenes)
+    grid = noisy_rows(explainer, n_seeds=noisy_seeds)        # the averages: SNRS only
+    white3 = noisy_rows(explainer, ("white",), (3.0,), n_seeds=noisy_seeds)
+    out["generalisation"] = {**noisy_summary(grid), **{k: v for k, v in noisy_summary(white3).items() if "@" in k}}
+    out["seconds"] = time.time() - t0
+    return out
+
+
+def table(res: dict[str, Any]) -> str:
+    loc, rnd, gen = res["localization"], res["randomization"], res["generalisation"]
+    lines = [f"## {res['run']}",
+             f"selection ({loc['scenes']:.0f} scenes): mass {loc['mass']:.3f} (chance {loc['chance']:.3f}), "
+             f"absent/matched {loc['ratio']:.3f} ({loc['absent']:.4f}/{loc['matched']:.4f}), gap {loc['gap']:.3f}, "
+             f"empty {loc['empty']:.2f}",
+             "randomization: " + "; ".join(f"{k} ssim {v['ssim']:.2f} mass {v['mass']:.3f}/{v['chance']:.3f} "
+                                           f"mean {v['mask_mean']:.3f}" for k, v in rnd.items())]
+    for key in sorted(gen):
+        v = gen[key]
+        lines.append(f"  {key:24s} n {v['n']:3d} mass {v['mass']:.3f} (chance {v['chance']:.3f}) ratio {v['ratio']:.3f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+")
+    ap.add_argument("--scenes", type=int, default=48)
+    ap.add_argument("--random-scenes", type=int, default=8)
+    ap.add_argument("--noisy-seeds", type=int, default=1)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    results = []
+    for run in args.runs:
+        res = study(run, args.scenes, args.random_scenes, args.noisy_seeds)
+        print(table(res), flush=True)
+        results.append(res)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
