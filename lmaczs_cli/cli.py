@@ -527,7 +527,7 @@ def train(ctx: click.Context, config: Path | None, resume: Path | None, **option
     (gloo on CPU, NCCL on GPU); pairs are formed within each process's micro-batch.
 
     A recipe file (--config) holds every setting of a run, the decoder's architecture
-    ([decoder] width, text_tokens, text_readout, levels, logmel_skip, skip_gate), the
+    ([decoder] width, text_tokens, text_readout, levels, first_level, logmel_skip, skip_gate), the
     learning-rate schedule ([optimiser] lr_schedule: constant or cosine) and the research
     terms beyond the paper's objective ([loss] mask_noise, hard_mask, logit_bound,
     lambda_reach, lambda_out, lambda_overlap, lambda_absent; [data] group_by_audio)

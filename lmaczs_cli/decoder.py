@@ -10,10 +10,10 @@ Shape of the computation (HTSAT-tiny; PANN-14 in brackets):
   deep = lat4(h4) + lat3(h3) -> xattn -> up(ConvT) + lat2(h2) -> xattn -> up + lat1(h1) -> xattn
       (levels=3: deep = lat3(h3); levels=2: no deep stage, start from lat2(h2) -- the decoder reads
        only CLAP's first stages, whose tokens see a neighbourhood of the clip, not all of it)
-      (first_level=2: no "+ lat1(h1)"; first_level=3: neither "+ lat2(h2)" nor "+ lat1(h1)"; 4: deep = lat4(h4) -- the
-       mask is decoded from the deep stages alone by the transposed convolutions, as the paper's
-       decoder; with logmel_skip=False nothing but CLAP's decision-level states reaches it, so
-       re-initialising stages 3-4 must change the masks: the model-randomisation check)
+      (first_level=2: no "+ lat1(h1)"; 3: neither "+ lat2(h2)" nor "+ lat1(h1)"; 4: deep = lat4(h4)
+       alone -- the mask is decoded from the deep stages by the transposed convolutions, as the
+       paper's decoder; with logmel_skip=False nothing but CLAP's decision-level states reaches
+       it, so re-initialising stages 3-4 must change the masks: the model-randomisation check)
       (text_readout: + a logit map <q(t), k(x)> read off this h1-grid map, brought onto the mask grid)
       -> 3 x up(ConvT)          (B, c, 1024, 64) [(B, c, 1000, 64)]
       (+ the clip's normalised log-mel as a skip channel, brought onto the same grid;
@@ -354,7 +354,7 @@ class MaskDecoder(nn.Module):
         (t1, t2), (f1, f2) = self.cfg.hidden_time[:2], self.cfg.hidden_freq[:2]
         tok = self.tokens(text)
         stage = 0
-        if deep:                                           # h4 + h3 (or h3 alone) on the deepest grid
+        if deep:                                           # h4 + h3 (or one of them) on the deepest grid
             d = [g for g in deep if g is not None]
             x = d[-1] + _fit(d[0], d[-1].shape[-2], d[-1].shape[-1]) if len(d) == 2 else d[0]
             x = self.condition(0, self.mix[0](x), tok, text)

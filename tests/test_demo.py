@@ -190,7 +190,8 @@ def test_demo_masks_fall_to_chance_once_clap_stage_3_is_re_initialised(demo):
     corr = float(np.mean([np.corrcoef(a.ravel(), b.ravel())[0, 1] if b.std() > 0 else 0.0
                           for a, b in zip(intact, randomised)]))
     chance = float(np.mean([metrics.dilate(sc.mel_masks[sc.events[0].name]).mean() for sc in scenes]))
-    print(f"mass on the event {mass(intact):.2f} -> {mass(randomised):.2f} (chance {chance:.2f}); correlation {corr:.2f}")
+    print(f"mass on the event {mass(intact):.2f} -> {mass(randomised):.2f} (chance {chance:.2f}); "
+          f"correlation {corr:.2f}")
     assert mass(randomised) < 1.6 * chance and mass(randomised) < 0.5 * mass(intact) and corr < 0.5
 
 

@@ -358,7 +358,8 @@ def test_write_world_over_training_backgrounds_records_kind_and_snr(tmp_path):
     lines = [json.loads(line) for line in manifest.read_text().splitlines()]
     assert {line["background"] for line in lines} <= {"blue", "band"}
     assert all(0.0 <= line["snr_db"] for line in lines)
-    plain = [json.loads(line) for line in world.write_world(tmp_path / "plain", 3, split="train").read_text().splitlines()]
+    plain_manifest = world.write_world(tmp_path / "plain", 3, split="train")
+    plain = [json.loads(line) for line in plain_manifest.read_text().splitlines()]
     assert [sorted(e["name"] for e in line["events"]) for line in plain] == \
         [sorted(e["name"] for e in line["events"]) for line in lines]          # the same kinds, over other noise
     assert "background" not in plain[0]

@@ -7,6 +7,9 @@ at random times and levels over quiet pink-ish noise, with a caption from a fixe
 (`caption_for`) and, per event, its ground-truth mask on the STFT grid (`Scene.masks`, the
 rule is `dominance_mask`) and on the mel grid (`Scene.mel_masks`, via `mask_to_mel`).
 `write_world` writes scenes as FLAC files plus the JSONL manifest `lmaczs train` reads.
+Backgrounds other than the quiet default (`background_noise`): kinds a decoder may train over
+(`TRAIN_BACKGROUNDS`, `write_world(backgrounds=...)`) and kinds kept out of training
+(`UNSEEN_BACKGROUNDS`), over which `event_over_background` places one event at a given SNR.
 
 Ground truth: an event owns the STFT cells where its own power (rendered alone, at its
 level in the mix) exceeds the power of everything else in the mix, and is no more than
@@ -253,7 +256,8 @@ def background_noise(kind: str, rng: np.random.Generator) -> np.ndarray:
         t = np.arange(CLIP_SAMPLES) / SAMPLE_RATE
         swell = np.full(CLIP_SAMPLES, 0.3)
         for _ in range(int(rng.integers(3, 7))):
-            swell += rng.uniform(0.5, 1.5) * np.exp(-0.5 * ((t - rng.uniform(0, CLIP_SECONDS)) / rng.uniform(0.5, 2.0)) ** 2)
+            height, centre, width = rng.uniform(0.5, 1.5), rng.uniform(0, CLIP_SECONDS), rng.uniform(0.5, 2.0)
+            swell += height * np.exp(-0.5 * ((t - centre) / width) ** 2)
         x = _shaped_noise(rng, -4.5, 30.0, 2000.0) * swell
     else:
         raise ValueError(f"unknown background {kind!r}; use one of {', '.join(BACKGROUNDS)}")

@@ -134,7 +134,8 @@ def table(res: dict[str, Any]) -> str:
                                            f"mean {v['mask_mean']:.3f}" for k, v in rnd.items())]
     for key in sorted(gen):
         v = gen[key]
-        lines.append(f"  {key:24s} n {v['n']:3d} mass {v['mass']:.3f} (chance {v['chance']:.3f}) ratio {v['ratio']:.3f}")
+        lines.append(f"  {key:24s} n {v['n']:3d} mass {v['mass']:.3f} (chance {v['chance']:.3f}) "
+                     f"ratio {v['ratio']:.3f}")
     return "\n".join(lines)
 
 

@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         loss.backward()
         opt.step()
         if step % 20 == 0 or step == args.steps - 1:
-            rec = {"step": step, "loss": float(loss), "bce": float(bce), "dice": float((dice * on).sum() / on.sum().clamp_min(1)),
+            rec = {"step": step, "loss": float(loss), "bce": float(bce),
+                   "dice": float((dice * on).sum() / on.sum().clamp_min(1)),
                    "mean": float(pred.mean()), "target_mean": float(target.mean()), "s": time.time() - t0}
             log.append(rec)
             print(json.dumps(rec), flush=True)
@@ -122,7 +123,8 @@ def _save(student: MaskDecoder, clap, args: argparse.Namespace, step: int) -> No
     meta = {"lmaczs": __version__,
             "clap": {"spec": "demo", "source": clap.source, "identity": clap.identity(), "config": clap.cfg.to_json()},
             "domain": "mel", "mel_to_linear": "linear",
-            "distill": {"teacher": str(args.teacher), "init": args.init, "steps": step, "scenes": args.scenes, "batch": args.batch,
+            "distill": {"teacher": str(args.teacher), "init": args.init, "steps": step, "scenes": args.scenes,
+                        "batch": args.batch,
                         "lr": args.lr, "dice": args.dice, "snr": list(args.snr), "seed": args.seed,
                         "backgrounds": list(world.TRAIN_BACKGROUNDS), "clean_share": CLEAN_SHARE}}
     save_decoder(student, Path(args.out), meta)
