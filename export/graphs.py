@@ -111,7 +111,7 @@ class ExplainerGraph(nn.Module):
         super().__init__()
         self.model = ExplainerModule(clap, decoder, domain, mel_to_linear, spectral="matmul")
         self.check = check
-        self.outputs = self.OUTPUTS if check else self.OUTPUTS[:3]
+        self.outputs = tuple(n for n in self.OUTPUTS if check or n != "masked_similarity")
 
     def forward(self, waves: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """waves (B, 480000), text (B, K, D) -> masks (B, K, 1001, bins), audio (B, K, 480000),
@@ -119,18 +119,11 @@ class ExplainerGraph(nn.Module):
         return parts_of(self.model(waves, text, check=self.check), self.outputs)
 
 
-class ExplainerTopkGraph(nn.Module):
+class ExplainerTopkGraph(ExplainerGraph):
     """Top-k in one encoder pass (`ExplainerModule.forward_topk`), outputs as a tuple. K is the
     length of the input ``k`` (its values are unused), so one graph serves any K."""
 
-    OUTPUTS = ("scores", "topk", "masks", "audio", "similarity", "masked_similarity")
-
-    def __init__(self, clap: ClapModel, decoder: MaskDecoder, domain: str, mel_to_linear: str = "linear",
-                 check: bool = True) -> None:
-        super().__init__()
-        self.model = ExplainerModule(clap, decoder, domain, mel_to_linear, spectral="matmul")
-        self.check = check
-        self.outputs = self.OUTPUTS if check else self.OUTPUTS[:5]
+    OUTPUTS = ("scores", "topk", *ExplainerGraph.OUTPUTS)
 
     def forward(self, waves: torch.Tensor, labels: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return parts_of(self.model.forward_topk(waves, labels, k, check=self.check), self.outputs)

@@ -45,8 +45,10 @@ class Runner(ABC):
     def embed_text(self, prompts: Sequence[str]) -> torch.Tensor: ...
 
     def to_host(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A step's outputs as CPU tensors (runners on a GPU copy through pinned memory)."""
-        return {k: v.cpu() for k, v in outputs.items()}
+        """A step's outputs as CPU tensors; GPU tensors go through pinned buffers, one wait for all."""
+        from .device import to_host
+
+        return to_host(outputs)
 
     def explain_topk(self, waves: torch.Tensor, labels: torch.Tensor, k: int,
                      check: bool = True) -> dict[str, torch.Tensor]:
@@ -127,12 +129,6 @@ class TorchRunner(Runner):
     @torch.no_grad()
     def embed_audio(self, waves: torch.Tensor) -> torch.Tensor:
         return self._step("embed", self._embed_step, self._in(waves))["embedding"].float()
-
-    def to_host(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Outputs to the CPU through pinned buffers (one wait for all of them)."""
-        from .device import to_host
-
-        return to_host(outputs)
 
     @torch.no_grad()
     def embed_text(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -412,12 +408,6 @@ class TrtRunner(Runner):
             feeds = _token_feeds(self._tokenizer(list(prompts[i:i + bmax])), names)
             out.append(engine.run({k: torch.from_numpy(v) for k, v in feeds.items()})["embedding"])
         return _float(torch.cat(out))
-
-    def to_host(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        from .device import to_host
-
-        return to_host(outputs)
-
 
 def _float(x: torch.Tensor) -> torch.Tensor:
     """Floating outputs as float32 (an engine may return float16 or bfloat16); others as they are."""
