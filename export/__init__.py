@@ -6,6 +6,7 @@
   graphs    the traced modules and the patches that make laion's HTSAT export cleanly
   ops       STFT / iSTFT / bicubic stretch as slicing, concatenation and MatMul
   audit     op and type audit against the pinned TensorRT table (trt_ops.json); a problem fails the export
+  quantize  optional int8 variants of the audio-side graphs (``--int8``, ONNX Runtime), audited against fp32
 """
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from typing import Any
 
 def export_explainer_folder(out: str | Path, *, clap: str = "demo", decoder: str | Path | None = None,
                             tokenizer: str | Path | None = None, force: bool = False, opset: int = 17,
-                            max_batch: int = 8, fp16: bool = False) -> dict[str, Any]:
+                            max_batch: int = 8, fp16: bool = False, int8: bool = False) -> dict[str, Any]:
     """Load a CLAP + decoder as `Explainer.load` does and write its ONNX graphs (float16 encoder
-    and decoder layers with ``fp16``) and tokenizer files into ``out``.
+    and decoder layers with ``fp16``) and tokenizer files into ``out``; with ``int8``, also the
+    audited int8 variants of the audio-side graphs (``quantize.add_int8``).
 
     Returns the manifest; its audit problems (``to_onnx.audit_problems``) make
     ``to_trt.export_engines(out, ...)`` refuse to build."""
@@ -27,5 +29,10 @@ def export_explainer_folder(out: str | Path, *, clap: str = "demo", decoder: str
 
     clap_model, dec, config = load_models(clap, decoder, tokenizer, force)
     domain = config.get("domain", dec.cfg.domain)
-    return export_onnx(clap_model, dec, out, domain=domain, mel_to_linear=config.get("mel_to_linear", "linear"),
-                       opset=opset, max_batch=max_batch, fp16=fp16)
+    manifest = export_onnx(clap_model, dec, out, domain=domain, mel_to_linear=config.get("mel_to_linear", "linear"),
+                           opset=opset, max_batch=max_batch, fp16=fp16)
+    if int8:
+        from .quantize import add_int8
+
+        manifest = add_int8(out)
+    return manifest

@@ -39,6 +39,7 @@ from .graphs import AudioEncoderGraph, ExplainerGraph, ExplainerTopkGraph, TextE
 MANIFEST_FORMAT = "lmaczs-export/1"
 AUDIO_ENCODER, TEXT_ENCODER, EXPLAINER = "audio_encoder.onnx", "text_encoder.onnx", "explainer.onnx"
 EXPLAINER_NOCHECK, EXPLAINER_TOPK = "explainer_nocheck.onnx", "explainer_topk.onnx"
+EXPLAINER_TOPK_NOCHECK = "explainer_topk_nocheck.onnx"
 TOKENIZER_DIR = "tokenizer"
 CLIP_BPE_VOCAB = "bpe_simple_vocab_16e6.txt.gz"     # laion's CLIP BPE merges (ships in the laion-clap wheel)
 
@@ -269,8 +270,8 @@ def _versions() -> dict[str, str]:
 def export_onnx(clap: ClapModel, decoder: MaskDecoder, out: str | Path, *, domain: str,
                 mel_to_linear: str = "linear", opset: int = 17, max_batch: int = 8,
                 fp16: bool = False) -> dict[str, Any]:
-    """Write the graphs (audio and text encoders; the explainer with and without the masked check,
-    and its one-pass top-k form) and ``manifest.json`` into ``out``; returns the manifest.
+    """Write the graphs (audio and text encoders; the explainer and its one-pass top-k form, each
+    with and without the masked check) and ``manifest.json`` into ``out``; returns the manifest.
 
     ``max_batch`` is recorded for engine builds; the ONNX graphs take any batch size. ``fp16``:
     the audio encoder and decoder layers in float16 (see the module doc; the text encoder, the
@@ -288,6 +289,8 @@ def export_onnx(clap: ClapModel, decoder: MaskDecoder, out: str | Path, *, domai
                                                   opset, check=False),
             "explainer_topk": export_explainer_topk(clap, decoder, out / EXPLAINER_TOPK, domain, mel_to_linear,
                                                     opset),
+            "explainer_topk_nocheck": export_explainer_topk(clap, decoder, out / EXPLAINER_TOPK_NOCHECK, domain,
+                                                            mel_to_linear, opset, check=False),
         }
     manifest = {
         "format": MANIFEST_FORMAT,

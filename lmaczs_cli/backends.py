@@ -250,7 +250,8 @@ class OnnxRunner(Runner):
     OUTPUTS = ("masks", "audio", "similarity", "masked_similarity")
 
     def __init__(self, folder: str | os.PathLike, device: str = "auto",
-                 tokenizer: str | os.PathLike | None = None, threads: int | None = None) -> None:
+                 tokenizer: str | os.PathLike | None = None, threads: int | None = None,
+                 precision: str = "fp32") -> None:
         from .export.to_onnx import read_manifest
 
         try:
@@ -260,6 +261,8 @@ class OnnxRunner(Runner):
         self.folder = Path(folder)
         self.config = read_manifest(self.folder)
         _check_hashes(self.folder, self.config)
+        self.precision = precision
+        self._files = self._graph_files(precision)
         self.domain = self.config["domain"]
         self.providers = self._providers(ort, device)
         self.device = torch.device("cpu")            # outputs come back as CPU tensors
@@ -277,12 +280,32 @@ class OnnxRunner(Runner):
             return ["CUDAExecutionProvider", "CPUExecutionProvider"]
         return ["CPUExecutionProvider"]
 
+    def _graph_files(self, precision: str) -> dict[str, str]:
+        """graph -> file: the float32 graphs; with ``precision="int8"`` the int8 variants written by
+        ``lmaczs export --int8`` (``export.quantize``) in place of the graphs they exist for."""
+        files = {g: spec["file"] for g, spec in self.config["graphs"].items()}
+        if precision in ("auto", "fp32"):
+            return files
+        if precision != "int8":
+            raise BackendError(f"--backend onnx runs precision fp32 or int8, not {precision!r}")
+        int8 = self.config.get("int8", {}).get("graphs", {})
+        if not int8:
+            raise BackendError(f"{self.folder} has no int8 graphs; write them with `lmaczs export --int8 --out "
+                               f"{self.folder}`")
+        from .files import sha256_file
+
+        for spec in int8.values():
+            path = self.folder / spec["file"]
+            if not path.is_file() or sha256_file(path) != spec["sha256"]:
+                raise BackendError(f"{path} is missing or does not match its manifest (sha256); re-run lmaczs export --int8")
+        return {**files, **{g: spec["file"] for g, spec in int8.items()}}
+
     def session(self, graph: str) -> Any:
-        """The ORT session of ``graph`` (audio_encoder | text_encoder | explainer), made once."""
+        """The ORT session of ``graph`` (audio_encoder | text_encoder | explainer...), made once."""
         if graph not in self._sessions:
             import onnxruntime as ort
 
-            path = self.folder / self.config["graphs"][graph]["file"]
+            path = self.folder / self._files[graph]
             self._sessions[graph] = ort.InferenceSession(str(path), self._options, providers=self.providers)
         return self._sessions[graph]
 
@@ -303,15 +326,18 @@ class OnnxRunner(Runner):
 
     def explain_topk(self, waves: torch.Tensor, labels: torch.Tensor, k: int,
                      check: bool = True) -> dict[str, torch.Tensor]:
-        """One encoder pass through the explainer_topk graph (two passes for an export folder without it)."""
-        if not self._graph("explainer_topk"):
+        """One encoder pass through the explainer_topk graph; without ``check``, through
+        explainer_topk_nocheck (no masked check, no second encoder pass) where the export folder
+        has it. Two passes for an export folder without a top-k graph."""
+        graph = "explainer_topk" if check or not self._graph("explainer_topk_nocheck") else "explainer_topk_nocheck"
+        if not self._graph(graph):
             return super().explain_topk(waves, labels, k, check)
-        names = ["scores", "topk", *self.OUTPUTS]
+        names = ["scores", "topk", *(self.OUTPUTS if graph == "explainer_topk" else self.OUTPUTS[:3])]
         feeds = {"waves": _np32(waves), "labels": _np32(labels), "k": np.zeros(k, np.float32)}
-        outs = self._call(self.session("explainer_topk").run, names, feeds)
+        outs = self._call(self.session(graph).run, names, feeds)
         result = {n: torch.from_numpy(v) for n, v in zip(names, outs)}
         if not check:
-            del result["masked_similarity"]
+            result.pop("masked_similarity", None)
         return result
 
     def embed_audio(self, waves: torch.Tensor) -> torch.Tensor:
@@ -379,9 +405,11 @@ class TrtRunner(Runner):
 
     def explain_topk(self, waves: torch.Tensor, labels: torch.Tensor, k: int,
                      check: bool = True) -> dict[str, torch.Tensor]:
-        """One encoder pass through the explainer_topk engine when k and the label count fit its
-        profile (in batch chunks); otherwise scores from the audio engine, then `explain`."""
-        engine = self._engines.get("explainer_topk")
+        """One encoder pass through the explainer_topk engine (explainer_topk_nocheck without
+        ``check``, where it was built) when k and the label count fit its profile (in batch
+        chunks); otherwise scores from the audio engine, then `explain`."""
+        graph = "explainer_topk" if check or "explainer_topk_nocheck" not in self._engines else "explainer_topk_nocheck"
+        engine = self._engines.get(graph)
         if engine is None or k > engine.max_size("k", 0) or labels.shape[0] > engine.max_size("labels", 0):
             return super().explain_topk(waves, labels, k, check)
         bmax, parts = engine.max_size("waves", 0), []
@@ -445,7 +473,8 @@ def load_runner(backend: str = "torch", *, clap: str = "demo", decoder: str | os
     """The runner of ``backend``: torch loads ``clap`` (demo | laion:NAME | PATH | hf:DIR |
     random:ARCH) with ``decoder`` (a `lmaczs train` folder; the bundled one for the demo CLAP);
     onnx and trt read the export folder ``engines`` (written by `lmaczs export`). ``precision``
-    and ``compile``: the torch runner's (`TorchRunner`)."""
+    and ``compile``: the torch runner's (`TorchRunner`); ``precision="int8"`` runs an onnx export
+    folder's int8 variants (``lmaczs export --int8``)."""
     if backend == "torch":
         return TorchRunner(*load_models(clap, decoder, tokenizer, force), device=device, spectral=spectral,
                            precision=precision, compile=compile)
@@ -454,5 +483,6 @@ def load_runner(backend: str = "torch", *, clap: str = "demo", decoder: str | os
     if engines is None:
         raise BackendError(f"--backend {backend} needs --engines DIR (a folder written by `lmaczs export`)")
     if backend == "onnx":
-        return OnnxRunner(engines, device=device, tokenizer=tokenizer, threads=threads)
+        return OnnxRunner(engines, device=device, tokenizer=tokenizer, threads=threads,
+                          precision="int8" if precision == "int8" else "fp32")
     return TrtRunner(engines, tokenizer=tokenizer)

@@ -89,7 +89,14 @@ class ClapError(LmaczsError):
 
 
 def laion_module(name: str = "") -> types.ModuleType:
-    """Import ``laion_clap.clap_module[.name]`` without running ``laion_clap/__init__``."""
+    """Import ``laion_clap.clap_module[.name]`` without running ``laion_clap/__init__``.
+
+    With a name, ``clap_module/__init__`` does not run either (it imports laion's training
+    code: factory, transforms, torchvision, transformers). While laion's modules import,
+    transformers, torchvision, h5py and tqdm, when not imported yet, are stand-ins whose
+    names resolve to the real objects on first use (`_Deferred`); the demo model (CLIP-BPE
+    text, HTSAT audio) never uses them, so loading it imports none of them.
+    """
     if _PKG not in sys.modules:
         spec = importlib.util.find_spec("laion_clap")
         if spec is None or not spec.submodule_search_locations:
@@ -97,7 +104,88 @@ def laion_module(name: str = "") -> types.ModuleType:
         pkg = types.ModuleType(_PKG)
         pkg.__path__ = list(spec.submodule_search_locations)
         sys.modules[_PKG] = pkg
-    return importlib.import_module(f"{_PKG}.clap_module" + (f".{name}" if name else ""))
+    sub = f"{_PKG}.clap_module"
+    if sub not in sys.modules:
+        sys.modules[sub] = _bare_package(sub, [os.path.join(p, "clap_module") for p in sys.modules[_PKG].__path__])
+    if not name:
+        _run_package_init(sys.modules[sub])
+        return sys.modules[sub]
+    full = f"{sub}.{name}"
+    if full in sys.modules:
+        return sys.modules[full]
+    with _deferred_imports():
+        return importlib.import_module(full)
+
+
+def _bare_package(name: str, path: list[str]) -> types.ModuleType:
+    pkg = types.ModuleType(name)
+    pkg.__path__ = path
+    pkg.__package__ = name
+    return pkg
+
+
+def _run_package_init(pkg: types.ModuleType) -> None:
+    """Run ``clap_module/__init__`` into the bare package once (`laion_module()` without a name)."""
+    if getattr(pkg, "_lmaczs_init_done", False):
+        return
+    init = os.path.join(pkg.__path__[0], "__init__.py")
+    spec = importlib.util.spec_from_file_location(pkg.__name__, init, submodule_search_locations=pkg.__path__)
+    pkg.__spec__, pkg.__file__ = spec, init
+    spec.loader.exec_module(pkg)
+    pkg._lmaczs_init_done = True
+
+
+# Imported by laion's model files at top level, used only by model variants lmaczs does not
+# build by default (BERT/BART text, timm towers, frozen batch norm, dataset helpers).
+_DEFERRABLE = ("transformers", "transformers.tokenization_utils_base", "torchvision", "torchvision.ops",
+               "torchvision.ops.misc", "h5py", "tqdm")
+
+
+class _Deferred:
+    """A name laion imported from a module that was not imported yet: the real object is
+    imported on first call or attribute access (``RobertaModel.from_pretrained``)."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self._where = (module, name)
+
+    def _real(self) -> Any:
+        module, name = self._where
+        return getattr(importlib.import_module(module), name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._real()(*args, **kwargs)
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return getattr(self._real(), attr)
+
+    def __repr__(self) -> str:
+        return f"<deferred {'.'.join(self._where)}>"
+
+
+class _StandIn(types.ModuleType):
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return _Deferred(self.__name__, attr)
+
+
+@contextlib.contextmanager
+def _deferred_imports() -> Iterator[None]:
+    """Stand-ins in ``sys.modules`` for the `_DEFERRABLE` modules not imported yet, removed
+    afterwards (a later ``import transformers`` gets the real one)."""
+    placed = [m for m in _DEFERRABLE if m not in sys.modules]
+    for m in placed:
+        mod = _StandIn(m)
+        mod.__path__ = []     # a package: its submodules are stand-ins too
+        sys.modules[m] = mod
+    try:
+        yield
+    finally:
+        for m in placed:
+            if isinstance(sys.modules.get(m), _StandIn):
+                del sys.modules[m]
 
 
 # --------------------------------------------------------------------------- configuration
@@ -200,13 +288,14 @@ def _offline_construction(cfg: ClapConfig) -> Iterator[None]:
     """Patch laion's model module for the duration of ``CLAP(...)``: no hub access, custom HTSAT."""
     model_mod = laion_module("model")
     htsat_mod = laion_module("htsat")
-    from transformers import RobertaConfig, RobertaModel
 
     class _OfflineRoberta:
         @staticmethod
         def from_pretrained(name: str, *args: Any, **kwargs: Any) -> nn.Module:
             if name != "roberta-base":
                 raise ClapError(f"laion asked for text model {name!r}; only roberta-base is supported")
+            from transformers import RobertaConfig, RobertaModel
+
             return RobertaModel(RobertaConfig(**roberta_config(cfg)))
 
     def _create_htsat(audio_cfg: Any, enable_fusion: bool = False, fusion_type: str = "None") -> nn.Module:
@@ -247,6 +336,40 @@ def build_laion_clap(cfg: ClapConfig) -> nn.Module:
         # laion hard-codes Linear(768, joint) after RoBERTa; a roberta-custom tower is narrower
         model.text_projection[0] = nn.Linear(cfg.text_width, cfg.joint_dim)
     return model.eval()
+
+
+@contextlib.contextmanager
+def _weights_follow() -> Iterator[None]:
+    """Build a model whose every weight is loaded next (`load_weights` is strict), skipping
+    what that load replaces: torchlibrosa's STFT and mel layers compute their DFT matrix,
+    window and filter bank at construction through librosa (scipy.signal and numba: about
+    2 s of imports and JIT at start-up), and those values are parameters in the checkpoint.
+    Here they get zeros of the right shapes instead. Not for `random_clap`, which keeps them."""
+    import numpy as np
+    from torchlibrosa import stft as tl
+
+    class _ShapesOnly:    # the three librosa calls torchlibrosa's STFT and mel layers make
+        class filters:
+            @staticmethod
+            def get_window(window: Any, win_length: int, fftbins: bool = True) -> np.ndarray:
+                return np.zeros(win_length)
+
+            @staticmethod
+            def mel(*, sr: int, n_fft: int, n_mels: int, **_: Any) -> np.ndarray:
+                return np.zeros((n_mels, n_fft // 2 + 1), np.float32)
+
+        class util:
+            @staticmethod
+            def pad_center(data: np.ndarray, *, size: int, **_: Any) -> np.ndarray:
+                return np.zeros(size)
+
+    saved = tl.librosa, tl.DFTBase.dft_matrix
+    tl.librosa = _ShapesOnly
+    tl.DFTBase.dft_matrix = lambda self, n: np.broadcast_to(np.complex64(0), (n, n))
+    try:
+        yield
+    finally:
+        tl.librosa, tl.DFTBase.dft_matrix = saved
 
 
 # --------------------------------------------------------------------------- tokenizers
@@ -635,7 +758,8 @@ def load_laion_checkpoint(path: str | os.PathLike, tokenizer: str | os.PathLike 
         raise ClapError(f"{path}: not a LAION-CLAP checkpoint (no {e}); pass a LAION-CLAP .pt such as "
                         "630k-audioset-best.pt") from e
     tok = _make_tokenizer(cfg, tokenizer)  # fail early, before building a large model
-    clap = build_laion_clap(cfg)
+    with _weights_follow():
+        clap = build_laion_clap(cfg)
     load_weights(clap, sd, str(path))
     return ClapModel(clap, cfg, tok, source=str(path))
 
@@ -670,7 +794,8 @@ def load_clap_dir(directory: str | os.PathLike, tokenizer: str | os.PathLike | N
     cfg = _read_clap_config(meta_path)
     weights = read_safetensors(directory / "clap.safetensors", "copy the CLAP folder again")
     tok = _make_tokenizer(cfg, tokenizer)
-    clap = build_laion_clap(cfg)
+    with _weights_follow():
+        clap = build_laion_clap(cfg)
     load_weights(clap, weights, str(directory / "clap.safetensors"))
     return ClapModel(clap, cfg, tok, source=str(directory))
 

@@ -239,9 +239,11 @@ main.help = (main.help or "").replace("{exit_codes}", _exit_code_help().replace(
               show_default=True,
               help="CUDA: run fixed-shape batches under CUDA graphs (auto, graphs) or torch.compile (inductor); "
               "off: plain eager. No effect on the CPU.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16", "int8"]), default="auto",
+              show_default=True,
               help="CUDA: encoder and decoder precision (auto: fp16; the front end is always fp32). "
-              "No effect on the CPU.")
+              "No effect on the CPU. int8: --backend onnx only, the export folder's int8 graphs "
+              "(lmaczs export --int8).")
 @click.option("--overwrite", is_flag=True, help="Redo work a previous run finished.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.pass_context
@@ -377,6 +379,8 @@ def _check_backend(backend: str, options: dict[str, Any], decoder: Path | None) 
     """--backend onnx|trt needs --engines (an export folder) and takes its model from there;
     trt needs a GPU and tensorrt."""
     engines = options.get("engines")
+    if options.get("precision") == "int8" and backend != "onnx":
+        raise click.UsageError("--precision int8 is for --backend onnx (the int8 graphs of `lmaczs export --int8`)")
     if backend == "torch":
         if engines is not None:
             raise click.UsageError("--engines is for --backend onnx|trt; --backend torch uses --clap/--decoder")
@@ -527,7 +531,8 @@ def train(ctx: click.Context, config: Path | None, resume: Path | None, **option
     (gloo on CPU, NCCL on GPU); pairs are formed within each process's micro-batch.
 
     A recipe file (--config) holds every setting of a run, the decoder's architecture
-    ([decoder] width, text_tokens, text_readout, levels, first_level, logmel_skip, skip_gate), the
+    ([decoder] width, text_tokens, text_readout, levels, first_level, logmel_skip, skip_gate,
+    decision, decision_contrast, projected), the
     learning-rate schedule ([optimiser] lr_schedule: constant or cosine) and the research
     terms beyond the paper's objective ([loss] mask_noise, hard_mask, logit_bound,
     lambda_reach, lambda_out, lambda_overlap, lambda_absent; [data] group_by_audio)
@@ -633,6 +638,10 @@ def _run_training(training: Any, cfg: Any, resume: bool) -> dict[str, Any]:
               help="Precision of the audio encoder and decoder layers, written into the graphs (and so into "
               "the strongly typed engines built from them); STFT, mel, log, iSTFT and the text encoder "
               "always stay fp32.")
+@click.option("--int8", is_flag=True,
+              help="Also write int8 variants of the audio-side graphs (<graph>_int8.onnx: the CLAP encoder's "
+              "MatMuls dynamically quantised, for ONNX Runtime on the CPU), each audited against its fp32 "
+              "graph; a variant that drifts fails the export. Run them with --backend onnx --precision int8.")
 @click.option("--opset", type=click.IntRange(min=17, max=20), default=17, show_default=True,
               help="ONNX opset (17: LayerNormalization; 20: the newest the TorchScript exporter writes).")
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
@@ -641,7 +650,7 @@ def _run_training(training: Any, cfg: Any, resume: bool) -> dict[str, Any]:
               help="TensorRT builder workspace limit (GiB)  [default: TensorRT's own]")
 @click.pass_context
 def export(ctx: click.Context, out: Path, clap: str, tokenizer: Path | None, decoder: Path | None, force: bool,
-           trt: bool, fp16: bool, opset: int, max_batch: int, workspace_gib: float | None) -> None:
+           trt: bool, fp16: bool, int8: bool, opset: int, max_batch: int, workspace_gib: float | None) -> None:
     """Export the explainer to ONNX and, with --trt, TensorRT.
 
     Writes audio_encoder.onnx (waveforms -> embedding, hidden states), text_encoder.onnx
@@ -673,8 +682,8 @@ def export(ctx: click.Context, out: Path, clap: str, tokenizer: Path | None, dec
     from .export.to_onnx import audit_problems, check_audit
 
     manifest = export_explainer_folder(out, clap=clap, decoder=decoder, tokenizer=tokenizer, force=force,
-                                       opset=opset, max_batch=max_batch, fp16=fp16)
-    for graph, spec in manifest["graphs"].items():
+                                       opset=opset, max_batch=max_batch, fp16=fp16, int8=int8)
+    for graph, spec in [*manifest["graphs"].items(), *manifest.get("int8", {}).get("graphs", {}).items()]:
         click.echo(f"wrote {out / spec['file']} ({spec['precision']})")
     click.echo(f"copied the tokenizer into {out / manifest['tokenizer']['dir']}")
     problems = audit_problems(manifest)

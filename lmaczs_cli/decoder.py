@@ -19,6 +19,9 @@ Shape of the computation (HTSAT-tiny; PANN-14 in brackets):
       (+ the clip's normalised log-mel as a skip channel, brought onto the same grid;
        skip_gate: instead, a text-independent gate on the log-mel multiplies the final mask)
       -> conv -> logits -> fixed time map to 1001 frames          (B, 1001, 64)
+  (decision: CLAP's own per-token audio-text cosine on h4's grid -- the stage-4 tokens through
+   CLAP's audio projection, against the prompt -- joins the deepest features and gates the mask;
+   see DecisionMap)
   STFT domain: logits -> fixed mel->linear map (B,1001,513) -> refine with the log-power skip
   sigmoid -> mask in [0, 1]
 
@@ -125,6 +128,9 @@ class DecoderConfig:
     levels: int = 4                            # CLAP stages read, from the first: 4 (h1..h4), 3, or 2 (h1, h2)
     skip_gate: bool = False                    # the log-mel skip gates the mask (SkipGate) instead of joining the features
     first_level: int = 1                       # shallowest CLAP stage read: 1 (h1..), 2 (h2..), 3 (h3, h4), 4 (h4)
+    decision: bool = False                     # read CLAP's per-token audio-text cosine map and gate by it (DecisionMap)
+    decision_contrast: bool = False            # ... and that map standardised over the clip, as a second channel
+    projected: bool = False                    # read h4's tokens through CLAP's audio projection instead of h4
 
     def __post_init__(self) -> None:
         if self.domain not in spectral.MASK_DOMAINS:
@@ -139,6 +145,12 @@ class DecoderConfig:
             raise DecoderError("skip_gate needs the log-mel skip and the mel domain")
         if self.levels not in (2, 3, 4):
             raise DecoderError(f"levels must be 2, 3 or 4 (CLAP stages read from the first), not {self.levels}")
+        if self.projected and self.first_level != 4:
+            raise DecoderError("projected reads the stage-4 tokens in the joint space: it needs first_level=4")
+        if self.decision_contrast and not self.decision:
+            raise DecoderError("decision_contrast is a second channel of the decision map: set decision too")
+        if self.decision and self.levels != 4:
+            raise DecoderError("decision needs levels=4: the cosine map lies on h4's grid, the deepest stage")
         if not 1 <= self.first_level <= self.levels:
             raise DecoderError(f"first_level {self.first_level} must lie between 1 and levels={self.levels}: "
                                "the decoder reads CLAP stages first_level..levels")
@@ -229,6 +241,50 @@ class TextReadout(nn.Module):
         return (q * self.key(x)).sum(1, keepdim=True) * self.scale
 
 
+def _and_logits(logits: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """logit(sigmoid(logits) * sigmoid(gate)), computed stably: a cell is kept only where both keep it."""
+    log_p = F.logsigmoid(logits) + F.logsigmoid(gate)
+    return log_p - torch.log1p(-torch.exp(log_p).clamp_max(1 - 1e-7))
+
+
+class DecisionMap(nn.Module):
+    """CLAP's own decision, per token: cos(P(h4_i), t), where P is CLAP's audio projection (the map
+    from the pooled stage-4 state to the joint space) applied to each stage-4 token h4_i, and t the
+    prompt's embedding. The clip's score is made from these tokens (pooled, then projected), so
+    the map says where on h4's grid the audio answers the prompt, in the model's own terms.
+
+    The map enters twice: a 1x1 convolution adds it to the deepest features (so the transposed
+    convolutions shape the mask around it), and a 3x3 convolution of it gates the final mask
+    (mask = sigmoid(logits) * sigmoid(gate)), so cells whose tokens do not answer the prompt are
+    closed whatever the rest of the decoder says. Re-initialising the projection or stage 4
+    scrambles the map, and with it the masks: the model-randomisation check. The gate starts at
+    sigmoid(20 cos - 1): open on tokens that answer (cos 0.15: 0.88), half shut on those that do not."""
+
+    def __init__(self, width: int, contrast: bool = False) -> None:
+        super().__init__()
+        self.contrast = contrast
+        channels = 2 if contrast else 1
+        self.lateral = nn.Conv2d(channels, width, 1)      # starts at zero: a decoder given the map
+        nn.init.zeros_(self.lateral.weight)               # later (distil --init) starts as it was
+        nn.init.zeros_(self.lateral.bias)
+        self.gate = nn.Conv2d(channels, 1, 3, padding=1)
+        nn.init.zeros_(self.gate.weight)
+        with torch.no_grad():
+            self.gate.weight[0, 0, 1, 1] = 20.0
+        nn.init.constant_(self.gate.bias, -1.0)
+
+    @staticmethod
+    def cosine(tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """tokens (B, D, H, W) in the joint space, text (B, D) L2-normalised -> (B, 1, H, W)."""
+        return (F.normalize(tokens, dim=1) * text[:, :, None, None]).sum(1, keepdim=True)
+
+    def inputs(self, cos: torch.Tensor) -> torch.Tensor:
+        """The map as the decoder reads it: the cosine, and with ``contrast`` also the cosine
+        standardised over the clip's grid (where, relative to the rest of the clip, the tokens
+        answer the prompt; the raw cosine says how much)."""
+        return torch.cat([cos, _normalise(cos)], dim=1) if self.contrast else cos
+
+
 class SkipGate(nn.Module):
     """The log-mel skip as a gate: mask = sigmoid(logits) * sigmoid(g(log-mel)), returned as the
     logits of that product. g sees neither the prompt nor CLAP, so it can only take away cells (the
@@ -244,10 +300,7 @@ class SkipGate(nn.Module):
 
     def forward(self, logits: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         """logits (B, 1, T, F), skip (B, 1, T, F) -> logit(sigmoid(logits) * sigmoid(g(skip)))."""
-        g = self.net(skip)
-        # log p = log sigmoid(a) + log sigmoid(g); logit = log p - log(1 - p), computed stably
-        log_p = F.logsigmoid(logits) + F.logsigmoid(g)
-        return log_p - torch.log1p(-torch.exp(log_p).clamp_max(1 - 1e-7))
+        return _and_logits(logits, self.net(skip))
 
 
 class ConvBlock(nn.Sequential):
@@ -292,7 +345,8 @@ class MaskDecoder(nn.Module):
         w = cfg.width
         widths = (w // 2, w, w, w)[: cfg.levels]           # per level h1..h4
         read = slice(cfg.first_level - 1, cfg.levels)      # the stages read: first_level..levels
-        self.lateral = nn.ModuleList(nn.Conv2d(c, wl, 1) for c, wl in zip(cfg.hidden_channels[read], widths[read]))
+        channels = cfg.hidden_channels[read] if not cfg.projected else (cfg.text_dim,)
+        self.lateral = nn.ModuleList(nn.Conv2d(c, wl, 1) for c, wl in zip(channels, widths[read]))
         self.text_tokens = nn.Linear(cfg.text_dim, cfg.text_tokens * w)
         self.token_pos = nn.Parameter(torch.randn(cfg.text_tokens, w) * 0.02)
         self.token_norm = nn.LayerNorm(w)
@@ -308,6 +362,7 @@ class MaskDecoder(nn.Module):
         self.head = nn.Sequential(ConvBlock(w // 8 + skip, w // 8), nn.Conv2d(w // 8, 1, 3, padding=1))
         self.gate = SkipGate() if cfg.skip_gate else None
         self.readout = TextReadout(cfg.text_dim, w // 2) if cfg.text_readout else None
+        self.decision = DecisionMap(w, cfg.decision_contrast) if cfg.decision else None
         if cfg.domain == "stft":
             # refine the mel-resolution logits on the linear grid, seeing the clip's log power
             self.refine = nn.Sequential(ConvBlock(2, 8), nn.Conv2d(8, 1, 3, padding=1))
@@ -321,15 +376,20 @@ class MaskDecoder(nn.Module):
         tok = self.text_tokens(text).reshape(text.shape[0], self.cfg.text_tokens, self.cfg.width)
         return self.token_norm(tok + self.token_pos)
 
-    def grids(self, hidden: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+    def grids(self, hidden: Sequence[torch.Tensor], tokens: torch.Tensor | None = None) -> list[torch.Tensor | None]:
         """CLAP hidden states -> their lateral projections on (time, frequency) grids, one per
         level 1..levels; None for the stages under first_level, which the decoder does not read.
+        With cfg.projected the one stage read is h4's tokens in the joint space (``tokens``).
 
         The 1x1 lateral convolutions act per position, so they commute with the unfolding; they
         run first, on the folded grids, so the unfolding permutes `width` channels instead of
         CLAP's 192-768 (that permutation, with its small inner axes, was the slowest op of the
         decoder in ONNX Runtime)."""
         skipped = self.cfg.first_level - 1
+        if self.cfg.projected:
+            if tokens is None:
+                raise DecoderError("this decoder reads h4's tokens through CLAP's projection: pass tokens=")
+            hidden = [*hidden[:skipped], tokens]
         lat = [conv(h.contiguous()) for conv, h in zip(self.lateral, hidden[skipped:])]   # any layout
         if self.cfg.backbone == "htsat":
             lat = [unfold_htsat(x) for x in lat]
@@ -346,17 +406,28 @@ class MaskDecoder(nn.Module):
         text: torch.Tensor,
         logmel: torch.Tensor | None = None,
         log_power: torch.Tensor | None = None,
+        tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """hidden: CLAP's h1..h4 (B, C_i, H_i, W_i); text: (B, text_dim) L2-normalised;
         logmel: (B, 1001, 64) dB (needed when cfg.logmel_skip); log_power: (B, 1001, 513) dB
-        (STFT domain only; the refinement sees it).  ->  mask (B, 1001, bins) in [0, 1]."""
-        g1, g2, *deep = self.grids(hidden)                 # None where a stage is not read
+        (STFT domain only; the refinement sees it); tokens: h4's tokens through CLAP's audio
+        projection, (B, text_dim, H_4, W_4) on h4's grid (needed when cfg.decision;
+        `model.token_embeddings` makes them).  ->  mask (B, 1001, bins) in [0, 1]."""
+        g1, g2, *deep = self.grids(hidden, tokens)         # None where a stage is not read
         (t1, t2), (f1, f2) = self.cfg.hidden_time[:2], self.cfg.hidden_freq[:2]
         tok = self.tokens(text)
+        cos = None
+        if self.decision is not None:
+            if tokens is None:
+                raise DecoderError("this decoder reads CLAP's per-token decision map: pass tokens=")
+            cos = DecisionMap.cosine(tokens, text)         # (B, 1, H_4, W_4)
+            cos = self.decision.inputs(unfold_htsat(cos) if self.cfg.backbone == "htsat" else cos)
         stage = 0
         if deep:                                           # h4 + h3 (or one of them) on the deepest grid
             d = [g for g in deep if g is not None]
             x = d[-1] + _fit(d[0], d[-1].shape[-2], d[-1].shape[-1]) if len(d) == 2 else d[0]
+            if cos is not None:
+                x = x + self.decision.lateral(_fit(cos, x.shape[-2], x.shape[-1]))
             x = self.condition(0, self.mix[0](x), tok, text)
             x = _fit(self.up_deep(x), t2, f2)              # transposed convolutions up: (B, w, T2, F2)
             x = x + g2 if g2 is not None else x
@@ -380,6 +451,10 @@ class MaskDecoder(nn.Module):
         if read is not None:                               # onto the mask grid: two fixed MatMuls
             fmap = interp_matrix(int(read.shape[-1]), N_MELS, read.device).to(read.dtype)
             logits = logits + resample_time(read, N_FRAMES) @ fmap.T
+        if cos is not None:                                # CLAP's decision gates every cell
+            gate = self.decision.gate(cos)
+            fmap = interp_matrix(int(gate.shape[-1]), N_MELS, gate.device).to(gate.dtype)
+            logits = _and_logits(logits, resample_time(gate, N_FRAMES) @ fmap.T)
         if self.gate is not None:                          # last: nothing the prompt brings can undo it
             logits = self.gate(logits, skip)
         if self.cfg.domain == "stft":

@@ -57,6 +57,7 @@ class Features:
     logmel: torch.Tensor            # (B, 1001, 64) dB
     embedding: torch.Tensor         # (B, D) L2-normalised
     hidden: list[torch.Tensor]      # the encoder's h1..h4 (B, C_i, H_i, W_i)
+    tokens: torch.Tensor | None = None   # h4's tokens in the joint space (B, D, H_4, W_4), when the decoder reads them
 
     @property
     def mel(self) -> torch.Tensor:
@@ -223,15 +224,18 @@ class ExplainerModule(nn.Module):
         with _float32_region(waves.device.type):
             logmel = spectral.to_db(spec.mel)                       # (B, 1001, 64)
         embedding, hidden = self.clap.encode(logmel.to(self.encoder_dtype))    # Cast: a half-precision encoder
-        return Features(spec, logmel, embedding, hidden)
+        cfg = getattr(self.decoder, "cfg", None)
+        wants = getattr(cfg, "decision", False) or getattr(cfg, "projected", False)
+        return Features(spec, logmel, embedding, hidden, token_embeddings(self.clap, hidden) if wants else None)
 
     def decode(self, feats: Features, rows: torch.Tensor | int, text: torch.Tensor) -> torch.Tensor:
         """Masks (N, 1001, bins) for N (clip, prompt) pairs: text (N, D); rows (N,) the clip of each
         pair, or an int K when each clip takes K consecutive prompts (pair b*K+k is clip b)."""
         dtype = _dtype_of(self.decoder)            # float32, or the half type of a half-precision decoder
         log_power = _take(spectral.to_db(feats.power), rows).to(dtype) if self.domain == "stft" else None
+        tokens = _take(feats.tokens, rows).to(dtype) if feats.tokens is not None else None
         return self.decoder([_take(h, rows).to(dtype) for h in feats.hidden], text.to(dtype),
-                            _take(feats.logmel, rows).to(dtype), log_power)
+                            _take(feats.logmel, rows).to(dtype), log_power, tokens)
 
     def masked_log_mel(self, feats: Features | Spectrum, rows: torch.Tensor | int,
                        masks: torch.Tensor) -> torch.Tensor:
@@ -289,6 +293,23 @@ class ExplainerModule(nn.Module):
             masked_emb, _ = self.clap.encode(self.masked_log_mel(feats, K, masks).to(self.encoder_dtype))
             out["masked_similarity"] = (flat * masked_emb.to(flat.dtype)).sum(-1).reshape(B, K)
         return out
+
+
+def token_embeddings(clap: Any, hidden: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The deepest stage's tokens carried into the joint space by CLAP's own audio head, one
+    embedding per position: (B, D, H, W) on the grid of h4 (HTSAT: folded, as h4; PANN: (T', F')).
+
+    HTSAT pools its normalised stage-4 tokens by a mean and projects the mean; here each token is
+    projected. PANN's head (fc1 + ReLU on the max + mean over time of the frequency-averaged map)
+    is applied to each cell. The decoder reads the cosine of these with the prompt (DecisionMap):
+    re-initialising the projection or a deep stage changes them, as it changes the clip's score."""
+    h = hidden[-1]                                                  # (B, C, H, W)
+    B, C, H, W = h.shape
+    x = h.flatten(2).transpose(1, 2)                                # (B, H*W, C)
+    if not clap.cfg.is_htsat:
+        x = torch.relu(clap.branch.fc1(x))
+    z = clap.clap.audio_projection(x)                               # (B, H*W, D)
+    return z.transpose(1, 2).reshape(B, z.shape[-1], H, W)
 
 
 def _dtype_of(module: nn.Module | None) -> torch.dtype:

@@ -5,8 +5,8 @@ A recipe file is TOML with one section per part of a run; any field left out kee
 
     [data]       manifest, audio_dir, val_manifest, val_fraction, val_max, group_by_audio, workers, strict
     [model]      clap, tokenizer, domain
-    [decoder]    width, text_tokens, text_readout, levels, first_level, skip_gate, logmel_skip, init,
-                 init_any_clap
+    [decoder]    width, text_tokens, text_readout, levels, first_level, skip_gate, logmel_skip,
+                 decision, decision_contrast, projected, init, init_any_clap
     [optimiser]  epochs, max_steps, batch_size, accum, lr, lr_schedule, seed
     [loss]       lambda_sparsity, lambda_diversity, mismatched, mask_noise, hard_mask, logit_bound,
                  lambda_reach, lambda_out, lambda_overlap, lambda_absent
@@ -71,6 +71,9 @@ class TrainConfig:
     first_level: int = 1                # ... and from which stage on: 3 reads h3, h4; 4 h4 only (DecoderConfig)
     skip_gate: bool = False             # the log-mel skip gates the mask instead of joining the features
     logmel_skip: bool = True            # decoder input from the log-mel itself (DecoderConfig)
+    decision: bool = False              # CLAP's per-token audio-text cosine joins and gates the mask (DecoderConfig)
+    decision_contrast: bool = False     # ... with the map standardised over the clip as a second channel
+    projected: bool = False             # read h4's tokens through CLAP's audio projection (first_level 4)
     init: str | None = None             # start from this saved decoder's weights (train.init_decoder)
     init_any_clap: bool = False         # accept an init decoder trained on another CLAP
     # [optimiser]
@@ -146,8 +149,8 @@ RECIPE_SECTIONS: dict[str, tuple[str, ...]] = {   # recipe file section -> Train
     "data": ("manifest", "audio_dir", "val_manifest", "val_fraction", "val_max", "group_by_audio", "workers",
              "strict"),
     "model": ("clap", "tokenizer", "domain"),
-    "decoder": ("width", "text_tokens", "text_readout", "levels", "first_level", "skip_gate", "logmel_skip", "init",
-                "init_any_clap"),
+    "decoder": ("width", "text_tokens", "text_readout", "levels", "first_level", "skip_gate", "logmel_skip",
+                "decision", "decision_contrast", "projected", "init", "init_any_clap"),
     "optimiser": ("epochs", "max_steps", "batch_size", "accum", "lr", "lr_schedule", "seed"),
     "loss": ("lambda_sparsity", "lambda_diversity", "mismatched", "mask_noise", "hard_mask", "logit_bound",
              "lambda_reach", "lambda_out", "lambda_overlap", "lambda_absent"),
@@ -155,7 +158,7 @@ RECIPE_SECTIONS: dict[str, tuple[str, ...]] = {   # recipe file section -> Train
 }
 SECTION_OF = {name: section for section, names in RECIPE_SECTIONS.items() for name in names}
 ARCHITECTURE = ("domain", "width", "text_tokens", "text_readout", "logmel_skip", "levels", "skip_gate",
-                "first_level")
+                "first_level", "decision", "decision_contrast", "projected")
 FIXED_ON_RESUME = {   # fields a resumed run must keep, and why
     "group_by_audio": "it would re-plan the epoch in progress (some clips twice, some never)",
     **dict.fromkeys(ARCHITECTURE, "the checkpoint holds a decoder of the stored shape"),

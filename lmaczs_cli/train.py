@@ -463,7 +463,9 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict[str, 
     torch.manual_seed(cfg.seed)
     dec_cfg = DecoderConfig.for_clap(clap, domain=cfg.domain, width=cfg.width, text_tokens=cfg.text_tokens,
                                       text_readout=cfg.text_readout, logmel_skip=cfg.logmel_skip,
-                                      levels=cfg.levels, skip_gate=cfg.skip_gate, first_level=cfg.first_level)
+                                      levels=cfg.levels, skip_gate=cfg.skip_gate, first_level=cfg.first_level,
+                                      decision=cfg.decision, decision_contrast=cfg.decision_contrast,
+                                      projected=cfg.projected)
     decoder = (init_decoder(cfg.init, clap, dec_cfg, cfg.init_any_clap) if cfg.init and not resume
                else MaskDecoder(dec_cfg)).to(device)
     opt = torch.optim.Adam(decoder.parameters(), lr=cfg.lr)

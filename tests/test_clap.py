@@ -365,3 +365,40 @@ def test_building_laion_clap_prints_no_warning():
     run = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stderr == ""
+
+
+def test_loaded_model_has_laions_own_front_end_weights(tmp_path, tiny_clap):
+    """Loading skips torchlibrosa's STFT / mel computation (the checkpoint replaces it): the
+    loaded parameters, and so the embeddings, equal those of a fully built model."""
+    C.save_clap(tiny_clap, tmp_path / "clap")
+    loaded = C.load_clap_dir(tmp_path / "clap")
+    fresh = C.build_laion_clap(tiny_clap.cfg)       # computed by torchlibrosa / librosa
+    ours, real = loaded.clap.state_dict(), fresh.state_dict()
+    front = [k for k in real if "spectrogram_extractor" in k or "logmel_extractor" in k]
+    assert len(front) == 3
+    for k in front:
+        assert torch.equal(ours[k], real[k]), k
+    waves = _waves(2)
+    with torch.no_grad():
+        assert torch.equal(loaded.embed_audio(waves), tiny_clap.embed_audio(waves))
+    assert C.build_laion_clap(tiny_clap.cfg).state_dict()[front[0]].abs().sum() > 0   # the shortcut is undone
+
+
+def test_loading_the_demo_model_imports_no_unused_heavy_packages():
+    import subprocess
+    import sys
+
+    code = ("import sys; from lmaczs_cli.clap import load_clap; load_clap('demo'); "
+            "print(' '.join(m for m in ('transformers', 'torchvision', 'scipy.signal', 'numba', 'laion_clap') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}).stdout
+    assert out.strip() == ""
+
+
+def test_deferred_laion_names_resolve_to_the_real_objects():
+    model = C.laion_module("model")
+    from transformers import RobertaModel
+
+    assert model.RobertaModel.from_pretrained == RobertaModel.from_pretrained
+    assert C.laion_module().CLAP is model.CLAP          # the package itself, its __init__ run on demand

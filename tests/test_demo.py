@@ -22,7 +22,6 @@ from lmaczs_cli.explain import Explainer
 # bundled decoder reads mass 0.394 (chance 0.088) and absent / matched 0.626 at one thread; the
 # bounds leave 0.04 and 0.07. (The issue's targets, 0.5 and 0.4, are not met: demo-model.md.)
 BOUNDS_NOISY = {"mass": 0.35, "ratio": 0.70}
-SELECTION_NOISY_SEED = scores.SPLITS["selection"][0]   # the selection split's seeds, as decoder_study's
 
 
 @pytest.fixture(scope="module")
@@ -195,30 +194,9 @@ def test_demo_masks_fall_to_chance_once_clap_stage_3_is_re_initialised(demo):
     assert mass(randomised) < 1.6 * chance and mass(randomised) < 0.5 * mass(intact) and corr < 0.5
 
 
-def _over_noise(explainer, backgrounds, snrs, seed=SELECTION_NOISY_SEED):
-    """Mean mass on the event, its chance, and absent / matched mask means, over one event of each
-    kind per (background, SNR) (`world.event_over_background`), each explained for its own prompt
-    and for another kind's (as recipes/demo/decoder_study.py's `noisy_rows`). Compositions the
-    noise buries (it owns most of the event's cells) cannot be scored and are left out."""
-    rng = np.random.default_rng(0)
-    mass, chance, matched, absent = [], [], [], []
-    for background in backgrounds:
-        for snr in snrs:
-            for name in world.EVENTS:
-                lacking = str(rng.choice([n for n in world.EVENTS if n != name]))
-                try:
-                    scene = world.event_over_background(name, seed, background, snr)
-                except RuntimeError:
-                    continue
-                on, off = explainer.explain_prompts(scene.wave, [world.prompt_for(name), world.prompt_for(lacking)],
-                                                    check=False)
-                region = metrics.dilate(scene.mel_masks[name])
-                mass.append(metrics.mass_in_region(on.mask, region))
-                chance.append(region.mean())
-                matched.append(on.mask_mean)
-                absent.append(off.mask_mean)
-    return {"n": len(mass), "mass": float(np.mean(mass)), "chance": float(np.mean(chance)),
-            "ratio": float(np.mean(absent) / np.mean(matched))}
+def _over_noise(explainer, backgrounds, snrs, split="selection"):
+    """`scores.background_rows` averaged: n, mass, chance and absent / matched."""
+    return scores.background_summary(scores.background_rows(explainer, tuple(backgrounds), tuple(snrs), split))["all"]
 
 
 def test_masks_travel_to_backgrounds_the_decoder_never_heard(demo):

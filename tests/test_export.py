@@ -215,6 +215,40 @@ def test_explainer_takes_any_prompt_count(exported, inputs, model):
             assert snr_db(audio[b, k], ref["audio"][b, k].numpy()) >= 40, (b, k)
 
 
+def test_topk_nocheck_graph_omits_the_check_and_explains_the_same_labels(exported, inputs):
+    """explainer_topk_nocheck: the outputs of explainer_topk without masked_similarity (nor the
+    masked encoder pass behind it), for the same labels, masks and audio; and the runner takes
+    it when asked for no check."""
+    from lmaczs_cli.backends import OnnxRunner
+
+    folder, manifest = exported
+    waves, _ = inputs
+    labels = torch.nn.functional.normalize(torch.randn(6, 512, generator=torch.Generator().manual_seed(5)), dim=-1)
+    feeds = {"waves": waves[:3].numpy(), "labels": labels.numpy(), "k": np.zeros(3, np.float32)}
+    spec = manifest["graphs"]["explainer_topk_nocheck"]
+    assert spec["file"] == "explainer_topk_nocheck.onnx"
+    assert list(spec["outputs"]) == ["scores", "topk", "masks", "audio", "similarity"]
+    full_s, lean_s = session(folder, "explainer_topk.onnx"), session(folder, "explainer_topk_nocheck.onnx")
+    assert [o.name for o in lean_s.get_outputs()] == list(spec["outputs"])
+    full = dict(zip([o.name for o in full_s.get_outputs()], full_s.run(None, feeds)))
+    lean = dict(zip(spec["outputs"], lean_s.run(None, feeds)))
+    assert "masked_similarity" in full
+    assert np.array_equal(lean["topk"], full["topk"]) and lean["topk"].shape == (3, 3)
+    for name in ("scores", "masks", "audio", "similarity"):
+        assert np.abs(lean[name] - full[name]).max() <= 1e-5, name
+    # one encoder pass, not two: the graph holds half the check graph's attention Softmaxes
+    softmax = {g: sum(n.op_type == "Softmax" for n in onnx.load(str(folder / f"{g}.onnx")).graph.node)
+               for g in ("explainer_topk", "explainer_topk_nocheck", "explainer_nocheck")}
+    assert softmax["explainer_topk_nocheck"] == softmax["explainer_nocheck"] < softmax["explainer_topk"]
+
+    runner = OnnxRunner(folder, device="cpu", threads=1)
+    seen = []
+    runner.session = lambda graph, _s=runner.session: seen.append(graph) or _s(graph)
+    out = runner.explain_topk(waves[:3], labels, 3, check=False)
+    assert seen == ["explainer_topk_nocheck"] and set(out) == {"scores", "topk", "masks", "audio", "similarity"}
+    assert np.array_equal(out["topk"].numpy(), full["topk"])
+
+
 # --------------------------------------------------------------------------- graph audit and manifest
 
 
@@ -463,3 +497,70 @@ def test_audit_names_double_tensors_and_integer_math():
                               [f("x", TensorProto.FLOAT, [4]), f("i", TensorProto.INT64, [2])],
                               [f("y", TensorProto.FLOAT, [2]), f("j", TensorProto.INT64, [2])])
     assert audit.audit(index_math) == []            # int64 indices and index arithmetic are fine
+
+
+# --------------------------------------------------------------------------- int8 variants
+
+
+@pytest.fixture(scope="module")
+def int8_folder(exported, tmp_path_factory):
+    """A copy of the export with its int8 variants added (`lmaczs export --int8`)."""
+    import shutil
+
+    from lmaczs_cli.export.quantize import add_int8
+
+    folder = tmp_path_factory.mktemp("int8") / "export"
+    shutil.copytree(exported[0], folder)
+    return folder, add_int8(folder, graphs=("audio_encoder", "explainer_nocheck"))
+
+
+def test_int8_variants_quantise_only_the_encoder_and_pass_their_audit(int8_folder, inputs):
+    from lmaczs_cli.backends import OnnxRunner
+    from lmaczs_cli.export import quantize
+
+    folder, manifest = int8_folder
+    specs, figures = manifest["int8"]["graphs"], manifest["int8"]["audit"]
+    assert set(specs) == {"audio_encoder", "explainer_nocheck"}
+    assert specs["explainer_nocheck"]["file"] == "explainer_nocheck_int8.onnx"
+    for graph, spec in specs.items():
+        assert sha256_file(folder / spec["file"]) == spec["sha256"] and spec["precision"] == "int8"
+        fp32, int8 = (onnx.load(str(folder / f)) for f in (manifest["graphs"][graph]["file"], spec["file"]))
+        assert figures[graph]["quantized_matmuls"] == len(quantize.quantized_nodes(fp32)) > 0
+        ops_int8 = [n for n in int8.graph.node if n.op_type in ("MatMulInteger", "DynamicQuantizeLinear")]
+        assert ops_int8 and all("/layers." in n.name for n in ops_int8)
+        # the DFT MatMuls of the front end and the inverse STFT stay float MatMuls
+        assert sum(n.op_type == "MatMul" and "/layers." not in n.name for n in int8.graph.node) >= \
+            sum(n.op_type == "MatMul" and "/layers." not in n.name for n in fp32.graph.node) > 0
+    assert figures["audio_encoder"]["embedding_cosine_min"] >= quantize.MIN_EMBEDDING_COSINE
+    assert figures["explainer_nocheck"]["mask_mean_abs_diff"] <= quantize.MAX_MASK_MEAN_DIFF
+
+    waves, text = inputs
+    fp32_runner = OnnxRunner(folder, device="cpu", threads=1)
+    int8_runner = OnnxRunner(folder, device="cpu", threads=1, precision="int8")
+    assert int8_runner._files["explainer_nocheck"] == "explainer_nocheck_int8.onnx"
+    assert int8_runner._files["explainer"] == "explainer.onnx"            # no variant: float32
+    assert fp32_runner._files["explainer_nocheck"] == "explainer_nocheck.onnx"
+    a, b = fp32_runner.explain(waves[:2], text[:2], check=False), int8_runner.explain(waves[:2], text[:2], check=False)
+    diff = np.abs(a["masks"].numpy() - b["masks"].numpy())
+    assert 0 < diff.max() and diff.mean() <= quantize.MAX_MASK_MEAN_DIFF    # a different graph ran, close
+    e8, e32 = int8_runner.embed_audio(waves[:2]).numpy(), fp32_runner.embed_audio(waves[:2]).numpy()
+    cosine = (e8 * e32).sum(-1) / (np.linalg.norm(e8, axis=-1) * np.linalg.norm(e32, axis=-1))
+    assert cosine.min() >= quantize.MIN_EMBEDDING_COSINE and not np.array_equal(e8, e32)
+
+
+def test_int8_variant_that_drifts_is_refused_and_removed(exported, tmp_path, monkeypatch):
+    import shutil
+
+    from lmaczs_cli.backends import BackendError, OnnxRunner
+    from lmaczs_cli.export import quantize
+
+    folder = tmp_path / "export"
+    shutil.copytree(exported[0], folder)
+    before = (folder / "manifest.json").read_text()
+    monkeypatch.setattr(quantize, "MIN_EMBEDDING_COSINE", 1.5)         # no variant can pass
+    with pytest.raises(quantize.QuantizationError, match="embedding_cosine_min"):
+        quantize.add_int8(folder, graphs=("audio_encoder",))
+    assert not list(folder.glob("*_int8.onnx"))
+    assert (folder / "manifest.json").read_text() == before
+    with pytest.raises(BackendError, match="lmaczs export --int8"):
+        OnnxRunner(folder, device="cpu", precision="int8")

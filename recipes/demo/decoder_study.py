@@ -11,7 +11,7 @@ For each decoder folder RUN (a `lmaczs train --out`, or lmaczs_cli/demo/model):
   (`evaluate.encoder_stages`), per stage the mean SSIM of each scene's first-event mask to the
   intact model's, and the masks' mass on that event beside its chance;
 - ``generalisation``: single events over `world.UNSEEN_BACKGROUNDS` (never in a training recipe)
-  at SNRs 0-20 dB (`world.event_over_background`), per background and SNR the mass on the event,
+  at SNRs 0-20 dB (`scores.background_rows`), per background and SNR the mass on the event,
   its chance, and absent / matched (the prompt of another event kind, drawn per scene).
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import argparse
 import json
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,9 +28,6 @@ import torch
 from lmaczs_cli import Explainer, metrics
 from lmaczs_cli.demo import scores, world
 
-SNRS = (0.0, 5.0, 10.0, 15.0, 20.0)   # dB, the generalisation grid; white noise also at 3 dB
-NOISY_SEED = scores.SPLITS["selection"][0]   # first `event_over_background` seed of the selection
-                                             # scenes (the frozen report: scores.SPLITS["test"][0])
 
 
 def randomization_rows(explainer: Any, n_scenes: int = 8, seed: int = 0,
@@ -67,49 +64,6 @@ def randomization_rows(explainer: Any, n_scenes: int = 8, seed: int = 0,
     return out
 
 
-def noisy_rows(explainer: Any, backgrounds: Sequence[str] = world.UNSEEN_BACKGROUNDS,
-               snrs: Sequence[float] = SNRS, n_seeds: int = 1, seed: int = NOISY_SEED) -> list[dict[str, Any]]:
-    """One row per (background, snr, event kind, seed) of `world.event_over_background`: the
-    event's prompt and one absent kind's prompt (numpy generator seeded 0): ``mass``, ``chance``,
-    ``matched`` and ``absent`` mask means. Compositions the noise buries (it owns most of the
-    event's cells) cannot be scored and are left out."""
-    rng = np.random.default_rng(0)
-    rows = []
-    for background in backgrounds:
-        for snr in snrs:
-            for name in world.EVENTS:
-                for k in range(n_seeds):
-                    lacking = str(rng.choice([n for n in world.EVENTS if n != name]))
-                    try:
-                        scene = world.event_over_background(name, seed + k, background, snr)
-                    except RuntimeError:
-                        continue
-                    on, off = explainer.explain_prompts(scene.wave, [world.prompt_for(name), world.prompt_for(lacking)],
-                                                        check=False)
-                    region = metrics.dilate(scene.mel_masks[name])
-                    rows.append({"background": background, "snr": float(snr), "event": name,
-                                 "mass": metrics.mass_in_region(on.mask, region), "chance": float(region.mean()),
-                                 "matched": float(on.mask_mean), "absent": float(off.mask_mean)})
-    return rows
-
-
-def noisy_summary(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per "background @ snr" and per background ("all" SNRs): n, mass, chance, ratio (absent / matched)."""
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault(f"{r['background']} @ {r['snr']:g} dB", []).append(r)
-        groups.setdefault(f"{r['background']} (all)", []).append(r)
-        groups.setdefault("all", []).append(r)
-    out = {}
-    for key, rs in groups.items():
-        matched = np.mean([r["matched"] for r in rs])
-        out[key] = {"n": len(rs), "mass": float(np.mean([r["mass"] for r in rs])),
-                    "chance": float(np.mean([r["chance"] for r in rs])),
-                    "ratio": float(np.mean([r["absent"] for r in rs]) / max(matched, 1e-12)),
-                    "matched": float(matched)}
-    return out
-
-
 def study(run: str, n_scenes: int, random_scenes: int, noisy_seeds: int) -> dict[str, Any]:
     torch.set_num_threads(1)
     explainer = Explainer.load(clap="demo", decoder=run, device="cpu", force=True)
@@ -117,9 +71,10 @@ def study(run: str, n_scenes: int, random_scenes: int, noisy_seeds: int) -> dict
     out: dict[str, Any] = {"run": run}
     out["localization"] = scores.localization_report(explainer, n_scenes)
     out["randomization"] = randomization_rows(explainer, random_scenes)
-    grid = noisy_rows(explainer, n_seeds=noisy_seeds)        # the averages: SNRS only
-    white3 = noisy_rows(explainer, ("white",), (3.0,), n_seeds=noisy_seeds)
-    out["generalisation"] = {**noisy_summary(grid), **{k: v for k, v in noisy_summary(white3).items() if "@" in k}}
+    grid = scores.background_rows(explainer, n_seeds=noisy_seeds)        # the averages: SNRS only
+    white3 = scores.background_rows(explainer, ("white",), (3.0,), n_seeds=noisy_seeds)
+    out["generalisation"] = {**scores.background_summary(grid),
+                             **{k: v for k, v in scores.background_summary(white3).items() if "@" in k}}
     out["seconds"] = time.time() - t0
     return out
 

@@ -1,6 +1,6 @@
 """Warm-start a decoder of CLAP's deep stages from an LMAC-ZS teacher, over noise.
 
-    python -m recipes.demo.distill --teacher N5 --out RUN [--first-level 3]
+    python -m recipes.demo.distill --teacher N5 --out RUN [--first-level 3] [--decision]
         [--scenes 300] [--steps 600] [--batch 8] [--lr 1e-3] [--seed 0] [--init STUDENT]
 
 A decoder that reads only h3 and h4 (no log-mel) trained from scratch with the LMAC-ZS objective
@@ -13,6 +13,10 @@ dB, or none), for the prompt of a present event or of an absent one. Loss: per-c
 entropy to the teacher's mask plus a soft Dice term on present prompts. The student is then
 fine-tuned with `lmaczs train --init RUN` and the LMAC-ZS objective, so its final masks answer to
 the CLAP and not to the teacher. Scenes are the world's train split (seed 0), as `lmaczs train`'s.
+
+`--decision` gives the student CLAP's per-token audio-text cosine map (`DecoderConfig.decision`:
+stage-4 tokens through CLAP's own audio projection); `--init` may then name a student without it:
+the weights both have are taken, the decision map's start as `DecisionMap` sets them.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from lmaczs_cli import __version__, spectral
 from lmaczs_cli.clap import load_clap
 from lmaczs_cli.decoder import DecoderConfig, MaskDecoder, load_decoder, save_decoder
 from lmaczs_cli.demo import world
+from lmaczs_cli.model import token_embeddings
 
 CLEAN_SHARE = 0.25     # share of student inputs with no added background
 
@@ -50,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
                     "students' teacher is n5: demo-model.md says how to check it out)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--first-level", type=int, default=3)
+    ap.add_argument("--decision", action="store_true", help="read CLAP's per-token decision map")
+    ap.add_argument("--decision-contrast", action="store_true", help="... and its standardised copy")
+    ap.add_argument("--projected", action="store_true", help="read h4's tokens through CLAP's audio projection")
     ap.add_argument("--scenes", type=int, default=300)
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=8)
@@ -66,10 +74,24 @@ def main(argv: list[str] | None = None) -> int:
 
     clap = load_clap("demo")
     teacher, _ = load_decoder(args.teacher, clap)
-    cfg = DecoderConfig.for_clap(clap, text_readout=True, logmel_skip=False, first_level=args.first_level)
-    student = (load_decoder(args.init, clap)[0] if args.init else MaskDecoder(cfg)).train()
-    if student.cfg != cfg:
-        raise SystemExit(f"--init {args.init}: its decoder reads other stages than --first-level {args.first_level}")
+    cfg = DecoderConfig.for_clap(clap, text_readout=True, logmel_skip=False, first_level=args.first_level,
+                                 decision=args.decision or args.decision_contrast,
+                                 decision_contrast=args.decision_contrast, projected=args.projected)
+    student = MaskDecoder(cfg).train()
+    if args.init:
+        start = load_decoder(args.init, clap)[0]
+        if (start.cfg.first_level, start.cfg.levels) != (cfg.first_level, cfg.levels):
+            raise SystemExit(f"--init {args.init}: its decoder reads other stages than --first-level {args.first_level}")
+        own = student.state_dict()
+        taken = {k: v for k, v in start.state_dict().items() if k in own and own[k].shape == v.shape}
+        for k, v in start.state_dict().items():      # a map read with more channels: the old ones kept
+            if k in own and k not in taken and v.dim() > 1 and own[k].shape[0] == v.shape[0] \
+                    and own[k].shape[2:] == v.shape[2:] and own[k].shape[1] > v.shape[1]:
+                grown = own[k].clone()
+                grown[:, : v.shape[1]] = v
+                taken[k] = grown
+        student.load_state_dict(taken, strict=False)
+        print(f"--init: {len(taken)} of {len(own)} tensors from {args.init}", flush=True)
     opt = torch.optim.Adam(student.parameters(), lr=args.lr)
     prompts = clap.encode_text([world.prompt_for(n) for n in world.EVENTS]).detach()   # (14, D)
 
@@ -97,9 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         waves = torch.from_numpy(np.stack([noisy(s, rng, tuple(args.snr)) for s, *_ in batch]))
         with torch.no_grad():
             _, hidden = clap.encode(spectral.log_mel(waves))
+            tokens = token_embeddings(clap, hidden) if cfg.decision or cfg.projected else None
         target = torch.stack([m for _, _, m, _ in batch])
         on = torch.tensor([p for *_, p in batch], dtype=torch.float32)
-        pred = student(hidden, prompts[[k for _, k, _, _ in batch]])
+        pred = student(hidden, prompts[[k for _, k, _, _ in batch]], tokens=tokens)
         bce = F.binary_cross_entropy(pred.clamp(1e-6, 1 - 1e-6), target)
         inter = (pred * target).sum((1, 2))
         dice = 1 - (2 * inter + 1) / (pred.sum((1, 2)) + target.sum((1, 2)) + 1)
