@@ -9,11 +9,13 @@ Sections (each skipped with its reason when what it needs is missing):
   explain    the explainer (front end, encoder, decoder, listenable iSTFT[, masked check]),
              clips/s per batch size, with and without the check, on real recordings and on
              synthetic clips, per backend: torch eager; onnx (ONNX Runtime, from a fresh
-             `lmaczs export` of the same model; "onnx" in --sections); trt when TensorRT and a
+             `lmaczs export` of the same model; "onnx" in --sections); onnx-int8 (its int8
+             variants, `lmaczs export --int8`; "int8" in --sections); trt when TensorRT and a
              GPU exist. The backends are timed interleaved, call by call.
   topk       --labels (50) --top-k 3 in one encoder pass vs a one-prompt explain of the same clips
   folder     `lmaczs explain` over a folder of 10-s files (decode, model, writes) vs the in-memory
-             batched rate of the same model and batch size; where its time goes
+             batched rate of the same model and batch size (timed just before each folder run);
+             where its time goes (the run's `timings`: seconds per stage, and CPU seconds)
   rss        resident memory growth of `lmaczs explain` over many short files
   startup    `lmaczs --help`, `import lmaczs_cli`, loading the demo model (fresh processes)
   methods    cost per clip of each explanation method of `lmaczs eval` (LMAC-ZS one pass,
@@ -154,9 +156,10 @@ def bench_embed(ex, args, sync) -> list[dict[str, Any]]:
 
 
 def _runner(backend: str, ex, args, folder: Path):
-    """A fresh export of `ex` into `folder` and a Runner on it, or Skip with the reason."""
+    """A fresh export of `ex` into `folder` and a Runner on it, or Skip with the reason.
+    onnx-int8: the export's int8 variants (quantised and audited once, beside the float32 graphs)."""
     from lmaczs_cli.backends import OnnxRunner, TrtRunner
-    from lmaczs_cli.export.to_onnx import export_onnx
+    from lmaczs_cli.export.to_onnx import export_onnx, read_manifest
 
     if backend == "trt":
         from lmaczs_cli.export.to_trt import require_trt
@@ -165,11 +168,18 @@ def _runner(backend: str, ex, args, folder: Path):
             require_trt()
         except Exception as e:
             raise Skip(str(e)) from e
-    if backend == "onnx":
+    if backend in ("onnx", "onnx-int8"):
         if not (folder / "manifest.json").exists():
             export_onnx(ex.clap, ex.decoder, folder, domain=ex.domain, max_batch=max(args.batch_sizes))
+        if backend == "onnx-int8" and not read_manifest(folder).get("int8"):
+            from lmaczs_cli.export.quantize import QuantizationError, add_int8
+
+            try:
+                add_int8(folder)
+            except QuantizationError as e:
+                raise Skip(str(e)) from e
         return OnnxRunner(folder, device="cpu" if ex.device.type == "cpu" else "auto",
-                          threads=torch.get_num_threads())
+                          threads=torch.get_num_threads(), precision="int8" if backend == "onnx-int8" else "fp32")
     from lmaczs_cli.export.to_trt import export_engines
 
     folder = folder / "fp16"               # TensorRT precision comes from the graph: an fp16 export
@@ -181,12 +191,15 @@ def _runner(backend: str, ex, args, folder: Path):
 def _runners(ex, args, folder: Path, skipped: dict[str, str]) -> dict[str, Any]:
     """torch and every other backend asked for in --sections that can run here."""
     runners = {"torch": ex.runner}
-    for backend in ("onnx", "trt"):
-        if backend in args.sections:
+    for backend, section in (("onnx", "onnx"), ("onnx-int8", "int8"), ("trt", "trt")):
+        if section in args.sections:
             try:
                 runners[backend] = _runner(backend, ex, args, folder)
             except Skip as e:
                 skipped[backend] = str(e)
+            except Exception as e:      # a backend that fails to build is reported; the others still run
+                skipped[backend] = f"failed: {type(e).__name__}: {e}"
+                traceback.print_exc()
     return runners
 
 
@@ -226,8 +239,11 @@ def bench_topk(ex, args, sync, runners: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def bench_folder(ex, args, sync) -> list[dict[str, Any]]:
-    """`lmaczs explain` over --folder-files 10-s files (wav; no pictures, then the default
-    pictures) vs the in-memory batched rate of the same model and batch size."""
+    """`lmaczs explain` over --folder-files 10-s files (flac; no pictures, then the default
+    pictures) vs the in-memory batched rate of the same model and batch size. The in-memory
+    rate is timed just before each folder run (as many clips as a folder run, at most 64), so
+    that a slow spell of the machine falls on both alike. `where`: the run's timings
+    (`runs.StageClock`), from the last run of each mode."""
     import soundfile as sf
 
     from lmaczs_cli.runs import ExplainJob, run_explain
@@ -242,24 +258,62 @@ def bench_folder(ex, args, sync) -> list[dict[str, Any]]:
             sf.write(inp / f"clip{k:04d}.flac", w, SAMPLE_RATE)
         mem = clip_set("real", b)
         text = ex.text_embedding([args.prompt]).cpu()[None].expand(b, -1, -1).contiguous()
-        in_memory = timed(lambda: ex.runner.explain(mem, text), b, args.repeats, sync)
-        rows.append({"section": "folder", "backend": "torch", "mode": "in memory", "batch": b, "clips": "real",
-                     "check": True, "clips_per_s": in_memory})
-        for mode, png in (("folder, no pictures", False), ("folder, pictures", True)):
-            rates, where = [], {}
-            for rep in range(max(1, args.repeats // 2)):
+        calls = max(1, min(args.folder_files, 64) // b)
+
+        def in_memory() -> float:
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                ex.runner.explain(mem, text)
+            sync()
+            return calls * b / (time.perf_counter() - t0)
+
+        ex.runner.explain(mem, text)                       # warm-up
+        modes = (("folder, no pictures", False), ("folder, pictures", True))
+        memory: list[float] = []
+        rates: dict[str, list[float]] = {m: [] for m, _ in modes}
+        where: dict[str, dict[str, Any]] = {}
+        for rep in range(max(1, args.repeats // 2)):
+            for mode, png in modes:
+                memory.append(in_memory())
                 job = ExplainJob(paths=(str(inp),), out=str(Path(tmp) / f"out-{png}-{rep}"), prompts=(args.prompt,),
                                  batch_size=b, workers=args.workers, save_png=png, device=args.device)
                 t0 = time.perf_counter()
                 summary = run_explain(job, explainer=ex)
                 wall = time.perf_counter() - t0
-                rates.append(args.folder_files / wall)
-                where = {"wall_s": wall, **{k: summary.get(k) for k in ("seconds", "timings") if k in summary}}
+                rates[mode].append(args.folder_files / wall)
+                where[mode] = {"wall_s": wall, "seconds": summary["seconds"], "timings": summary.get("timings", {})}
+        rows.append({"section": "folder", "backend": "torch", "mode": "in memory", "batch": b, "clips": "real",
+                     "check": True, "clips_per_s": _spread(memory)})
+        for mode, _ in modes:
             rows.append({"section": "folder", "backend": "torch", "mode": mode, "batch": b, "clips": "real",
-                         "check": True, "files": args.folder_files, "workers": args.workers, "where": where,
-                         "clips_per_s": {"median": statistics.median(rates), "min": min(rates), "max": max(rates),
-                                         "repeats": len(rates)}})
+                         "check": True, "files": args.folder_files, "workers": args.workers, "where": where[mode],
+                         "clips_per_s": _spread(rates[mode])})
     return rows
+
+
+# (label, key) of the folder run's timings, in the order the report prints them
+WHERE = (("model", "model_s"), ("waiting for input", "input_wait_s"), ("batching and stitching", "batching_s"),
+         ("waiting for writers", "writers_wait_s"), ("last writes", "drain_s"), ("decode", "decode_s"),
+         ("wav", "wav_s"), ("mask", "mask_s"), ("pictures", "png_s"), ("logs", "log_s"), ("re-encode", "listen_s"))
+
+
+def where_line(r: dict[str, Any]) -> str:
+    """One line of the report: where a folder run's time went, in seconds and ms per file."""
+    n, t = max(r["files"], 1), r["where"].get("timings", {})
+    head = (f"Folder run, {r['mode']}: {r['files']} files in {r['where'].get('wall_s', 0):.1f} s "
+            f"({r.get('workers')} decode workers)")
+    if "model_s" not in t:
+        return head + "."
+
+    def fig(key: str) -> str:
+        cpu = t.get(key.removesuffix("_s") + "_cpu_s")
+        return f"{t[key]:.2f} s" + (f" ({cpu:.2f} CPU)" if cpu is not None else "")
+
+    parts = [f"{label} {fig(key)}" for label, key in WHERE if t.get(key)]
+    return (head + f"; model thread {t.get('wall_s', 0):.2f} s, process CPU {t.get('cpu_s', 0):.2f} s "
+            f"({1000 * t.get('cpu_s', 0) / n:.0f} ms a file); " + ", ".join(parts)
+            + ". Decode and writes run in other threads, beside the model.")
 
 
 def _rss_mb() -> float:
@@ -386,9 +440,7 @@ def markdown(result: dict[str, Any]) -> str:
                          f"{check} | {r['batch']} | {_fig(r['clips_per_s'])} |")
         lines.append("")
     for r in (r for r in rows if r["section"] == "folder" and "where" in r):
-        w = r["where"]
-        lines.append(f"Folder run, {r['mode']}: {r['files']} files in {w.get('wall_s', 0):.1f} s "
-                     f"({r.get('workers')} decode workers); {json.dumps({k: v for k, v in w.items() if k != 'wall_s'})}")
+        lines.append(where_line(r))
     rss = [r for r in rows if r["section"] == "rss"]
     for r in rss:
         lines.append(f"Resident memory over {r['files']} short files: {r['rss_after_5pct_mb']:.0f} MB after the first "
@@ -424,10 +476,12 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
     for b in batches:
         for kind in ("real", "synthetic"):
             for check, label in ((True, "check"), (False, "no check")):
-                for backend in ("onnx", "trt"):
+                for backend in ("onnx", "onnx-int8", "trt"):
                     put(f"explain {backend} / torch, {kind}, {label}, batch {b}",
                         ("explain", backend, "", kind, check, b), ("explain", "torch", "", kind, check, b))
-            for backend in ("torch", "onnx", "trt"):
+                put(f"explain onnx-int8 / onnx, {kind}, {label}, batch {b}",
+                    ("explain", "onnx-int8", "", kind, check, b), ("explain", "onnx", "", kind, check, b))
+            for backend in ("torch", "onnx", "onnx-int8", "trt"):
                 put(f"{backend} no check / check, {kind}, batch {b}",
                     ("explain", backend, "", kind, False, b), ("explain", backend, "", kind, True, b))
         put(f"explain torch / embed, synthetic, check, batch {b}",
@@ -494,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--sections", nargs="+",
-                    default=["embed", "explain", "onnx", "trt", "topk", "folder", "rss", "startup", "methods"])
+                    default=["embed", "explain", "onnx", "int8", "trt", "topk", "folder", "rss", "startup", "methods"])
     ap.add_argument("--methods", nargs="+", default=["lmaczs", "gradcam", "gradcam++", "smoothgrad", "ig"])
     ap.add_argument("--prompt", default="the sound of a siren")
     ap.add_argument("--device", default="auto")

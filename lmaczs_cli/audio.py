@@ -507,6 +507,10 @@ class Stitcher:
             raise ValueError(f"a part of shape {part.shape}; expected {(self.win, *self.out.shape[1:])}")
         s = self.starts[self.i]
         end = min(s + self.win, self.length)
+        if self.i == 0:                               # nothing under it yet: its share is w / w = 1
+            self.out[:end] = part[:end]
+            self.i += 1
+            return
         total = np.zeros(end - s)
         for j in range(self.i - 1, -1, -1):           # earlier windows reaching into [s, end)
             sj = self.starts[j]

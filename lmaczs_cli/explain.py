@@ -243,9 +243,9 @@ class Explainer:
         batcher = _Batcher(self, check)
         if label_prompts:
             batcher.labels = _Labels(list(labels), label_prompts, self.text_embedding(label_prompts), top_k)
-        for clip, wave, error, decode_s in _decoded(clips, workers):
+        for clip, wave, error, decode_s, wait_s in _decoded(clips, workers):
             if error is None and label_prompts and wave.size <= CLIP_SAMPLES:     # one pass: scored as explained
-                batcher.add(_InFlight(clip, wave, [""] * top_k, None, None, decode_s, keep_input))
+                batcher.add(_InFlight(clip, wave, [""] * top_k, None, None, decode_s, keep_input, wait_s))
                 yield from batcher.finished()
                 continue
             if error is None:
@@ -261,12 +261,12 @@ class Explainer:
                 except Exception as e:   # one clip's failure must not stop the batch
                     error = reason_of(e)
             if error is not None:
-                yield ClipResult(clip.key, error=error, decode_s=decode_s)
+                yield ClipResult(clip.key, error=error, decode_s=decode_s, wait_s=wait_s)
             elif not clip_prompts:
                 yield ClipResult(clip.key, wave=wave if keep_input else None, duration_s=wave.size / SAMPLE_RATE,
-                                 decode_s=decode_s, topk=topk)
+                                 decode_s=decode_s, wait_s=wait_s, topk=topk)
             else:
-                batcher.add(_InFlight(clip, wave, clip_prompts, text, topk, decode_s, keep_input))
+                batcher.add(_InFlight(clip, wave, clip_prompts, text, topk, decode_s, keep_input, wait_s))
             yield from batcher.finished()
         batcher.flush()
         yield from batcher.finished()
@@ -317,6 +317,7 @@ class ClipResult:
     wave: np.ndarray | None = None            # the decoded input (48 kHz) with keep_input=True
     duration_s: float = 0.0                   # of the input
     decode_s: float = 0.0                     # decode + resample, in its worker
+    wait_s: float = 0.0                       # the model's thread waited this long for its decode
     model_s: float = 0.0                      # its share of the batches it was in
 
 
@@ -374,8 +375,9 @@ def _identity(x: Any) -> Any:
     return x
 
 
-def _decoded(clips: list[Clip], workers: int) -> Iterator[tuple[Clip, np.ndarray | None, str | None, float]]:
-    """(clip, wave, error, decode_s) in clip order; paths decoded `workers` processes ahead, or,
+def _decoded(clips: list[Clip], workers: int) -> Iterator[tuple[Clip, np.ndarray | None, str | None, float, float]]:
+    """(clip, wave, error, decode_s, wait_s) in clip order (wait_s: how long this thread
+    waited for that decode); paths decoded `workers` processes ahead, or,
     with ``workers=0``, by one thread of this process a few files ahead (libsndfile and soxr
     release the GIL, so decoding overlaps the model's batches without another process)."""
     paths = [None if c.wave is not None else os.fspath(c.path) for c in clips]
@@ -387,16 +389,20 @@ def _decoded(clips: list[Clip], workers: int) -> Iterator[tuple[Clip, np.ndarray
         loader = _prefetched(_DecodeDataset(paths), ahead=4)
     else:
         loader = ((None, None, 0.0) for _ in clips)
-    for clip, (tensor, error, dt) in zip(clips, loader):
+    decoded = iter(loader)
+    for clip in clips:
+        t0 = time.perf_counter()
+        tensor, error, dt = next(decoded)
+        waited = time.perf_counter() - t0
         if error is not None:
-            yield clip, None, error, dt
+            yield clip, None, error, dt, waited
             continue
         try:
             wave = _check_wave(clip.wave if tensor is None else tensor.numpy())
         except ExplainError as e:
-            yield clip, None, str(e), dt
+            yield clip, None, str(e), dt, waited
             continue
-        yield clip, wave, None, dt
+        yield clip, wave, None, dt, waited
 
 
 def _prefetched(dataset: "_DecodeDataset", ahead: int) -> Iterator[Any]:
@@ -418,9 +424,9 @@ class _InFlight:
     """A clip whose windows are queued or in the model; collects and stitches their outputs."""
 
     def __init__(self, clip: Clip, wave: np.ndarray, prompts: list[str], text: torch.Tensor,
-                 topk: list[dict[str, Any]] | None, decode_s: float, keep_input: bool) -> None:
+                 topk: list[dict[str, Any]] | None, decode_s: float, keep_input: bool, wait_s: float = 0.0) -> None:
         self.clip, self.wave, self.prompts, self.text, self.topk = clip, wave, prompts, text, topk
-        self.decode_s, self.keep_input, self.model_s = decode_s, keep_input, 0.0
+        self.decode_s, self.wait_s, self.keep_input, self.model_s = decode_s, wait_s, keep_input, 0.0
         n, K = wave.size, len(prompts)
         self.starts = audio_mod.window_starts(n)
         self.audio = audio_mod.Stitcher(n, self.starts, CLIP_SAMPLES, (K,))
@@ -464,7 +470,8 @@ class _InFlight:
                 masked_similarity=float(self.msim[:, j].mean()) if check else None,
                 domain=domain, windows=windows))
         return ClipResult(self.clip.key, explanations, topk=self.topk, wave=self.wave if self.keep_input else None,
-                          duration_s=self.wave.size / SAMPLE_RATE, decode_s=self.decode_s, model_s=self.model_s)
+                          duration_s=self.wave.size / SAMPLE_RATE, decode_s=self.decode_s, wait_s=self.wait_s,
+                          model_s=self.model_s)
 
 
 @dataclass
@@ -547,12 +554,14 @@ class _Batcher:
         for k, q in self.queues.items():
             self.queues[k] = [(c, w) for c, w in q if c not in clips]
         for c in sorted(clips, key=lambda c: c.received):
-            self.done.append(ClipResult(c.clip.key, error=reason, decode_s=c.decode_s))
+            self.done.append(ClipResult(c.clip.key, error=reason, decode_s=c.decode_s, wait_s=c.wait_s))
 
 
 def _window_at(wave: np.ndarray, start: int) -> np.ndarray:
     """The 10-s window at ``start``; short clips repeat-padded, a short tail zero-padded."""
-    if wave.size <= CLIP_SAMPLES and start == 0:
+    if wave.size == CLIP_SAMPLES:
+        return wave
+    if wave.size < CLIP_SAMPLES and start == 0:
         return audio_mod.pad_clip(wave)
     w = wave[start : start + CLIP_SAMPLES]
     if w.size < CLIP_SAMPLES:

@@ -33,6 +33,16 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
 
 
 def _umask() -> int:
+    """The process umask. Read from /proc where there is one: setting it to learn it (the
+    only portable way) opens a moment in which another thread would create files and
+    folders with umask 0, and writes run in threads."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -233,9 +233,9 @@ class ExplainerModule(nn.Module):
         pair, or an int K when each clip takes K consecutive prompts (pair b*K+k is clip b)."""
         dtype = _dtype_of(self.decoder)            # float32, or the half type of a half-precision decoder
         log_power = _take(spectral.to_db(feats.power), rows).to(dtype) if self.domain == "stft" else None
-        tokens = _take(feats.tokens, rows).to(dtype) if feats.tokens is not None else None
+        extra = {"tokens": _take(feats.tokens, rows).to(dtype)} if feats.tokens is not None else {}
         return self.decoder([_take(h, rows).to(dtype) for h in feats.hidden], text.to(dtype),
-                            _take(feats.logmel, rows).to(dtype), log_power, tokens)
+                            _take(feats.logmel, rows).to(dtype), log_power, **extra)
 
     def masked_log_mel(self, feats: Features | Spectrum, rows: torch.Tensor | int,
                        masks: torch.Tensor) -> torch.Tensor:
@@ -287,12 +287,36 @@ class ExplainerModule(nn.Module):
         masks = self.decode(feats, K, flat)                                      # (B*K, 1001, bins)
         out = {"masks": masks.reshape(B, K, *masks.shape[1:]),
                "similarity": (text * feats.embedding[:, None].to(text.dtype)).sum(-1)}
+        groups = _clip_groups(B, K, masks)
         if listen:
-            out["audio"] = self.listen(feats, masks, K, length).reshape(B, K, -1)
+            out["audio"] = torch.cat([self.listen(_clips(feats.spectrum, g), masks[g.start * K: g.stop * K], K, length)
+                                      for g in groups]).reshape(B, K, -1)
         if check:
-            masked_emb, _ = self.clap.encode(self.masked_log_mel(feats, K, masks).to(self.encoder_dtype))
+            masked_emb = torch.cat([self.clap.encode(self.masked_log_mel(_clips(feats.spectrum, g), K,
+                                                                         masks[g.start * K: g.stop * K])
+                                                     .to(self.encoder_dtype))[0] for g in groups])
             out["masked_similarity"] = (flat * masked_emb.to(flat.dtype)).sum(-1).reshape(B, K)
         return out
+
+
+def _clip_groups(B: int, K: int, masks: torch.Tensor) -> list[slice]:
+    """The clips of a batch in groups whose (clip, prompt) pairs number about B, for the per-pair
+    steps after the decoder (listenable inverse, masked check). With K prompts a clip those steps
+    see B x K rows; run at once on the CPU, their tensors (a complex STFT per row) outgrow what the
+    C allocator keeps for reuse, and every call pays for fresh pages (a top-3 inverse took 6x, not
+    3x, one prompt's). In groups they cost what K one-prompt batches cost. One group when K = 1,
+    on a GPU (its caching allocator has no such cost) and when traced for export."""
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or masks.device.type != "cpu" or K == 1:
+        return [slice(0, B)]
+    per = max(1, -(-B // K))                                          # ceil(B / K) clips a group
+    return [slice(i, min(i + per, B)) for i in range(0, B, per)]
+
+
+def _clips(spec: Spectrum, group: slice) -> Spectrum:
+    """The analysis of the clips ``group`` of a batch."""
+    if group.start == 0 and group.stop == spec.mel.shape[0]:
+        return spec
+    return Spectrum(spec.X[group], spec.mel[group], spec.power[group] if spec.power is not None else None)
 
 
 def token_embeddings(clap: Any, hidden: Sequence[torch.Tensor]) -> torch.Tensor:

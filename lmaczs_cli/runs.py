@@ -9,7 +9,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,7 +108,8 @@ def run_explain(job: ExplainJob, explainer: Explainer | None = None,
     rank 0 prepares the folder before and merges the shards after (barriers around the
     work). The output folder is checked before anything else, and the model is loaded only
     when there is work left (a rerun of a finished run loads none). Returns the summary (this
-    run's counts; all ranks' under torchrun).
+    run's counts; all ranks' under torchrun) with ``timings``, where the time went
+    (`StageClock`, seconds summed over ranks).
 
     on_event receives, from this thread and the writer threads:
       {"event": "start", "files", "windows", "seconds"}   the work: files, 10-s windows, audio s
@@ -135,8 +136,10 @@ def run_explain(job: ExplainJob, explainer: Explainer | None = None,
 
         dist.destroy_process_group()
     total: Counter = Counter()
+    timings: Counter = Counter()
     for p in parts:
         total.update(p["counts"])
+        timings.update(p["timings"])
     seconds = time.perf_counter() - t_start
     skipped = plan.found.skipped
     return {
@@ -149,7 +152,48 @@ def run_explain(job: ExplainJob, explainer: Explainer | None = None,
         "seconds": round(seconds, 3), "files_per_s": round(total["explained"] / seconds, 3),
         "results": str(plan.out / report.RESULTS), "errors": str(plan.out / report.ERRORS),
         "index": str(plan.out / report.INDEX), "merged": merged,
+        "timings": {k: round(v, 3) for k, v in sorted(timings.items())},
     }
+
+
+class StageClock:
+    """Where a folder run's time goes: seconds per stage, summed over files and threads.
+
+    The model thread's time (``wall_s``) is ``model_s`` (the runner's batches) +
+    ``input_wait_s`` (waiting for decoded input) + ``batching_s`` (the rest of
+    `Explainer.explain_many`: packing windows, copying results to the host, stitching) +
+    ``writers_wait_s`` (every writer busy) + ``drain_s`` (the last writes, after the last
+    batch). Other threads overlap with it: ``decode_s`` (decode and resample, in the decode
+    thread or worker processes) and the writers' ``wav_s``, ``mask_s``, ``png_s``,
+    ``listen_s`` (written wavs re-encoded) and ``log_s`` (results and ledger lines).
+    Each timed stage also has its thread's CPU
+    seconds (``wav_cpu_s``, ...; ``model_cpu_s`` leaves out the model's own intra-op
+    threads when it has more than one); ``cpu_s`` is the CPU time of this process
+    over the run, every thread: where cores are few, threads hide waits, not CPU work.
+    """
+
+    def __init__(self) -> None:
+        self._seconds: Counter = Counter()
+        self._lock = threading.Lock()
+
+    def add(self, **seconds: float) -> None:
+        with self._lock:
+            self._seconds.update(seconds)
+
+    @contextlib.contextmanager
+    def timing(self, stage: str) -> Iterator[None]:
+        """Add the seconds the block takes to `stage` ("wav_s") and the CPU seconds of this
+        thread in it to its CPU stage ("wav_cpu_s")."""
+        t0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            yield
+        finally:
+            cpu = stage.removesuffix("_s") + "_cpu_s"
+            self.add(**{stage: time.perf_counter() - t0, cpu: time.thread_time() - c0})
+
+    def seconds(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self._seconds)
 
 
 def _load_for_rank(job: ExplainJob, world: int) -> Explainer:
@@ -187,6 +231,7 @@ def _work(plan: _Plan, load: Callable[[], Explainer], mine: list[Entry], suffix:
     counts: Counter = Counter()
     failures: list[dict[str, str]] = []
     lock = threading.Lock()
+    clock = StageClock()
 
     def fail(entry: Entry, reason: str, windows: int = 0) -> None:
         errors_log.append([{"file": entry.rel, "input": os.path.abspath(entry.path), "reason": reason}])
@@ -210,11 +255,11 @@ def _work(plan: _Plan, load: Callable[[], Explainer], mine: list[Entry], suffix:
             if e.error is not None:
                 fail(e, e.error)
         if explainer is not None:
-            _explain_work(job, out, explainer, plan, work, sizes, results_log, counts, lock, fail, emit)
+            _explain_work(job, out, explainer, plan, work, sizes, results_log, counts, lock, fail, emit, clock)
     finally:
         results_log.close()
         errors_log.close()
-    return {"counts": dict(counts), "failures": failures}
+    return {"counts": dict(counts), "failures": failures, "timings": clock.seconds()}
 
 
 def _size(path: str | os.PathLike) -> tuple[int, float]:
@@ -230,10 +275,11 @@ def _size(path: str | os.PathLike) -> tuple[int, float]:
 
 def _explain_work(job: ExplainJob, out: Path, explainer: Explainer, plan: _Plan, work: list[Clip],
                   sizes: dict[str, tuple[int, float]], results_log: report.JsonlLog, counts: Counter,
-                  lock: threading.Lock, fail: Callable[..., None], emit: Callable[[dict[str, Any]], None]) -> None:
+                  lock: threading.Lock, fail: Callable[..., None], emit: Callable[[dict[str, Any]], None],
+                  clock: StageClock) -> None:
     """Run the model over `work` and hand each result to the writer threads."""
     writer = _Writer(job, out, explainer, plan.stems, plan.wanted, results_log,
-                     {os.path.realpath(e.path) for e in plan.good})
+                     {os.path.realpath(e.path) for e in plan.good}, clock)
     slots = threading.BoundedSemaphore(2 * job.writers)
     workers = auto_workers(explainer.device) if job.workers is None else job.workers
 
@@ -252,38 +298,52 @@ def _explain_work(job: ExplainJob, out: Path, explainer: Explainer, plan: _Plan,
             slots.release()
 
     runner = explainer.runner
-    explainer.runner = _CountingRunner(runner, emit)
+    explainer.runner = _CountingRunner(runner, emit, clock)
+    cpu0 = time.process_time()
+    t0 = t_drain = time.perf_counter()
+    waited = 0.0
     try:
         with ThreadPoolExecutor(max_workers=job.writers, thread_name_prefix="lmaczs-write") as pool:
             for res in explainer.explain_many(work, labels=job.labels or None, top_k=job.top_k, check=job.check,
                                               workers=workers, keep_input=True):
+                clock.add(decode_s=res.decode_s, input_wait_s=res.wait_s)
                 if res.error is not None:
                     fail(res.key, res.error, sizes[res.key.rel][0])
                     continue
+                t1 = time.perf_counter()
                 slots.acquire()
+                waited += time.perf_counter() - t1
                 pool.submit(write, res.key, res)
+            t_drain = time.perf_counter()
     finally:
         explainer.runner = runner
         writer.ledger.close()
+        end = time.perf_counter()
+        so_far = clock.seconds()
+        main = so_far.get("model_s", 0.0) + so_far.get("input_wait_s", 0.0) + waited
+        clock.add(wall_s=end - t0, cpu_s=time.process_time() - cpu0, writers_wait_s=waited,
+                  drain_s=end - t_drain, batching_s=max(0.0, t_drain - t0 - main))
 
 
 class _CountingRunner:
     """The explainer's runner, reporting how many windows each model batch explains (progress
-    within a long file); everything else is the runner's own."""
+    within a long file) and timing its batches; everything else is the runner's own."""
 
-    def __init__(self, runner: Any, emit: Callable[[dict[str, Any]], None]) -> None:
-        self._runner, self._emit = runner, emit
+    def __init__(self, runner: Any, emit: Callable[[dict[str, Any]], None], clock: StageClock) -> None:
+        self._runner, self._emit, self._clock = runner, emit, clock
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._runner, name)
 
     def explain(self, waves: torch.Tensor, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        out = self._runner.explain(waves, *args, **kwargs)
+        with self._clock.timing("model_s"):
+            out = self._runner.explain(waves, *args, **kwargs)
         self._emit({"event": "windows", "n": int(waves.shape[0])})
         return out
 
     def explain_topk(self, waves: torch.Tensor, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        out = self._runner.explain_topk(waves, *args, **kwargs)
+        with self._clock.timing("model_s"):
+            out = self._runner.explain_topk(waves, *args, **kwargs)
         self._emit({"event": "windows", "n": int(waves.shape[0])})
         return out
 
@@ -402,16 +462,18 @@ class _Writer:
     """Writes one explained file's outputs (atomically), then its results lines (one write)."""
 
     def __init__(self, job: ExplainJob, out: Path, explainer: Explainer, stems: dict[str, str],
-                 wanted: dict[str, tuple[str, ...]], results: report.JsonlLog, inputs: set[str]) -> None:
+                 wanted: dict[str, tuple[str, ...]], results: report.JsonlLog, inputs: set[str],
+                 clock: StageClock) -> None:
         self.job, self.out, self.ex, self.stems, self.results, self.inputs = job, out, explainer, stems, results, inputs
         self.wanted = wanted     # rel -> prompts in the order given (the report keeps it)
         self.ledger = report.Ledger(out)
+        self.clock = clock
 
     def write(self, entry: Entry, res: ClipResult) -> tuple[int, int]:
         """Returns the number of explanations written and how many of them are empty
         (`report.is_empty`: the model finds nothing of the prompt there)."""
         t0 = time.perf_counter()
-        job, lines = self.job, []
+        job, lines, clock = self.job, [], self.clock
         listen_s = 0.0
         n_empty = 0
         for rank, ex in enumerate(res.explanations):
@@ -421,15 +483,19 @@ class _Writer:
             for path in targets.values():
                 if os.path.realpath(path) in self.inputs:
                     raise ExplainError(f"output {path} would overwrite an input file; use another --out")
-            self.ledger.add(names.values())     # listed before it exists: discovery must never take it as input
-            peak = report.write_wav(targets["wav"], ex.audio, job.sr)
-            if "residual" in targets:
-                report.write_wav(targets["residual"], res.wave - ex.audio, job.sr)
+            with clock.timing("log_s"):
+                self.ledger.add(names.values())     # listed before it exists: discovery must never take it as input
+            with clock.timing("wav_s"):
+                peak = report.write_wav(targets["wav"], ex.audio, job.sr)
+                if "residual" in targets:
+                    report.write_wav(targets["residual"], res.wave - ex.audio, job.sr)
             if "mask" in targets:
-                report.write_mask(targets["mask"], ex.mask, ex.domain, ex.prompt, entry.rel)
+                with clock.timing("mask_s"):
+                    report.write_mask(targets["mask"], ex.mask, ex.domain, ex.prompt, entry.rel)
             if "png" in targets:
-                report.write_png(targets["png"], res.wave, ex.mask, ex.domain, ex.prompt, ex.similarity,
-                                 ex.masked_similarity)
+                with clock.timing("png_s"):
+                    report.write_png(targets["png"], res.wave, ex.mask, ex.domain, ex.prompt, ex.similarity,
+                                     ex.masked_similarity)
             level_db = report.relative_level_db(ex.audio, res.wave)
             empty = report.is_empty(ex.mask_mean, level_db)
             n_empty += empty
@@ -461,5 +527,7 @@ class _Writer:
                   "write_s": round(time.perf_counter() - t0 - listen_s, 4), "listen_s": round(listen_s, 4)}
         for line in lines:
             line["timing"] = timing
-        self.results.append(lines)      # after every output of the file is in place
+        with clock.timing("log_s"):
+            self.results.append(lines)      # after every output of the file is in place
+        clock.add(listen_s=listen_s)
         return len(res.explanations), n_empty

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -25,7 +26,8 @@ def test_bench_run_quick_writes_json_markdown_and_plot(tmp_path):
             ("folder", "torch")} <= sections
     assert {m for s, m in sections if s == "methods"} == {"lmaczs", "gradcam", "gradcam++", "smoothgrad", "ig"}
     explain = {(r["backend"], r["clips"], r["check"]) for r in rows if r["section"] == "explain"}
-    assert {(b, c, k) for b in ("torch", "onnx") for c in ("real", "synthetic") for k in (True, False)} <= explain
+    assert {(b, c, k) for b in ("torch", "onnx", "onnx-int8") for c in ("real", "synthetic")
+            for k in (True, False)} <= explain
     for r in rows:
         fig = r.get("clips_per_s") or r.get("seconds_per_clip") or r.get("seconds")
         if fig is not None:
@@ -38,9 +40,17 @@ def test_bench_run_quick_writes_json_markdown_and_plot(tmp_path):
     assert any(k.startswith("explain onnx / torch, real, check") for k in ratios)
     assert any(k.startswith("onnx no check / check") for k in ratios)
     assert any(k.startswith("top-3 of 50 cost / one-prompt cost") for k in ratios)
+    assert any(k.startswith("explain onnx-int8 / torch, real, check") for k in ratios)
+    assert any(k.startswith("explain onnx-int8 / onnx, real, no check") for k in ratios)
     assert any(k.startswith("folder, no pictures / in memory") for k in ratios)
+    for r in (r for r in rows if r["section"] == "folder" and r["mode"] != "in memory"):
+        timings = r["where"]["timings"]                 # where the folder run's time went
+        assert timings["model_s"] > 0 and timings["decode_s"] > 0 and timings["wav_s"] > 0
+        assert ("png_s" in timings) == (r["mode"] == "folder, pictures")
     md = js.with_suffix(".md").read_text()
-    assert "| explain | onnx |" in md and "| ig |" in md and "Resident memory over 20 short files" in md
+    assert "| explain | onnx |" in md and "| explain | onnx-int8 |" in md and "| ig |" in md
+    assert "Resident memory over 20 short files" in md
+    assert re.search(r"Folder run, folder, pictures: 4 files .* model [0-9.]+ s .* pictures [0-9.]+ s", md)
     assert js.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 

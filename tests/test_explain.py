@@ -1031,3 +1031,84 @@ def test_folder_pipeline_writes_the_same_files_with_zero_and_four_decode_workers
         assert (outs[0] / rel).read_bytes() == (outs[4] / rel).read_bytes()
     assert _errors(outs[0]).keys() == _errors(outs[4]).keys() == {"broken.wav"}
     _assert_same_results(_results(outs[0]), _results(outs[4]))
+
+
+def test_folder_run_reports_where_its_time_goes(tmp_path, decoder_dir):
+    """The summary's timings split the model thread's time into its stages and time the
+    stages of the other threads (decode, wav, pictures), each with its CPU seconds."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for k in range(3):
+        sf.write(inp / f"c{k}.wav", _noise(1.0 + k, 48_000, seed=k), 48_000)
+    result = _explain([str(inp), "-p", "dog barking", "--out", str(tmp_path / "out"), "--batch-size", "2", "--json"],
+                      decoder_dir)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    t = summary["timings"]
+    for key in ("model_s", "model_cpu_s", "decode_s", "wav_s", "wav_cpu_s", "png_s", "png_cpu_s", "log_s", "cpu_s"):
+        assert t[key] > 0, key
+    assert "mask_s" not in t                                   # no --save-mask: no mask stage
+    main_thread = sum(t.get(k, 0.0) for k in ("model_s", "input_wait_s", "batching_s", "writers_wait_s", "drain_s"))
+    assert main_thread == pytest.approx(t["wall_s"], abs=0.01)
+    assert t["wall_s"] <= summary["seconds"] + 0.01
+    assert t["png_cpu_s"] <= t["png_s"] + 0.01
+
+
+def test_wav_is_16_bit_rounded_to_the_nearest_step_and_reports_its_peak(tmp_path):
+    x = np.array([0.0, 0.5 / 32768, 1.5 / 32768, -0.49 / 32768, -1.6 / 32768, 0.25, -0.999, 1.0, -1.0, 1.7, -3.0],
+                 np.float32)
+    assert R.write_wav(tmp_path / "a.wav", x) == pytest.approx(3.0)          # the peak before clipping
+    back, sr = sf.read(tmp_path / "a.wav", dtype="int16")
+    assert sr == SAMPLE_RATE and sf.info(str(tmp_path / "a.wav")).subtype == "PCM_16"
+    assert back.tolist() == [0, 0, 2, 0, -2, 8192, -32735, 32767, -32768, 32767, -32768]
+    y = np.clip(0.3 * np.random.default_rng(0).standard_normal(48_000), -0.99, 0.99).astype(np.float32)
+    R.write_wav(tmp_path / "b.wav", y)
+    assert np.abs(sf.read(tmp_path / "b.wav", dtype="float32")[0] - y).max() <= 0.5 / 32768
+
+
+def test_png_is_a_standard_rgb_png_of_the_drawn_pixels():
+    """`_encode_png` writes the pixels it is given, RGB, readable by Pillow and matplotlib."""
+    import io
+
+    import matplotlib.image as mpimg
+    from PIL import Image
+
+    rgba = np.random.default_rng(0).integers(0, 256, (70, 100, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    png = R._encode_png(rgba)
+    img = Image.open(io.BytesIO(png))
+    assert img.mode == "RGB" and img.size == (100, 70) and "Matplotlib" in img.info["Software"]
+    assert (np.asarray(img) == rgba[..., :3]).all()
+    assert (np.round(mpimg.imread(io.BytesIO(png)) * 255).astype(np.uint8) == rgba[..., :3]).all()
+
+
+def test_writer_threads_wanting_a_new_frame_draw_it_once(monkeypatch):
+    """Writers asking at once for the frame of a length not seen yet share one drawing."""
+    import threading
+
+    drawn = []
+    release = threading.Event()
+
+    class Frame:
+        def __init__(self, domain, n_samples):
+            drawn.append((domain, n_samples))
+            release.wait(10)
+
+    monkeypatch.setattr(R, "_Frame", Frame)
+    start = threading.Barrier(5)
+    got = []
+
+    def want():
+        start.wait()
+        got.append(R._frame("mel", 123_457))
+
+    threads = [threading.Thread(target=want) for _ in range(4)]
+    for th in threads:
+        th.start()
+    start.wait()
+    while not drawn:                    # the first thread is drawing; the others queue behind it
+        threading.Event().wait(0.001)
+    release.set()
+    for th in threads:
+        th.join()
+    assert drawn == [("mel", 123_457)] and len(got) == 4 and all(g is got[0] for g in got)

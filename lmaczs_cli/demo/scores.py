@@ -13,7 +13,8 @@ share of the mask grid.
 Splits (`SPLITS`, `scenes`): the demo world's scenes fall into three disjoint seed ranges. ``train``
 is what the demo CLAP and decoder learn from, ``selection`` what every choice of recipe, threshold
 and model is made on (`held_out_scenes`, the demo tests, the reports above by default), and
-``test`` a frozen range that only the published report (``bench/eval.py --frozen``) reads.
+``test`` a frozen range that only the published report (``bench/eval.py --frozen``) and the demo
+tests' frozen-slice checks (bounds set on the selection split beforehand) read.
 """
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ SPLITS: dict[str, tuple[int, int]] = {
     # README's figures before the frozen split existed (the build's objective planning also read
     # world seed 0's "valid" block, [BLOCK, 2 BLOCK): a selection use, drawn by no split here)
     "selection": (2 * BLOCK, 3 * BLOCK),
-    # frozen, first used by the published report: no recipe, test or build reads it
+    # frozen, first used by the published report: no recipe or build reads it; the demo tests read a
+    # small slice with bounds set on the selection split (tests/test_demo.py FROZEN_*)
     "test": (2 ** 40, 2 ** 40 + BLOCK),
 }
 
