@@ -25,9 +25,15 @@ def export_explainer_folder(out: str | Path, *, clap: str = "demo", decoder: str
     ``to_trt.export_engines(out, ...)`` refuse to build."""
     from lmaczs_cli.backends import load_models
 
-    from .to_onnx import export_onnx
+    from .to_onnx import ExportError, export_onnx
 
+    if int8 and fp16:
+        raise ExportError("--int8 quantises the float32 graphs for ONNX Runtime on the CPU; --fp16 is for TensorRT "
+                          "on a GPU: export them into two folders")
     clap_model, dec, config = load_models(clap, decoder, tokenizer, force)
+    if int8 and not clap_model.cfg.is_htsat:
+        raise ExportError(f"--int8 quantises the Swin blocks of an HTSAT audio encoder; this CLAP's is "
+                          f"{clap_model.cfg.audio}: export without --int8")
     domain = config.get("domain", dec.cfg.domain)
     manifest = export_onnx(clap_model, dec, out, domain=domain, mel_to_linear=config.get("mel_to_linear", "linear"),
                            opset=opset, max_batch=max_batch, fp16=fp16)

@@ -17,7 +17,6 @@ An export folder is self-contained: the graphs, ``manifest.json`` and the tokeni
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import platform
 import shutil
@@ -30,7 +29,7 @@ import torch
 
 from lmaczs_cli.audio import CLIP_SAMPLES, N_FRAMES
 from lmaczs_cli.clap import ClapModel
-from lmaczs_cli.decoder import MaskDecoder
+from lmaczs_cli.decoder import MaskDecoder, decoder_hash
 from lmaczs_cli.errors import LmaczsError
 from lmaczs_cli.files import atomic_path, sha256_file
 
@@ -236,15 +235,6 @@ def export_explainer_topk(clap: ClapModel, decoder: MaskDecoder, path: Path, dom
         with torch.no_grad():
             outs = graph(*args)
     return _spec(path, names_in, args, names_out, outs, dyn)
-
-
-def decoder_hash(decoder: MaskDecoder) -> str:
-    """sha256 over the decoder config and weights."""
-    h = hashlib.sha256(json.dumps(decoder.cfg.to_json(), sort_keys=True).encode())
-    for name, t in sorted(decoder.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def _audit(out: Path, graphs: dict[str, GraphSpec]) -> dict[str, Any]:

@@ -139,6 +139,7 @@ def _run_package_init(pkg: types.ModuleType) -> None:
 # build by default (BERT/BART text, timm towers, frozen batch norm, dataset helpers).
 _DEFERRABLE = ("transformers", "transformers.tokenization_utils_base", "torchvision", "torchvision.ops",
                "torchvision.ops.misc", "h5py", "tqdm")
+_BLOCKED_WHILE_DEFERRED = ("timm",)
 
 
 class _Deferred:
@@ -178,13 +179,23 @@ def _deferred_imports() -> Iterator[None]:
     placed = [m for m in _DEFERRABLE if m not in sys.modules]
     for m in placed:
         mod = _StandIn(m)
-        mod.__path__ = []     # a package: its submodules are stand-ins too
+        mod.__path__ = []     # a package (an unlisted submodule is not found: import error)
         sys.modules[m] = mod
+    # packages laion's modules only try to import (their ImportError is caught), which would
+    # otherwise import for the first time here and keep the stand-ins they saw: `timm` (laion's
+    # timm towers, not used by HTSAT or PANN) imports torchvision. None in sys.modules makes the
+    # import fail; afterwards they import as usual.
+    blocked = [m for m in _BLOCKED_WHILE_DEFERRED if m not in sys.modules]
+    for m in blocked:
+        sys.modules[m] = None  # type: ignore[assignment]
     try:
         yield
     finally:
         for m in placed:
             if isinstance(sys.modules.get(m), _StandIn):
+                del sys.modules[m]
+        for m in blocked:
+            if sys.modules.get(m, 0) is None:
                 del sys.modules[m]
 
 

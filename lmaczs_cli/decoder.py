@@ -244,7 +244,8 @@ class TextReadout(nn.Module):
 def _and_logits(logits: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """logit(sigmoid(logits) * sigmoid(gate)), computed stably: a cell is kept only where both keep it."""
     log_p = F.logsigmoid(logits) + F.logsigmoid(gate)
-    return log_p - torch.log1p(-torch.exp(log_p).clamp_max(1 - 1e-7))
+    top = 1.0 - torch.finfo(log_p.dtype).eps                  # 1 - 1e-7 is 1.0 in float16: log1p(-1) = -inf
+    return log_p - torch.log1p(-torch.exp(log_p).clamp_max(top))
 
 
 class DecisionMap(nn.Module):
@@ -411,8 +412,8 @@ class MaskDecoder(nn.Module):
         """hidden: CLAP's h1..h4 (B, C_i, H_i, W_i); text: (B, text_dim) L2-normalised;
         logmel: (B, 1001, 64) dB (needed when cfg.logmel_skip); log_power: (B, 1001, 513) dB
         (STFT domain only; the refinement sees it); tokens: h4's tokens through CLAP's audio
-        projection, (B, text_dim, H_4, W_4) on h4's grid (needed when cfg.decision;
-        `model.token_embeddings` makes them).  ->  mask (B, 1001, bins) in [0, 1]."""
+        projection, (B, text_dim, H_4, W_4) on h4's grid (needed when cfg.decision or
+        cfg.projected; `model.token_embeddings` makes them).  ->  mask (B, 1001, bins) in [0, 1]."""
         g1, g2, *deep = self.grids(hidden, tokens)         # None where a stage is not read
         (t1, t2), (f1, f2) = self.cfg.hidden_time[:2], self.cfg.hidden_freq[:2]
         tok = self.tokens(text)
@@ -464,6 +465,17 @@ class MaskDecoder(nn.Module):
             lp = _normalise(log_power.unsqueeze(1))
             logits = logits + self.refine(torch.cat([logits, lp], dim=1))
         return torch.sigmoid(logits[:, 0])
+
+
+def decoder_hash(decoder: MaskDecoder) -> str:
+    """sha256 over the decoder's config and weights: what it is, whatever its folder is called."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(decoder.cfg.to_json(), sort_keys=True).encode())
+    for name, t in sorted(decoder.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def parameter_count(module: nn.Module) -> int:

@@ -340,14 +340,28 @@ class Records:
             os.fsync(f.fileno())
 
 
-def _check_run(out: Path, cfg: EvalConfig) -> None:
-    """A rerun in the same OUT must have the same settings (then it resumes)."""
+def model_identity(clap: Any, decoder: nn.Module) -> dict[str, str]:
+    """What the models are, not what they were called: the CLAP's identity hash and the decoder's
+    (`decoder.decoder_hash`). ``--decoder`` names a folder (or nothing: the bundled one), whose
+    contents may change between two runs of the same settings."""
+    from .decoder import decoder_hash
+
+    return {"clap": clap.identity(), "decoder": decoder_hash(decoder)}
+
+
+def _check_run(out: Path, cfg: EvalConfig, models: dict[str, str]) -> None:
+    """A rerun in the same OUT must have the same settings and models (then it resumes)."""
     path = out / "run.json"
-    mine = {"format": RUN_FORMAT, "settings": json.loads(json.dumps(cfg.identity()))}
+    mine = {"format": RUN_FORMAT, "settings": json.loads(json.dumps(cfg.identity())), "models": models}
     if path.is_file():
         theirs = json.loads(path.read_text())
         if theirs != mine:
             diff = sorted(k for k in mine["settings"] if theirs.get("settings", {}).get(k) != mine["settings"][k])
+            if "models" not in theirs:
+                diff.append("the models, which that run did not record")
+            else:
+                diff += [f"the {k} ({str(theirs['models'].get(k))[:12]} there, {v[:12]} now)"
+                         for k, v in models.items() if theirs["models"].get(k) != v]
             raise EvalError(f"{out} holds an eval run with other settings ({', '.join(diff) or 'format'}); "
                             "use another --out, or delete it to start over")
         return
@@ -387,9 +401,9 @@ def run_eval(cfg: EvalConfig, on_event: Callable[[dict[str, Any]], None] | None 
     emit = on_event or (lambda e: None)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    _check_run(out, cfg)
-    ds = dataset if dataset is not None else load_dataset(cfg.data, cfg.fold, cfg.limit, cfg.seed)
     clap, decoder, domain = load_models(cfg)
+    _check_run(out, cfg, model_identity(clap, decoder))
+    ds = dataset if dataset is not None else load_dataset(cfg.data, cfg.fold, cfg.limit, cfg.seed)
     text = clap.encode_text(ds.prompts).detach()
     masker = MaskMethods(clap, decoder, domain, text, cfg.baselines)
     dirty = Contaminator(cfg.contaminate, cfg.snr, ds.clips, cfg.speech, cfg.seed) if cfg.contaminate else None

@@ -224,7 +224,7 @@ class ExplainerModule(nn.Module):
         with _float32_region(waves.device.type):
             logmel = spectral.to_db(spec.mel)                       # (B, 1001, 64)
         embedding, hidden = self.clap.encode(logmel.to(self.encoder_dtype))    # Cast: a half-precision encoder
-        cfg = getattr(self.decoder, "cfg", None)
+        cfg = getattr(getattr(self.decoder, "module", self.decoder), "cfg", None)   # .module: under DDP
         wants = getattr(cfg, "decision", False) or getattr(cfg, "projected", False)
         return Features(spec, logmel, embedding, hidden, token_embeddings(self.clap, hidden) if wants else None)
 
@@ -284,10 +284,11 @@ class ExplainerModule(nn.Module):
         """`forward` after the encoder pass: feats of B windows, text (B, K, D)."""
         B, K, D = text.shape
         flat = text.reshape(B * K, D)
-        masks = self.decode(feats, K, flat)                                      # (B*K, 1001, bins)
+        groups = _clip_groups(B, K, flat)
+        masks = torch.cat([self.decode(_clip_features(feats, g), K, flat[g.start * K: g.stop * K])
+                           for g in groups])                                     # (B*K, 1001, bins)
         out = {"masks": masks.reshape(B, K, *masks.shape[1:]),
                "similarity": (text * feats.embedding[:, None].to(text.dtype)).sum(-1)}
-        groups = _clip_groups(B, K, masks)
         if listen:
             out["audio"] = torch.cat([self.listen(_clips(feats.spectrum, g), masks[g.start * K: g.stop * K], K, length)
                                       for g in groups]).reshape(B, K, -1)
@@ -299,17 +300,26 @@ class ExplainerModule(nn.Module):
         return out
 
 
-def _clip_groups(B: int, K: int, masks: torch.Tensor) -> list[slice]:
+def _clip_groups(B: int, K: int, like: torch.Tensor) -> list[slice]:
     """The clips of a batch in groups whose (clip, prompt) pairs number about B, for the per-pair
-    steps after the decoder (listenable inverse, masked check). With K prompts a clip those steps
-    see B x K rows; run at once on the CPU, their tensors (a complex STFT per row) outgrow what the
-    C allocator keeps for reuse, and every call pays for fresh pages (a top-3 inverse took 6x, not
-    3x, one prompt's). In groups they cost what K one-prompt batches cost. One group when K = 1,
-    on a GPU (its caching allocator has no such cost) and when traced for export."""
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or masks.device.type != "cpu" or K == 1:
+    steps (decoder, listenable inverse, masked check). With K prompts a clip those steps see
+    B x K rows; run at once on the CPU, their tensors (full-resolution decoder maps, a complex
+    STFT per row) outgrow what the C allocator keeps for reuse, and every call pays for fresh
+    pages (a top-3 inverse took 6x, not 3x, one prompt's). In groups they cost what K one-prompt
+    batches cost. One group when K = 1, on a GPU (its caching allocator has no such cost) and
+    when traced for export."""
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or like.device.type != "cpu" or K == 1:
         return [slice(0, B)]
     per = max(1, -(-B // K))                                          # ceil(B / K) clips a group
     return [slice(i, min(i + per, B)) for i in range(0, B, per)]
+
+
+def _clip_features(feats: Features, group: slice) -> Features:
+    """What the decoder reads of the clips ``group`` of a batch."""
+    if group.start == 0 and group.stop == feats.logmel.shape[0]:
+        return feats
+    return Features(_clips(feats.spectrum, group), feats.logmel[group], feats.embedding[group],
+                    [h[group] for h in feats.hidden], feats.tokens[group] if feats.tokens is not None else None)
 
 
 def _clips(spec: Spectrum, group: slice) -> Spectrum:
@@ -325,7 +335,9 @@ def token_embeddings(clap: Any, hidden: Sequence[torch.Tensor]) -> torch.Tensor:
 
     HTSAT pools its normalised stage-4 tokens by a mean and projects the mean; here each token is
     projected. PANN's head (fc1 + ReLU on the max + mean over time of the frequency-averaged map)
-    is applied to each cell. The decoder reads the cosine of these with the prompt (DecisionMap):
+    is applied to each cell (a cell's input is one cell where the clip's is a max plus a mean over
+    time, so its scale differs; no PANN decoder has yet been trained with the map). The decoder
+    reads the cosine of these with the prompt (DecisionMap):
     re-initialising the projection or a deep stage changes them, as it changes the clip's score."""
     h = hidden[-1]                                                  # (B, C, H, W)
     B, C, H, W = h.shape

@@ -52,7 +52,10 @@ def test_token_embeddings_pool_to_the_clips_embedding(tiny_clap, clips):
         emb, hidden = tiny_clap.encode(tiny_clap.front_end(waves))
         z = token_embeddings(tiny_clap, hidden)
         pooled = tiny_clap.clap.audio_projection(hidden[-1].flatten(2).mean(-1))
+        one = tiny_clap.clap.audio_projection(hidden[-1][:, :, 3, 5])            # token (3, 5) alone
     assert z.shape == (2, emb.shape[-1], *hidden[-1].shape[-2:])
+    torch.testing.assert_close(z[:, :, 3, 5], one)
+    assert not torch.allclose(z[:, :, 3, 5], z[:, :, 0, 0])                     # one embedding per token
     torch.testing.assert_close(torch.nn.functional.normalize(pooled, dim=-1), emb)
 
 

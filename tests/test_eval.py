@@ -88,10 +88,12 @@ def test_randomization_lowers_lmaczs_ssim(demo_run) -> None:
     ssim = study["ssim"]["lmaczs"]
     assert study["stages"][0] == "projection" and len(ssim) == len(study["stages"])
     print(dict(zip(study["stages"], [round(v, 3) for v in ssim])))
-    assert min(ssim) < ssim[0] - 0.2 and min(ssim) < 0.8            # the masks do fall
-    # They need not keep falling: with every stage random the decoder still sees the log-mel
-    # skip and draws much of the same energy map (the demo decoder's masks rise again after
-    # stage 1; reported in the README) — a finding of the study, not a failure of it.
+    assert max(ssim) < 0.97 and ssim[0] < 0.97                     # the masks move from the top on
+    # The bundled decoder reads CLAP's stage 4 through its audio projection, so its masks change
+    # as soon as the projection is re-initialised (0.94 on these clips; the decoder bundled before
+    # it read 1.00 there). They fall no lower than 0.87: with CLAP random its masks are all but
+    # empty, and SSIM scores an empty mask and a sparse one as alike (their shared background of
+    # zeros); the mass on the event says more (tests/test_demo.py).
 
 
 def test_prompt_sensitivity_study_scores_every_label_prompt(tmp_path: Path) -> None:
@@ -124,6 +126,32 @@ def test_rerun_resumes_and_refuses_other_settings(demo_run) -> None:
     other = CliRunner().invoke(main, ["eval", "--data", "demo", "--limit", "3", "--out", str(out)])
     assert other.exit_code == 2 and "holds an eval run with other settings (" in other.stderr
     assert "limit" in other.stderr and "use another --out" in other.stderr
+
+
+def test_rerun_refuses_a_decoder_whose_weights_changed_under_the_same_name(tmp_path) -> None:
+    """Resuming keys on what the models are, not what they are called: the same --decoder folder
+    holding other weights is another run (its records would mix two decoders)."""
+    import json as _json
+
+    import torch
+
+    from lmaczs_cli.clap import demo_dir, load_clap
+    from lmaczs_cli.decoder import load_decoder, save_decoder
+
+    folder = tmp_path / "decoder"
+    decoder, config = load_decoder(demo_dir(), load_clap("demo"))
+    meta = {k: v for k, v in config.items() if k not in ("format", "decoder")}
+    save_decoder(decoder, folder, meta)
+    args = ["eval", "--data", "demo", "--limit", "2", "--device", "cpu", "--decoder", str(folder),
+            "--methods", "lmaczs", "--out", str(tmp_path / "run")]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    assert "decoder" in _json.loads((tmp_path / "run" / "run.json").read_text())["models"]
+    with torch.no_grad():
+        next(decoder.parameters()).add_(0.01)
+    save_decoder(decoder, folder, meta)
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 2 and "the decoder (" in again.stderr, again.output
 
 
 # ----------------------------------------------------------------------------- data and studies

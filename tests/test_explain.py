@@ -1095,6 +1095,8 @@ def test_writer_threads_wanting_a_new_frame_draw_it_once(monkeypatch):
             release.wait(10)
 
     monkeypatch.setattr(R, "_Frame", Frame)
+    monkeypatch.setattr(R, "_FRAMES", {})         # no frame of this length left from elsewhere, none left behind
+    monkeypatch.setattr(R, "_DRAWING", {})
     start = threading.Barrier(5)
     got = []
 
@@ -1106,7 +1108,9 @@ def test_writer_threads_wanting_a_new_frame_draw_it_once(monkeypatch):
     for th in threads:
         th.start()
     start.wait()
-    while not drawn:                    # the first thread is drawing; the others queue behind it
+    for _ in range(10_000):             # the first thread is drawing; the others queue behind it
+        if drawn:
+            break
         threading.Event().wait(0.001)
     release.set()
     for th in threads:

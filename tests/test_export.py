@@ -564,3 +564,14 @@ def test_int8_variant_that_drifts_is_refused_and_removed(exported, tmp_path, mon
     assert (folder / "manifest.json").read_text() == before
     with pytest.raises(BackendError, match="lmaczs export --int8"):
         OnnxRunner(folder, device="cpu", precision="int8")
+
+
+def test_int8_refuses_fp16_graphs_before_writing_anything(tmp_path):
+    """int8 variants quantise the float32 graphs for ONNX Runtime; asked together with --fp16 the
+    export stops at once, naming both, and leaves no folder behind."""
+    from lmaczs_cli.export import export_explainer_folder
+    from lmaczs_cli.export.to_onnx import ExportError
+
+    with pytest.raises(ExportError, match="--int8.*--fp16"):
+        export_explainer_folder(tmp_path / "out", clap="demo", fp16=True, int8=True)
+    assert not (tmp_path / "out").exists()

@@ -123,8 +123,9 @@ def test_analysis_fft_and_matmul_implementations_agree():
 
 
 def test_many_prompts_run_the_per_pair_steps_in_groups_with_the_same_results(tiny_clap, monkeypatch):
-    """On the CPU, K prompts a clip run the listenable inverse and the masked check in groups of
-    about B pairs (`model._clip_groups`); the outputs are those of one pass over all B x K pairs."""
+    """On the CPU, K prompts a clip run the decoder, the listenable inverse and the masked check
+    in groups of about B pairs (`model._clip_groups`); the outputs are those of one pass over
+    all B x K pairs."""
     from lmaczs_cli import model as M
     from lmaczs_cli.decoder import DecoderConfig, MaskDecoder
 

@@ -16,7 +16,8 @@ the CLAP and not to the teacher. Scenes are the world's train split (seed 0), as
 
 `--decision` gives the student CLAP's per-token audio-text cosine map (`DecoderConfig.decision`:
 stage-4 tokens through CLAP's own audio projection); `--init` may then name a student without it:
-the weights both have are taken, the decision map's start as `DecisionMap` sets them.
+the weights both have are taken (a decoder otherwise alike: same stages, width and tokens), the
+decision map's start as `DecisionMap` sets them.
 """
 from __future__ import annotations
 
@@ -80,8 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     student = MaskDecoder(cfg).train()
     if args.init:
         start = load_decoder(args.init, clap)[0]
-        if (start.cfg.first_level, start.cfg.levels) != (cfg.first_level, cfg.levels):
-            raise SystemExit(f"--init {args.init}: its decoder reads other stages than --first-level {args.first_level}")
+        mine = {**cfg.to_json(), "decision": None, "decision_contrast": None, "projected": None}
+        theirs = {**start.cfg.to_json(), "decision": None, "decision_contrast": None, "projected": None}
+        if mine != theirs:
+            differ = sorted(k for k in mine if mine[k] != theirs.get(k))
+            raise SystemExit(f"--init {args.init}: its decoder differs from this one in {', '.join(differ)} "
+                             "(only the decision map and the projected input may be added)")
         own = student.state_dict()
         taken = {k: v for k, v in start.state_dict().items() if k in own and own[k].shape == v.shape}
         for k, v in start.state_dict().items():      # a map read with more channels: the old ones kept
