@@ -548,6 +548,26 @@ def test_int8_variants_quantise_only_the_encoder_and_pass_their_audit(int8_folde
     assert cosine.min() >= quantize.MIN_EMBEDDING_COSINE and not np.array_equal(e8, e32)
 
 
+def test_int8_runner_refuses_a_variant_changed_after_its_audit(int8_folder, tmp_path):
+    """The runner runs only the int8 files the export audited: a variant whose bytes no longer
+    match the manifest's sha256 (or that is gone) stops it, naming the file and the fix, and the
+    float32 graphs of the same folder still run."""
+    import shutil
+
+    from lmaczs_cli.backends import BackendError, OnnxRunner
+
+    folder = tmp_path / "export"
+    shutil.copytree(int8_folder[0], folder)
+    variant = folder / "explainer_nocheck_int8.onnx"
+    variant.write_bytes(variant.read_bytes() + b"\0")
+    with pytest.raises(BackendError, match="explainer_nocheck_int8.onnx.*sha256.*--int8"):
+        OnnxRunner(folder, device="cpu", threads=1, precision="int8")
+    variant.unlink()
+    with pytest.raises(BackendError, match="missing"):
+        OnnxRunner(folder, device="cpu", threads=1, precision="int8")
+    assert OnnxRunner(folder, device="cpu", threads=1)._files["explainer_nocheck"] == "explainer_nocheck.onnx"
+
+
 def test_int8_variant_that_drifts_is_refused_and_removed(exported, tmp_path, monkeypatch):
     import shutil
 
