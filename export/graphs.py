@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmaczs_cli.clap import ClapModel, laion_module
+from lmaczs_cli.clap import ClapModel
+from lmaczs_cli.laion import laion_module
 from lmaczs_cli.decoder import HTSAT_FRAMES, MaskDecoder
 from lmaczs_cli.model import ExplainerModule, parts_of
 

@@ -161,7 +161,7 @@ def copy_tokenizer(clap: ClapModel, out: Path) -> dict[str, Any]:
         hf.save_pretrained(str(folder))
         kind = "roberta"
     else:
-        from lmaczs_cli.clap import laion_module
+        from lmaczs_cli.laion import laion_module
 
         shutil.copyfile(Path(laion_module("tokenizer").default_bpe()), folder / CLIP_BPE_VOCAB)
         kind = "clip-bpe"

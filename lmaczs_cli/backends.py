@@ -176,7 +176,7 @@ class FolderClipBpeTokenizer:
     length and zero-padded, as laion's ``tokenize`` does -> (N, context) int64."""
 
     def __init__(self, folder: Path, context_length: int = 77) -> None:
-        from .clap import laion_module
+        from .laion import laion_module
         from .export.to_onnx import CLIP_BPE_VOCAB
 
         path = folder / CLIP_BPE_VOCAB

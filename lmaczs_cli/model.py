@@ -57,7 +57,6 @@ class Features:
     logmel: torch.Tensor            # (B, 1001, 64) dB
     embedding: torch.Tensor         # (B, D) L2-normalised
     hidden: list[torch.Tensor]      # the encoder's h1..h4 (B, C_i, H_i, W_i)
-    tokens: torch.Tensor | None = None   # h4's tokens in the joint space (B, D, H_4, W_4), when the decoder reads them
 
     @property
     def mel(self) -> torch.Tensor:
@@ -224,16 +223,17 @@ class ExplainerModule(nn.Module):
         with _float32_region(waves.device.type):
             logmel = spectral.to_db(spec.mel)                       # (B, 1001, 64)
         embedding, hidden = self.clap.encode(logmel.to(self.encoder_dtype))    # Cast: a half-precision encoder
-        cfg = getattr(getattr(self.decoder, "module", self.decoder), "cfg", None)   # .module: under DDP
-        wants = getattr(cfg, "decision", False) or getattr(cfg, "projected", False)
-        return Features(spec, logmel, embedding, hidden, token_embeddings(self.clap, hidden) if wants else None)
+        return Features(spec, logmel, embedding, hidden)
 
     def decode(self, feats: Features, rows: torch.Tensor | int, text: torch.Tensor) -> torch.Tensor:
         """Masks (N, 1001, bins) for N (clip, prompt) pairs: text (N, D); rows (N,) the clip of each
         pair, or an int K when each clip takes K consecutive prompts (pair b*K+k is clip b)."""
         dtype = _dtype_of(self.decoder)            # float32, or the half type of a half-precision decoder
         log_power = _take(spectral.to_db(feats.power), rows).to(dtype) if self.domain == "stft" else None
-        extra = {"tokens": _take(feats.tokens, rows).to(dtype)} if feats.tokens is not None else {}
+        cfg = getattr(getattr(self.decoder, "module", self.decoder), "cfg", None)   # .module: under DDP
+        extra = {}
+        if getattr(cfg, "decision", False) or getattr(cfg, "projected", False):   # h4 through CLAP's projection
+            extra["tokens"] = _take(token_embeddings(self.clap, feats.hidden), rows).to(dtype)
         return self.decoder([_take(h, rows).to(dtype) for h in feats.hidden], text.to(dtype),
                             _take(feats.logmel, rows).to(dtype), log_power, **extra)
 
@@ -319,7 +319,7 @@ def _clip_features(feats: Features, group: slice) -> Features:
     if group.start == 0 and group.stop == feats.logmel.shape[0]:
         return feats
     return Features(_clips(feats.spectrum, group), feats.logmel[group], feats.embedding[group],
-                    [h[group] for h in feats.hidden], feats.tokens[group] if feats.tokens is not None else None)
+                    [h[group] for h in feats.hidden])
 
 
 def _clips(spec: Spectrum, group: slice) -> Spectrum:
