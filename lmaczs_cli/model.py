@@ -87,8 +87,10 @@ class FftSpectral:
     def listen(self, spec: Spectrum, masks: torch.Tensor, prompts: int, domain: str, mel_to_linear: str,
                length: int) -> torch.Tensor:
         """masks (B*K, T, bins), row b*K+k for clip b -> listenable waves (B*K, length)."""
-        gain = self.gains(masks.float(), domain, mel_to_linear)
-        return spectral.istft(spec.X.repeat_interleave(prompts, dim=0) * gain, length)
+        gain = self.gains(masks.float(), domain, mel_to_linear)                    # (B*K, T, 513)
+        B, T, F = spec.X.shape
+        masked = spec.X[:, None] * gain.reshape(B, prompts, T, F)                  # the STFT broadcast, not copied
+        return spectral.istft(masked.reshape(B * prompts, T, F), length)
 
 
 class TritonSpectral(FftSpectral):
