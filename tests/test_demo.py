@@ -111,6 +111,33 @@ def test_localization_report_counts_present_prompts_given_up_on():
             assert v["empty"] == 0.0 and v["mass"] == pytest.approx(v["chance"], abs=0.05)
 
 
+def test_background_summary_splits_off_the_compositions_clap_hears():
+    """A stand-in CLAP that ranks the first event kind's prompt first on every clip "hears" only
+    the compositions of that kind; the summary's `when_heard` averages those rows alone."""
+    from lmaczs_cli.demo import scores
+    from lmaczs_cli.explain import Explanation
+
+    class FirstKindOnly:
+        def classify(self, wave, prompts):
+            return np.arange(len(prompts), 0, -1, dtype=np.float64)          # prompt 0 always first
+
+        def explain_prompts(self, wave, prompts, check=False):
+            rng = np.random.default_rng(int(1e6 * float(np.abs(wave).mean())))
+            return [Explanation(p, rng.random((N_FRAMES, N_MELS), np.float32) ** (k + 1), np.zeros(1, np.float32),
+                                0.5, None, "mel") for k, p in enumerate(prompts)]
+
+    rows = scores.background_rows(FirstKindOnly(), ("white",), (10.0,))
+    assert rows and [r["heard"] for r in rows] == [r["event"] == world.EVENTS[0] for r in rows]
+    heard = [r for r in rows if r["heard"]]
+    s = scores.background_summary(rows)["all"]
+    assert s["heard"] == pytest.approx(len(heard) / len(rows))
+    assert s["when_heard"]["n"] == len(heard)
+    assert s["when_heard"]["mass"] == pytest.approx(np.mean([r["mass"] for r in heard]))
+    assert s["when_heard"]["ratio"] == pytest.approx(np.mean([r["absent"] for r in heard])
+                                                     / np.mean([r["matched"] for r in heard]))
+    assert scores.background_summary([{**r, "heard": False} for r in rows])["all"]["when_heard"] is None
+
+
 def test_prompt_rows_split_the_mask_between_its_event_the_other_events_and_the_background():
     """A stand-in that keeps the whole grid for every prompt: its mass on the prompted event is that
     event's dilated share of the grid, and its share on the other events is exactly the share of

@@ -245,10 +245,13 @@ def background_rows(explainer: Any, backgrounds: tuple[str, ...] = world.UNSEEN_
     (`world.event_over_background`, seeds from the first of ``split``), explained for its own
     prompt and for another kind's (drawn by a generator seeded 0). One row per composition:
     ``mass`` on the event's dilated region, its ``chance``, ``matched`` and ``absent`` mask
-    means. Compositions the noise buries (it owns most of the event's cells) cannot be scored
-    and are left out."""
+    means, and ``heard``: whether CLAP itself ranks the event's prompt first of the world's event
+    prompts on this clip (its zero-shot answer; where it does not, a faithful explanation has no
+    reason to tell the matched prompt from an absent one). Compositions the noise buries (it owns
+    most of the event's cells) cannot be scored and are left out."""
     first = split_seeds(split, n_seeds)
     rng = np.random.default_rng(0)
+    every = [world.prompt_for(n) for n in world.EVENTS]
     rows = []
     for background in backgrounds:
         for snr in snrs:
@@ -262,27 +265,34 @@ def background_rows(explainer: Any, backgrounds: tuple[str, ...] = world.UNSEEN_
                     on, off = explainer.explain_prompts(scene.wave, [world.prompt_for(name), world.prompt_for(lacking)],
                                                         check=False)
                     region = metrics.dilate(scene.mel_masks[name])
+                    heard = int(np.argmax(explainer.classify(scene.wave, every))) == world.EVENTS.index(name)
                     rows.append({"background": background, "snr": float(snr), "event": name,
                                  "mass": metrics.mass_in_region(on.mask, region), "chance": float(region.mean()),
-                                 "matched": float(on.mask_mean), "absent": float(off.mask_mean)})
+                                 "matched": float(on.mask_mean), "absent": float(off.mask_mean), "heard": heard})
     return rows
 
 
-def background_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+def background_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """`background_rows` grouped per "background @ snr", per "background (all)" SNRs, and "all":
-    n, mass, chance, ratio (absent / matched mask mean), matched."""
+    n, mass, chance, ratio (absent / matched mask mean), matched; ``heard``, the share of the
+    group's compositions CLAP ranks first (`background_rows`), and ``when_heard``, the same
+    figures over those compositions only (None where CLAP ranks none first)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault(f"{r['background']} @ {r['snr']:g} dB", []).append(r)
         groups.setdefault(f"{r['background']} (all)", []).append(r)
         groups.setdefault("all", []).append(r)
+
+    def figures(rs: list[dict[str, Any]]) -> dict[str, Any]:
+        matched = float(np.mean([r["matched"] for r in rs]))
+        return {"n": len(rs), "mass": float(np.mean([r["mass"] for r in rs])),
+                "chance": float(np.mean([r["chance"] for r in rs])),
+                "ratio": float(np.mean([r["absent"] for r in rs]) / max(matched, 1e-12)), "matched": matched}
+
     out = {}
     for key, rs in groups.items():
-        matched = float(np.mean([r["matched"] for r in rs]))
-        out[key] = {"n": len(rs), "mass": float(np.mean([r["mass"] for r in rs])),
-                    "chance": float(np.mean([r["chance"] for r in rs])),
-                    "ratio": float(np.mean([r["absent"] for r in rs]) / max(matched, 1e-12)),
-                    "matched": matched}
+        heard = [r for r in rs if r.get("heard")]
+        out[key] = {**figures(rs), "heard": len(heard) / len(rs), "when_heard": figures(heard) if heard else None}
     return out
 
 

@@ -12,7 +12,9 @@ For each decoder folder RUN (a `lmaczs train --out`, or lmaczs_cli/demo/model):
   intact model's, and the masks' mass on that event beside its chance;
 - ``generalisation``: single events over `world.UNSEEN_BACKGROUNDS` (never in a training recipe)
   at SNRs 0-20 dB (`scores.background_rows`), per background and SNR the mass on the event,
-  its chance, and absent / matched (the prompt of another event kind, drawn per scene).
+  its chance, and absent / matched (the prompt of another event kind, drawn per scene); beside
+  them, the share of compositions CLAP itself ranks the event's prompt first on ("hears") and
+  the same figures over those only.
 """
 from __future__ import annotations
 
@@ -89,8 +91,10 @@ def table(res: dict[str, Any]) -> str:
                                            f"mean {v['mask_mean']:.3f}" for k, v in rnd.items())]
     for key in sorted(gen):
         v = gen[key]
+        h = v.get("when_heard")
         lines.append(f"  {key:24s} n {v['n']:3d} mass {v['mass']:.3f} (chance {v['chance']:.3f}) "
-                     f"ratio {v['ratio']:.3f}")
+                     f"ratio {v['ratio']:.3f}; CLAP hears {v['heard']:.2f}"
+                     + (f": mass {h['mass']:.3f} ratio {h['ratio']:.3f}" if h else ""))
     return "\n".join(lines)
 
 

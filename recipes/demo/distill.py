@@ -1,7 +1,7 @@
 """Warm-start a decoder of CLAP's deep stages from an LMAC-ZS teacher, over noise.
 
     python -m recipes.demo.distill --teacher N5 --out RUN [--first-level 3] [--decision]
-        [--scenes 300] [--steps 600] [--batch 8] [--lr 1e-3] [--seed 0] [--init STUDENT]
+        [--scenes 300] [--steps 600] [--batch 8] [--lr 1e-3] [--absent 1] [--seed 0] [--init STUDENT]
 
 A decoder that reads only h3 and h4 (no log-mel) trained from scratch with the LMAC-ZS objective
 settles on one uniform mask within two epochs on the demo world (a quiet copy of the clip keeps
@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--dice", type=float, default=1.0)
     ap.add_argument("--snr", type=float, nargs=2, default=(0.0, 40.0))
+    ap.add_argument("--absent", type=int, default=1, help="absent prompts a scene adds to the pool")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--init", default=None, help="continue from this student (a --out folder)")
@@ -101,15 +102,16 @@ def main(argv: list[str] | None = None) -> int:
     prompts = clap.encode_text([world.prompt_for(n) for n in world.EVENTS]).detach()   # (14, D)
 
     t0 = time.time()
-    pool = []   # (scene, event index, teacher mask (1001, 64)), present events and one absent per scene
+    pool = []   # (scene, event index, teacher mask (1001, 64)), present events and --absent absent ones a scene
     with torch.no_grad():
         for i in range(args.scenes):
             scene = world.render_scene(world.scene_seed(0, "train", i))
             present = [world.EVENTS.index(e.name) for e in scene.events]
-            absent = int(rng.choice([k for k in range(len(world.EVENTS)) if k not in present]))
+            absent = [int(k) for k in rng.choice([k for k in range(len(world.EVENTS)) if k not in present],
+                                                 args.absent, replace=False)]
             logmel = spectral.log_mel(torch.from_numpy(scene.wave)[None])
             _, hidden = clap.encode(logmel)
-            ks = present + [absent]
+            ks = present + absent
             masks = teacher([h.expand(len(ks), *h.shape[1:]) for h in hidden], prompts[ks],
                             logmel.expand(len(ks), -1, -1))
             pool += [(scene, k, m, k in present) for k, m in zip(ks, masks)]
@@ -153,7 +155,7 @@ def _save(student: MaskDecoder, clap, args: argparse.Namespace, step: int) -> No
             "domain": "mel", "mel_to_linear": "linear",
             "distill": {"teacher": str(args.teacher), "init": args.init, "steps": step, "scenes": args.scenes,
                         "batch": args.batch,
-                        "lr": args.lr, "dice": args.dice, "snr": list(args.snr), "seed": args.seed,
+                        "lr": args.lr, "dice": args.dice, "absent": args.absent, "snr": list(args.snr), "seed": args.seed,
                         "backgrounds": list(world.TRAIN_BACKGROUNDS), "clean_share": CLEAN_SHARE}}
     save_decoder(student, Path(args.out), meta)
 
