@@ -205,6 +205,33 @@ def test_onnx_runner_calls_flush_denormals_on_every_thread():
     assert (caller(ours.run, None, {"x": x[:4]})[0] == 0).all()   # small: the calling thread alone
 
 
+def test_onnx_sessions_leave_the_cores_idle_between_runs():
+    """ORT's pool threads spin after a run by default (~40 ms of CPU in the next 100 ms idle on 2
+    threads), taking the cores from whatever runs beside them (decode and writer threads, torch);
+    our sessions' threads block instead."""
+    import time
+
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from lmaczs_cli.backends import session_options
+
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "x"], ["y"])], "square",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [256, 256])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [256, 256])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    s = ort.InferenceSession(model.SerializeToString(), session_options(threads=2), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).random((256, 256), np.float32)
+    burned = []
+    for _ in range(3):
+        s.run(None, {"x": x})
+        c0 = time.process_time()
+        time.sleep(0.1)
+        burned.append(time.process_time() - c0)
+    assert min(burned) < 0.01, burned
+
+
 def test_onnx_no_check_and_one_pass_top_k_graphs_match_torch(engines, decoder_dir):
     """The export folder's explainer_nocheck graph leaves out the masked similarity (and its encoder
     pass) and otherwise equals the full graph; explainer_topk picks each window's labels from the
