@@ -291,6 +291,11 @@ class RobertaTokenizerWrapper:
         except Exception as e:  # transformers raises OSError/ValueError/EnvironmentError variants
             from huggingface_hub.constants import HF_HUB_CACHE
 
+            files = [f for f in ("tokenizer.json", "vocab.json", "merges.txt")
+                     if directory and (Path(directory) / f).is_file()]
+            if files:
+                raise ClapError(f"{directory}: the tokenizer files there ({', '.join(files)}) cannot be read "
+                                f"({first_line(e)}); save the RoBERTa tokenizer again") from e
             where = f"--tokenizer {directory}" if directory else "--tokenizer (not given)"
             raise ClapError(
                 f"RoBERTa tokenizer not found: looked in {where} and in the Hugging Face cache "
@@ -515,12 +520,12 @@ def _torch_load(path: Path, trust: bool = False) -> Any:
                 f"the numpy scalars LAION's checkpoints hold, and unpickling it could run code. "
                 f"{TRUST_HINT}."
             ) from e
-        raise ClapError(f"{path}: corrupt checkpoint ({_first_line(e)}); download it again") from e
+        raise ClapError(f"{path}: corrupt checkpoint ({first_line(e)}); download it again") from e
     except Exception as e:   # zip members missing, cut pickles (EOFError), storages out of range, ...
-        raise ClapError(f"{path}: corrupt checkpoint ({_first_line(e)}); download it again") from e
+        raise ClapError(f"{path}: corrupt checkpoint ({first_line(e)}); download it again") from e
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     """A one-line reason: torch's weights-only messages put it after "Unpickler error:"."""
     text = str(e)
     if "Unpickler error:" in text:
@@ -542,7 +547,7 @@ def read_safetensors(path: str | os.PathLike, fix: str,
     try:
         return load_file(str(path))
     except Exception as e:   # safetensors' SafetensorError: header too large / too small, cut buffer
-        raise error(f"{path}: not a readable safetensors file ({_first_line(e)}); {fix}") from e
+        raise error(f"{path}: not a readable safetensors file ({first_line(e)}); {fix}") from e
 
 
 def laion_state_dict(checkpoint: Any) -> dict[str, torch.Tensor]:
@@ -697,7 +702,7 @@ def _read_clap_config(path: Path) -> ClapConfig:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ClapError(f"{path}: not readable JSON ({_first_line(e)}); copy the CLAP folder again") from e
+        raise ClapError(f"{path}: not readable JSON ({first_line(e)}); copy the CLAP folder again") from e
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         raise ClapError(f"{path}: not an lmaczs CLAP config (no \"config\" object); copy the CLAP folder again")
     try:
@@ -705,7 +710,7 @@ def _read_clap_config(path: Path) -> ClapConfig:
     except ClapError as e:
         raise ClapError(f"{path}: {e}") from e
     except (TypeError, ValueError) as e:
-        raise ClapError(f"{path}: not a valid CLAP config ({_first_line(e)}); copy the CLAP folder again") from e
+        raise ClapError(f"{path}: not a valid CLAP config ({first_line(e)}); copy the CLAP folder again") from e
 
 
 def random_clap(arch: str, seed: int = 0, tokenizer: str | os.PathLike | None = None) -> ClapModel:

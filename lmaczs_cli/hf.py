@@ -72,7 +72,9 @@ from .clap import (
     ClapModel,
     RobertaTokenizerWrapper,
     build_laion_clap,
+    first_line,
     load_weights,
+    read_safetensors,
 )
 
 CONFIG_FILE = "config.json"
@@ -211,6 +213,9 @@ def read_hf_config(directory: Path) -> Any:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ClapError(f"hf:{directory}: cannot read {CONFIG_FILE}: {e}") from e
+    if not isinstance(raw, dict):
+        raise ClapError(f"hf:{directory}: {CONFIG_FILE} holds a JSON {type(raw).__name__}, not the object "
+                        f"ClapModel.save_pretrained writes")
     if raw.get("model_type") != "clap":
         raise ClapError(
             f"hf:{directory}: {CONFIG_FILE} describes model_type {raw.get('model_type')!r}, not a "
@@ -274,23 +279,45 @@ def clap_config_from_hf(hf: Any, where: str = "config.json") -> ClapConfig:
 
 
 def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a save_pretrained folder: model.safetensors, sharded, or pytorch_model.bin."""
-    from safetensors.torch import load_file
-
+    """All tensors of a save_pretrained folder: model.safetensors, sharded, or pytorch_model.bin
+    (weights only: nothing in it can run code). A cut, corrupt or hostile file, or an index
+    naming shards outside the folder, raises ClapError naming the file."""
+    fix = "write the model again with ClapModel.save_pretrained(DIR)"
     if (directory / WEIGHTS_FILE).is_file():
-        return load_file(str(directory / WEIGHTS_FILE))
+        return read_safetensors(directory / WEIGHTS_FILE, fix)
     if (directory / WEIGHTS_INDEX_FILE).is_file():
-        shards = sorted(set(json.loads((directory / WEIGHTS_INDEX_FILE).read_text())["weight_map"].values()))
         out: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            out.update(load_file(str(directory / shard)))
+        for shard in _shards(directory / WEIGHTS_INDEX_FILE, fix):
+            out.update(read_safetensors(directory / shard, fix))
         return out
     if (directory / TORCH_WEIGHTS_FILE).is_file():
-        return torch.load(directory / TORCH_WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        path = directory / TORCH_WEIGHTS_FILE
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:   # a cut zip, a pickle of anything but tensors (refused), ...
+            raise ClapError(f"{path}: not a readable weights-only PyTorch file ({first_line(e)}); {fix}") from e
+        if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                               for k, v in sd.items()):
+            raise ClapError(f"{path}: not a state dict of named tensors; {fix}")
+        return sd
     raise ClapError(
         f"hf:{directory}: no {WEIGHTS_FILE} (or {WEIGHTS_INDEX_FILE}, {TORCH_WEIGHTS_FILE}) here; "
         f"write the model with ClapModel.save_pretrained(DIR)"
     )
+
+
+def _shards(index: Path, fix: str) -> list[str]:
+    """The shard file names a safetensors index maps weights to: plain names of files beside it."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ClapError(f"{index}: not a safetensors index (a JSON object whose weight_map maps weight "
+                        f"names to shard files): {first_line(e)}; {fix}") from e
+    for shard in shards:
+        if not isinstance(shard, str) or not shard or Path(shard).name != shard or shard in (".", ".."):
+            raise ClapError(f"{index}: shard {shard!r} is not a file name in the model's folder; {fix}")
+    return shards
 
 
 def laion_state_dict_from_hf(

@@ -198,6 +198,10 @@ def test_tokenizer_from_the_folder_or_the_option(hf_folder, tmp_path, roberta_to
         load_hf_clap(folder)
     model = load_hf_clap(folder, tokenizer=roberta_tokenizer_dir)
     assert model.tokenize(["a dog"])["input_ids"].shape == (1, 77)
+    (folder / "vocab.json").write_text("{not json")
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    with pytest.raises(ClapError, match=r"tokenizer files there \(vocab.json, merges.txt\) cannot be read"):
+        load_hf_clap(folder)
 
 
 def test_not_a_clap_folder_says_what_it_needs(tmp_path):
@@ -206,6 +210,82 @@ def test_not_a_clap_folder_says_what_it_needs(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "clap_audio_model"}))
     with pytest.raises(ClapError, match="not a transformers ClapModel"):
         load_hf_clap(tmp_path)
+
+
+def _without_weights(src, dst):
+    """A copy of an hf folder with its model.safetensors left out."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.safetensors"))
+    return dst
+
+
+def _pickle_that_calls_print():
+    import pickle
+
+    class Calls:
+        def __reduce__(self):
+            return (print, ("unpickled code ran",))
+
+    return pickle.dumps({"weight": Calls()})
+
+
+@pytest.mark.parametrize("case, match", [
+    ("config list", r"config.json holds a JSON list, not the object"),
+    ("weights cut", r"model.safetensors: not a readable safetensors file .*save_pretrained"),
+    ("index garbage", r"model.safetensors.index.json: not a safetensors index"),
+    ("index escapes", r"shard '\.\./secret.safetensors' is not a file name in the model's folder"),
+    ("index shard missing", r"model-00001.safetensors: missing; write the model again"),
+    ("bin cut", r"pytorch_model.bin: not a readable weights-only PyTorch file"),
+    ("bin runs code", r"pytorch_model.bin: not a readable weights-only PyTorch file"),
+    ("bin not a state dict", r"pytorch_model.bin: not a state dict of named tensors"),
+])
+def test_unusable_folders_raise_clap_error_naming_the_file(hf_folder, tmp_path, capsys, case, match):
+    """Every way an hf: folder's config or weights can be cut, corrupt or hostile is a ClapError that
+    names the file; nothing in a pickled file runs, and no index can point outside the folder."""
+    src = hf_folder[0]
+    folder = _copy(src, tmp_path / "f") if case.startswith(("config", "weights")) else _without_weights(src, tmp_path / "f")
+    if case == "config list":
+        (folder / "config.json").write_text("[1, 2]")
+    elif case == "weights cut":
+        data = (src / "model.safetensors").read_bytes()
+        (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif case == "index garbage":
+        (folder / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    elif case == "index escapes":
+        (tmp_path / "secret.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "../secret.safetensors"}}))
+    elif case == "index shard missing":
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00001.safetensors"}}))
+    elif case == "bin cut":
+        torch.save(_weights(src), folder / "pytorch_model.bin")
+        data = (folder / "pytorch_model.bin").read_bytes()
+        (folder / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    elif case == "bin runs code":
+        (folder / "pytorch_model.bin").write_bytes(_pickle_that_calls_print())
+    elif case == "bin not a state dict":
+        torch.save([torch.zeros(2)], folder / "pytorch_model.bin")
+    with pytest.raises(ClapError, match=match):
+        load_hf_clap(folder)
+    assert "unpickled code ran" not in capsys.readouterr().out
+
+
+def test_sharded_and_torch_weights_load_as_the_single_file_does(hf_folder, loaded, tmp_path):
+    from safetensors.torch import save_file
+
+    tensors = _weights(hf_folder[0])
+    names = sorted(tensors)
+    sharded = _without_weights(hf_folder[0], tmp_path / "sharded")
+    halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for shard, keys in halves.items():
+        save_file({k: tensors[k] for k in keys}, str(sharded / shard))
+    (sharded / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: shard for shard, keys in halves.items() for k in keys}}))
+    binary = _without_weights(hf_folder[0], tmp_path / "bin")
+    torch.save(tensors, binary / "pytorch_model.bin")
+    want = loaded.clap.state_dict()
+    for folder in (sharded, binary):
+        got = load_hf_clap(folder).clap.state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_feature_extractor_matches_our_front_end_only_with_laion_settings():
