@@ -27,8 +27,9 @@ Shape of the computation (HTSAT-tiny; PANN-14 in brackets):
 
 Cross-attention: queries are the audio feature map's positions, keys/values the K text tokens
 (as in Stable Diffusion's U-Net); each "xattn" is followed by a text FiLM (per-channel scale and
-shift from t; `film=False` for decoders saved before it existed). Fixed resampling steps are precomputed matrices (MatMul),
-so the decoder exports without Resize ops.
+shift from t; `film=False` for decoders saved before it existed). Fixed resampling steps are
+precomputed: along time two Gathers blended with fixed weights, along frequency a small MatMul, so
+the decoder exports without Resize ops.
 """
 from __future__ import annotations
 
@@ -460,7 +461,7 @@ class MaskDecoder(nn.Module):
             if self.gate is None:
                 x = torch.cat([x, resample_time(skip, self.full_time)], dim=1)
         logits = resample_time(self.head(x), N_FRAMES)     # (B, 1, 1001, 64)
-        if read is not None:                               # onto the mask grid: two fixed MatMuls
+        if read is not None:                               # onto the mask grid: fixed resampling
             fmap = interp_matrix(int(read.shape[-1]), N_MELS, read.device).to(read.dtype)
             logits = logits + resample_time(read, N_FRAMES) @ fmap.T
         if cos is not None:                                # CLAP's decision gates every cell
