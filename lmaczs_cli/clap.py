@@ -291,11 +291,15 @@ class RobertaTokenizerWrapper:
         except Exception as e:  # transformers raises OSError/ValueError/EnvironmentError variants
             from huggingface_hub.constants import HF_HUB_CACHE
 
-            files = [f for f in ("tokenizer.json", "vocab.json", "merges.txt")
-                     if directory and (Path(directory) / f).is_file()]
-            if files:
-                raise ClapError(f"{directory}: the tokenizer files there ({', '.join(files)}) cannot be read "
-                                f"({first_line(e)}); save the RoBERTa tokenizer again") from e
+            here = {f for f in ("tokenizer.json", "vocab.json", "merges.txt")
+                    if directory and (Path(directory) / f).is_file()}
+            if "tokenizer.json" in here or {"vocab.json", "merges.txt"} <= here:
+                raise ClapError(f"{directory}: the tokenizer files there ({', '.join(sorted(here))}) cannot be "
+                                f"read ({first_line(e)}); save the RoBERTa tokenizer again") from e
+            if here:
+                lacking = " and ".join(sorted({"vocab.json", "merges.txt"} - here))
+                raise ClapError(f"{directory}: the RoBERTa tokenizer there is incomplete: {lacking} missing "
+                                f"(it needs vocab.json + merges.txt, or tokenizer.json)") from e
             where = f"--tokenizer {directory}" if directory else "--tokenizer (not given)"
             raise ClapError(
                 f"RoBERTa tokenizer not found: looked in {where} and in the Hugging Face cache "

@@ -211,8 +211,8 @@ def read_hf_config(directory: Path) -> Any:
         )
     try:
         raw = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ClapError(f"hf:{directory}: cannot read {CONFIG_FILE}: {e}") from e
+    except (OSError, ValueError, RecursionError) as e:   # RecursionError: JSON nested too deep
+        raise ClapError(f"hf:{directory}: cannot read {CONFIG_FILE}: {first_line(e)}") from e
     if not isinstance(raw, dict):
         raise ClapError(f"hf:{directory}: {CONFIG_FILE} holds a JSON {type(raw).__name__}, not the object "
                         f"ClapModel.save_pretrained writes")
@@ -311,7 +311,7 @@ def _shards(index: Path, fix: str) -> list[str]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
         shards = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise ClapError(f"{index}: not a safetensors index (a JSON object whose weight_map maps weight "
                         f"names to shard files): {first_line(e)}; {fix}") from e
     for shard in shards:

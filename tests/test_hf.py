@@ -200,8 +200,13 @@ def test_tokenizer_from_the_folder_or_the_option(hf_folder, tmp_path, roberta_to
     assert model.tokenize(["a dog"])["input_ids"].shape == (1, 77)
     (folder / "vocab.json").write_text("{not json")
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    with pytest.raises(ClapError, match=r"tokenizer files there \(vocab.json, merges.txt\) cannot be read"):
+    with pytest.raises(ClapError, match=r"tokenizer files there \(merges.txt, vocab.json\) cannot be read"):
         load_hf_clap(folder)
+    (folder / "vocab.json").unlink()
+    with pytest.raises(ClapError, match="no tokenizer saved with the model"):
+        load_hf_clap(folder)
+    with pytest.raises(ClapError, match=r"tokenizer there is incomplete: vocab.json missing"):
+        load_hf_clap(folder, tokenizer=folder)                 # --tokenizer DIR with half a tokenizer
 
 
 def test_not_a_clap_folder_says_what_it_needs(tmp_path):
@@ -232,6 +237,7 @@ def _pickle_that_calls_print():
     ("config list", r"config.json holds a JSON list, not the object"),
     ("weights cut", r"model.safetensors: not a readable safetensors file .*save_pretrained"),
     ("index garbage", r"model.safetensors.index.json: not a safetensors index"),
+    ("index too deep", r"model.safetensors.index.json: not a safetensors index"),
     ("index escapes", r"shard '\.\./secret.safetensors' is not a file name in the model's folder"),
     ("index shard missing", r"model-00001.safetensors: missing; write the model again"),
     ("bin cut", r"pytorch_model.bin: not a readable weights-only PyTorch file"),
@@ -250,6 +256,8 @@ def test_unusable_folders_raise_clap_error_naming_the_file(hf_folder, tmp_path, 
         (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
     elif case == "index garbage":
         (folder / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    elif case == "index too deep":
+        (folder / "model.safetensors.index.json").write_text('{"weight_map": ' + "[" * 100_000 + "]" * 100_000 + "}")
     elif case == "index escapes":
         (tmp_path / "secret.safetensors").write_bytes((src / "model.safetensors").read_bytes())
         (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "../secret.safetensors"}}))
