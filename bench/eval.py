@@ -290,19 +290,18 @@ def generalisation_table(gen: dict[str, Any]) -> str:
     lines.append(f"\nAveraged over the three kinds and {len(snrs)} SNRs ({a['n']} compositions): mass "
                  f"{_f(a['mass'])} (chance {_f(a['chance'])}), absent ÷ matched {_f(a['ratio'])}; white noise at "
                  f"3 dB: {white}.")
-    if "heard" in a:
-        lines += ["", "**Does CLAP itself hear the event?** The share of these compositions on which CLAP's zero-shot "
-                  "scores rank the event's prompt first of the 14 event prompts (chance 0.07); where it does not, "
-                  "the classifier cannot tell the matched prompt from an absent one, and neither can a faithful "
-                  "explanation:", "",
-                  "| SNR | " + " | ".join(kinds) + " |", "|---:|" + "---:|" * len(kinds)]
-        lines += [f"| {snr:g} dB | " + " | ".join(_f(grid[f"{k} @ {snr:g} dB"]["heard"], 2)
-                                                   if f"{k} @ {snr:g} dB" in grid else "—" for k in kinds) + " |"
-                  for snr in snrs]
-        h = a.get("when_heard")
-        lines.append("\n" + (f"Over the {h['n']} compositions CLAP ranks first ({a['heard']:.0%}): LMAC-ZS's mass "
-                             f"{_f(h['mass'])} (chance {_f(h['chance'])}), absent ÷ matched {_f(h['ratio'])}."
-                             if h else "CLAP ranks the event first on none of them."))
+    lines += ["", "**Does CLAP itself hear the event?** The share of these compositions on which CLAP's zero-shot "
+              "scores rank the event's prompt first of the 14 event prompts (chance 0.07); where it does not, "
+              "the classifier cannot tell the matched prompt from an absent one, and neither can a faithful "
+              "explanation:", "",
+              "| SNR | " + " | ".join(kinds) + " |", "|---:|" + "---:|" * len(kinds)]
+    lines += [f"| {snr:g} dB | " + " | ".join(_f(grid[f"{k} @ {snr:g} dB"]["heard"], 2)
+                                               if f"{k} @ {snr:g} dB" in grid else "—" for k in kinds) + " |"
+              for snr in snrs]
+    h = a.get("when_heard")
+    lines.append("\n" + (f"Over the {h['n']} compositions CLAP ranks first ({a['heard']:.0%}): LMAC-ZS's mass "
+                         f"{_f(h['mass'])} (chance {_f(h['chance'])}), absent ÷ matched {_f(h['ratio'])}."
+                         if h else "CLAP ranks the event first on none of them."))
     return "\n".join(lines)
 
 

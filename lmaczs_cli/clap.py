@@ -278,6 +278,19 @@ class ClipBpeTokenizer:
         return self._tok.tokenize(list(texts), context_length=self.context_length)  # (N, 77) int
 
 
+ROBERTA_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
+
+
+def roberta_files(directory: str | os.PathLike | None) -> set[str]:
+    """Which of a saved RoBERTa tokenizer's files `directory` holds (none for None)."""
+    return {f for f in ROBERTA_FILES if directory and (Path(directory) / f).is_file()}
+
+
+def is_whole_tokenizer(files: set[str]) -> bool:
+    """Whether those files make a tokenizer: tokenizer.json, or vocab.json + merges.txt."""
+    return "tokenizer.json" in files or {"vocab.json", "merges.txt"} <= files
+
+
 class RobertaTokenizerWrapper:
     """RoBERTa tokenizer from ``--tokenizer DIR`` or the local HF cache, padded to 77 as laion does."""
 
@@ -291,9 +304,8 @@ class RobertaTokenizerWrapper:
         except Exception as e:  # transformers raises OSError/ValueError/EnvironmentError variants
             from huggingface_hub.constants import HF_HUB_CACHE
 
-            here = {f for f in ("tokenizer.json", "vocab.json", "merges.txt")
-                    if directory and (Path(directory) / f).is_file()}
-            if "tokenizer.json" in here or {"vocab.json", "merges.txt"} <= here:
+            here = roberta_files(directory)
+            if is_whole_tokenizer(here):
                 raise ClapError(f"{directory}: the tokenizer files there ({', '.join(sorted(here))}) cannot be "
                                 f"read ({first_line(e)}); save the RoBERTa tokenizer again") from e
             if here:

@@ -73,8 +73,10 @@ from .clap import (
     RobertaTokenizerWrapper,
     build_laion_clap,
     first_line,
+    is_whole_tokenizer,
     load_weights,
     read_safetensors,
+    roberta_files,
 )
 
 CONFIG_FILE = "config.json"
@@ -375,12 +377,6 @@ def laion_state_dict_from_hf(
 # --------------------------------------------------------------------------- loading
 
 
-def _has_tokenizer(directory: Path) -> bool:
-    return (directory / "tokenizer.json").is_file() or (
-        (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file()
-    )
-
-
 def load_hf_clap(directory: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> ClapModel:
     """Load a transformers ``ClapModel`` folder (non-fusion HTSAT audio, RoBERTa text) into
     laion's classes. The RoBERTa tokenizer comes from ``tokenizer`` if given, else from the folder."""
@@ -389,7 +385,7 @@ def load_hf_clap(directory: str | os.PathLike, tokenizer: str | os.PathLike | No
         raise ClapError(f"hf:{directory}: no such folder")
     where = f"hf:{directory}"
     cfg = clap_config_from_hf(read_hf_config(directory), where=f"{where}/{CONFIG_FILE}")
-    if tokenizer is None and not _has_tokenizer(directory):
+    if tokenizer is None and not is_whole_tokenizer(roberta_files(directory)):
         raise ClapError(
             f"{where}: no tokenizer saved with the model (vocab.json + merges.txt, or tokenizer.json); "
             f"save the RoBERTa tokenizer into the folder or pass --tokenizer DIR"
