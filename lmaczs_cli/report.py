@@ -510,11 +510,14 @@ def relative_level_db(explanation: np.ndarray, original: np.ndarray | None) -> f
     return max(20.0 * float(np.log10(rms / ref)), LEVEL_FLOOR_DB) if rms > 0 else LEVEL_FLOOR_DB
 
 
-def _rms(x: np.ndarray, block: int = 1 << 20) -> float:
-    """Root mean square, summed in float64 a block at a time (an hours-long file needs no copy)."""
+def _rms(x: np.ndarray, block: int = 1 << 16) -> float:
+    """Root mean square, summed in float64 a block at a time (an hours-long file needs no copy).
+    Squares and sums are numpy ufuncs, never BLAS (``np.dot``): this runs in the writer threads
+    beside the model, and OpenBLAS's own thread pool, spinning after each call, took the cores
+    from the model's threads (a folder run lost ~20 ms a file to it)."""
     if not x.size:
         return 0.0
-    total = sum(float(np.dot(b, b)) for b in (x[i: i + block].astype(np.float64) for i in range(0, x.size, block)))
+    total = sum(float(np.square(x[i: i + block], dtype=np.float64).sum()) for i in range(0, x.size, block))
     return float(np.sqrt(total / x.size))
 
 

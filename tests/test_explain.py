@@ -633,6 +633,13 @@ def test_empty_threshold_is_mask_mean_or_level():
     assert R.relative_level_db(x, np.zeros_like(x)) is None and R.relative_level_db(0 * x, x) == R.LEVEL_FLOOR_DB
 
 
+def test_level_sums_a_long_file_block_by_block_in_float64():
+    loud = np.concatenate([np.full(200_001, 0.5, np.float32), np.zeros(100_000, np.float32)])   # several blocks, ragged end
+    expected = np.sqrt(200_001 * 0.25 / loud.size)
+    assert R._rms(loud) == pytest.approx(expected, rel=1e-12)
+    assert R._rms(np.zeros(0, np.float32)) == 0.0
+
+
 # --------------------------------------------------------------------- resume
 
 
