@@ -303,7 +303,7 @@ def _explain_work(job: ExplainJob, out: Path, explainer: Explainer, plan: _Plan,
     t0 = t_drain = time.perf_counter()
     waited = 0.0
     try:
-        with ThreadPoolExecutor(max_workers=job.writers, thread_name_prefix="lmaczs-write") as pool:
+        with ThreadPoolExecutor(max_workers=job.writers, thread_name_prefix="lmaczs-write", initializer=_writer_thread) as pool:
             for res in explainer.explain_many(work, labels=job.labels or None, top_k=job.top_k, check=job.check,
                                               workers=workers, keep_input=True):
                 clock.add(decode_s=res.decode_s, input_wait_s=res.wait_s)
@@ -323,6 +323,13 @@ def _explain_work(job: ExplainJob, out: Path, explainer: Explainer, plan: _Plan,
         main = so_far.get("model_s", 0.0) + so_far.get("input_wait_s", 0.0) + waited
         clock.add(wall_s=end - t0, cpu_s=time.process_time() - cpu0, writers_wait_s=waited,
                   drain_s=end - t_drain, batching_s=max(0.0, t_drain - t0 - main))
+
+
+def _writer_thread() -> None:
+    """Torch ops in a writer thread (a picture's spectrogram) run on that thread alone. With
+    torch's default, each writer thread opened its own OpenMP team of workers, which spun
+    beside the model's threads and took the cores from the model."""
+    torch.set_num_threads(1)          # per thread: the model's thread keeps its own count
 
 
 class _CountingRunner:

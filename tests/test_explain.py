@@ -1040,6 +1040,32 @@ def test_folder_pipeline_writes_the_same_files_with_zero_and_four_decode_workers
     _assert_same_results(_results(outs[0]), _results(outs[4]))
 
 
+def test_folder_run_draws_pictures_on_one_torch_thread_and_leaves_the_models_count(tmp_path, decoder_dir, monkeypatch):
+    """A picture's spectrogram (torch ops in a writer thread) runs on that thread alone, so
+    writer threads open no OpenMP teams of their own beside the model; the model's thread
+    keeps the count it had."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for k in range(3):
+        sf.write(inp / f"c{k}.wav", _noise(1.0, 48_000, seed=k), 48_000)
+    seen, draw = [], R.spectrogram_png
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return draw(*args, **kwargs)
+
+    monkeypatch.setattr(R, "spectrogram_png", spy)
+    torch.set_num_threads(2)
+    try:
+        result = _explain([str(inp), "-p", "dog barking", "--out", str(tmp_path / "out"), "--batch-size", "3"], decoder_dir)
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(1)
+    assert result.exit_code == 0, result.output
+    assert seen == [1, 1, 1] and after == 2
+    assert len(list((tmp_path / "out").rglob("*.png"))) == 3
+
+
 def test_folder_run_reports_where_its_time_goes(tmp_path, decoder_dir):
     """The summary's timings split the model thread's time into its stages and time the
     stages of the other threads (decode, wav, pictures), each with its CPU seconds."""
