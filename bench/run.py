@@ -22,6 +22,8 @@ Sections (each skipped with its reason when what it needs is missing):
              GradCAM / GradCAM++, SmoothGrad and IG many)
 Real recordings: bench/audio/ (four sounds of the freedesktop sound theme, Debian package
 sound-theme-freedesktop; licences in bench/audio/README.md), each tiled to 10 s.
+The process keeps freed memory as `lmaczs explain` does (`runs.keep_freed_memory`, glibc), so
+every section, in memory or folder, measures under the same allocator settings.
 Every figure is the median of --repeats timed runs (>= 5 by default; after a warm-up) with
 min and max. Writes bench/results/<date>-<machine>[-<model>][-quick].json (-2, -3 ... for later
 runs of the day; nothing is overwritten), a Markdown table beside it and a PNG plot (throughput
@@ -560,6 +562,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.clap, args.batch_sizes, args.repeats = "random:tiny", [1, 2], 2
         args.folder_files, args.rss_files = 4, 20
+    from lmaczs_cli.runs import keep_freed_memory
+
+    keep_freed_memory()         # what every `lmaczs explain` run sets first: each section measures under it
     ex = load_explainer(args.clap, args.device)
     sync = torch.cuda.synchronize if ex.device.type == "cuda" else (lambda: None)
     skipped: dict[str, str] = {}
