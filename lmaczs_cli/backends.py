@@ -86,6 +86,11 @@ class TorchRunner(Runner):
         self.device = resolve_device(device)
         self.clap = clap.to(self.device)
         self.decoder = decoder.to(self.device).eval()
+        if self.device.type == "cpu":
+            # oneDNN's convolutions over the decoder's full-resolution maps (few channels, 1024 x 64)
+            # run 1.2-1.8x faster channels-last; the weights' values are unchanged (saving and
+            # hashing take them contiguous)
+            self.decoder.to(memory_format=torch.channels_last)
         self.config = config
         self.domain = config["domain"] if "domain" in config else decoder.cfg.domain
         self.model = ExplainerModule(self.clap, self.decoder, self.domain, config.get("mel_to_linear", "linear"),

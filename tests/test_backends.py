@@ -253,3 +253,24 @@ def test_onnx_no_check_and_one_pass_top_k_graphs_match_torch(engines, decoder_di
     assert np.abs(got["scores"].numpy() - want["scores"].numpy()).max() <= 1e-5
     assert np.abs(got["masks"].numpy() - want["masks"].numpy()).max() <= 1e-3
     assert "masked_similarity" not in onnx.explain_topk(waves, labels, 3, check=False)
+
+
+def test_torch_runner_on_the_cpu_runs_the_decoder_channels_last_with_the_same_masks(tiny_clap, decoder_dir):
+    """On the CPU the decoder's convolution weights are laid out channels-last (faster oneDNN
+    kernels for its few-channel full-resolution maps); the masks are those of the contiguous
+    layout, and the saved weights and hash do not change."""
+    from lmaczs_cli.backends import TorchRunner
+    from lmaczs_cli.decoder import decoder_hash, load_decoder
+
+    decoder, config = load_decoder(decoder_dir)
+    before = decoder_hash(decoder)
+    waves = torch.from_numpy((0.2 * np.random.default_rng(0).standard_normal((2, 480_000))).astype(np.float32))
+    text = torch.nn.functional.normalize(torch.randn(2, 2, tiny_clap.cfg.joint_dim, generator=torch.Generator().manual_seed(0)), dim=-1)
+    runner = TorchRunner(tiny_clap, decoder, config, device="cpu")
+    convs = [m.weight for m in runner.decoder.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs)
+    fast = runner.explain(waves, text, check=False)["masks"]
+    runner.decoder.to(memory_format=torch.contiguous_format)
+    plain = runner.explain(waves, text, check=False)["masks"]
+    assert (fast - plain).abs().max() <= 1e-4
+    assert decoder_hash(decoder) == before
