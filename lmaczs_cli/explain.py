@@ -124,7 +124,9 @@ class Explainer:
                     batch_size: int = 8, spectral: str = "auto", precision: str = "auto",
                     compile: str = "auto") -> "Explainer":
         """An explainer over torch models you already hold (a ``ClapModel`` and a ``MaskDecoder``);
-        config: the decoder's saved config (``domain``, ``mel_to_linear``; default: the decoder's)."""
+        config: the decoder's saved config (``domain``, ``mel_to_linear``; default: the decoder's).
+        On the CPU the decoder's convolution weights are made channels-last in place (values
+        unchanged; ``TorchRunner``)."""
         from .backends import TorchRunner
 
         runner = TorchRunner(clap, decoder, config or {}, device=device, spectral=spectral, precision=precision,

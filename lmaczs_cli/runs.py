@@ -5,6 +5,7 @@ work out what a previous run already finished, shard the list under torchrun, ex
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import time
@@ -298,13 +299,15 @@ def _explain_work(job: ExplainJob, out: Path, explainer: Explainer, plan: _Plan,
             slots.release()
 
     keep_freed_memory()
+    threads = torch.get_num_threads()
     runner = explainer.runner
     explainer.runner = _CountingRunner(runner, emit, clock)
     cpu0 = time.process_time()
     t0 = t_drain = time.perf_counter()
     waited = 0.0
     try:
-        with ThreadPoolExecutor(max_workers=job.writers, thread_name_prefix="lmaczs-write", initializer=_writer_thread) as pool:
+        with ThreadPoolExecutor(max_workers=job.writers, thread_name_prefix="lmaczs-write",
+                                initializer=_writer_thread if _openmp() else None) as pool:
             for res in explainer.explain_many(work, labels=job.labels or None, top_k=job.top_k, check=job.check,
                                               workers=workers, keep_input=True):
                 clock.add(decode_s=res.decode_s, input_wait_s=res.wait_s)
@@ -317,6 +320,8 @@ def _explain_work(job: ExplainJob, out: Path, explainer: Explainer, plan: _Plan,
                 pool.submit(write, res.key, res)
             t_drain = time.perf_counter()
     finally:
+        if _openmp():
+            torch.set_num_threads(threads)   # the count torch gives threads it has not seen yet: the writers' 1
         explainer.runner = runner
         writer.ledger.close()
         end = time.perf_counter()
@@ -336,27 +341,47 @@ def keep_freed_memory() -> bool:
     audio); with glibc's default each new allocation faulted its pages in again, thousands of
     page faults a clip, ~15 % of the demo model's time in a folder run, against none with the
     pad. Resident memory then stays at its level between batches instead of dropping and
-    rising. Process-wide, set once per folder run; a no-op (False) where the C library is
-    not glibc."""
-    try:
-        if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
-            return False
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        M_TOP_PAD, M_MMAP_THRESHOLD = -2, -3      # malloc.h
-        # setting either stops glibc's own threshold adjustment: tensors up to MMAP_THRESHOLD
-        # then come from the heap, whose freed top TOP_PAD keeps
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TOP_PAD, TOP_PAD))
-    except (ValueError, OSError, AttributeError):   # no such confstr name / no libc.so.6
+    rising. Process-wide and kept after the run (processes forked later, such as decode
+    workers, inherit it; the pad is address space, resident only where used); set once per
+    folder run. True when both settings took; False where the C library is not glibc."""
+    if not is_glibc():
         return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TOP_PAD, M_MMAP_THRESHOLD = -2, -3          # malloc.h
+    # setting either stops glibc's own threshold adjustment: tensors below MMAP_THRESHOLD then
+    # come from the heap, whose freed top TOP_PAD keeps (32-bit glibc refuses the threshold)
+    mapped = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    padded = bool(libc.mallopt(M_TOP_PAD, TOP_PAD))
+    return mapped and padded
+
+
+def is_glibc() -> bool:
+    """Whether this process runs on glibc (Linux distributions but Alpine/musl)."""
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (ValueError, OSError, AttributeError):   # macOS, musl: no such name; Windows: no confstr
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def _openmp() -> bool:
+    """Whether torch's CPU parallelism is OpenMP, where a thread's count is its own (with TBB
+    `torch.set_num_threads` is process-wide)."""
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
 def _writer_thread() -> None:
     """Torch ops in a writer thread (a picture's spectrogram) run on that thread alone. With
     torch's default, each writer thread opened its own OpenMP team of workers, which spun
-    beside the model's threads and took the cores from the model."""
-    torch.set_num_threads(1)          # per thread: the model's thread keeps its own count
+    beside the model's threads and took the cores from the model. With OpenMP the count is the
+    calling thread's: the model's thread keeps its own (torch also records it as the default
+    of threads yet to come, which the run restores when its writers are done)."""
+    torch.set_num_threads(1)
 
 
 class _CountingRunner:
