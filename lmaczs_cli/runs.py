@@ -361,7 +361,7 @@ def keep_freed_memory() -> bool:
 
 
 def is_glibc() -> bool:
-    """Whether this process runs on glibc (Linux distributions but Alpine/musl)."""
+    """Whether this process runs on glibc (most Linux distributions; not musl ones such as Alpine)."""
     try:
         return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
     except (ValueError, OSError, AttributeError):   # macOS, musl: no such name; Windows: no confstr
