@@ -336,7 +336,10 @@ def test_separate_prompts_moves_only_the_text_tower_and_pulls_the_prompts_apart(
                                             (["--text-warmup", "-5"], "0 or more"),
                                             (["--skip-clap", "--pair-weight", "20", "--clap-lr", "5e-4"],
                                              "would do nothing: --clap-lr, --pair-weight"),
-                                            (["--skip-clap", "--clap-only"], "train nothing")])
+                                            (["--skip-clap", "--clap-only"], "train nothing"),
+                                            (["--clap-noisy", "1.5"], "between 0 and 1"),
+                                            (["--clap-snr", "20", "0"], "LO <= HI"),
+                                            (["--skip-clap", "--clap-noisy", "0.5"], "would do nothing: --clap-noisy")])
 def test_build_refuses_bad_options_before_any_work(argv, message, tmp_path, capsys):
     recipes = {"RECIPE": "[optimiser]\nepochs = 1\n", "CLAP_RECIPE": "[model]\nclap = \"demo\"\n",
                "BAD_RECIPE": "[loss]\nhard_grad = \"input\"\n"}
@@ -402,7 +405,7 @@ def test_build_history_carries_the_init_folders_rounds_and_adds_this_one(tmp_pat
                               presence_weight=10.0, caption_weight=0.1, text_weight=1.0, geometry_weight=0.0,
                               isolation_weight=2.0, soft_db=20.0, speckle=0.0, contrast_weight=0.0,
                               contrast_margin=0.2, pair_weight=0.0, pair_margin=0.3, label_weight=0.0,
-                              text_warmup=0, silence_weight=0.0)
+                              text_warmup=0, silence_weight=0.0, clap_noisy=0.0, clap_snr=[0.0, 20.0])
     line = build.clap_round(args)
     assert line.startswith(f"300 steps from {tmp_path}, batch 16, lr 0.002")
     assert "isolation 2" in line and "geometry" not in line and "soft removal 20-100 dB" in line
@@ -418,6 +421,9 @@ def test_build_history_carries_the_init_folders_rounds_and_adds_this_one(tmp_pat
     assert "warm-up" not in line
     assert build.clap_round(argparse.Namespace(**{**vars(args), "text_warmup": 100})).endswith(
         ", 100 text warm-up steps first")
+    assert "background" not in line
+    assert build.clap_round(argparse.Namespace(**{**vars(args), "clap_noisy": 0.5, "clap_snr": [-5.0, 15.0]})).endswith(
+        ", 0.5 of the clips over training backgrounds at -5-15 dB")
     assert build.clap_history(tmp_path) + [line] == ["600 steps from scratch", line]
 
 
@@ -467,6 +473,34 @@ def test_build_trains_a_decoder_and_scores_it_on_held_out_scenes(tmp_path, monke
     assert set(per) <= set(world.EVENTS) and all(0 <= v["mass"] <= 1 and v["n"] >= 1 for v in per.values())
     assert list(report["randomization"])[0] == "projection" and all(-1 <= v <= 1 for v in report["randomization"].values())
     assert len(json.loads((tmp_path / "examples" / "examples.json").read_text())) == build.EXAMPLES
+
+
+def test_a_noisy_pool_lays_that_share_of_its_clips_over_training_backgrounds_and_keeps_the_rest(tmp_path):
+    """--clap-noisy 0.5: every second scene and single-event clip lies over a training background
+    (its log-mel floor some 30 dB above the quiet pool's), the others are the quiet pool's clips
+    unchanged, presence and event bits are kept for every clip, and the cache tells the pools
+    apart. The unseen kinds never enter: each noisy clip's background is a TRAIN_BACKGROUNDS kind."""
+    from recipes.demo import build as b
+
+    quiet = b.load_pool(2, 2, 0, cache=tmp_path)
+    noisy = b.load_pool(2, 2, 0, cache=tmp_path, noisy_share=0.5, snr_range=(0.0, 10.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pool-0-2-2-noisy0.5-0-10.pt", "pool-0-2-2.pt"]
+    floor = lambda m: float(m.float().flatten(1).median(1).values.mean())  # noqa: E731
+    for k in range(4):
+        if k % 2 == 0:
+            assert torch.equal(quiet[0][k], noisy[0][k]) and quiet[1][k] == noisy[1][k]
+        else:
+            assert floor(noisy[0][k]) > floor(quiet[0][k]) + 20, k
+        assert torch.equal(quiet[2][k], noisy[2][k])                    # same events in the clip
+        assert noisy[3][k].any()                                        # events still own cells
+    kinds = []
+    real = world.background_noise
+    try:
+        world.background_noise = lambda kind, rng: kinds.append(kind) or real(kind, rng)
+        b.render_pool(2, 2, 0, noisy_share=0.5)
+    finally:
+        world.background_noise = real
+    assert len(kinds) == 2 and set(kinds) <= set(world.TRAIN_BACKGROUNDS)
 
 
 def test_train_clap_with_the_label_term_lowers_that_loss_on_its_clips():

@@ -84,15 +84,37 @@ def _event_bits(scene: world.Scene) -> np.ndarray:
     return bits
 
 
-def render_pool(n_scenes: int, n_single: int, seed: int) -> tuple[torch.Tensor, list[str], torch.Tensor, torch.Tensor]:
+def render_pool(n_scenes: int, n_single: int, seed: int, noisy_share: float = 0.0,
+                snr_range: tuple[float, float] = (0.0, 20.0)) -> tuple[torch.Tensor, list[str], torch.Tensor, torch.Tensor]:
     """Scenes and single-event clips -> (log-mels (N, 1001, 64) fp16, captions,
     presence (N, len(EVENTS)) float: 1 where the clip holds that event kind,
-    event bits (N, 1001, 64) int16: which kinds own each mel cell (see `_event_bits`))."""
+    event bits (N, 1001, 64) int16: which kinds own each mel cell (see `_event_bits`)).
+
+    With `noisy_share` > 0, that share of the scenes and of the single-event clips (every
+    1/share-th, spread evenly) lies over one of `world.TRAIN_BACKGROUNDS` at an SNR drawn in
+    `snr_range` (dB) instead of the quiet pink-ish floor; the unseen kinds
+    (`world.UNSEEN_BACKGROUNDS`) never enter. Its event bits are then the cells where an event
+    outweighs that background."""
     mels, waves, captions, presence, bits = [], [], [], [], []
     singles = [world.EVENTS[k % len(world.EVENTS)] for k in range(n_single)]
-    makers = [lambda k=k: world.render_scene(seed * 1_000_003 + k) for k in range(n_scenes)]
-    makers += [lambda k=k, n=n: world.single_event_scene(n, seed * 1_000_003 + 500_000 + k)
-               for k, n in enumerate(singles)]
+
+    def noisy(k: int) -> bool:
+        return noisy_share > 0 and math.floor((k + 1) * noisy_share) > math.floor(k * noisy_share)
+
+    def scene(k: int) -> world.Scene:
+        if noisy(k):
+            return world.render_scene(seed * 1_000_003 + k, backgrounds=world.TRAIN_BACKGROUNDS, snr_range=snr_range)
+        return world.render_scene(seed * 1_000_003 + k)
+
+    def single(k: int, name: str) -> world.Scene:
+        if noisy(k):
+            g = np.random.default_rng([seed, k, 0xB6])
+            return world.event_over_background(name, seed * 1_000_003 + 500_000 + k,
+                                               str(g.choice(world.TRAIN_BACKGROUNDS)), float(g.uniform(*snr_range)))
+        return world.single_event_scene(name, seed * 1_000_003 + 500_000 + k)
+
+    makers = [lambda k=k: scene(k) for k in range(n_scenes)]
+    makers += [lambda k=k, n=n: single(k, n) for k, n in enumerate(singles)]
     for make in makers:          # one scene at a time: a Scene with its sources is ~10 MB
         s = make()
         waves.append(s.wave)
@@ -108,15 +130,21 @@ def render_pool(n_scenes: int, n_single: int, seed: int) -> tuple[torch.Tensor, 
 
 
 
-def load_pool(n_scenes: int, n_single: int, seed: int, cache: Path | None = None):
-    """`render_pool`, kept in `cache/pool-<seed>-<scenes>-<singles>.pt` when a folder is given
-    (rendering 3400 clips takes ~4 min on 2 cores; the file is ~0.9 GB)."""
-    path = None if cache is None else cache / f"pool-{seed}-{n_scenes}-{n_single}.pt"
+def load_pool(n_scenes: int, n_single: int, seed: int, cache: Path | None = None, noisy_share: float = 0.0,
+              snr_range: tuple[float, float] = (0.0, 20.0)):
+    """`render_pool`, kept in `cache/pool-<seed>-<scenes>-<singles>[-noisy<share>-<lo>-<hi>].pt`
+    when a folder is given (rendering 3400 clips takes ~4 min on 2 cores; the file is ~0.9 GB)."""
+    name = f"pool-{seed}-{n_scenes}-{n_single}"
+    if noisy_share > 0:
+        name += f"-noisy{noisy_share:g}-{snr_range[0]:g}-{snr_range[1]:g}"
+    path = None if cache is None else cache / f"{name}.pt"
     if path is not None and path.exists():
         log(f"reusing the rendered pool {path}")
         return torch.load(path)
-    log(f"rendering {n_scenes} scenes + {n_single} single-event clips")
-    pool = render_pool(n_scenes, n_single, seed)
+    log(f"rendering {n_scenes} scenes + {n_single} single-event clips"
+        + (f", {noisy_share:g} of them over training backgrounds at {snr_range[0]:g}-{snr_range[1]:g} dB"
+           if noisy_share > 0 else ""))
+    pool = render_pool(n_scenes, n_single, seed, noisy_share, snr_range)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -186,7 +214,8 @@ def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_si
                soft_db: float | None = None, speckle_share: float = 0.0,
                contrast_weight: float = 0.0, contrast_margin: float = 0.2,
                pair_weight: float = 0.0, pair_margin: float = 0.2, label_weight: float = 0.0,
-               text_warmup: int = 0, silence_weight: float = 0.0) -> ClapModel:
+               text_warmup: int = 0, silence_weight: float = 0.0, noisy_share: float = 0.0,
+               snr_range: tuple[float, float] = (0.0, 20.0)) -> ClapModel:
     """Train the demo CLAP from scratch, or go on from the CLAP saved in `init`.
 
     Loss per step: `caption_weight` x InfoNCE of clips against their captions, plus
@@ -201,7 +230,8 @@ def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_si
     each masked copy that still holds an event against the same copy with one of those events
     removed as well; plus `label_weight` x `label_loss` of the clean and masked clips that hold
     exactly one event; plus `silence_weight` x `silence_gap_loss` of the clean and masked clips against
-    the empty clip. With `text_warmup`, `separate_prompts` runs that many steps first. With
+    the empty clip. With `noisy_share`, that share of the pool's clips lies over training
+    backgrounds (`render_pool`). With `text_warmup`, `separate_prompts` runs that many steps first. With
     `speckle_share`, the masked clips also lose a random
     speckle of cells (`speckle`), their presence unchanged."""
     torch.manual_seed(seed)
@@ -217,7 +247,7 @@ def train_clap(steps: int, batch: int, lr: float, seed: int, n_scenes: int, n_si
     if text_warmup > 0:
         log(f"text tower alone, {text_warmup} steps on prompt_overlap: largest prompt-prompt cosine "
             f"{separate_prompts(model, text_warmup):.3f}")
-    mels, captions, presence, bits = load_pool(n_scenes, n_single, seed, cache)
+    mels, captions, presence, bits = load_pool(n_scenes, n_single, seed, cache, noisy_share, snr_range)
     event_prompts = [world.prompt_for(n) for n in world.EVENTS]
     clap.requires_grad_(True)
     clap.train()
@@ -435,6 +465,8 @@ def clap_round(args: argparse.Namespace) -> str:
     removal += f", contrast margin {args.contrast_margin:g}" if args.contrast_weight else ""
     removal += f", pair margin {args.pair_margin:g}" if args.pair_weight else ""
     removal += f", {args.text_warmup} text warm-up steps first" if args.text_warmup else ""
+    removal += (f", {args.clap_noisy:g} of the clips over training backgrounds at {args.clap_snr[0]:g}-"
+                f"{args.clap_snr[1]:g} dB" if args.clap_noisy else "")
     return (f"{args.clap_steps} steps {start}, batch {args.clap_batch}, lr {args.clap_lr:g}, seed {args.seed}; "
             f"loss weights {given}{removal}")
 
@@ -443,7 +475,8 @@ def clap_round(args: argparse.Namespace) -> str:
 CLAP_ROUND_OPTIONS = ("clap_steps", "clap_batch", "clap_lr", "clap_init", "scenes", "singles", "presence_weight",
                       "caption_weight", "present_cos", "absent_cos", "text_weight", "geometry_weight",
                       "isolation_weight", "soft_db", "speckle", "contrast_weight", "contrast_margin",
-                      "pair_weight", "pair_margin", "label_weight", "text_warmup", "silence_weight")
+                      "pair_weight", "pair_margin", "label_weight", "text_warmup", "silence_weight",
+                      "clap_noisy", "clap_snr")
 
 
 # The decoder's training settings unless --decoder-recipe says otherwise (TrainConfig fields).
@@ -510,6 +543,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--silence-weight", type=float, default=0.0,
                     help="weight of silence_gap_loss: an absent event's prompt must score a clip no higher than "
                          "the empty clip")
+    ap.add_argument("--clap-noisy", type=float, default=0.0,
+                    help="share of the CLAP's training clips over a training background (world.TRAIN_BACKGROUNDS)")
+    ap.add_argument("--clap-snr", type=float, nargs=2, default=[0.0, 20.0], metavar=("LO", "HI"),
+                    help="SNR range (dB) of those backgrounds")
     ap.add_argument("--scenes", type=int, default=2000)
     ap.add_argument("--singles", type=int, default=1400)
     ap.add_argument("--decoder-scenes", type=int, default=400)
@@ -539,6 +576,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--clap-only trains no decoder, so --decoder-recipe would do nothing")
     if args.text_warmup < 0:
         ap.error(f"--text-warmup is a number of steps, 0 or more (got {args.text_warmup})")
+    if not 0.0 <= args.clap_noisy <= 1.0:
+        ap.error(f"--clap-noisy is a share of clips, between 0 and 1 (got {args.clap_noisy:g})")
+    if args.clap_snr[0] > args.clap_snr[1]:
+        ap.error(f"--clap-snr LO HI needs LO <= HI (got {args.clap_snr[0]:g} {args.clap_snr[1]:g})")
     if not 0.0 <= args.speckle <= 1.0:
         ap.error(f"--speckle is a share of cells, between 0 and 1 (got {args.speckle:g})")
     if args.skip_clap:
@@ -587,7 +628,8 @@ def main(argv: list[str] | None = None) -> None:
                            speckle_share=args.speckle, contrast_weight=args.contrast_weight,
                            contrast_margin=args.contrast_margin, pair_weight=args.pair_weight,
                            pair_margin=args.pair_margin, label_weight=args.label_weight,
-                           text_warmup=args.text_warmup, silence_weight=args.silence_weight)
+                           text_warmup=args.text_warmup, silence_weight=args.silence_weight,
+                           noisy_share=args.clap_noisy, snr_range=tuple(args.clap_snr))
         save_clap(model, out, dtype=torch.float16)
         model = load_clap_dir(out)
     zs = zero_shot_accuracy(model, per_class=20, seed=args.seed)

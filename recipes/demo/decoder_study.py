@@ -3,7 +3,7 @@ on the selection scenes (`scores.held_out_scenes`): every choice of decoder is m
 figures; the frozen test scenes are left for the final report.
 
     python -m recipes.demo.decoder_study RUN [RUN ...] [--scenes 48] [--random-scenes 8]
-        [--noisy-seeds 2] [--json OUT.json]
+        [--noisy-seeds 2] [--json OUT.json] [--clap CLAP_DIR]
 
 For each decoder folder RUN (a `lmaczs train --out`, or lmaczs_cli/demo/model):
 - ``localization``: `scores.localization_report` (mass, chance, absent / matched, gap, empty);
@@ -66,11 +66,11 @@ def randomization_rows(explainer: Any, n_scenes: int = 8, seed: int = 0,
     return out
 
 
-def study(run: str, n_scenes: int, random_scenes: int, noisy_seeds: int) -> dict[str, Any]:
+def study(run: str, n_scenes: int, random_scenes: int, noisy_seeds: int, clap: str = "demo") -> dict[str, Any]:
     torch.set_num_threads(1)
-    explainer = Explainer.load(clap="demo", decoder=run, device="cpu", force=True)
+    explainer = Explainer.load(clap=clap, decoder=run, device="cpu", force=True)
     t0 = time.time()
-    out: dict[str, Any] = {"run": run}
+    out: dict[str, Any] = {"run": run, "clap": clap}
     out["localization"] = scores.localization_report(explainer, n_scenes)
     out["randomization"] = randomization_rows(explainer, random_scenes)
     grid = scores.background_rows(explainer, n_seeds=noisy_seeds)        # the averages: SNRS only
@@ -83,7 +83,7 @@ def study(run: str, n_scenes: int, random_scenes: int, noisy_seeds: int) -> dict
 
 def table(res: dict[str, Any]) -> str:
     loc, rnd, gen = res["localization"], res["randomization"], res["generalisation"]
-    lines = [f"## {res['run']}",
+    lines = [f"## {res['run']}" + (f" on the CLAP {res['clap']}" if res.get("clap", "demo") != "demo" else ""),
              f"selection ({loc['scenes']:.0f} scenes): mass {loc['mass']:.3f} (chance {loc['chance']:.3f}), "
              f"absent/matched {loc['ratio']:.3f} ({loc['absent']:.4f}/{loc['matched']:.4f}), gap {loc['gap']:.3f}, "
              f"empty {loc['empty']:.2f}",
@@ -105,10 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--random-scenes", type=int, default=8)
     ap.add_argument("--noisy-seeds", type=int, default=1)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--clap", default="demo", help="the CLAP the decoders explain (a folder with clap.json; "
+                    "default the bundled one)")
     args = ap.parse_args(argv)
     results = []
     for run in args.runs:
-        res = study(run, args.scenes, args.random_scenes, args.noisy_seeds)
+        res = study(run, args.scenes, args.random_scenes, args.noisy_seeds, args.clap)
         print(table(res), flush=True)
         results.append(res)
     if args.json:

@@ -2,6 +2,7 @@
 
     python -m recipes.demo.distill --teacher N5 --out RUN [--first-level 3] [--decision]
         [--scenes 300] [--steps 600] [--batch 8] [--lr 1e-3] [--absent 1] [--seed 0] [--init STUDENT]
+        [--clap CLAP_DIR]
 
 A decoder that reads only h3 and h4 (no log-mel) trained from scratch with the LMAC-ZS objective
 settles on one uniform mask within two epochs on the demo world (a quiet copy of the clip keeps
@@ -13,6 +14,10 @@ dB, or none), for the prompt of a present event or of an absent one. Loss: per-c
 entropy to the teacher's mask plus a soft Dice term on present prompts. The student is then
 fine-tuned with `lmaczs train --init RUN` and the LMAC-ZS objective, so its final masks answer to
 the CLAP and not to the teacher. Scenes are the world's train split (seed 0), as `lmaczs train`'s.
+
+With `--clap`, the student reads another CLAP than the bundled one (a later CLAP round): the
+teacher's masks still come from the bundled CLAP it was trained on, on the clean scene, so the
+student learns where the events are, not what the new CLAP makes of them.
 
 `--decision` gives the student CLAP's per-token audio-text cosine map (`DecoderConfig.decision`:
 stage-4 tokens through CLAP's own audio projection); `--init` may then name a student without it:
@@ -69,19 +74,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--init", default=None, help="continue from this student (a --out folder)")
+    ap.add_argument("--clap", default="demo", help="the CLAP the student reads (a folder with clap.json; default "
+                    "the bundled one); the teacher keeps the bundled CLAP it was trained on")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
-    clap = load_clap("demo")
-    teacher, _ = load_decoder(args.teacher, clap)
+    teacher_clap = load_clap("demo")
+    teacher, _ = load_decoder(args.teacher, teacher_clap)
+    clap = teacher_clap if args.clap == "demo" else load_clap(args.clap)
     cfg = DecoderConfig.for_clap(clap, text_readout=True, logmel_skip=False, first_level=args.first_level,
                                  decision=args.decision or args.decision_contrast,
                                  decision_contrast=args.decision_contrast, projected=args.projected)
     student = MaskDecoder(cfg).train()
     if args.init:
-        start = load_decoder(args.init, clap)[0]
+        start = load_decoder(args.init, clap, force=True)[0]
         mine = {**cfg.to_json(), "decision": None, "decision_contrast": None, "projected": None}
         theirs = {**start.cfg.to_json(), "decision": None, "decision_contrast": None, "projected": None}
         if mine != theirs:
@@ -99,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         student.load_state_dict(taken, strict=False)
         print(f"--init: {len(taken)} of {len(own)} tensors from {args.init}", flush=True)
     opt = torch.optim.Adam(student.parameters(), lr=args.lr)
-    prompts = clap.encode_text([world.prompt_for(n) for n in world.EVENTS]).detach()   # (14, D)
+    texts = [world.prompt_for(n) for n in world.EVENTS]
+    prompts = clap.encode_text(texts).detach()                    # (14, D), the student's
+    teacher_prompts = prompts if clap is teacher_clap else teacher_clap.encode_text(texts).detach()
 
     t0 = time.time()
     pool = []   # (scene, event index, teacher mask (1001, 64)), present events and --absent absent ones a scene
@@ -110,9 +120,9 @@ def main(argv: list[str] | None = None) -> int:
             absent = [int(k) for k in rng.choice([k for k in range(len(world.EVENTS)) if k not in present],
                                                  args.absent, replace=False)]
             logmel = spectral.log_mel(torch.from_numpy(scene.wave)[None])
-            _, hidden = clap.encode(logmel)
+            _, hidden = teacher_clap.encode(logmel)
             ks = present + absent
-            masks = teacher([h.expand(len(ks), *h.shape[1:]) for h in hidden], prompts[ks],
+            masks = teacher([h.expand(len(ks), *h.shape[1:]) for h in hidden], teacher_prompts[ks],
                             logmel.expand(len(ks), -1, -1))
             pool += [(scene, k, m, k in present) for k, m in zip(ks, masks)]
     print(f"{len(pool)} teacher masks from {args.scenes} scenes in {time.time() - t0:.0f} s", flush=True)
@@ -151,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _save(student: MaskDecoder, clap, args: argparse.Namespace, step: int) -> None:
     meta = {"lmaczs": __version__,
-            "clap": {"spec": "demo", "source": clap.source, "identity": clap.identity(), "config": clap.cfg.to_json()},
+            "clap": {"spec": args.clap, "source": clap.source, "identity": clap.identity(), "config": clap.cfg.to_json()},
             "domain": "mel", "mel_to_linear": "linear",
             "distill": {"teacher": str(args.teacher), "init": args.init, "steps": step, "scenes": args.scenes,
                         "batch": args.batch,
