@@ -73,11 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--absent", type=int, default=1, help="absent prompts a scene adds to the pool")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--init", default=None, help="continue from this student (a --out folder)")
+    ap.add_argument("--init", default=None, help="continue from this student (a --out folder; it may have read "
+                    "another CLAP: its weights are carried over to this one)")
     ap.add_argument("--clap", default="demo", help="the CLAP the student reads (a folder with clap.json; default "
                     "the bundled one)")
     ap.add_argument("--teacher-clap", default="demo", help="the CLAP the teacher was trained on (default the "
-                    "bundled one; n5's is g7a: demo-model.md says how to check it out)")
+                    "bundled one, g7a, which n5 was trained on)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -165,7 +166,7 @@ def _save(student: MaskDecoder, clap, args: argparse.Namespace, step: int) -> No
     meta = {"lmaczs": __version__,
             "clap": {"spec": args.clap, "source": clap.source, "identity": clap.identity(), "config": clap.cfg.to_json()},
             "domain": "mel", "mel_to_linear": "linear",
-            "distill": {"teacher": str(args.teacher), "init": args.init, "steps": step, "scenes": args.scenes,
+            "distill": {"teacher": str(args.teacher), "teacher_clap": args.teacher_clap, "init": args.init, "steps": step, "scenes": args.scenes,
                         "batch": args.batch,
                         "lr": args.lr, "dice": args.dice, "absent": args.absent, "snr": list(args.snr), "seed": args.seed,
                         "backgrounds": list(world.TRAIN_BACKGROUNDS), "clean_share": CLEAN_SHARE}}
