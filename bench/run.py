@@ -6,6 +6,12 @@
 
 Sections (each skipped with its reason when what it needs is missing):
   embed      CLAP audio embedding, clips/s per batch size (the anchor of every ratio)
+  ceiling    how close torch's audio encoder already runs to this machine's fp32 GEMM rate: the
+             encoder's counted multiply-adds per clip (matmuls and convolutions,
+             torch.utils.flop_counter), its achieved GFLOP/s at the largest batch size, and
+             torch's own single-precision GEMM rate on large and encoder-shaped matrices. Their
+             quotient bounds what any fp32 runtime (ONNX Runtime included) can gain over torch
+             on the encoder, which is most of an explain call's cost
   explain    the explainer (front end, encoder, decoder, listenable iSTFT[, masked check]),
              clips/s per batch size, with and without the check, on real recordings and on
              synthetic clips, per backend: torch eager; onnx (ONNX Runtime, from a fresh
@@ -155,6 +161,42 @@ def bench_embed(ex, args, sync) -> list[dict[str, Any]]:
         r = timed(lambda: ex.runner.embed_audio(waves), b, args.repeats, sync)
         rows.append({"section": "embed", "backend": "torch", "batch": b, "clips_per_s": r})
     return rows
+
+
+def _gemm_rate(m: int, k: int, n: int, repeats: int) -> float:
+    """torch's fp32 GEMM rate on (m x k) @ (k x n), GFLOP/s, the best of `repeats` calls."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    a @ b
+    best = min(_seconds(lambda: a @ b) for _ in range(repeats))
+    return 2 * m * k * n / best / 1e9
+
+
+def _seconds(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench_ceiling(ex, args, sync) -> list[dict[str, Any]]:
+    """The encoder's counted FLOPs and achieved rate beside the machine's fp32 GEMM rate (CPU)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if ex.device.type != "cpu":
+        raise Skip("the fp32 GEMM ceiling is measured on the CPU only")
+    b = max(args.batch_sizes)
+    waves = clips(b)
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as counter:
+            ex.runner.embed_audio(waves)
+        r = timed(lambda: ex.runner.embed_audio(waves), b, args.repeats, sync)
+    per_clip = counter.get_total_flops() / b
+    achieved = per_clip * r["median"] / 1e9
+    dim = ex.clap.cfg.htsat_embed_dim if ex.clap.cfg.is_htsat else 96   # stage 1's width; its MLP is 4x
+    shapes = {"2048 x 2048 x 2048": (2048, 2048, 2048), f"16384 x {dim} x {4 * dim}": (16384, dim, 4 * dim)}
+    gemm = {name: _gemm_rate(*shape, max(args.repeats, 5)) for name, shape in shapes.items()}
+    best = max(gemm.values())
+    return [{"section": "ceiling", "batch": b, "gflop_per_clip": per_clip / 1e9, "encoder_gflops": achieved,
+             "gemm_gflops": gemm, "headroom": best / achieved, "threads": torch.get_num_threads()}]
 
 
 def _runner(backend: str, ex, args, folder: Path):
@@ -448,6 +490,12 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"Resident memory over {r['files']} short files: {r['rss_after_5pct_mb']:.0f} MB after the first "
                      f"5 %, {r['rss_end_mb']:.0f} MB at the end (growth {r['growth_mb']:+.0f} MB, peak "
                      f"{r['rss_peak_mb']:.0f} MB), {r['files_per_s']:.1f} files/s.")
+    for r in (r for r in rows if r["section"] == "ceiling"):
+        gemm = ", ".join(f"{k} {v:.0f}" for k, v in r["gemm_gflops"].items())
+        lines += ["", f"fp32 ceiling ({r['threads']} threads): the audio encoder counts {r['gflop_per_clip']:.2f} GFLOP "
+                  f"a clip and runs at {r['encoder_gflops']:.0f} GFLOP/s in torch (batch {r['batch']}); torch's fp32 GEMM "
+                  f"reaches {gemm} GFLOP/s here, so a runtime that ran every encoder FLOP at the best of those rates "
+                  f"would be {r['headroom']:.2f}x torch's encoder."]
     startup = [r for r in rows if r["section"] == "startup"]
     if startup:
         lines += ["", "| startup | seconds |", "|---|---:|"] + [f"| {r['what']} | {_fig(r['seconds'], '.3f')} |"
@@ -493,6 +541,8 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
         put(f"top-3 of 50 cost / one-prompt cost, {k[1]}, {label}, batch {k[5]}", k, (*k[:2], "top-3 of 50", *k[3:]))
     for k in [k for k in rate if k[0] == "folder" and k[2] != "in memory"]:
         put(f"{k[2]} / in memory, batch {k[5]}", k, ("folder", "torch", "in memory", "real", True, k[5]))
+    for r in (r for r in rows if r["section"] == "ceiling"):
+        out[f"fp32 ceiling: best GEMM rate / torch encoder rate, batch {r['batch']}"] = r["headroom"]
     return out
 
 
@@ -550,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--sections", nargs="+",
-                    default=["embed", "explain", "onnx", "int8", "trt", "topk", "folder", "rss", "startup", "methods"])
+                    default=["embed", "ceiling", "explain", "onnx", "int8", "trt", "topk", "folder", "rss", "startup", "methods"])
     ap.add_argument("--methods", nargs="+", default=["lmaczs", "gradcam", "gradcam++", "smoothgrad", "ig"])
     ap.add_argument("--prompt", default="the sound of a siren")
     ap.add_argument("--device", default="auto")
@@ -580,6 +630,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sections: dict[str, Callable[[], list[dict[str, Any]]]] = {
         "embed": lambda: bench_embed(ex, args, sync),
+        "ceiling": lambda: bench_ceiling(ex, args, sync),
         "explain": with_runners(bench_explain),
         "topk": with_runners(bench_topk),
         "folder": lambda: bench_folder(ex, args, sync),

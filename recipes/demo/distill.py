@@ -2,7 +2,7 @@
 
     python -m recipes.demo.distill --teacher N5 --out RUN [--first-level 3] [--decision]
         [--scenes 300] [--steps 600] [--batch 8] [--lr 1e-3] [--absent 1] [--seed 0] [--init STUDENT]
-        [--clap CLAP_DIR] [--teacher-clap CLAP_DIR]
+        [--clap CLAP_DIR] [--teacher-clap CLAP_DIR] [--heard-only]
 
 A decoder that reads only h3 and h4 (no log-mel) trained from scratch with the LMAC-ZS objective
 settles on one uniform mask within two epochs on the demo world (a quiet copy of the clip keeps
@@ -18,6 +18,12 @@ the CLAP and not to the teacher. Scenes are the world's train split (seed 0), as
 With `--clap`, the student reads another CLAP than the teacher's (`--teacher-clap`, the one the
 teacher was trained on): the teacher's masks come from its own CLAP, on the clean scene, so the
 student learns where the events are, not what the new CLAP makes of them.
+
+With `--heard-only`, a present event's target is the teacher's mask only where the student's CLAP
+hears it in the noisy clip the student reads (its prompt ranks among the clip's top n of the 14
+event prompts, n the scene's number of events); elsewhere the target is empty, as an absent
+prompt's. The student then learns to keep a mask only for what CLAP itself decides is there, so
+that where CLAP cannot tell the event from the noise, no prompt gets a large mask.
 
 `--decision` gives the student CLAP's per-token audio-text cosine map (`DecoderConfig.decision`:
 stage-4 tokens through CLAP's own audio projection); `--init` may then name a student without it:
@@ -71,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dice", type=float, default=1.0)
     ap.add_argument("--snr", type=float, nargs=2, default=(0.0, 40.0))
     ap.add_argument("--absent", type=int, default=1, help="absent prompts a scene adds to the pool")
+    ap.add_argument("--heard-only", action="store_true", help="empty targets for present events the student's "
+                    "CLAP does not rank among the clip's top n (n events) in the noisy clip")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--init", default=None, help="continue from this student (a --out folder; it may have read "
@@ -138,10 +146,16 @@ def main(argv: list[str] | None = None) -> int:
         batch = [pool[j] for j in rng.integers(0, len(pool), args.batch)]
         waves = torch.from_numpy(np.stack([noisy(s, rng, tuple(args.snr)) for s, *_ in batch]))
         with torch.no_grad():
-            _, hidden = clap.encode(spectral.log_mel(waves))
+            emb, hidden = clap.encode(spectral.log_mel(waves))
             tokens = token_embeddings(clap, hidden) if cfg.decision or cfg.projected else None
         target = torch.stack([m for _, _, m, _ in batch])
         on = torch.tensor([p for *_, p in batch], dtype=torch.float32)
+        if args.heard_only:
+            rank = (emb @ prompts.T).argsort(dim=-1, descending=True)      # (B, 14) best first
+            heard = torch.tensor([k in rank[i, : len(s.events)].tolist() for i, (s, k, _, _) in enumerate(batch)],
+                                 dtype=torch.float32)
+            target = target * heard[:, None, None]
+            on = on * heard
         pred = student(hidden, prompts[[k for _, k, _, _ in batch]], tokens=tokens)
         bce = F.binary_cross_entropy(pred.clamp(1e-6, 1 - 1e-6), target)
         inter = (pred * target).sum((1, 2))
@@ -153,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         if step % 20 == 0 or step == args.steps - 1:
             rec = {"step": step, "loss": float(loss), "bce": float(bce),
                    "dice": float((dice * on).sum() / on.sum().clamp_min(1)),
-                   "mean": float(pred.mean()), "target_mean": float(target.mean()), "s": time.time() - t0}
+                   "mean": float(pred.mean()), "target_mean": float(target.mean()), "heard": float(on.sum()),
+                   "s": time.time() - t0}
             log.append(rec)
             print(json.dumps(rec), flush=True)
             if step % 100 == 0:
@@ -169,6 +184,7 @@ def _save(student: MaskDecoder, clap, args: argparse.Namespace, step: int) -> No
             "distill": {"teacher": str(args.teacher), "teacher_clap": args.teacher_clap, "init": args.init, "steps": step, "scenes": args.scenes,
                         "batch": args.batch,
                         "lr": args.lr, "dice": args.dice, "absent": args.absent, "snr": list(args.snr), "seed": args.seed,
+                        "heard_only": args.heard_only,
                         "backgrounds": list(world.TRAIN_BACKGROUNDS), "clean_share": CLEAN_SHARE}}
     save_decoder(student, Path(args.out), meta)
 
