@@ -19,21 +19,24 @@ from lmaczs_cli.audio import N_FRAMES, N_MELS
 from lmaczs_cli.explain import Explainer
 
 # Bounds of the tests on a slice of the frozen test split. They were set from the bundled decoder's
-# figures on the *selection* split (one thread; recipes/demo/demo-model.md, "The decision map"),
-# with the margins below, before the frozen slice was first run, and were not moved after:
-# - unseen backgrounds at 0/10/20 dB: selection mass 0.443 (chance 0.088) and absent / matched 0.606;
-#   bounds 0.38 and 0.75. (The issue's targets, 0.5 and 0.4, are not met: demo-model.md.)
+# figures on the *selection* split (one thread; recipes/demo/demo-model.md, "Masks only for what CLAP
+# hears"), with the margins below, before the frozen slice was first run with this model, and were
+# not moved after:
+# - unseen backgrounds at 0/10/20 dB: selection mass 0.596 (chance 0.088) and absent / matched 0.459;
+#   bounds 0.53 and 0.60 (the margins of the decoder P bundled before: 0.06 and 0.14). The issue's
+#   mass target, 0.5, is under the bound; its ratio target, 0.4, is met over the full 0-20 dB grid on
+#   the selection split (0.410) but not over this 0/10/20 dB slice, so it is not the bound.
 # - cascading randomisation down to stage 4 (projection and stage 4 re-initialised): selection mass on
-#   the event 0.164 against chance 0.144 and 0.533 intact, correlation with the intact masks 0.18;
-#   bounds: mass < 1.6 x chance and < half the intact mass, correlation < 0.4. Down to stage 3 the
-#   selection scenes read 0.145 (chance 0.144), correlation 0.19, under the same bounds; on the
-#   frozen slice stage 3 read 0.229 against chance 0.134 (1.7 x) when first run, over the bound,
-#   so it is asserted on the selection split only and reported (README, frozen report), not hidden.
-FROZEN_NOISY = {"mass": 0.38, "ratio": 0.75}
+#   the event 0.085 against chance 0.144 and 0.556 intact, correlation with the intact masks 0.13;
+#   bounds (unchanged since P): mass < 1.6 x chance and < half the intact mass, correlation < 0.4.
+#   Down to stage 3 the selection scenes read 0.076, correlation 0.13, under the same bounds. On the
+#   frozen slice stage 3 read 1.7 x chance with P when first run, over the bound, so it is asserted on
+#   the selection split only and reported (README, frozen report), not hidden.
+FROZEN_NOISY = {"mass": 0.53, "ratio": 0.60}
 # - the same compositions, counting only those on which CLAP itself ranks the event's prompt first
 #   (`scores.background_summary`'s when_heard): the issue's targets, mass >= 0.5 and absent /
-#   matched <= 0.4, as the bounds (not tuned: selection read 0.742 / 0.241 over the 0-20 dB grid,
-#   and the frozen report 0.742 / 0.277 over that grid before this slice's figure was read).
+#   matched <= 0.4, as the bounds (not tuned: with this model selection read 0.761 / 0.219 over the
+#   0/10/20 dB grid; with P, 0.742 / 0.241 over the 0-20 dB grid).
 FROZEN_HEARD = {"mass": 0.5, "ratio": 0.4}
 FROZEN_CASCADE = {"chance_times": 1.6, "intact_share": 0.5, "corr": 0.4}
 FROZEN_SCENES = 8
@@ -67,20 +70,21 @@ def test_demo_clap_zero_shot_accuracy_on_held_out_single_events():
 
 
 def test_masks_lie_on_present_events_and_absent_prompts_get_small_masks(demo):
-    """The bundled model's promise, on 48 selection scenes: about half of a present prompt's mask
+    """The bundled model's promise, on 48 selection scenes: more than half of a present prompt's mask
     inside its event's region (dilated to the mask's effective resolution, `scores`), absent-prompt
-    masks about a fifth of matched ones, similarity kept within 0.1, and no present prompt left with
-    an empty mask. The bundled decoder, which reads CLAP's last stage through CLAP's own audio
-    projection, reads 0.590 (chance 0.109) / 0.202 / 0.057 / none at one thread; the bounds leave
-    about 0.035 each way. (n5, bundled before the deep-stage decoders, read stage 1 and the log-mel:
-    0.622 / 0.261, and failed the randomisation checks below: demo-model.md.)"""
+    masks about a quarter of matched ones, similarity kept within 0.1, and no present prompt left with
+    an empty mask. The bundled decoder H, which reads CLAP's last stage through CLAP's own audio
+    projection, reads 0.579 (chance 0.109) / 0.248 / 0.043 / none at one thread; the bounds leave
+    about 0.035 each way. (P, the same architecture on the CLAP before, read 0.590 / 0.202 / 0.057;
+    n5, bundled before the deep-stage decoders, read stage 1 and the log-mel: 0.622 / 0.261, and
+    failed the randomisation checks below: demo-model.md.)"""
     r = localization_report(demo, n_scenes=48)
     report = (f"mass in region {r['mass']:.3f} (chance {r['chance']:.3f}); mask mean matched {r['matched']:.3f} "
               f"absent {r['absent']:.3f} (ratio {r['ratio']:.3f}); |sim - masked sim| mean {r['gap']:.3f} "
               f"max {r['gap_max']:.3f}; empty masks for present prompts {r['empty']:.2f}")
     print(report)
-    assert r["mass"] >= 0.555, report
-    assert r["ratio"] <= 0.24, report
+    assert r["mass"] >= 0.545, report
+    assert r["ratio"] <= 0.28, report
     assert r["gap"] <= 0.1, report
     assert r["empty"] == 0.0, report
 
@@ -192,7 +196,7 @@ def test_randomization_report_follows_the_encoder_stages_and_the_demo_masks_fall
     assert all(torch.equal(v, after[k]) for k, v in before.items())   # the explainer's own CLAP untouched
     assert list(r) == [name for name, _ in encoder_stages(demo.clap)]
     print({k: round(v, 3) for k, v in r.items()})
-    assert r["projection"] < 0.85                  # the decoder reads stage 4 through the projection: 0.77
+    assert r["projection"] < 0.85                  # the decoder reads stage 4 through the projection: 0.81
     assert r["stage 4"] < 0.85                     # at one thread (the masks all but vanish: their
     assert r["stage 3"] < 0.85                     # shared empty background keeps SSIM up)
 
