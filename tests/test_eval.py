@@ -246,8 +246,8 @@ def test_contaminated_eval_runs_end_to_end(demo_run, speech_dir: Path, tmp_path:
     clean = {r["key"]: r for r in _records(demo_run[0], "lmaczs")}
     dirty = _records(out, "lmaczs")
     assert len(dirty) == 2 and all(r["key"] in clean for r in dirty)
-    for r in dirty:
-        assert abs(r["p_pred"] - clean[r["key"]]["p_pred"]) > 1e-3 or r["pred"] != clean[r["key"]]["pred"], r
+    for r in dirty:   # unscaled softmax over 14 prompts: p lies in 0.07-0.09, so any change past rounding
+        assert abs(r["p_pred"] - clean[r["key"]]["p_pred"]) > 1e-5 or r["pred"] != clean[r["key"]]["pred"], r
 
 
 def test_stage_reinitialisation_changes_only_the_named_stages(tiny_clap) -> None:
