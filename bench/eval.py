@@ -192,8 +192,8 @@ def report_markdown(report: dict[str, Any], out: Path) -> str:
     rel = _relative(out)
     m = report["machine"]
     clean = report["variants"].get("clean")
-    parts = [f"Frozen test split ({report['scenes']} scenes; nothing is chosen on it: it reports, and the demo "
-             "tests' small slice of it can only reject a model chosen on the selection split), "
+    parts = [f"Frozen test split ({report['scenes']} scenes; models are chosen on the selection split: this one "
+             "reports them, and the demo tests' small slice of it can reject a chosen model), "
              f"`{report['command']}`, {report['date']}, {m['cpu']} ({m['cores']} cores, {m['torch_threads']} "
              f"torch threads), torch {m['packages']['torch']}, laion-clap {m['packages']['laion-clap']}; "
              f"{report['model']['decoder']} (sha256 {str(report['model']['decoder_sha256'])[:12]}); "

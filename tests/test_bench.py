@@ -41,6 +41,8 @@ def test_bench_run_quick_writes_json_markdown_and_plot(tmp_path):
     [ceiling] = [r for r in rows if r["section"] == "ceiling"]       # counted FLOPs beside the GEMM rate
     assert ceiling["gflop_per_clip"] > 0 and all(v > 0 for v in ceiling["gemm_gflops"].values())
     assert ceiling["headroom"] == pytest.approx(max(ceiling["gemm_gflops"].values()) / ceiling["encoder_gflops"])
+    assert ceiling["encoder_gflops"] == pytest.approx(ceiling["gflop_per_clip"] * ceiling["encoder_clips_per_s"]["max"])
+    assert ceiling["encoder_gflops_median"] <= ceiling["encoder_gflops"]
     ratios = result["ratios"]
     assert any(k.startswith("explain onnx / torch, real, check") for k in ratios)
     assert any(k.startswith("onnx no check / check") for k in ratios)
@@ -48,7 +50,7 @@ def test_bench_run_quick_writes_json_markdown_and_plot(tmp_path):
     assert any(k.startswith("explain onnx-int8 / torch, real, check") for k in ratios)
     assert any(k.startswith("explain onnx-int8 / onnx, real, no check") for k in ratios)
     assert any(k.startswith("folder, no pictures / in memory") for k in ratios)
-    assert any(k.startswith("fp32 ceiling: best GEMM rate / torch encoder rate") for k in ratios)
+    assert any(k.startswith("fp32 ceiling: best GEMM rate / best torch encoder rate") for k in ratios)
     for r in (r for r in rows if r["section"] == "folder" and r["mode"] != "in memory"):
         timings = r["where"]["timings"]                 # where the folder run's time went
         assert timings["model_s"] > 0 and timings["decode_s"] > 0 and timings["wav_s"] > 0

@@ -665,7 +665,7 @@ def test_the_bundled_recipe_is_a_valid_chain_whose_options_build_and_train_accep
             parser_errors.append((r.name, e.code))
     assert parser_errors == []
     assert ROUNDS[0].start is None and ROUNDS[-1].kind == "decoder"
-    last = ROUNDS[-1]                                             # the last round is the bundled decoder's
+    last = ROUNDS[-1]                       # the chain's last round: n5, the bundled decoder's teacher
     shipped = json.loads((ROOT / "lmaczs_cli" / "demo" / "model" / "build.json").read_text())["decoder"]
     assert shipped["init"] == last.start
     args = build.parse_args(last.argv(tmp_path))

@@ -19,10 +19,12 @@ With `--clap`, the student reads another CLAP than the teacher's (`--teacher-cla
 teacher was trained on): the teacher's masks come from its own CLAP, on the clean scene, so the
 student learns where the events are, not what the new CLAP makes of them.
 
-With `--heard-only`, a present event's target is the teacher's mask only where the student's CLAP
-hears it in the noisy clip the student reads (its prompt ranks among the clip's top n of the 14
-event prompts, n the scene's number of events); elsewhere the target is empty, as an absent
-prompt's. The student then learns to keep a mask only for what CLAP itself decides is there, so
+With `--heard-only`, every target follows the student's CLAP on the noisy clip the student reads:
+a prompt's target is the teacher's mask only where that CLAP ranks the prompt among the clip's top
+n of the 14 event prompts (n the scene's number of events), and empty elsewhere. For a present
+event that empties the target where CLAP does not hear it; for an absent prompt (whose teacher
+mask is small but not empty) it keeps the teacher's mask only where CLAP confuses the prompt into
+its top n. The student then learns to keep a mask only for what CLAP itself decides is there, so
 that where CLAP cannot tell the event from the noise, no prompt gets a large mask.
 
 `--decision` gives the student CLAP's per-token audio-text cosine map (`DecoderConfig.decision`:
@@ -77,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dice", type=float, default=1.0)
     ap.add_argument("--snr", type=float, nargs=2, default=(0.0, 40.0))
     ap.add_argument("--absent", type=int, default=1, help="absent prompts a scene adds to the pool")
-    ap.add_argument("--heard-only", action="store_true", help="empty targets for present events the student's "
-                    "CLAP does not rank among the clip's top n (n events) in the noisy clip")
+    ap.add_argument("--heard-only", action="store_true", help="a prompt's target (present or absent) is the "
+                    "teacher's mask only where the student's CLAP ranks it among the noisy clip's top n (n events), "
+                    "else empty")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--init", default=None, help="continue from this student (a --out folder; it may have read "
@@ -86,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clap", default="demo", help="the CLAP the student reads (a folder with clap.json; default "
                     "the bundled one)")
     ap.add_argument("--teacher-clap", default="demo", help="the CLAP the teacher was trained on (default the "
-                    "bundled one, g7a, which n5 was trained on)")
+                    "bundled one; n5 was trained on g7a, bundled before g9a: a folder with the clap.json and "
+                    "clap.safetensors of `git show 56cdf21:lmaczs_cli/demo/model/FILE`)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
