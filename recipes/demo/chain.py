@@ -13,6 +13,11 @@ is done once its `round.json` is there, so a stopped chain picks up at the round
 (run the same command again). At the end the last round's model files are copied to --out,
 which must be a new or empty folder.
 
+The chain ends at CLAP g7a and decoder n5. The bundled model goes on from there, and the chain does
+not run those steps yet: two CLAP rounds over training backgrounds (g8a, g9a: build `--clap-noisy
+0.5`) and decoders distilled from n5 by `recipes/demo/distill.py` (P, E-g8a, Q, then H with
+`--heard-only`); demo-model.md's last sections give their commands.
+
 About 4.6 h at one thread per round (`--list` prints the rounds with their times). Its first
 round is a CLAP from scratch with today's build, where the bundled CLAP's first rounds used
 losses the build no longer has, and builds reproduce only at one thread count: the chain rebuilds
