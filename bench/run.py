@@ -167,19 +167,11 @@ def bench_embed(ex, args, sync) -> list[dict[str, Any]]:
 def _gemm_rate(m: int, k: int, n: int, repeats: int) -> float:
     """torch's fp32 GEMM rate on (m x k) @ (k x n), GFLOP/s, the best of `repeats` calls."""
     a, b = torch.randn(m, k), torch.randn(k, n)
-    a @ b
-    best = min(_seconds(lambda: a @ b) for _ in range(repeats))
-    return 2 * m * k * n / best / 1e9
-
-
-def _seconds(fn: Callable[[], Any]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+    return 2 * m * k * n * timed(lambda: a @ b, 1, repeats, lambda: None)["max"] / 1e9
 
 
 def bench_ceiling(ex, args, sync) -> list[dict[str, Any]]:
-    """The encoder's counted FLOPs and achieved rate beside the machine's fp32 GEMM rate (CPU)."""
+    """The encoder's counted FLOPs and achieved rate beside torch's fp32 GEMM rate (CPU)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     if ex.device.type != "cpu":
