@@ -171,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         if step % 20 == 0 or step == args.steps - 1:
             rec = {"step": step, "loss": float(loss), "bce": float(bce),
                    "dice": float((dice * on).sum() / on.sum().clamp_min(1)),
-                   "mean": float(pred.mean()), "target_mean": float(target.mean()), "heard": float(on.sum()),
-                   "s": time.time() - t0}
+                   "mean": float(pred.mean()), "target_mean": float(target.mean()), "s": time.time() - t0,
+                   **({"heard": float(on.sum())} if args.heard_only else {})}   # present items CLAP ranks in
             log.append(rec)
             print(json.dumps(rec), flush=True)
             if step % 100 == 0:
