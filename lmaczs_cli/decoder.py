@@ -23,7 +23,7 @@ Shape of the computation (HTSAT-tiny; PANN-14 in brackets):
    CLAP's audio projection, against the prompt -- joins the deepest features and gates the mask;
    see DecisionMap)
   STFT domain: logits -> fixed mel->linear map (B,1001,513) -> refine with the log-power skip
-  sigmoid -> mask in [0, 1]
+  + logit_bias (a constant: the operating point, 0 unless chosen after training) -> sigmoid -> mask in [0, 1]
 
 Cross-attention: queries are the audio feature map's positions, keys/values the K text tokens
 (as in Stable Diffusion's U-Net); each "xattn" is followed by a text FiLM (per-channel scale and
@@ -143,6 +143,8 @@ class DecoderConfig:
     decision: bool = False                     # read CLAP's per-token audio-text cosine map and gate by it (DecisionMap)
     decision_contrast: bool = False            # ... and that map standardised over the clip, as a second channel
     projected: bool = False                    # read h4's tokens through CLAP's audio projection instead of h4
+    logit_bias: float = 0.0                    # added to the logits before the sigmoid: the mask's operating
+                                               # point, a threshold in logit units (0: the decoder as trained)
 
     def __post_init__(self) -> None:
         if self.domain not in spectral.MASK_DOMAINS:
@@ -166,6 +168,10 @@ class DecoderConfig:
         if not 1 <= self.first_level <= self.levels:
             raise DecoderError(f"first_level {self.first_level} must lie between 1 and levels={self.levels}: "
                                "the decoder reads CLAP stages first_level..levels")
+        if isinstance(self.logit_bias, bool) or not isinstance(self.logit_bias, (int, float)) \
+                or not np.isfinite(self.logit_bias):
+            raise DecoderError(f"logit_bias must be a finite number, not {self.logit_bias!r}")
+        object.__setattr__(self, "logit_bias", float(self.logit_bias))
         for name in ("hidden_channels", "hidden_time", "hidden_freq"):
             object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
 
@@ -174,7 +180,10 @@ class DecoderConfig:
         return N_MELS if self.domain == "mel" else N_FREQS
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not d["logit_bias"]:            # as before the field existed: the same config.json and decoder_hash
+            del d["logit_bias"]
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "DecoderConfig":
@@ -476,6 +485,8 @@ class MaskDecoder(nn.Module):
                 raise DecoderError("an STFT-domain decoder needs log_power= (B, 1001, 513)")
             lp = _normalise(log_power.unsqueeze(1))
             logits = logits + self.refine(torch.cat([logits, lp], dim=1))
+        if self.cfg.logit_bias:                            # the operating point (DecoderConfig.logit_bias)
+            logits = logits + self.cfg.logit_bias
         return torch.sigmoid(logits[:, 0])
 
 

@@ -304,9 +304,12 @@ def init_decoder(directory: str, clap: ClapModel, dec_cfg: DecoderConfig, any_cl
     been trained on this CLAP (unless ``any_clap``: e.g. on an earlier round of a CLAP fine-tuned
     since) and have the architecture ``dec_cfg`` asks for."""
     decoder, _ = load_decoder(directory, clap, force=any_clap)
+    # an operating point (DecoderConfig.logit_bias) is chosen for a decoder once trained: training
+    # goes on from the decoder as trained, and its result needs its own
+    decoder.cfg = dataclasses.replace(decoder.cfg, logit_bias=0.0)
     if decoder.cfg != dec_cfg:
         have, want = decoder.cfg.to_json(), dec_cfg.to_json()
-        diff = ", ".join(f"{k} {have[k]!r} (asked: {want[k]!r})" for k in have if have[k] != want[k])
+        diff = ", ".join(f"{k} {have[k]!r} (asked: {want.get(k)!r})" for k in have if have[k] != want.get(k))
         raise TrainError(f"--init {directory}: its decoder has another architecture: {diff}; "
                          "pass the same architecture options or leave them out")
     return decoder.train()

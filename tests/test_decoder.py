@@ -254,3 +254,37 @@ def test_save_load_round_trip_and_clap_identity_check(tmp_path, tiny_clap):
         D.load_decoder(tmp_path / "run", clap=other)
     forced, _ = D.load_decoder(tmp_path / "run", clap=other, force=True)
     assert isinstance(forced, D.MaskDecoder)
+
+
+@pytest.mark.parametrize("domain", ["mel", "stft"])
+def test_an_operating_point_shifts_the_logits_and_leaves_the_weights(tmp_path, tiny_clap, domain):
+    """logit_bias b: the same weights give sigmoid(logit(m) + b); 0 (the default) leaves config.json
+    and decoder_hash as they were before the field existed; a saved point loads back."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    cfg = D.DecoderConfig.for_clap(tiny_clap, width=16, heads=2, text_tokens=4, domain=domain)
+    dec = D.MaskDecoder(cfg).eval()
+    assert "logit_bias" not in cfg.to_json()
+    before = D.decoder_hash(dec)
+    _, logmel, hidden, log_power = _inputs(tiny_clap)
+    text = torch.nn.functional.normalize(torch.randn(2, tiny_clap.cfg.joint_dim), dim=-1)
+    with torch.no_grad():
+        m0 = dec(list(hidden), text, logmel, log_power).double()
+        dec.cfg = dataclasses.replace(cfg, logit_bias=-3.0)
+        m3 = dec(list(hidden), text, logmel, log_power).double()
+    torch.testing.assert_close(m3, torch.sigmoid(torch.logit(m0) - 3.0), rtol=1e-3, atol=1e-6)
+    assert m3.mean() < 0.2 * m0.mean()                      # random weights: masks near 0.5, shrunk by about e^-3
+    assert D.decoder_hash(dec) != before
+    D.save_decoder(dec, tmp_path / "run", {"clap": {"identity": tiny_clap.identity()}})
+    loaded, config = D.load_decoder(tmp_path / "run", clap=tiny_clap)
+    assert config["decoder"]["logit_bias"] == -3.0 and loaded.cfg == dec.cfg
+    dec.cfg = cfg
+    assert D.decoder_hash(dec) == before
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "-3", True])
+def test_an_operating_point_must_be_a_finite_number(tiny_clap, bad):
+    saved = D.DecoderConfig.for_clap(tiny_clap).to_json()
+    with pytest.raises(D.DecoderError, match="logit_bias must be a finite number"):
+        D.DecoderConfig.from_json({**saved, "logit_bias": bad})

@@ -332,11 +332,13 @@ def test_manifest_describes_the_graphs(exported, model):
 
 
 def test_stft_domain_explainer_matches_torch(tiny_clap, inputs, tmp_path):
-    """An STFT-grid decoder (1001 x 513 masks, log-power refinement) exports and runs the same."""
+    """An STFT-grid decoder (1001 x 513 masks, log-power refinement) at an operating point other
+    than 0 (its logit_bias is in the graph) exports and runs the same."""
     from lmaczs_cli.export.to_onnx import export_explainer
 
     torch.manual_seed(1)
-    decoder = MaskDecoder(DecoderConfig.for_clap(tiny_clap, domain="stft", width=16, heads=2, text_tokens=4)).eval()
+    decoder = MaskDecoder(DecoderConfig.for_clap(tiny_clap, domain="stft", width=16, heads=2, text_tokens=4,
+                                                 logit_bias=-2.0)).eval()
     export_explainer(tiny_clap, decoder, tmp_path / "explainer.onnx", "stft")
     waves, text = inputs
     names = ["masks", "audio", "similarity", "masked_similarity"]

@@ -310,6 +310,19 @@ def test_init_starts_from_a_saved_decoder(dataset, tmp_path, tiny_clap):
     assert json.loads((tuned / "config.json").read_text())["train"]["init"] == str(base)
 
 
+def test_init_from_a_decoder_at_an_operating_point_trains_the_decoder_as_trained(dataset, tmp_path, tiny_clap):
+    """An --init decoder whose config.json carries a logit_bias (recipes.demo.operating_point) starts
+    the run from its weights at bias 0: the point was chosen for that decoder, not for its successor."""
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    T.train(_cfg(dataset, base, max_steps=2), clap=tiny_clap)
+    config = json.loads((base / "config.json").read_text())
+    config["decoder"]["logit_bias"] = -3.0
+    (base / "config.json").write_text(json.dumps(config))
+    T.train(_cfg(dataset, tuned, max_steps=1, lr=1e-9, init=str(base), seed=1), clap=tiny_clap)
+    assert _max_diff(_weights(base), _weights(tuned)) < 1e-6
+    assert "logit_bias" not in json.loads((tuned / "config.json").read_text())["decoder"]
+
+
 def test_init_refuses_a_decoder_of_another_clap_unless_told(dataset, tmp_path, tiny_clap):
     from lmaczs_cli.clap import random_clap
     from lmaczs_cli.decoder import DecoderError

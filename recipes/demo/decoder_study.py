@@ -3,7 +3,11 @@ on the selection scenes (`scores.held_out_scenes`): every choice of decoder is m
 figures; the frozen test scenes are left for the final report.
 
     python -m recipes.demo.decoder_study RUN [RUN ...] [--scenes 48] [--random-scenes 8]
-        [--noisy-seeds 2] [--json OUT.json] [--clap CLAP_DIR]
+        [--noisy-seeds 2] [--json OUT.json] [--clap CLAP_DIR] [--logit-bias B [B ...]]
+
+With --logit-bias, each RUN is scored at each operating point B (`DecoderConfig.logit_bias`: a
+constant added to its logits before the sigmoid; the weights are the same);
+`recipes.demo.operating_point` writes the one chosen.
 
 For each decoder folder RUN (a `lmaczs train --out`, or lmaczs_cli/demo/model):
 - ``localization``: `scores.localization_report` (mass, chance, absent / matched, gap, empty);
@@ -19,6 +23,7 @@ For each decoder folder RUN (a `lmaczs train --out`, or lmaczs_cli/demo/model):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -66,11 +71,14 @@ def randomization_rows(explainer: Any, n_scenes: int = 8, seed: int = 0,
     return out
 
 
-def study(run: str, n_scenes: int, random_scenes: int, noisy_seeds: int, clap: str = "demo") -> dict[str, Any]:
+def study(run: str, n_scenes: int, random_scenes: int, noisy_seeds: int, clap: str = "demo",
+          logit_bias: float | None = None) -> dict[str, Any]:
     torch.set_num_threads(1)
     explainer = Explainer.load(clap=clap, decoder=run, device="cpu", force=True)
+    if logit_bias is not None:          # the same weights at another operating point
+        explainer.decoder.cfg = dataclasses.replace(explainer.decoder.cfg, logit_bias=logit_bias)
     t0 = time.time()
-    out: dict[str, Any] = {"run": run, "clap": clap}
+    out: dict[str, Any] = {"run": run, "clap": clap, "logit_bias": explainer.decoder.cfg.logit_bias}
     out["localization"] = scores.localization_report(explainer, n_scenes)
     out["randomization"] = randomization_rows(explainer, random_scenes)
     grid = scores.background_rows(explainer, n_seeds=noisy_seeds)        # the averages: SNRS only
@@ -83,7 +91,8 @@ def study(run: str, n_scenes: int, random_scenes: int, noisy_seeds: int, clap: s
 
 def table(res: dict[str, Any]) -> str:
     loc, rnd, gen = res["localization"], res["randomization"], res["generalisation"]
-    lines = [f"## {res['run']}" + (f" on the CLAP {res['clap']}" if res.get("clap", "demo") != "demo" else ""),
+    lines = [f"## {res['run']}" + (f" on the CLAP {res['clap']}" if res.get("clap", "demo") != "demo" else "")
+             + (f", logit bias {res['logit_bias']:g}" if res.get("logit_bias") else ""),
              f"selection ({loc['scenes']:.0f} scenes): mass {loc['mass']:.3f} (chance {loc['chance']:.3f}), "
              f"absent/matched {loc['ratio']:.3f} ({loc['absent']:.4f}/{loc['matched']:.4f}), gap {loc['gap']:.3f}, "
              f"empty {loc['empty']:.2f}",
@@ -107,12 +116,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--clap", default="demo", help="the CLAP the decoders explain (a folder with clap.json; "
                     "default the bundled one)")
+    ap.add_argument("--logit-bias", type=float, nargs="+", default=[None],
+                    help="score each run at these operating points (default: each run's own)")
     args = ap.parse_args(argv)
     results = []
     for run in args.runs:
-        res = study(run, args.scenes, args.random_scenes, args.noisy_seeds, args.clap)
-        print(table(res), flush=True)
-        results.append(res)
+        for bias in args.logit_bias:
+            res = study(run, args.scenes, args.random_scenes, args.noisy_seeds, args.clap, bias)
+            print(table(res), flush=True)
+            results.append(res)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
