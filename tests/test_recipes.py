@@ -693,9 +693,9 @@ def test_a_tiny_chain_runs_with_the_real_build(tmp_path, monkeypatch):
     assert len(history) == 2 and history[1].startswith(f"1 steps from {tmp_path / 'w' / 'c'}")
 
 
-def _study_result(run, bias, mass, ratio, gap, unseen_mass, unseen_ratio, st4_mass):
+def _study_result(run, bias, mass, ratio, gap, unseen_mass, unseen_ratio, st4_mass, empty=0.0):
     return {"run": run, "logit_bias": bias,
-            "localization": {"mass": mass, "ratio": ratio, "gap": gap},
+            "localization": {"mass": mass, "ratio": ratio, "gap": gap, "empty": empty},
             "randomization": {"intact": {"mask_mean": 0.02}, "stage 4": {"mass": st4_mass, "chance": 0.1}},
             "generalisation": {"all": {"mass": unseen_mass, "ratio": unseen_ratio}}}
 
@@ -709,12 +709,13 @@ def test_operating_point_takes_the_eligible_point_of_the_largest_smallest_margin
     sweep = [_study_result(str(run), 0.0, 0.58, 0.25, 0.043, 0.60, 0.41, 0.11),    # margin -0.02
              _study_result(str(run), -2.0, 0.61, 0.16, 0.046, 0.61, 0.26, 0.11),   # margin +0.01: chosen
              _study_result(str(run), -3.0, 0.62, 0.12, 0.049, 0.62, 0.19, 0.14),   # stage 4 at 1.4x: not eligible
-             _study_result(str(run), -4.0, 0.63, 0.09, 0.057, 0.62, 0.15, 0.11)]   # gap over 0.05: not eligible
+             _study_result(str(run), -4.0, 0.63, 0.09, 0.057, 0.62, 0.15, 0.11),   # gap over 0.05: not eligible
+             _study_result(str(run), -5.0, 0.64, 0.08, 0.045, 0.63, 0.12, 0.11, empty=0.14)]   # too many empty
     (tmp_path / "sweep.json").write_text(json.dumps(sweep))
     assert op.main([str(tmp_path / "sweep.json"), "--out", str(tmp_path / "out")]) == 0
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["decoder"] == {"width": 8, "logit_bias": -2.0}
-    assert [p["logit_bias"] for p in config["operating_point"]["points"]] == [0.0, -2.0, -3.0, -4.0]
+    assert [p["logit_bias"] for p in config["operating_point"]["points"]] == [0.0, -2.0, -3.0, -4.0, -5.0]
     assert (tmp_path / "out" / "decoder.safetensors").read_bytes() == b"weights"
     with pytest.raises(SystemExit, match="exists"):
         op.main([str(tmp_path / "sweep.json"), "--out", str(tmp_path / "out")])

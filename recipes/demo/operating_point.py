@@ -13,11 +13,16 @@ similarity and the masked clip's (the decoder was trained to keep it small at bi
 The rule, over the points of SWEEP.json (selection split only; written before any frozen figure
 of a chosen point was read):
 - eligible: after the projection and stage 4 are re-initialised, the mask's mass on the event is
-  at most ``CASCADE_LIMIT`` x chance (24 scenes), and the localization gap (|similarity - masked
-  similarity| for present prompts) is at most ``GAP_LIMIT``;
+  at most ``CASCADE_LIMIT`` x chance (24 scenes); the localization gap (|similarity - masked
+  similarity| for present prompts) is at most ``GAP_LIMIT``; and at most ``EMPTY_LIMIT`` of the
+  present prompts get an empty mask (`scores.localization_report`'s ``empty``: under 0.1 % of
+  the grid kept), so that the bias does not trade explanations of present events for nothing;
 - chosen: the eligible point with the largest smallest margin to the four targets of the
   localization and the unseen backgrounds (mass >= 0.6, absent / matched <= 0.3; mass >= 0.5,
   absent / matched <= 0.4).
+The two limits were set after the bundled decoder's sweep on the selection split had been read
+(recipes/demo/demo-model.md, "An operating point for H"): the gap limit is half the demo's gap
+target (0.1), the empty limit one present event in ten.
 
 DIR gets RUN's files (decoder.safetensors byte for byte) and a config.json whose decoder carries
 the chosen logit_bias and whose ``operating_point`` records the rule and every point's figures.
@@ -33,6 +38,7 @@ from typing import Any
 
 CASCADE_LIMIT = 1.33
 GAP_LIMIT = 0.05
+EMPTY_LIMIT = 0.10
 TARGETS = {"mass": (0.6, +1), "ratio": (0.3, -1), "unseen_mass": (0.5, +1), "unseen_ratio": (0.4, -1)}
 
 
@@ -40,6 +46,7 @@ def point(res: dict[str, Any]) -> dict[str, float]:
     """The figures the rule reads off one `decoder_study` result."""
     loc, st4, unseen = res["localization"], res["randomization"]["stage 4"], res["generalisation"]["all"]
     return {"logit_bias": float(res["logit_bias"]), "mass": loc["mass"], "ratio": loc["ratio"], "gap": loc["gap"],
+            "empty": loc["empty"],
             "unseen_mass": unseen["mass"], "unseen_ratio": unseen["ratio"],
             "stage4_chance_times": st4["mass"] / st4["chance"], "mask_mean": res["randomization"]["intact"]["mask_mean"]}
 
@@ -50,13 +57,13 @@ def margin(p: dict[str, float]) -> float:
 
 
 def eligible(p: dict[str, float]) -> bool:
-    return p["stage4_chance_times"] <= CASCADE_LIMIT and p["gap"] <= GAP_LIMIT
+    return p["stage4_chance_times"] <= CASCADE_LIMIT and p["gap"] <= GAP_LIMIT and p["empty"] <= EMPTY_LIMIT
 
 
 def choose(points: list[dict[str, float]]) -> dict[str, float]:
     ok = [p for p in points if eligible(p)]
     if not ok:
-        raise SystemExit("no operating point is eligible (stage-4 mass or gap over its limit at every one)")
+        raise SystemExit("no operating point is eligible (stage-4 mass, gap or empty share over its limit at every one)")
     return max(ok, key=margin)
 
 
@@ -74,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     for p in points:
         flag = "chosen" if p is best else ("eligible" if eligible(p) else "not eligible")
         print(f"bias {p['logit_bias']:+g}: mass {p['mass']:.3f} ratio {p['ratio']:.3f} gap {p['gap']:.3f} "
+              f"empty {p['empty']:.2f} "
               f"unseen {p['unseen_mass']:.3f} / {p['unseen_ratio']:.3f} stage 4 {p['stage4_chance_times']:.2f}x "
               f"mask mean {p['mask_mean']:.4f}; smallest margin {margin(p):+.3f} ({flag})")
     out, run = Path(args.out), Path(runs.pop())
@@ -83,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     config = json.loads((run / "config.json").read_text())
     config["decoder"]["logit_bias"] = best["logit_bias"]
     config["operating_point"] = {
-        "rule": f"eligible: stage-4 mass <= {CASCADE_LIMIT} x chance and gap <= {GAP_LIMIT}; chosen: the largest "
+        "rule": f"eligible: stage-4 mass <= {CASCADE_LIMIT} x chance, gap <= {GAP_LIMIT}, empty <= {EMPTY_LIMIT}; "
+                f"chosen: the largest "
                 f"smallest margin to {', '.join(f'{k} {t}' for k, (t, _) in TARGETS.items())} (selection split)",
         "command": f"python -m recipes.demo.operating_point {args.sweep} --out {args.out}",
         "points": points}
