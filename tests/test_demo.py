@@ -20,22 +20,22 @@ from lmaczs_cli.explain import Explainer
 
 # Bounds of the tests on a slice of the frozen test split. They were set from the bundled decoder's
 # figures on the *selection* split (these tests' own measures run on selection scenes at one thread;
-# recipes/demo/demo-model.md, "Masks only for what CLAP hears", lists them), with the margins below,
-# before the frozen slice was first run with this model, and were not moved after:
-# - unseen backgrounds at 0/10/20 dB: selection mass 0.596 (chance 0.088) and absent / matched 0.459;
-#   bounds 0.53 and 0.60 (the margins of the decoder P bundled before: 0.06 and 0.14). The issue's
-#   mass target, 0.5, is under the bound; its ratio target, 0.4, is missed on the selection split
-#   (0.459 here, 0.410 over the full 0-20 dB grid), so it is not the bound.
+# recipes/demo/demo-model.md, "An operating point for H", lists them), with the margins below,
+# before the frozen slice was first run with this model (H at logit bias -2), and were not moved after:
+# - unseen backgrounds at 0/10/20 dB: selection mass 0.608 (chance 0.088) and absent / matched 0.306;
+#   bounds 0.54 (the margin of the decoders bundled before: 0.066) and the issue's ratio target, 0.4
+#   (a margin of 0.094; the ratio bound of the decoders before, 0.60, kept a margin of 0.14 because
+#   they missed the target on the selection split).
 # - cascading randomisation down to stage 4 (projection and stage 4 re-initialised): selection mass on
-#   the event 0.085 against chance 0.144 and 0.556 intact, correlation with the intact masks 0.13;
+#   the event 0.077 against chance 0.144 and 0.576 intact, correlation with the intact masks 0.12;
 #   bounds (unchanged since P): mass < 1.6 x chance and < half the intact mass, correlation < 0.4.
-#   Down to stage 3 the selection scenes read 0.076, correlation 0.13, under the same bounds. On the
+#   Down to stage 3 the selection scenes read 0.073, correlation 0.13, under the same bounds. On the
 #   frozen slice stage 3 read 1.7 x chance with P when first run, over the bound, so it is asserted on
 #   the selection split only and reported (README, frozen report), not hidden.
-FROZEN_NOISY = {"mass": 0.53, "ratio": 0.60}
+FROZEN_NOISY = {"mass": 0.54, "ratio": 0.4}
 # - the same compositions, counting only those on which CLAP itself ranks the event's prompt first
 #   (`scores.background_summary`'s when_heard): the issue's targets, mass >= 0.5 and absent /
-#   matched <= 0.4, as the bounds (not tuned: with this model selection read 0.761 / 0.219 over the
+#   matched <= 0.4, as the bounds (not tuned: with this model selection read 0.768 / 0.131 over the
 #   0/10/20 dB grid; with P, 0.742 / 0.241 over the 0-20 dB grid).
 FROZEN_HEARD = {"mass": 0.5, "ratio": 0.4}
 FROZEN_CASCADE = {"chance_times": 1.6, "intact_share": 0.5, "corr": 0.4}
@@ -72,21 +72,22 @@ def test_demo_clap_zero_shot_accuracy_on_held_out_single_events():
 def test_masks_lie_on_present_events_and_absent_prompts_get_small_masks(demo):
     """The bundled model's promise, on 48 selection scenes: more than half of a present prompt's mask
     inside its event's region (dilated to the mask's effective resolution, `scores`), absent-prompt
-    masks about a quarter of matched ones, similarity kept within 0.1, and no present prompt left with
-    an empty mask. The bundled decoder H, which reads CLAP's last stage through CLAP's own audio
-    projection, reads 0.579 (chance 0.109) / 0.248 / 0.043 / none at one thread; the bounds leave
-    about 0.035 each way. (P, the same architecture on the CLAP before, read 0.590 / 0.202 / 0.057;
-    n5, bundled before the deep-stage decoders, read stage 1 and the log-mel: 0.622 / 0.261, and
-    failed the randomisation checks below: demo-model.md.)"""
+    masks a fifth of matched ones or less, similarity kept within 0.1, and at most one present prompt
+    in ten left with an empty mask. The bundled decoder, H at logit bias -2 (its operating point,
+    `recipes/demo/operating_point.py`), reads 0.598 (chance 0.109) / 0.163 / 0.046 / 0.07 at one
+    thread; the bounds leave about 0.035 each way, and the empty share is held to the operating
+    point's own limit. (H at bias 0 read 0.579 / 0.248 / 0.043 / none; P, the same architecture on
+    the CLAP before, 0.590 / 0.202 / 0.057; n5, bundled before the deep-stage decoders, read stage 1
+    and the log-mel: 0.622 / 0.261, and failed the randomisation checks below: demo-model.md.)"""
     r = localization_report(demo, n_scenes=48)
     report = (f"mass in region {r['mass']:.3f} (chance {r['chance']:.3f}); mask mean matched {r['matched']:.3f} "
               f"absent {r['absent']:.3f} (ratio {r['ratio']:.3f}); |sim - masked sim| mean {r['gap']:.3f} "
               f"max {r['gap_max']:.3f}; empty masks for present prompts {r['empty']:.2f}")
     print(report)
-    assert r["mass"] >= 0.545, report
-    assert r["ratio"] <= 0.28, report
+    assert r["mass"] >= 0.563, report
+    assert r["ratio"] <= 0.20, report
     assert r["gap"] <= 0.1, report
-    assert r["empty"] == 0.0, report
+    assert r["empty"] <= 0.10, report
 
 
 def test_localization_report_counts_present_prompts_given_up_on():
@@ -196,7 +197,7 @@ def test_randomization_report_follows_the_encoder_stages_and_the_demo_masks_fall
     assert all(torch.equal(v, after[k]) for k, v in before.items())   # the explainer's own CLAP untouched
     assert list(r) == [name for name, _ in encoder_stages(demo.clap)]
     print({k: round(v, 3) for k, v in r.items()})
-    assert r["projection"] < 0.85                  # the decoder reads stage 4 through the projection: 0.81
+    assert r["projection"] < 0.85                  # the decoder reads stage 4 through the projection: 0.84
     assert r["stage 4"] < 0.85                     # at one thread (the masks all but vanish: their
     assert r["stage 3"] < 0.85                     # shared empty background keeps SSIM up)
 
