@@ -167,14 +167,27 @@ def machine(threads: int) -> dict[str, Any]:
 
 
 def model_identity(clap: str, decoder: str | None) -> dict[str, Any]:
-    """Which CLAP and decoder: names and the SHA-256 of the decoder's weights."""
+    """Which CLAP and decoder: names, the SHA-256 of the decoder's weights file, and its
+    `decoder_hash` (config and weights: what tells two operating points of one decoder apart)."""
     from lmaczs_cli.clap import demo_dir
+    from lmaczs_cli.decoder import decoder_hash, load_decoder
     from lmaczs_cli.files import sha256_file
 
     folder = Path(decoder) if decoder else demo_dir()
     weights = folder / "decoder.safetensors"
+    dec = load_decoder(folder)[0] if weights.is_file() else None
     return {"clap": clap, "decoder": str(decoder) if decoder else "bundled demo decoder",
-            "decoder_sha256": sha256_file(weights) if weights.is_file() else None}
+            "decoder_sha256": sha256_file(weights) if weights.is_file() else None,
+            "decoder_hash": decoder_hash(dec) if dec is not None else None,
+            "logit_bias": dec.cfg.logit_bias if dec is not None else None}
+
+
+def _decoder_id(model: dict[str, Any]) -> str:
+    """The decoder as the report header names it: its decoder_hash and operating point where the
+    report records them (reports written before, the weights file's sha256 alone)."""
+    if model.get("decoder_hash"):
+        return f"decoder_hash {model['decoder_hash'][:12]}, logit bias {model['logit_bias']:g}"
+    return f"sha256 {str(model['decoder_sha256'])[:12]}"
 
 
 def _known(v: Any) -> bool:
@@ -196,7 +209,7 @@ def report_markdown(report: dict[str, Any], out: Path) -> str:
              "reports them, and the demo tests' small slice of it can reject a chosen model), "
              f"`{report['command']}`, {report['date']}, {m['cpu']} ({m['cores']} cores, {m['torch_threads']} "
              f"torch threads), torch {m['packages']['torch']}, laion-clap {m['packages']['laion-clap']}; "
-             f"{report['model']['decoder']} (sha256 {str(report['model']['decoder_sha256'])[:12]}); "
+             f"{report['model']['decoder']} ({_decoder_id(report['model'])}); "
              f"IG {report['baselines']['ig_steps']} steps, SmoothGrad {report['baselines']['smoothgrad_samples']} "
              f"samples; {report['wall_s'] / 60:.0f} min in all. Artifacts: `{rel}/`.", ""]
     if clean:

@@ -506,7 +506,8 @@ def _explain_report(summary: dict[str, Any], as_json: bool) -> None:
 @click.option("--init", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Start from the decoder saved in this folder (a `lmaczs train` output trained on the same CLAP) "
                    "instead of random weights, with a fresh optimizer and schedule: fine-tuning, e.g. on new data or "
-                   "with other loss settings. Its architecture is reused.")
+                   "with other loss settings. Its architecture is reused; an operating point it carries "
+                   "(logit_bias in its config.json) is not: training starts from the decoder as trained.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @_device_option
 @click.option("--amp/--no-amp", default=False, show_default=True,

@@ -198,6 +198,8 @@ def test_randomization_report_follows_the_encoder_stages_and_the_demo_masks_fall
     assert list(r) == [name for name, _ in encoder_stages(demo.clap)]
     print({k: round(v, 3) for k, v in r.items()})
     assert r["projection"] < 0.85                  # the decoder reads stage 4 through the projection: 0.84
+                                                   # (0.81 at logit bias 0: the bias thins the masks, and
+                                                   # thinner masks share more empty background)
     assert r["stage 4"] < 0.85                     # at one thread (the masks all but vanish: their
     assert r["stage 3"] < 0.85                     # shared empty background keeps SSIM up)
 

@@ -395,6 +395,26 @@ def test_the_out_of_domain_table_bolds_the_best_localization_and_skips_clips_wit
     assert lines[6] == "| + in-domain formant speech | 0.0 % | 0.100 | nan / 3.0 | nan / 2.0 |"
 
 
+def test_the_frozen_report_tells_two_operating_points_of_one_decoder_apart(tmp_path: Path, tiny_clap) -> None:
+    """The same decoder.safetensors at logit bias 0 and -2: one weights sha256, two decoder_hashes,
+    and the report header names the hash and the bias."""
+    from lmaczs_cli.decoder import DecoderConfig, MaskDecoder, save_decoder
+
+    bench = _bench_eval()
+    dec = MaskDecoder(DecoderConfig.for_clap(tiny_clap, width=16, heads=2, text_tokens=4))
+    save_decoder(dec, tmp_path / "at0", {})
+    (tmp_path / "at-2").mkdir()
+    (tmp_path / "at-2" / "decoder.safetensors").write_bytes((tmp_path / "at0" / "decoder.safetensors").read_bytes())
+    config = json.loads((tmp_path / "at0" / "config.json").read_text())
+    config["decoder"]["logit_bias"] = -2.0
+    (tmp_path / "at-2" / "config.json").write_text(json.dumps(config))
+    a, b = (bench.model_identity("demo", str(tmp_path / d)) for d in ("at0", "at-2"))
+    assert a["decoder_sha256"] == b["decoder_sha256"] and a["decoder_hash"] != b["decoder_hash"]
+    assert (a["logit_bias"], b["logit_bias"]) == (0.0, -2.0)
+    assert bench._decoder_id(b) == f"decoder_hash {b['decoder_hash'][:12]}, logit bias -2"
+    assert bench._decoder_id({"decoder_sha256": "ab" * 32}) == "sha256 abababababab"     # reports written before
+
+
 def test_the_report_says_who_leads_each_curve_area() -> None:
     bench = _bench_eval()
     methods = {"lmaczs": {"insertion_auc": 0.09, "deletion_auc": 0.06},

@@ -1,6 +1,7 @@
 """`lmaczs export`: ONNX graphs vs torch eager, dynamic batch, op audit, manifest (CPU, ONNX Runtime)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -348,6 +349,11 @@ def test_stft_domain_explainer_matches_torch(tiny_clap, inputs, tmp_path):
         ref = {k: v.numpy() for k, v in ExplainerModule(tiny_clap, decoder, "stft").eval()(waves[3:4], text[3:4]).items()}
     assert got["masks"].shape == (1, K, 1001, 513)
     assert np.abs(got["masks"] - ref["masks"]).max() <= 1e-3
+    decoder.cfg = dataclasses.replace(decoder.cfg, logit_bias=0.0)      # the same weights at bias 0
+    with torch.no_grad():
+        at0 = ExplainerModule(tiny_clap, decoder, "stft").eval()(waves[3:4], text[3:4])["masks"].double()
+    shifted = torch.sigmoid(torch.logit(at0) - 2.0).numpy()
+    assert np.abs(got["masks"] - shifted).max() <= 1e-3 and np.abs(got["masks"] - at0.numpy()).max() > 0.1
     assert snr_db(got["audio"], ref["audio"]) >= 40
     assert rel_err(got["masked_similarity"], ref["masked_similarity"]) <= 1e-4
     assert audit.audit(tmp_path / "explainer.onnx", EXPLAINER_FORBIDDEN) == []

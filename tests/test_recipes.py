@@ -722,3 +722,27 @@ def test_operating_point_takes_the_eligible_point_of_the_largest_smallest_margin
     (tmp_path / "none.json").write_text(json.dumps(sweep[2:]))
     with pytest.raises(SystemExit, match="no operating point is eligible"):
         op.main([str(tmp_path / "none.json"), "--out", str(tmp_path / "out2")])
+
+
+def test_decoder_study_scores_each_run_at_each_operating_point_asked(monkeypatch, tmp_path):
+    """--logit-bias B ...: every point is the run's decoder with that bias in its config (what the
+    scores see), recorded in the result; without it, the run's own point."""
+    study = _import_recipe("demo.decoder_study")
+    seen = []
+
+    def scored(explainer, *args, **kwargs):
+        seen.append(explainer.decoder.cfg.logit_bias)
+        return {"mass": 0.5}
+
+    monkeypatch.setattr(study.scores, "localization_report", scored)
+    monkeypatch.setattr(study, "randomization_rows", scored)
+    monkeypatch.setattr(study.scores, "background_rows", lambda *a, **k: [])
+    monkeypatch.setattr(study.scores, "background_summary", lambda rows: {"all": {}})
+    monkeypatch.setattr(study, "table", lambda res: "")
+    out = tmp_path / "sweep.json"
+    assert study.main([str(ROOT / "lmaczs_cli/demo/model"), "--logit-bias", "0", "-2", "--json", str(out)]) == 0
+    assert seen == [0.0, 0.0, -2.0, -2.0]
+    assert [r["logit_bias"] for r in json.loads(out.read_text())] == [0.0, -2.0]
+    seen.clear()
+    assert study.main([str(ROOT / "lmaczs_cli/demo/model")]) == 0
+    assert seen == [-2.0, -2.0]                                   # the bundled decoder's own point

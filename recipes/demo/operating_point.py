@@ -24,7 +24,8 @@ The two limits were set after the bundled decoder's sweep on the selection split
 (recipes/demo/demo-model.md, "An operating point for H"): the gap limit is half the demo's gap
 target (0.1), the empty limit one present event in ten.
 
-DIR gets RUN's files (decoder.safetensors byte for byte) and a config.json whose decoder carries
+DIR gets RUN's files but a training checkpoint (decoder.safetensors byte for byte; no
+train_state/, so it is no run to --resume) and a config.json whose decoder carries
 the chosen logit_bias and whose ``operating_point`` records the rule and every point's figures.
 """
 from __future__ import annotations
@@ -87,9 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     out, run = Path(args.out), Path(runs.pop())
     if out.exists():
         raise SystemExit(f"{out} exists; give a new folder")
-    shutil.copytree(run, out)
+    shutil.copytree(run, out, ignore=shutil.ignore_patterns("train_state"))   # not a run to --resume
     config = json.loads((run / "config.json").read_text())
     config["decoder"]["logit_bias"] = best["logit_bias"]
+    if not best["logit_bias"]:                     # as save_decoder writes a decoder at 0
+        del config["decoder"]["logit_bias"]
     config["operating_point"] = {
         "rule": f"eligible: stage-4 mass <= {CASCADE_LIMIT} x chance, gap <= {GAP_LIMIT}, empty <= {EMPTY_LIMIT}; "
                 f"chosen: the largest "
