@@ -24,9 +24,9 @@ The two limits were set after the bundled decoder's sweep on the selection split
 (recipes/demo/demo-model.md, "An operating point for H"): the gap limit is half the demo's gap
 target (0.1), the empty limit one present event in ten.
 
-DIR gets RUN's files but a training checkpoint (decoder.safetensors byte for byte; no
-train_state/, so it is no run to --resume) and a config.json whose decoder carries
-the chosen logit_bias and whose ``operating_point`` records the rule and every point's figures.
+DIR gets RUN's files (decoder.safetensors byte for byte) except its training checkpoint
+(train_state/: DIR is no run to --resume), and a config.json whose decoder carries the chosen
+logit_bias and whose ``operating_point`` records the rule and every point's figures.
 """
 from __future__ import annotations
 
