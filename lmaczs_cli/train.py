@@ -309,7 +309,7 @@ def init_decoder(directory: str, clap: ClapModel, dec_cfg: DecoderConfig, any_cl
     decoder.cfg = dataclasses.replace(decoder.cfg, logit_bias=0.0)
     if decoder.cfg != dec_cfg:
         have, want = decoder.cfg.to_json(), dec_cfg.to_json()
-        diff = ", ".join(f"{k} {have[k]!r} (asked: {want.get(k)!r})" for k in have if have[k] != want.get(k))
+        diff = ", ".join(f"{k} {have[k]!r} (asked: {want[k]!r})" for k in have if have[k] != want[k])
         raise TrainError(f"--init {directory}: its decoder has another architecture: {diff}; "
                          "pass the same architecture options or leave them out")
     return decoder.train()

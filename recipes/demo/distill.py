@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         mine = {**cfg.to_json(), **ignored}               # an operating point: distilled from bias 0
         theirs = {**start.cfg.to_json(), **ignored}
         if mine != theirs:
-            differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+            differ = sorted(k for k in mine if mine[k] != theirs.get(k))
             raise SystemExit(f"--init {args.init}: its decoder differs from this one in {', '.join(differ)} "
                              "(only the decision map and the projected input may be added)")
         own = student.state_dict()
