@@ -213,7 +213,7 @@ def _runner(backend: str, ex, args, folder: Path):
             from lmaczs_cli.export.quantize import QuantizationError, add_int8
 
             try:
-                add_int8(folder)
+                add_int8(folder, ex.clap, ex.decoder)
             except QuantizationError as e:
                 raise Skip(str(e)) from e
         return OnnxRunner(folder, device="cpu" if ex.device.type == "cpu" else "auto",

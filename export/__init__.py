@@ -6,7 +6,8 @@
   graphs    the traced modules and the patches that make laion's HTSAT export cleanly
   ops       STFT / iSTFT / bicubic stretch as slicing, concatenation and MatMul
   audit     op and type audit against the pinned TensorRT table (trt_ops.json); a problem fails the export
-  quantize  optional int8 variants of the audio-side graphs (``--int8``, ONNX Runtime), audited against fp32
+  quantize  optional int8 variants of the audio-side graphs (``--int8``, ONNX Runtime on the CPU;
+            explainers without their STFT ends), audited against fp32
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def export_explainer_folder(out: str | Path, *, clap: str = "demo", decoder: str
                             max_batch: int = 8, fp16: bool = False, int8: bool = False) -> dict[str, Any]:
     """Load a CLAP + decoder as `Explainer.load` does and write its ONNX graphs (float16 encoder
     and decoder layers with ``fp16``) and tokenizer files into ``out``; with ``int8``, also the
-    audited int8 variants of the audio-side graphs (``quantize.add_int8``).
+    audited int8 variants of the audio-side graphs (``quantize.add_int8``; its explainers take
+    the clips' mel power, the runner computing the STFT and its inverse with torch).
 
     Returns the manifest; its audit problems (``to_onnx.audit_problems``) make
     ``to_trt.export_engines(out, ...)`` refuse to build."""
@@ -40,5 +42,5 @@ def export_explainer_folder(out: str | Path, *, clap: str = "demo", decoder: str
     if int8:
         from .quantize import add_int8
 
-        manifest = add_int8(out)
+        manifest = add_int8(out, clap_model, dec)
     return manifest

@@ -9,6 +9,11 @@ trace with a dynamic batch and without a bicubic ``Resize``.
                       (``check=False``: the same without masked_similarity and its encoder pass)
   ExplainerTopkGraph  waves (B, 480000), labels (L, D), k (K,) -> scores (B, L), topk (B, K),
                       masks, audio, similarity[, masked_similarity] for each window's best K labels
+  SpectrumExplainerGraph, SpectrumExplainerTopkGraph
+                      the same two without their spectral ends: the mel power (B, 1001, 64) in
+                      place of waves (and the linear power (B, 1001, 513) after it, for STFT
+                      masks), no audio out. The int8 CPU graphs (``quantize``): their caller runs
+                      torch's FFT STFT and inverse around them
 
 The audio and explainer graphs are ``lmaczs_cli.model.ExplainerModule`` itself, built with its
 ``matmul`` spectral operations (framing + factorised DFT MatMuls instead of STFT ops; see
@@ -23,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmaczs_cli.audio import CLIP_SAMPLES
 from lmaczs_cli.clap import ClapModel
 from lmaczs_cli.laion import laion_module
 from lmaczs_cli.decoder import HTSAT_FRAMES, MaskDecoder
-from lmaczs_cli.model import ExplainerModule, parts_of
+from lmaczs_cli.model import ExplainerModule, Spectrum, parts_of
 
 from . import ops
 
@@ -128,3 +134,37 @@ class ExplainerTopkGraph(ExplainerGraph):
 
     def forward(self, waves: torch.Tensor, labels: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return parts_of(self.model.forward_topk(waves, labels, k, check=self.check), self.outputs)
+
+
+class SpectrumExplainerGraph(nn.Module):
+    """`ExplainerGraph` from the analysis on: mel power (B, 1001, 64), text (B, K, D)[, linear
+    power (B, 1001, 513) for STFT masks] -> masks, similarity[, masked_similarity]. No STFT and
+    no inverse in the graph: ONNX Runtime on the CPU runs its own STFT and DFT ops, and the
+    MatMul DFTs of the fused graph, several times slower than torch's FFT, so the runner computes
+    both ends with torch (``backends.OnnxRunner``)."""
+
+    OUTPUTS = ("masks", "similarity", "masked_similarity")
+
+    def __init__(self, clap: ClapModel, decoder: MaskDecoder, domain: str, mel_to_linear: str = "linear",
+                 check: bool = True) -> None:
+        super().__init__()
+        self.model = ExplainerModule(clap, decoder, domain, mel_to_linear, spectral="fft")
+        self.check = check
+        self.outputs = tuple(n for n in self.OUTPUTS if check or n != "masked_similarity")
+
+    def forward(self, mel: torch.Tensor, text: torch.Tensor, power: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        feats = self.model.encode_spectrum(Spectrum(None, mel, power))
+        return parts_of(self.model.explain_features(feats, text, CLIP_SAMPLES, self.check, listen=False), self.outputs)
+
+
+class SpectrumExplainerTopkGraph(SpectrumExplainerGraph):
+    """`ExplainerTopkGraph` from the analysis on: mel power, labels (L, D), k (K,)[, linear power]
+    -> scores, topk, masks, similarity[, masked_similarity]."""
+
+    OUTPUTS = ("scores", "topk", *SpectrumExplainerGraph.OUTPUTS)
+
+    def forward(self, mel: torch.Tensor, labels: torch.Tensor, k: torch.Tensor,
+                power: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        feats = self.model.encode_spectrum(Spectrum(None, mel, power))
+        out = self.model.explain_topk_features(feats, labels, k, CLIP_SAMPLES, self.check, listen=False)
+        return parts_of(out, self.outputs)

@@ -5,7 +5,16 @@ ONNX Runtime's dynamic quantisation (``onnxruntime.quantization.quantize_dynamic
 audio encoder's Swin-block MatMuls only -- the MatMuls with a weight, under ``/layers.`` in the
 traced names (attention qkv / proj, MLP fc1 / fc2), where most of the CPU time goes. Their
 weights become int8 (per output channel) and their inputs are quantised to uint8 per call. The
-spectral front end, the inverse STFT, the decoder and the text encoder stay float32.
+decoder and the text encoder stay float32.
+
+The int8 explainers are CPU graphs, and they leave the STFT and its inverse out
+(`graphs.SpectrumExplainerGraph`: mel power in, no audio out): the runner computes both with
+torch's FFT around the graph. The fused graphs' MatMul DFTs are the form TensorRT takes; on the
+CPU they cost several times torch's FFT (HTSAT-tiny, 4 clips, 2 threads: the analysis 35 ms in
+ONNX Runtime against 7 ms, and ONNX Runtime's own STFT op 107 ms), and with the encoder in int8
+they are a large part of a clip's time. So each int8 explainer is traced anew from the models
+(``clap``, ``decoder``: those the folder was exported from) and then quantised. The int8 audio
+encoder is the quantised float32 graph.
 
 Each variant is audited against its float32 graph on fixed test clips before it is kept:
 the audio embeddings' cosine, and the masks' mean and 99th-percentile absolute difference. A
@@ -20,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from lmaczs_cli.audio import CLIP_SAMPLES, SAMPLE_RATE
 from lmaczs_cli.files import atomic_path, sha256_file
@@ -91,7 +101,12 @@ def audit_clips(n: int = 2, seed: int = 0) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def _feeds(graph: str, manifest: dict[str, Any], waves: np.ndarray) -> dict[str, np.ndarray]:
+def _feeds(graph: str, manifest: dict[str, Any], waves: np.ndarray, inputs: list[str]) -> dict[str, np.ndarray]:
+    """The audit inputs of ``graph`` for a graph taking ``inputs``: the clips as waves, or as
+    their analysis (mel, power) for a spectrum graph, and fixed random prompts."""
+    from lmaczs_cli.backends import spectrum_feeds
+    from lmaczs_cli.model import FftSpectral
+
     rng = np.random.default_rng(1)
     D = manifest["joint_dim"]
 
@@ -99,11 +114,15 @@ def _feeds(graph: str, manifest: dict[str, Any], waves: np.ndarray) -> dict[str,
         x = rng.standard_normal((*shape, D)).astype(np.float32)
         return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
+    if "mel" in inputs:
+        clips = spectrum_feeds(FftSpectral().analyse(torch.from_numpy(waves), with_power="power" in inputs))
+    else:
+        clips = {"waves": waves}
     if graph == "audio_encoder":
-        return {"waves": waves}
+        return clips
     if graph.startswith("explainer_topk"):
-        return {"waves": waves, "labels": unit(5), "k": np.zeros(2, np.float32)}
-    return {"waves": waves, "text": unit(len(waves), 2)}
+        return {**clips, "labels": unit(5), "k": np.zeros(2, np.float32)}
+    return {**clips, "text": unit(len(waves), 2)}
 
 
 def compare(graph: str, ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict[str, float]:
@@ -133,39 +152,65 @@ def drift(figures: dict[str, float]) -> str | None:
     return None
 
 
-def add_int8(folder: str | Path, graphs: tuple[str, ...] = INT8_GRAPHS, clips: int = 2) -> dict[str, Any]:
+def _check_sources(manifest: dict[str, Any], clap: Any, decoder: Any, folder: Path) -> None:
+    """The models given are those the folder was exported from (CLAP identity, decoder hash)."""
+    from lmaczs_cli.decoder import decoder_hash
+
+    sources = manifest["sources"]
+    if clap.identity() != sources["clap"]["identity"] or decoder_hash(decoder) != sources["decoder"]["sha256"]:
+        raise ExportError(f"{folder} was exported from another CLAP or decoder than the ones given for its int8 "
+                          "graphs; export again with --int8")
+
+
+def add_int8(folder: str | Path, clap: Any, decoder: Any, graphs: tuple[str, ...] = INT8_GRAPHS,
+             clips: int = 2) -> dict[str, Any]:
     """Quantise and audit the int8 variants of ``graphs`` in an export folder, and record them in
     its manifest (``int8``: {graphs: {name: spec}, audit: {name: figures}}); returns the manifest.
+    ``clap``, ``decoder``: the models the folder was exported from (checked against its manifest);
+    the int8 explainers are traced from them without their spectral ends (see the module doc).
     Raises `QuantizationError` (and keeps no variant) when one drifts past a bound."""
+    import tempfile
+
     import onnxruntime as ort
 
     from lmaczs_cli.backends import session_options
 
+    from .to_onnx import export_spectrum_explainer
+
     folder = Path(folder)
     manifest = read_manifest(folder)
+    _check_sources(manifest, clap, decoder, folder)
+    clap, decoder = clap.to("cpu").eval(), decoder.to("cpu").eval()
     waves = audit_clips(clips)
     specs, figures, written = {}, {}, []
     try:
-        for graph in [g for g in graphs if g in manifest["graphs"]]:
-            fp32 = manifest["graphs"][graph]
-            path = folder / int8_file(fp32["file"])
-            written.append(path)
-            count = quantize_graph(folder / fp32["file"], path)
-            feeds = _feeds(graph, manifest, waves)
-            outs = {}
-            for name, file in (("fp32", folder / fp32["file"]), ("int8", path)):
-                s = ort.InferenceSession(str(file), session_options(), providers=["CPUExecutionProvider"])
-                names = [o.name for o in s.get_outputs()]
-                outs[name] = dict(zip(names, s.run(names, feeds)))
-            figures[graph] = {"quantized_matmuls": count, **compare(graph, outs["fp32"], outs["int8"])}
-            bad = drift(figures[graph])
-            if bad:
-                raise QuantizationError(f"the int8 variant of {graph} drifts from its float32 graph: {bad} on the "
-                                        "audit clips; it was not kept (the float32 graphs are unchanged)")
-            _, dtypes = graph_types(path)
-            specs[graph] = GraphSpec(path.name, fp32["inputs"], fp32["outputs"],
-                                     {k: {int(a): n for a, n in v.items()} for k, v in fp32["dynamic_axes"].items()},
-                                     sha256_file(path), "int8", dtypes).to_json()
+        with tempfile.TemporaryDirectory(dir=folder) as work:
+            for graph in [g for g in graphs if g in manifest["graphs"]]:
+                fp32 = manifest["graphs"][graph]
+                path = folder / int8_file(fp32["file"])
+                written.append(path)
+                if graph == "audio_encoder":
+                    src, spec = folder / fp32["file"], fp32
+                else:
+                    src = Path(work) / fp32["file"]
+                    spec = export_spectrum_explainer(clap, decoder, src, manifest["domain"], manifest["mel_to_linear"],
+                                                     manifest["opset"], check="nocheck" not in graph,
+                                                     topk=graph.startswith("explainer_topk")).to_json()
+                count = quantize_graph(src, path)
+                outs = {}
+                for name, file, inputs in (("fp32", folder / fp32["file"], fp32["inputs"]), ("int8", path, spec["inputs"])):
+                    s = ort.InferenceSession(str(file), session_options(), providers=["CPUExecutionProvider"])
+                    names = [o.name for o in s.get_outputs() if o.name != "audio"]
+                    outs[name] = dict(zip(names, s.run(names, _feeds(graph, manifest, waves, list(inputs)))))
+                figures[graph] = {"quantized_matmuls": count, **compare(graph, outs["fp32"], outs["int8"])}
+                bad = drift(figures[graph])
+                if bad:
+                    raise QuantizationError(f"the int8 variant of {graph} drifts from its float32 graph: {bad} on the "
+                                            "audit clips; it was not kept (the float32 graphs are unchanged)")
+                _, dtypes = graph_types(path)
+                specs[graph] = GraphSpec(path.name, spec["inputs"], spec["outputs"],
+                                         {k: {int(a): n for a, n in v.items()} for k, v in spec["dynamic_axes"].items()},
+                                         sha256_file(path), "int8", dtypes).to_json()
     except BaseException:
         for p in written:
             p.unlink(missing_ok=True)

@@ -33,7 +33,8 @@ from lmaczs_cli.decoder import MaskDecoder, decoder_hash
 from lmaczs_cli.errors import LmaczsError
 from lmaczs_cli.files import atomic_path, sha256_file
 
-from .graphs import AudioEncoderGraph, ExplainerGraph, ExplainerTopkGraph, TextEncoderGraph, export_patches
+from .graphs import (AudioEncoderGraph, ExplainerGraph, ExplainerTopkGraph, SpectrumExplainerGraph,
+                     SpectrumExplainerTopkGraph, TextEncoderGraph, export_patches)
 
 MANIFEST_FORMAT = "lmaczs-export/1"
 AUDIO_ENCODER, TEXT_ENCODER, EXPLAINER = "audio_encoder.onnx", "text_encoder.onnx", "explainer.onnx"
@@ -198,24 +199,42 @@ def export_text_encoder(clap: ClapModel, path: Path, opset: int = 17) -> GraphSp
     return _spec(path, names_in, args, ["embedding"], (out,), dyn)
 
 
+def _write_explainer(clap: ClapModel, graph: torch.nn.Module, path: Path, front: dict[str, torch.Tensor],
+                     back: dict[str, torch.Tensor], topk: bool, opset: int) -> GraphSpec:
+    """Trace an explainer graph whose inputs are ``front`` (per clip), then text (B, K, D) or
+    labels (L, D) and k (K,) (``topk``), then ``back`` (per clip), and describe it."""
+    D = clap.cfg.joint_dim
+    # batch 2, K 3 (and L 5) when tracing: sizes of 1 invite broadcasting shortcuts, equal sizes mix up axes
+    if topk:
+        prompts = {"labels": torch.nn.functional.normalize(torch.randn(5, D), dim=-1), "k": torch.zeros(3)}
+    else:
+        prompts = {"text": torch.nn.functional.normalize(torch.randn(2, 3, D), dim=-1)}
+    inputs = {**front, **prompts, **back}
+    names_in, names_out, args = list(inputs), list(graph.outputs), tuple(inputs.values())
+    dyn = {n: {0: "batch", 1: "prompts"} for n in names_out}
+    dyn.update({n: {0: "batch"} for n in [*front, *back]})
+    if topk:
+        dyn.update(labels={0: "labels"}, k={0: "prompts"}, scores={0: "batch", 1: "labels"})
+    else:
+        dyn["text"] = {0: "batch", 1: "prompts"}
+    with export_patches(clap):
+        _export(graph, args, path, names_in, names_out, dyn, opset)
+        with torch.no_grad():
+            outs = graph(*args)
+    return _spec(path, names_in, args, names_out, outs, dyn)
+
+
+def _trace_waves() -> torch.Tensor:
+    return torch.zeros(2, CLIP_SAMPLES).uniform_(-0.5, 0.5)
+
+
 def export_explainer(clap: ClapModel, decoder: MaskDecoder, path: Path, domain: str,
                      mel_to_linear: str = "linear", opset: int = 17, check: bool = True) -> GraphSpec:
     """The fused graph: waves (B, 480000), text (B, K, D) -> masks (B, K, 1001, bins),
     audio (B, K, 480000), similarity (B, K), masked_similarity (B, K) (``check=False``: without
     the masked check, whose second encoder pass is then not in the graph)."""
     graph = ExplainerGraph(clap, decoder, domain, mel_to_linear, check=check).eval()
-    D = clap.cfg.joint_dim
-    # batch 2 and K 3 when tracing: sizes of 1 invite broadcasting shortcuts, equal sizes mix up axes
-    text = torch.nn.functional.normalize(torch.randn(2, 3, D), dim=-1)
-    args = (torch.zeros(2, CLIP_SAMPLES).uniform_(-0.5, 0.5), text)
-    names_in, names_out = ["waves", "text"], list(graph.outputs)
-    dyn = {n: {0: "batch", 1: "prompts"} for n in ["text", *names_out]}
-    dyn["waves"] = {0: "batch"}
-    with export_patches(clap):
-        _export(graph, args, path, names_in, names_out, dyn, opset)
-        with torch.no_grad():
-            outs = graph(*args)
-    return _spec(path, names_in, args, names_out, outs, dyn)
+    return _write_explainer(clap, graph, path, {"waves": _trace_waves()}, {}, False, opset)
 
 
 def export_explainer_topk(clap: ClapModel, decoder: MaskDecoder, path: Path, domain: str,
@@ -224,17 +243,23 @@ def export_explainer_topk(clap: ClapModel, decoder: MaskDecoder, path: Path, dom
     topk (B, K) int64, then masks, audio, similarity[, masked_similarity] as `export_explainer`'s
     for each window's K best labels. K is the length of ``k``."""
     graph = ExplainerTopkGraph(clap, decoder, domain, mel_to_linear, check=check).eval()
-    D = clap.cfg.joint_dim
-    labels = torch.nn.functional.normalize(torch.randn(5, D), dim=-1)     # L 5, K 3, batch 2: all distinct
-    args = (torch.zeros(2, CLIP_SAMPLES).uniform_(-0.5, 0.5), labels, torch.zeros(3))
-    names_in, names_out = ["waves", "labels", "k"], list(graph.outputs)
-    dyn = {n: {0: "batch", 1: "prompts"} for n in names_out}
-    dyn.update(waves={0: "batch"}, labels={0: "labels"}, k={0: "prompts"}, scores={0: "batch", 1: "labels"})
-    with export_patches(clap):
-        _export(graph, args, path, names_in, names_out, dyn, opset)
-        with torch.no_grad():
-            outs = graph(*args)
-    return _spec(path, names_in, args, names_out, outs, dyn)
+    return _write_explainer(clap, graph, path, {"waves": _trace_waves()}, {}, True, opset)
+
+
+def export_spectrum_explainer(clap: ClapModel, decoder: MaskDecoder, path: Path, domain: str,
+                              mel_to_linear: str = "linear", opset: int = 17, check: bool = True,
+                              topk: bool = False) -> GraphSpec:
+    """The explainer (``topk``: its one-pass top-k form) without its spectral ends
+    (`graphs.SpectrumExplainerGraph`): mel (B, 1001, 64) mel power, then text (B, K, D) or
+    labels (L, D) and k (K,), then, for STFT masks, power (B, 1001, 513) -> the fused graph's
+    outputs but audio."""
+    from lmaczs_cli.model import FftSpectral
+
+    cls = SpectrumExplainerTopkGraph if topk else SpectrumExplainerGraph
+    graph = cls(clap, decoder, domain, mel_to_linear, check=check).eval()
+    spec = FftSpectral().analyse(_trace_waves(), with_power=domain == "stft")
+    back = {"power": spec.power} if domain == "stft" else {}
+    return _write_explainer(clap, graph, path, {"mel": spec.mel}, back, topk, opset)
 
 
 def _audit(out: Path, graphs: dict[str, GraphSpec]) -> dict[str, Any]:

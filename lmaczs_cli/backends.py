@@ -275,8 +275,10 @@ class OnnxRunner(Runner):
         self.config = read_manifest(self.folder)
         _check_hashes(self.folder, self.config)
         self.precision = precision
-        self._files = self._graph_files(precision)
+        self._specs = self._graph_specs(precision)
+        self._files = {g: spec["file"] for g, spec in self._specs.items()}
         self.domain = self.config["domain"]
+        self._spectral: Any = None                   # torch's FFT ends, made on first use by a spectrum graph
         self.providers = self._providers(ort, device)
         self.device = torch.device("cpu")            # outputs come back as CPU tensors
         self._options = session_options(threads)
@@ -293,12 +295,13 @@ class OnnxRunner(Runner):
             return ["CUDAExecutionProvider", "CPUExecutionProvider"]
         return ["CPUExecutionProvider"]
 
-    def _graph_files(self, precision: str) -> dict[str, str]:
-        """graph -> file: the float32 graphs; with ``precision="int8"`` the int8 variants written by
-        ``lmaczs export --int8`` (``export.quantize``) in place of the graphs they exist for."""
-        files = {g: spec["file"] for g, spec in self.config["graphs"].items()}
+    def _graph_specs(self, precision: str) -> dict[str, dict[str, Any]]:
+        """graph -> its manifest entry: the float32 graphs; with ``precision="int8"`` the int8
+        variants written by ``lmaczs export --int8`` (``export.quantize``) in place of the graphs
+        they exist for."""
+        specs = dict(self.config["graphs"])
         if precision in ("auto", "fp32"):
-            return files
+            return specs
         if precision != "int8":
             raise BackendError(f"--backend onnx runs precision fp32 or int8, not {precision!r}")
         int8 = self.config.get("int8", {}).get("graphs", {})
@@ -311,7 +314,7 @@ class OnnxRunner(Runner):
             path = self.folder / spec["file"]
             if not path.is_file() or sha256_file(path) != spec["sha256"]:
                 raise BackendError(f"{path} is missing or does not match its manifest (sha256); re-run lmaczs export --int8")
-        return {**files, **{g: spec["file"] for g, spec in int8.items()}}
+        return {**specs, **int8}
 
     def session(self, graph: str) -> Any:
         """The ORT session of ``graph`` (audio_encoder | text_encoder | explainer...), made once."""
@@ -325,14 +328,36 @@ class OnnxRunner(Runner):
     def _graph(self, name: str) -> bool:
         return name in self.config["graphs"]
 
+    def _run(self, graph: str, waves: torch.Tensor, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, torch.Tensor]:
+        """One explainer graph over ``waves`` with the prompt ``feeds``: ``names`` in order. A
+        spectrum graph (the int8 explainers: mel power in, no audio out) gets the clips' STFT from
+        torch's FFT, and the audio is its masks on that STFT, inverted the same way."""
+        if "mel" not in self._specs[graph]["inputs"]:
+            outs = self._call(self.session(graph).run, names, {"waves": _np32(waves), **feeds})
+            return {k: torch.from_numpy(v) for k, v in zip(names, outs)}
+        from .model import FftSpectral
+
+        self._spectral = self._spectral or FftSpectral()
+        with torch.no_grad():
+            spec = self._spectral.analyse(waves.detach().float().cpu(), with_power=self.domain == "stft")
+        ran = [n for n in names if n != "audio"]
+        outs = self._call(self.session(graph).run, ran, {**spectrum_feeds(spec), **feeds})
+        result = {k: torch.from_numpy(v) for k, v in zip(ran, outs)}
+        if "audio" in names:
+            masks = result["masks"]
+            B, K = masks.shape[:2]
+            with torch.no_grad():
+                audio = self._spectral.listen(spec, masks.flatten(0, 1), K, self.domain,
+                                              self.config["mel_to_linear"], waves.shape[-1])
+            result["audio"] = audio.reshape(B, K, -1)
+        return {n: result[n] for n in names}
+
     def explain(self, waves: torch.Tensor, text: torch.Tensor, check: bool = True) -> dict[str, torch.Tensor]:
         """Without ``check`` the explainer_nocheck graph runs (no second encoder pass), where the
         export folder has it."""
-        feeds = {"waves": _np32(waves), "text": _np32(text)}
         graph = "explainer" if check or not self._graph("explainer_nocheck") else "explainer_nocheck"
         names = list(self.OUTPUTS if graph == "explainer" else self.OUTPUTS[:3])
-        outs = self._call(self.session(graph).run, names, feeds)
-        result = {k: torch.from_numpy(v) for k, v in zip(names, outs)}
+        result = self._run(graph, waves, {"text": _np32(text)}, names)
         if not check:
             result.pop("masked_similarity", None)
         return result
@@ -346,9 +371,7 @@ class OnnxRunner(Runner):
         if not self._graph(graph):
             return super().explain_topk(waves, labels, k, check)
         names = ["scores", "topk", *(self.OUTPUTS if graph == "explainer_topk" else self.OUTPUTS[:3])]
-        feeds = {"waves": _np32(waves), "labels": _np32(labels), "k": np.zeros(k, np.float32)}
-        outs = self._call(self.session(graph).run, names, feeds)
-        result = {n: torch.from_numpy(v) for n, v in zip(names, outs)}
+        result = self._run(graph, waves, {"labels": _np32(labels), "k": np.zeros(k, np.float32)}, names)
         if not check:
             result.pop("masked_similarity", None)
         return result
@@ -365,6 +388,15 @@ class OnnxRunner(Runner):
 
 def _np32(x: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+
+
+def spectrum_feeds(spec: Any) -> dict[str, np.ndarray]:
+    """A spectrum graph's per-clip inputs from an analysis (``model.Spectrum``): its mel power,
+    and its linear power where it has one (STFT masks)."""
+    feeds = {"mel": _np32(spec.mel)}
+    if spec.power is not None:
+        feeds["power"] = _np32(spec.power)
+    return feeds
 
 
 class TrtRunner(Runner):

@@ -641,7 +641,8 @@ def _run_training(training: Any, cfg: Any, resume: bool) -> dict[str, Any]:
               "always stay fp32.")
 @click.option("--int8", is_flag=True,
               help="Also write int8 variants of the audio-side graphs (<graph>_int8.onnx: the CLAP encoder's "
-              "MatMuls dynamically quantised, for ONNX Runtime on the CPU), each audited against its fp32 "
+              "MatMuls dynamically quantised, for ONNX Runtime on the CPU; the explainers without their STFT "
+              "and inverse, which the runner computes with torch's FFT), each audited against its fp32 "
               "graph; a variant that drifts fails the export. Run them with --backend onnx --precision int8.")
 @click.option("--opset", type=click.IntRange(min=17, max=20), default=17, show_default=True,
               help="ONNX opset (17: LayerNormalization; 20: the newest the TorchScript exporter writes).")

@@ -44,7 +44,8 @@ SPECTRAL = ("fft", "matmul", "triton")
 class Spectrum:
     """The analysis of a batch of windows, in the layout of the spectral implementation that made it."""
 
-    X: Any                          # fft/triton: complex (B, 1001, 513); matmul: DFT order (B, 1001, 32, 64)
+    X: Any                          # fft/triton: complex (B, 1001, 513); matmul: DFT order (B, 1001, 32, 64);
+                                    # None where a caller made the analysis and nothing is heard
     mel: torch.Tensor               # mel power (B, 1001, 64), float32
     power: torch.Tensor | None      # linear power (B, 1001, 513), float32; only when asked for (STFT masks)
 
@@ -221,8 +222,12 @@ class ExplainerModule(nn.Module):
 
     def features(self, waves: torch.Tensor) -> Features:
         """waves (B, 480000) -> the front end (float32) and one encoder pass."""
-        spec = self.analyse(waves)
-        with _float32_region(waves.device.type):
+        return self.encode_spectrum(self.analyse(waves))
+
+    def encode_spectrum(self, spec: Spectrum) -> Features:
+        """One encoder pass over an analysis already made (`analyse`, or a caller's own front end:
+        only ``spec.mel`` is read here)."""
+        with _float32_region(spec.mel.device.type):
             logmel = spectral.to_db(spec.mel)                       # (B, 1001, 64)
         embedding, hidden = self.clap.encode(logmel.to(self.encoder_dtype))    # Cast: a half-precision encoder
         return Features(spec, logmel, embedding, hidden)
@@ -275,10 +280,14 @@ class ExplainerModule(nn.Module):
         its best K, all from the same forward. labels (L, D) L2-normalised; k_like (K,): any tensor
         whose length is K (a shape, so that an exported graph takes any K) ->
         scores (B, L), topk (B, K) label indices best first, and `forward`'s outputs for them."""
-        feats = self.features(waves)
+        return self.explain_topk_features(self.features(waves), labels, k_like, waves.shape[-1], check, listen)
+
+    def explain_topk_features(self, feats: Features, labels: torch.Tensor, k_like: torch.Tensor, length: int,
+                              check: bool = True, listen: bool = True) -> dict[str, torch.Tensor]:
+        """`forward_topk` after the encoder pass."""
         scores = feats.embedding.to(labels.dtype) @ labels.T                        # (B, L)
         best = scores.topk(k_like.shape[0], dim=-1).indices                         # (B, K)
-        out = self.explain_features(feats, labels[best], waves.shape[-1], check, listen)
+        out = self.explain_features(feats, labels[best], length, check, listen)
         return {"scores": scores, "topk": best, **out}
 
     def explain_features(self, feats: Features, text: torch.Tensor, length: int, check: bool = True,
@@ -328,7 +337,10 @@ def _clips(spec: Spectrum, group: slice) -> Spectrum:
     """The analysis of the clips ``group`` of a batch."""
     if group.start == 0 and group.stop == spec.mel.shape[0]:
         return spec
-    return Spectrum(spec.X[group], spec.mel[group], spec.power[group] if spec.power is not None else None)
+    def part(x: Any) -> Any:
+        return x[group] if x is not None else None
+
+    return Spectrum(part(spec.X), spec.mel[group], part(spec.power))
 
 
 def token_embeddings(clap: Any, hidden: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -511,7 +511,7 @@ def test_audit_names_double_tensors_and_integer_math():
 
 
 @pytest.fixture(scope="module")
-def int8_folder(exported, tmp_path_factory):
+def int8_folder(exported, model, tmp_path_factory):
     """A copy of the export with its int8 variants added (`lmaczs export --int8`)."""
     import shutil
 
@@ -519,7 +519,7 @@ def int8_folder(exported, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("int8") / "export"
     shutil.copytree(exported[0], folder)
-    return folder, add_int8(folder, graphs=("audio_encoder", "explainer_nocheck"))
+    return folder, add_int8(folder, *model, graphs=("audio_encoder", "explainer_nocheck"))
 
 
 def test_int8_variants_quantise_only_the_encoder_and_pass_their_audit(int8_folder, inputs):
@@ -536,9 +536,13 @@ def test_int8_variants_quantise_only_the_encoder_and_pass_their_audit(int8_folde
         assert figures[graph]["quantized_matmuls"] == len(quantize.quantized_nodes(fp32)) > 0
         ops_int8 = [n for n in int8.graph.node if n.op_type in ("MatMulInteger", "DynamicQuantizeLinear")]
         assert ops_int8 and all("/layers." in n.name for n in ops_int8)
-        # the DFT MatMuls of the front end and the inverse STFT stay float MatMuls
-        assert sum(n.op_type == "MatMul" and "/layers." not in n.name for n in int8.graph.node) >= \
-            sum(n.op_type == "MatMul" and "/layers." not in n.name for n in fp32.graph.node) > 0
+    # the audio encoder's front end stays float MatMuls; the int8 explainer has no STFT ends at all:
+    # mel power in, no audio out (the runner computes both with torch's FFT)
+    a8, a32 = (onnx.load(str(folder / f)) for f in (specs["audio_encoder"]["file"], "audio_encoder.onnx"))
+    assert sum(n.op_type == "MatMul" and "/layers." not in n.name for n in a8.graph.node) >= \
+        sum(n.op_type == "MatMul" and "/layers." not in n.name for n in a32.graph.node) > 0
+    assert list(specs["explainer_nocheck"]["inputs"]) == ["mel", "text"]
+    assert list(specs["explainer_nocheck"]["outputs"]) == ["masks", "similarity"]
     assert figures["audio_encoder"]["embedding_cosine_min"] >= quantize.MIN_EMBEDDING_COSINE
     assert figures["explainer_nocheck"]["mask_mean_abs_diff"] <= quantize.MAX_MASK_MEAN_DIFF
 
@@ -549,6 +553,7 @@ def test_int8_variants_quantise_only_the_encoder_and_pass_their_audit(int8_folde
     assert int8_runner._files["explainer"] == "explainer.onnx"            # no variant: float32
     assert fp32_runner._files["explainer_nocheck"] == "explainer_nocheck.onnx"
     a, b = fp32_runner.explain(waves[:2], text[:2], check=False), int8_runner.explain(waves[:2], text[:2], check=False)
+    assert list(a) == list(b) == ["masks", "audio", "similarity"] and b["audio"].shape == a["audio"].shape
     diff = np.abs(a["masks"].numpy() - b["masks"].numpy())
     assert 0 < diff.max() and diff.mean() <= quantize.MAX_MASK_MEAN_DIFF    # a different graph ran, close
     e8, e32 = int8_runner.embed_audio(waves[:2]).numpy(), fp32_runner.embed_audio(waves[:2]).numpy()
@@ -576,7 +581,7 @@ def test_int8_runner_refuses_a_variant_changed_after_its_audit(int8_folder, tmp_
     assert OnnxRunner(folder, device="cpu", threads=1)._files["explainer_nocheck"] == "explainer_nocheck.onnx"
 
 
-def test_int8_variant_that_drifts_is_refused_and_removed(exported, tmp_path, monkeypatch):
+def test_int8_variant_that_drifts_is_refused_and_removed(exported, model, tmp_path, monkeypatch):
     import shutil
 
     from lmaczs_cli.backends import BackendError, OnnxRunner
@@ -587,7 +592,7 @@ def test_int8_variant_that_drifts_is_refused_and_removed(exported, tmp_path, mon
     before = (folder / "manifest.json").read_text()
     monkeypatch.setattr(quantize, "MIN_EMBEDDING_COSINE", 1.5)         # no variant can pass
     with pytest.raises(quantize.QuantizationError, match="embedding_cosine_min"):
-        quantize.add_int8(folder, graphs=("audio_encoder",))
+        quantize.add_int8(folder, *model, graphs=("audio_encoder",))
     assert not list(folder.glob("*_int8.onnx"))
     assert (folder / "manifest.json").read_text() == before
     with pytest.raises(BackendError, match="lmaczs export --int8"):
@@ -603,3 +608,57 @@ def test_int8_refuses_fp16_graphs_before_writing_anything(tmp_path):
     with pytest.raises(ExportError, match="--int8.*--fp16"):
         export_explainer_folder(tmp_path / "out", clap="demo", fp16=True, int8=True)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("domain", ["mel", "stft"])
+def test_spectrum_graphs_with_torch_ends_explain_as_torch_does(tiny_clap, model, inputs, tmp_path, domain):
+    """The int8 explainers' form, in float32: the graph from the mel power on (and the linear
+    power, for STFT masks), the runner computing the STFT and the inverse with torch's FFT around
+    it. Through `OnnxRunner` it gives what the eager module gives: masks, audio, similarities,
+    top-k labels, for every clip and prompt in order."""
+    import shutil
+
+    from lmaczs_cli.backends import OnnxRunner
+    from lmaczs_cli.export.to_onnx import export_spectrum_explainer
+
+    if domain == "mel":
+        decoder = model[1]
+    else:
+        torch.manual_seed(1)
+        decoder = MaskDecoder(DecoderConfig.for_clap(tiny_clap, domain="stft", width=16, heads=2, text_tokens=4)).eval()
+    folder = tmp_path / "export"
+    export_onnx(tiny_clap, decoder, folder, domain=domain, opset=17)
+    manifest = read_manifest(folder)
+    slots = {}
+    for graph, topk, check in (("explainer", False, True), ("explainer_topk_nocheck", True, False)):
+        spec = export_spectrum_explainer(tiny_clap, decoder, folder / f"{graph}_spectrum.onnx", domain,
+                                         check=check, topk=topk).to_json()
+        slots[graph] = {**spec, "precision": "int8"}     # run as the int8 variants are, in float32
+        assert list(spec["inputs"])[0] == "mel" and ("power" in spec["inputs"]) == (domain == "stft")
+        assert "audio" not in spec["outputs"]
+        assert not [n.op_type for n in onnx.load(str(folder / spec["file"])).graph.node if n.op_type in ("STFT", "DFT")]
+    manifest["int8"] = {"graphs": slots}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    runner = OnnxRunner(folder, device="cpu", threads=1, precision="int8")
+    waves, text = inputs
+    module = ExplainerModule(tiny_clap, decoder, domain).eval()
+    got = runner.explain(waves[:3], text[:3])
+    with torch.no_grad():
+        ref = module(waves[:3], text[:3])
+    assert list(got) == ["masks", "audio", "similarity", "masked_similarity"]
+    assert got["audio"].shape == (3, K, CLIP_SAMPLES)
+    assert np.abs(got["masks"].numpy() - ref["masks"].numpy()).max() <= 1e-3
+    for b in range(3):
+        for k in range(K):
+            assert snr_db(got["audio"][b, k].numpy(), ref["audio"][b, k].numpy()) >= 40, (b, k)
+    for name in ("similarity", "masked_similarity"):
+        assert rel_err(got[name].numpy(), ref[name].numpy()) <= 1e-4, name
+    labels = torch.nn.functional.normalize(torch.randn(6, 512, generator=torch.Generator().manual_seed(5)), dim=-1)
+    top = runner.explain_topk(waves[:3], labels, 3, check=False)
+    with torch.no_grad():
+        ref_top = module.forward_topk(waves[:3], labels, torch.empty(3), check=False)
+    assert set(top) == {"scores", "topk", "masks", "audio", "similarity"}
+    assert np.array_equal(top["topk"].numpy(), ref_top["topk"].numpy())
+    assert np.abs(top["masks"].numpy() - ref_top["masks"].numpy()).max() <= 1e-3
+    assert snr_db(top["audio"][2, 1].numpy(), ref_top["audio"][2, 1].numpy()) >= 40
+    shutil.rmtree(folder)
