@@ -20,6 +20,9 @@ Sections (each skipped with its reason when what it needs is missing):
              variants, `lmaczs export --int8`; "int8" in --sections); trt when TensorRT and a
              GPU exist. The backends are timed interleaved, call by call.
   topk       --labels (50) --top-k 3 in one encoder pass vs a one-prompt explain of the same clips
+  spectral   the STFT and its inverse alone (real clips, the largest batch size), on the CPU:
+             torch's FFT (what the runner computes around the int8 explainers) against the fused
+             graphs' MatMul DFTs in ONNX Runtime and against ONNX Runtime's own STFT and DFT ops
   folder     `lmaczs explain` over a folder of 10-s files (decode, model, writes) vs the in-memory
              batched rate of the same model and batch size (timed just before each folder run);
              where its time goes (the run's `timings`: seconds per stage, and CPU seconds)
@@ -274,6 +277,72 @@ def bench_topk(ex, args, sync, runners: dict[str, Any]) -> list[dict[str, Any]]:
             rows.append({"section": "topk", "backend": backend, "mode": mode, "batch": b, "clips": "real",
                          "check": check, "clips_per_s": r})
     return rows
+
+
+def bench_spectral(ex, args, sync) -> list[dict[str, Any]]:
+    """The spectral ends alone, b real clips, clips/s: the analysis (STFT) and the inverse (one
+    prompt a clip) as torch's FFT, as the fused graphs' MatMul DFTs (``export.ops``) in ONNX
+    Runtime, and as ONNX Runtime's own STFT op and inverse DFT op (the latter without the
+    overlap-add, so a bound in its favour)."""
+    import warnings
+
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lmaczs_cli import spectral
+    from lmaczs_cli.audio import HOP, N_FFT
+    from lmaczs_cli.backends import session_options
+    from lmaczs_cli.export import ops
+
+    if ex.device.type != "cpu":
+        raise Skip("the spectral ends are compared on the CPU only")
+    b = max(args.batch_sizes)
+    waves = clip_set("real", b)
+    X = spectral.stft(waves)                                                  # (b, 1001, 513) complex
+    options = session_options(torch.get_num_threads())
+    with tempfile.TemporaryDirectory() as tmp:
+        def traced(fn: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor, name: str) -> Any:
+            class Graph(torch.nn.Module):
+                def forward(self, x: torch.Tensor) -> torch.Tensor:
+                    return fn(x)
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(Graph(), (example,), f"{tmp}/{name}.onnx", input_names=["x"], output_names=["y"],
+                                  opset_version=17, dynamo=False)
+            return ort.InferenceSession(f"{tmp}/{name}.onnx", options, providers=["CPUExecutionProvider"])
+
+        def one_op(node: Any, x: np.ndarray, consts: list[Any]) -> Any:
+            graph = helper.make_graph([node], "op", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+                                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=consts)
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+            return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+        analysis = traced(ops.stft_dft_order, waves, "analysis")
+        Xd = ops.stft_dft_order(waves)
+        inverse = traced(ops.istft_dft_order, Xd, "inverse")
+        padded = np.pad(waves.numpy(), ((0, 0), (N_FFT // 2, N_FFT // 2)), mode="reflect")[..., None]
+        stft_op = one_op(helper.make_node("STFT", ["x", "step", "window", "length"], ["y"], onesided=1), padded,
+                         [numpy_helper.from_array(np.array(HOP, np.int64), "step"),
+                          numpy_helper.from_array(spectral.hann_np().astype(np.float32), "window"),
+                          numpy_helper.from_array(np.array(N_FFT, np.int64), "length")])
+        full = torch.fft.fft(torch.fft.irfft(X, n=N_FFT), dim=-1)                # the two-sided spectrum
+        two_sided = np.ascontiguousarray(torch.view_as_real(full).numpy(), dtype=np.float32)
+        dft_op = one_op(helper.make_node("DFT", ["x"], ["y"], inverse=1, axis=2, onesided=0), two_sided, [])
+        w, xd = waves.numpy(), Xd.numpy()
+        fns = {
+            ("torch (FFT)", "analysis"): lambda: spectral.stft(waves),
+            ("onnx (MatMul DFT)", "analysis"): lambda: analysis.run(None, {"x": w}),
+            ("onnx (STFT op)", "analysis"): lambda: stft_op.run(None, {"x": padded}),
+            ("torch (FFT)", "inverse"): lambda: spectral.istft(X, CLIP_SAMPLES),
+            ("onnx (MatMul DFT)", "inverse"): lambda: inverse.run(None, {"x": xd}),
+            ("onnx (DFT op, no overlap-add)", "inverse"): lambda: dft_op.run(None, {"x": two_sided}),
+        }
+        with torch.inference_mode():
+            timed_rates = timed_together(fns, b, args.repeats, sync)
+    return [{"section": "spectral", "backend": backend, "mode": mode, "batch": b, "clips": "real", "clips_per_s": r}
+            for (backend, mode), r in timed_rates.items()]
 
 
 def bench_folder(ex, args, sync) -> list[dict[str, Any]]:
@@ -534,6 +603,8 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
     for k in [k for k in rate if k[0] == "topk" and k[2] == "one prompt"]:
         label = "check" if k[4] else "no check"
         put(f"top-3 of 50 cost / one-prompt cost, {k[1]}, {label}, batch {k[5]}", k, (*k[:2], "top-3 of 50", *k[3:]))
+    for k in [k for k in rate if k[0] == "spectral" and k[1] != "torch (FFT)"]:
+        put(f"spectral {k[1]} / torch (FFT), {k[2]}, batch {k[5]}", k, ("spectral", "torch (FFT)", *k[2:]))
     for k in [k for k in rate if k[0] == "folder" and k[2] != "in memory"]:
         put(f"{k[2]} / in memory, batch {k[5]}", k, ("folder", "torch", "in memory", "real", True, k[5]))
     for r in (r for r in rows if r["section"] == "ceiling"):
@@ -595,7 +666,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--sections", nargs="+",
-                    default=["embed", "ceiling", "explain", "onnx", "int8", "trt", "topk", "folder", "rss", "startup", "methods"])
+                    default=["embed", "ceiling", "explain", "onnx", "int8", "trt", "topk", "spectral", "folder", "rss", "startup",
+                             "methods"])
     ap.add_argument("--methods", nargs="+", default=["lmaczs", "gradcam", "gradcam++", "smoothgrad", "ig"])
     ap.add_argument("--prompt", default="the sound of a siren")
     ap.add_argument("--device", default="auto")
@@ -628,6 +700,7 @@ def main(argv: list[str] | None = None) -> int:
         "ceiling": lambda: bench_ceiling(ex, args, sync),
         "explain": with_runners(bench_explain),
         "topk": with_runners(bench_topk),
+        "spectral": lambda: bench_spectral(ex, args, sync),
         "folder": lambda: bench_folder(ex, args, sync),
         "rss": lambda: bench_rss(ex, args, sync),
         "startup": lambda: bench_startup(ex, args, sync),

@@ -10,9 +10,10 @@ decoder and the text encoder stay float32.
 The int8 explainers are CPU graphs, and they leave the STFT and its inverse out
 (`graphs.SpectrumExplainerGraph`: mel power in, no audio out): the runner computes both with
 torch's FFT around the graph. The fused graphs' MatMul DFTs are the form TensorRT takes; on the
-CPU they cost several times torch's FFT (HTSAT-tiny, 4 clips, 2 threads: the analysis 35 ms in
-ONNX Runtime against 7 ms, and ONNX Runtime's own STFT op 107 ms), and with the encoder in int8
-they are a large part of a clip's time. So each int8 explainer is traced anew from the models
+CPU they cost several times torch's FFT (``bench/run.py --sections spectral``, 2 threads: the
+analysis 9-10 ms a clip in ONNX Runtime against 2-3 ms, ONNX Runtime's own STFT op 19 ms; the
+inverse 11-12 ms against 2 ms), and with the encoder in int8 they are a large part of a clip's
+time. So each int8 explainer is traced anew from the models
 (``clap``, ``decoder``: those the folder was exported from) and then quantised. The int8 audio
 encoder is the quantised float32 graph.
 

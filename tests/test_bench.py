@@ -51,6 +51,11 @@ def test_bench_run_quick_writes_json_markdown_and_plot(tmp_path):
     assert any(k.startswith("explain onnx-int8 / onnx, real, no check") for k in ratios)
     assert any(k.startswith("folder, no pictures / in memory") for k in ratios)
     assert any(k.startswith("fp32 ceiling: best GEMM rate / best torch encoder rate") for k in ratios)
+    spectral = {(r["backend"], r["mode"]) for r in rows if r["section"] == "spectral"}
+    assert spectral == {("torch (FFT)", "analysis"), ("onnx (MatMul DFT)", "analysis"), ("onnx (STFT op)", "analysis"),
+                        ("torch (FFT)", "inverse"), ("onnx (MatMul DFT)", "inverse"),
+                        ("onnx (DFT op, no overlap-add)", "inverse")}
+    assert "spectral onnx (MatMul DFT) / torch (FFT), inverse, batch 2" in ratios
     for r in (r for r in rows if r["section"] == "folder" and r["mode"] != "in memory"):
         timings = r["where"]["timings"]                 # where the folder run's time went
         assert timings["model_s"] > 0 and timings["decode_s"] > 0 and timings["wav_s"] > 0
