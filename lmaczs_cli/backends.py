@@ -322,7 +322,10 @@ class OnnxRunner(Runner):
             import onnxruntime as ort
 
             path = self.folder / self._files[graph]
-            self._sessions[graph] = ort.InferenceSession(str(path), self._options, providers=self.providers)
+            # made on the flushing worker too: with `session_options`' denormal setting, ONNX Runtime
+            # also sets flush-to-zero on the thread that makes the session, and every thread that
+            # thread starts later inherits it (numpy then warns that float32's smallest subnormal is 0)
+            self._sessions[graph] = self._call(ort.InferenceSession, str(path), self._options, self.providers)
         return self._sessions[graph]
 
     def _graph(self, name: str) -> bool:

@@ -662,3 +662,33 @@ def test_spectrum_graphs_with_torch_ends_explain_as_torch_does(tiny_clap, model,
     assert np.abs(top["masks"].numpy() - ref_top["masks"].numpy()).max() <= 1e-3
     assert snr_db(top["audio"][2, 1].numpy(), ref_top["audio"][2, 1].numpy()) >= 40
     shutil.rmtree(folder)
+
+
+def test_onnx_runner_leaves_the_calling_threads_floating_point_mode(exported, inputs):
+    """ONNX Runtime runs (and its sessions are made) on the runner's flushing worker: the caller's
+    thread, and the threads it starts later (a folder run's writers), keep denormals."""
+    import threading
+
+    from lmaczs_cli.backends import OnnxRunner
+
+    waves, text = inputs
+    seen: dict[str, bool] = {}
+
+    def keeps_denormals() -> bool:
+        return bool(np.array([1e-39], np.float32)[0] * np.float32(1.0) > 0)
+
+    def caller() -> None:
+        torch.set_flush_denormal(False)            # this thread's own mode, whatever the test process set
+        runner = OnnxRunner(exported[0], device="cpu", threads=1)
+        seen["flushing worker"] = runner._call.flushes
+        runner.explain(waves[:1], text[:1], check=False)
+        runner.embed_audio(waves[:1])
+        seen["caller"] = keeps_denormals()
+        child = threading.Thread(target=lambda: seen.__setitem__("started later", keeps_denormals()))
+        child.start()
+        child.join()
+
+    t = threading.Thread(target=caller)
+    t.start()
+    t.join()
+    assert seen == {"flushing worker": seen["flushing worker"], "caller": True, "started later": True}
