@@ -112,11 +112,12 @@ class ExplainerGraph(nn.Module):
     (``OUTPUTS``; without the masked check when ``check=False``)."""
 
     OUTPUTS = ("masks", "audio", "similarity", "masked_similarity")
+    SPECTRAL = "matmul"                    # the module's spectral operations (`model.SPECTRAL`)
 
     def __init__(self, clap: ClapModel, decoder: MaskDecoder, domain: str, mel_to_linear: str = "linear",
                  check: bool = True) -> None:
         super().__init__()
-        self.model = ExplainerModule(clap, decoder, domain, mel_to_linear, spectral="matmul")
+        self.model = ExplainerModule(clap, decoder, domain, mel_to_linear, spectral=self.SPECTRAL)
         self.check = check
         self.outputs = tuple(n for n in self.OUTPUTS if check or n != "masked_similarity")
 
@@ -136,7 +137,7 @@ class ExplainerTopkGraph(ExplainerGraph):
         return parts_of(self.model.forward_topk(waves, labels, k, check=self.check), self.outputs)
 
 
-class SpectrumExplainerGraph(nn.Module):
+class SpectrumExplainerGraph(ExplainerGraph):
     """`ExplainerGraph` from the analysis on: mel power (B, 1001, 64), text (B, K, D)[, linear
     power (B, 1001, 513) for STFT masks] -> masks, similarity[, masked_similarity]. No STFT and
     no inverse in the graph: ONNX Runtime on the CPU runs its own STFT and DFT ops, and the
@@ -144,13 +145,7 @@ class SpectrumExplainerGraph(nn.Module):
     both ends with torch (``backends.OnnxRunner``)."""
 
     OUTPUTS = ("masks", "similarity", "masked_similarity")
-
-    def __init__(self, clap: ClapModel, decoder: MaskDecoder, domain: str, mel_to_linear: str = "linear",
-                 check: bool = True) -> None:
-        super().__init__()
-        self.model = ExplainerModule(clap, decoder, domain, mel_to_linear, spectral="fft")
-        self.check = check
-        self.outputs = tuple(n for n in self.OUTPUTS if check or n != "masked_similarity")
+    SPECTRAL = "fft"                       # only its mel-domain parts run in the graph
 
     def forward(self, mel: torch.Tensor, text: torch.Tensor, power: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         feats = self.model.encode_spectrum(Spectrum(None, mel, power))

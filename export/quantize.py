@@ -15,11 +15,13 @@ analysis 9-10 ms a clip in ONNX Runtime against 2-3 ms, ONNX Runtime's own STFT 
 inverse 11-12 ms against 2 ms), and with the encoder in int8 they are a large part of a clip's
 time. So each int8 explainer is traced anew from the models
 (``clap``, ``decoder``: those the folder was exported from) and then quantised. The int8 audio
-encoder is the quantised float32 graph.
+encoder is the quantised float32 graph, its STFT still MatMul DFTs (it serves the label scores
+of a two-pass top-k and ``embed_audio``).
 
 Each variant is audited against its float32 graph on fixed test clips before it is kept:
-the audio embeddings' cosine, and the masks' mean and 99th-percentile absolute difference. A
-variant that drifts past a bound is deleted and the export fails naming the figure; the float32
+the audio embeddings' cosine, and the masks' mean and 99th-percentile absolute difference (an
+explainer's audio, as the runner makes it from the int8 masks, is recorded beside them as its SNR
+against the fused graph's audio; the mask bounds are what gate). A variant that drifts past a bound is deleted and the export fails naming the figure; the float32
 graphs stay as they were. The manifest records the variants and their audit under ``int8``;
 ``OnnxRunner(precision="int8")`` runs them.
 """
@@ -126,6 +128,19 @@ def _feeds(graph: str, manifest: dict[str, Any], waves: np.ndarray, inputs: list
     return {**clips, "text": unit(len(waves), 2)}
 
 
+def _heard(masks: np.ndarray, waves: np.ndarray, manifest: dict[str, Any]) -> np.ndarray:
+    """What the runner makes of a spectrum graph's masks (B, K, T, bins): each on its clip's STFT,
+    inverted with torch's FFT (`OnnxRunner` does the same, in groups of clips)."""
+    from lmaczs_cli.model import FftSpectral
+
+    ends, (B, K) = FftSpectral(), masks.shape[:2]
+    with torch.no_grad():
+        spec = ends.analyse(torch.from_numpy(waves), with_power=False)
+        audio = ends.listen(spec, torch.from_numpy(masks).flatten(0, 1), K, manifest["domain"],
+                            manifest["mel_to_linear"], waves.shape[-1])
+    return audio.reshape(B, K, -1).numpy()
+
+
 def compare(graph: str, ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict[str, float]:
     """The audit figures of one graph: embedding cosine (audio encoder) or mask differences."""
     if graph == "audio_encoder":
@@ -140,6 +155,9 @@ def compare(graph: str, ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) 
                                                                  - got["masked_similarity"]).max())
     if "topk" in ref:
         figures["topk_agreement"] = float((ref["topk"] == got["topk"]).mean())
+    if "audio" in ref and "audio" in got:          # the explanation heard, against the fused graph's
+        err = float(((got["audio"] - ref["audio"]) ** 2).sum())
+        figures["audio_snr_db"] = float(10 * np.log10(float((ref["audio"] ** 2).sum()) / max(err, 1e-30)))
     return figures
 
 
@@ -163,18 +181,20 @@ def _check_sources(manifest: dict[str, Any], clap: Any, decoder: Any, folder: Pa
                           "graphs; export again with --int8")
 
 
-def add_int8(folder: str | Path, clap: Any, decoder: Any, graphs: tuple[str, ...] = INT8_GRAPHS,
+def add_int8(folder: str | Path, clap: Any, decoder: Any, *, graphs: tuple[str, ...] = INT8_GRAPHS,
              clips: int = 2) -> dict[str, Any]:
     """Quantise and audit the int8 variants of ``graphs`` in an export folder, and record them in
     its manifest (``int8``: {graphs: {name: spec}, audit: {name: figures}}); returns the manifest.
-    ``clap``, ``decoder``: the models the folder was exported from (checked against its manifest);
-    the int8 explainers are traced from them without their spectral ends (see the module doc).
-    Raises `QuantizationError` (and keeps no variant) when one drifts past a bound."""
+    ``clap``, ``decoder``: the models the folder was exported from (moved to the CPU, in eval
+    mode); the int8 explainers are traced from them without their spectral ends (see the module
+    doc). Raises `ExportError` when the models are not the folder's (its manifest's CLAP identity
+    and decoder hash), and `QuantizationError` when a variant drifts past a bound; either way no
+    variant is kept and the manifest is unchanged."""
     import tempfile
 
     import onnxruntime as ort
 
-    from lmaczs_cli.backends import session_options
+    from lmaczs_cli.backends import DenormalFreeCaller, session_options
 
     from .to_onnx import export_spectrum_explainer
 
@@ -183,9 +203,10 @@ def add_int8(folder: str | Path, clap: Any, decoder: Any, graphs: tuple[str, ...
     _check_sources(manifest, clap, decoder, folder)
     clap, decoder = clap.to("cpu").eval(), decoder.to("cpu").eval()
     waves = audit_clips(clips)
+    call = DenormalFreeCaller()              # sessions made and run off this thread (`OnnxRunner.session`)
     specs, figures, written = {}, {}, []
     try:
-        with tempfile.TemporaryDirectory(dir=folder) as work:
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".int8-") as work:
             for graph in [g for g in graphs if g in manifest["graphs"]]:
                 fp32 = manifest["graphs"][graph]
                 path = folder / int8_file(fp32["file"])
@@ -200,9 +221,11 @@ def add_int8(folder: str | Path, clap: Any, decoder: Any, graphs: tuple[str, ...
                 count = quantize_graph(src, path)
                 outs = {}
                 for name, file, inputs in (("fp32", folder / fp32["file"], fp32["inputs"]), ("int8", path, spec["inputs"])):
-                    s = ort.InferenceSession(str(file), session_options(), providers=["CPUExecutionProvider"])
-                    names = [o.name for o in s.get_outputs() if o.name != "audio"]
-                    outs[name] = dict(zip(names, s.run(names, _feeds(graph, manifest, waves, list(inputs)))))
+                    s = call(ort.InferenceSession, str(file), session_options(), ["CPUExecutionProvider"])
+                    names = [o.name for o in s.get_outputs()]
+                    outs[name] = dict(zip(names, call(s.run, names, _feeds(graph, manifest, waves, list(inputs)))))
+                if "audio" in outs["fp32"] and "audio" not in outs["int8"]:
+                    outs["int8"]["audio"] = _heard(outs["int8"]["masks"], waves, manifest)
                 figures[graph] = {"quantized_matmuls": count, **compare(graph, outs["fp32"], outs["int8"])}
                 bad = drift(figures[graph])
                 if bad:

@@ -278,7 +278,6 @@ class OnnxRunner(Runner):
         self._specs = self._graph_specs(precision)
         self._files = {g: spec["file"] for g, spec in self._specs.items()}
         self.domain = self.config["domain"]
-        self._spectral: Any = None                   # torch's FFT ends, made on first use by a spectrum graph
         self.providers = self._providers(ort, device)
         self.device = torch.device("cpu")            # outputs come back as CPU tensors
         self._options = session_options(threads)
@@ -317,15 +316,18 @@ class OnnxRunner(Runner):
         return {**specs, **int8}
 
     def session(self, graph: str) -> Any:
-        """The ORT session of ``graph`` (audio_encoder | text_encoder | explainer...), made once."""
+        """The ORT session of ``graph`` (audio_encoder | text_encoder | explainer...), made once, on
+        the flushing worker: with `session_options`' denormal setting ONNX Runtime also sets
+        flush-to-zero on the thread that makes a session, and every thread that thread starts later
+        inherits it (a folder run's writers; numpy then warns that float32's smallest subnormal is 0)."""
+        return self._call(self._session, graph)
+
+    def _session(self, graph: str) -> Any:
         if graph not in self._sessions:
             import onnxruntime as ort
 
             path = self.folder / self._files[graph]
-            # made on the flushing worker too: with `session_options`' denormal setting, ONNX Runtime
-            # also sets flush-to-zero on the thread that makes the session, and every thread that
-            # thread starts later inherits it (numpy then warns that float32's smallest subnormal is 0)
-            self._sessions[graph] = self._call(ort.InferenceSession, str(path), self._options, self.providers)
+            self._sessions[graph] = ort.InferenceSession(str(path), self._options, providers=self.providers)
         return self._sessions[graph]
 
     def _graph(self, name: str) -> bool:
@@ -338,20 +340,23 @@ class OnnxRunner(Runner):
         if "mel" not in self._specs[graph]["inputs"]:
             outs = self._call(self.session(graph).run, names, {"waves": _np32(waves), **feeds})
             return {k: torch.from_numpy(v) for k, v in zip(names, outs)}
-        from .model import FftSpectral
+        from .model import FftSpectral, _clip_groups, _clips
 
-        self._spectral = self._spectral or FftSpectral()
+        ends = FftSpectral()
         with torch.no_grad():
-            spec = self._spectral.analyse(waves.detach().float().cpu(), with_power=self.domain == "stft")
+            spec = ends.analyse(waves.detach().float().cpu(), with_power=self.domain == "stft")
         ran = [n for n in names if n != "audio"]
         outs = self._call(self.session(graph).run, ran, {**spectrum_feeds(spec), **feeds})
         result = {k: torch.from_numpy(v) for k, v in zip(ran, outs)}
         if "audio" in names:
             masks = result["masks"]
             B, K = masks.shape[:2]
+            flat = masks.flatten(0, 1)
+            # the inverse in groups of clips, as the torch runner does it (`model._clip_groups` says why)
             with torch.no_grad():
-                audio = self._spectral.listen(spec, masks.flatten(0, 1), K, self.domain,
-                                              self.config["mel_to_linear"], waves.shape[-1])
+                audio = torch.cat([ends.listen(_clips(spec, g), flat[g.start * K: g.stop * K], K, self.domain,
+                                               self.config["mel_to_linear"], waves.shape[-1])
+                                   for g in _clip_groups(B, K, flat)])
             result["audio"] = audio.reshape(B, K, -1)
         return {n: result[n] for n in names}
 

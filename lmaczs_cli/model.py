@@ -337,6 +337,7 @@ def _clips(spec: Spectrum, group: slice) -> Spectrum:
     """The analysis of the clips ``group`` of a batch."""
     if group.start == 0 and group.stop == spec.mel.shape[0]:
         return spec
+
     def part(x: Any) -> Any:
         return x[group] if x is not None else None
 

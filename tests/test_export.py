@@ -519,7 +519,7 @@ def int8_folder(exported, model, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("int8") / "export"
     shutil.copytree(exported[0], folder)
-    return folder, add_int8(folder, *model, graphs=("audio_encoder", "explainer_nocheck"))
+    return folder, add_int8(folder, *model, graphs=("audio_encoder", "explainer_nocheck", "explainer_topk"))
 
 
 def test_int8_variants_quantise_only_the_encoder_and_pass_their_audit(int8_folder, inputs):
@@ -528,12 +528,14 @@ def test_int8_variants_quantise_only_the_encoder_and_pass_their_audit(int8_folde
 
     folder, manifest = int8_folder
     specs, figures = manifest["int8"]["graphs"], manifest["int8"]["audit"]
-    assert set(specs) == {"audio_encoder", "explainer_nocheck"}
+    assert set(specs) == {"audio_encoder", "explainer_nocheck", "explainer_topk"}
     assert specs["explainer_nocheck"]["file"] == "explainer_nocheck_int8.onnx"
     for graph, spec in specs.items():
         assert sha256_file(folder / spec["file"]) == spec["sha256"] and spec["precision"] == "int8"
         fp32, int8 = (onnx.load(str(folder / f)) for f in (manifest["graphs"][graph]["file"], spec["file"]))
-        assert figures[graph]["quantized_matmuls"] == len(quantize.quantized_nodes(fp32)) > 0
+        # a graph with the check runs the encoder twice: its second pass's MatMuls are quantised too
+        passes = 2 if graph == "explainer_topk" else 1
+        assert figures[graph]["quantized_matmuls"] == passes * len(quantize.quantized_nodes(fp32)) > 0
         ops_int8 = [n for n in int8.graph.node if n.op_type in ("MatMulInteger", "DynamicQuantizeLinear")]
         assert ops_int8 and all("/layers." in n.name for n in ops_int8)
     # the audio encoder's front end stays float MatMuls; the int8 explainer has no STFT ends at all:
@@ -545,6 +547,10 @@ def test_int8_variants_quantise_only_the_encoder_and_pass_their_audit(int8_folde
     assert list(specs["explainer_nocheck"]["outputs"]) == ["masks", "similarity"]
     assert figures["audio_encoder"]["embedding_cosine_min"] >= quantize.MIN_EMBEDDING_COSINE
     assert figures["explainer_nocheck"]["mask_mean_abs_diff"] <= quantize.MAX_MASK_MEAN_DIFF
+    assert list(specs["explainer_topk"]["inputs"]) == ["mel", "labels", "k"]
+    # the audio the runner makes of the int8 masks, against the fused graph's: recorded, and close
+    assert figures["explainer_topk"]["audio_snr_db"] >= 20 and figures["explainer_topk"]["topk_agreement"] == 1
+    assert not [p for p in folder.iterdir() if p.name.startswith(".int8-")]      # its work folder is gone
 
     waves, text = inputs
     fp32_runner = OnnxRunner(folder, device="cpu", threads=1)
@@ -593,7 +599,7 @@ def test_int8_variant_that_drifts_is_refused_and_removed(exported, model, tmp_pa
     monkeypatch.setattr(quantize, "MIN_EMBEDDING_COSINE", 1.5)         # no variant can pass
     with pytest.raises(quantize.QuantizationError, match="embedding_cosine_min"):
         quantize.add_int8(folder, *model, graphs=("audio_encoder",))
-    assert not list(folder.glob("*_int8.onnx"))
+    assert not list(folder.glob("*_int8.onnx")) and not list(folder.glob(".int8-*"))
     assert (folder / "manifest.json").read_text() == before
     with pytest.raises(BackendError, match="lmaczs export --int8"):
         OnnxRunner(folder, device="cpu", precision="int8")
@@ -680,7 +686,6 @@ def test_onnx_runner_leaves_the_calling_threads_floating_point_mode(exported, in
     def caller() -> None:
         torch.set_flush_denormal(False)            # this thread's own mode, whatever the test process set
         runner = OnnxRunner(exported[0], device="cpu", threads=1)
-        seen["flushing worker"] = runner._call.flushes
         runner.explain(waves[:1], text[:1], check=False)
         runner.embed_audio(waves[:1])
         seen["caller"] = keeps_denormals()
@@ -691,4 +696,46 @@ def test_onnx_runner_leaves_the_calling_threads_floating_point_mode(exported, in
     t = threading.Thread(target=caller)
     t.start()
     t.join()
-    assert seen == {"flushing worker": seen["flushing worker"], "caller": True, "started later": True}
+    assert seen == {"caller": True, "started later": True}
+
+
+def test_int8_refuses_models_the_folder_was_not_exported_from(exported, model, tmp_path):
+    """The int8 explainers are traced from the models given: a decoder with other weights than the
+    export's is refused before anything is written."""
+    import shutil
+
+    from lmaczs_cli.export.quantize import add_int8
+    from lmaczs_cli.export.to_onnx import ExportError
+
+    folder = tmp_path / "export"
+    shutil.copytree(exported[0], folder)
+    before = sorted(p.name for p in folder.iterdir()), (folder / "manifest.json").read_text()
+    clap, decoder = model
+    torch.manual_seed(7)
+    other = MaskDecoder(decoder.cfg).eval()
+    with pytest.raises(ExportError, match="another CLAP or decoder"):
+        add_int8(folder, clap, other, graphs=("explainer_nocheck",))
+    assert (sorted(p.name for p in folder.iterdir()), (folder / "manifest.json").read_text()) == before
+
+
+def test_int8_stft_mask_explainers_take_the_linear_power_and_pass_their_audit(tiny_clap, inputs, tmp_path):
+    """STFT-grid masks: the int8 top-k explainer (with the check) takes the linear power after
+    the labels, passes its audit, and through the runner picks the float32 graph's labels."""
+    from lmaczs_cli.backends import OnnxRunner
+    from lmaczs_cli.export import quantize
+
+    torch.manual_seed(1)
+    decoder = MaskDecoder(DecoderConfig.for_clap(tiny_clap, domain="stft", width=16, heads=2, text_tokens=4)).eval()
+    folder = tmp_path / "export"
+    export_onnx(tiny_clap, decoder, folder, domain="stft", opset=17)
+    manifest = quantize.add_int8(folder, tiny_clap, decoder, graphs=("explainer_topk",))
+    spec, figures = manifest["int8"]["graphs"]["explainer_topk"], manifest["int8"]["audit"]["explainer_topk"]
+    assert list(spec["inputs"]) == ["mel", "labels", "k", "power"] and "audio" not in spec["outputs"]
+    assert figures["mask_mean_abs_diff"] <= quantize.MAX_MASK_MEAN_DIFF and figures["audio_snr_db"] >= 20
+    waves, _ = inputs
+    labels = torch.nn.functional.normalize(torch.randn(6, 512, generator=torch.Generator().manual_seed(5)), dim=-1)
+    a = OnnxRunner(folder, device="cpu", threads=1).explain_topk(waves[:2], labels, 2)
+    b = OnnxRunner(folder, device="cpu", threads=1, precision="int8").explain_topk(waves[:2], labels, 2)
+    assert list(a) == list(b) and np.array_equal(a["topk"].numpy(), b["topk"].numpy())
+    assert b["masks"].shape == (2, 2, 1001, 513) and b["audio"].shape == (2, 2, CLIP_SAMPLES)
+    assert snr_db(b["audio"].numpy(), a["audio"].numpy()) >= 20
