@@ -616,8 +616,19 @@ def test_int8_refuses_fp16_graphs_before_writing_anything(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.fixture(scope="module")
+def stft_exported(tiny_clap, tmp_path_factory):
+    """An STFT-grid decoder (1001 x 513 masks) and its export, shared by the tests of such masks."""
+    torch.manual_seed(1)
+    decoder = MaskDecoder(DecoderConfig.for_clap(tiny_clap, domain="stft", width=16, heads=2, text_tokens=4)).eval()
+    folder = tmp_path_factory.mktemp("stft") / "export"
+    export_onnx(tiny_clap, decoder, folder, domain="stft", opset=17)
+    return folder, decoder
+
+
 @pytest.mark.parametrize("domain", ["mel", "stft"])
-def test_spectrum_graphs_with_torch_ends_explain_as_torch_does(tiny_clap, model, inputs, tmp_path, domain):
+def test_spectrum_graphs_with_torch_ends_explain_as_torch_does(tiny_clap, model, exported, stft_exported, inputs,
+                                                                tmp_path, domain):
     """The int8 explainers' form, in float32: the graph from the mel power on (and the linear
     power, for STFT masks), the runner computing the STFT and the inverse with torch's FFT around
     it. Through `OnnxRunner` it gives what the eager module gives: masks, audio, similarities,
@@ -627,13 +638,9 @@ def test_spectrum_graphs_with_torch_ends_explain_as_torch_does(tiny_clap, model,
     from lmaczs_cli.backends import OnnxRunner
     from lmaczs_cli.export.to_onnx import export_spectrum_explainer
 
-    if domain == "mel":
-        decoder = model[1]
-    else:
-        torch.manual_seed(1)
-        decoder = MaskDecoder(DecoderConfig.for_clap(tiny_clap, domain="stft", width=16, heads=2, text_tokens=4)).eval()
+    source, decoder = (exported[0], model[1]) if domain == "mel" else stft_exported
     folder = tmp_path / "export"
-    export_onnx(tiny_clap, decoder, folder, domain=domain, opset=17)
+    shutil.copytree(source, folder)
     manifest = read_manifest(folder)
     slots = {}
     for graph, topk, check in (("explainer", False, True), ("explainer_topk_nocheck", True, False)):
@@ -718,16 +725,17 @@ def test_int8_refuses_models_the_folder_was_not_exported_from(exported, model, t
     assert (sorted(p.name for p in folder.iterdir()), (folder / "manifest.json").read_text()) == before
 
 
-def test_int8_stft_mask_explainers_take_the_linear_power_and_pass_their_audit(tiny_clap, inputs, tmp_path):
+def test_int8_stft_mask_explainers_take_the_linear_power_and_pass_their_audit(tiny_clap, stft_exported, inputs,
+                                                                              tmp_path):
     """STFT-grid masks: the int8 top-k explainer (with the check) takes the linear power after
     the labels, passes its audit, and through the runner picks the float32 graph's labels."""
     from lmaczs_cli.backends import OnnxRunner
     from lmaczs_cli.export import quantize
 
-    torch.manual_seed(1)
-    decoder = MaskDecoder(DecoderConfig.for_clap(tiny_clap, domain="stft", width=16, heads=2, text_tokens=4)).eval()
-    folder = tmp_path / "export"
-    export_onnx(tiny_clap, decoder, folder, domain="stft", opset=17)
+    import shutil
+
+    folder, decoder = tmp_path / "export", stft_exported[1]
+    shutil.copytree(stft_exported[0], folder)
     manifest = quantize.add_int8(folder, tiny_clap, decoder, graphs=("explainer_topk",))
     spec, figures = manifest["int8"]["graphs"]["explainer_topk"], manifest["int8"]["audit"]["explainer_topk"]
     assert list(spec["inputs"]) == ["mel", "labels", "k", "power"] and "audio" not in spec["outputs"]
