@@ -147,7 +147,8 @@ class SpectrumExplainerGraph(ExplainerGraph):
     OUTPUTS = ("masks", "similarity", "masked_similarity")
     SPECTRAL = "fft"                       # only its mel-domain parts run in the graph
 
-    def forward(self, mel: torch.Tensor, text: torch.Tensor, power: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    def forward(self, mel: torch.Tensor, text: torch.Tensor,
+                power: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         feats = self.model.encode_spectrum(Spectrum(None, mel, power))
         return parts_of(self.model.explain_features(feats, text, CLIP_SAMPLES, self.check, listen=False), self.outputs)
 

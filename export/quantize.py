@@ -11,19 +11,20 @@ The int8 explainers are CPU graphs, and they leave the STFT and its inverse out
 (`graphs.SpectrumExplainerGraph`: mel power in, no audio out): the runner computes both with
 torch's FFT around the graph. The fused graphs' MatMul DFTs are the form TensorRT takes; on the
 CPU they cost several times torch's FFT (``bench/run.py --sections spectral``, 2 threads: the
-analysis 9-10 ms a clip in ONNX Runtime against 2-3 ms, ONNX Runtime's own STFT op 19 ms; the
-inverse 11-12 ms against 2 ms), and with the encoder in int8 they are a large part of a clip's
-time. So each int8 explainer is traced anew from the models
-(``clap``, ``decoder``: those the folder was exported from) and then quantised. The int8 audio
-encoder is the quantised float32 graph, its STFT still MatMul DFTs (it serves the label scores
-of a two-pass top-k and ``embed_audio``).
+analysis 8-11 ms a clip in ONNX Runtime against 2 ms, ONNX Runtime's own STFT op 18-20 ms; the
+inverse 10 ms against 3 ms), and with the encoder in int8 they are a large part of a clip's
+time. So each int8 explainer is traced anew from the models (``clap``, ``decoder``: those the
+folder was exported from) and then quantised. The int8 audio encoder is the quantised float32
+graph, its STFT still MatMul DFTs (it serves the label scores of a two-pass top-k and
+``embed_audio``).
 
 Each variant is audited against its float32 graph on fixed test clips before it is kept:
 the audio embeddings' cosine, and the masks' mean and 99th-percentile absolute difference (an
 explainer's audio, as the runner makes it from the int8 masks, is recorded beside them as its SNR
-against the fused graph's audio; the mask bounds are what gate). A variant that drifts past a bound is deleted and the export fails naming the figure; the float32
-graphs stay as they were. The manifest records the variants and their audit under ``int8``;
-``OnnxRunner(precision="int8")`` runs them.
+against the fused graph's audio; the mask bounds are what gate). A variant that drifts past a
+bound is deleted and the export fails naming the figure; the float32 graphs stay as they were.
+The manifest records the variants and their audit under ``int8``; ``OnnxRunner(precision="int8")``
+runs them.
 """
 from __future__ import annotations
 
@@ -220,7 +221,8 @@ def add_int8(folder: str | Path, clap: Any, decoder: Any, *, graphs: tuple[str, 
                                                      topk=graph.startswith("explainer_topk")).to_json()
                 count = quantize_graph(src, path)
                 outs = {}
-                for name, file, inputs in (("fp32", folder / fp32["file"], fp32["inputs"]), ("int8", path, spec["inputs"])):
+                runs = (("fp32", folder / fp32["file"], fp32["inputs"]), ("int8", path, spec["inputs"]))
+                for name, file, inputs in runs:
                     s = call(ort.InferenceSession, str(file), session_options(), ["CPUExecutionProvider"])
                     names = [o.name for o in s.get_outputs()]
                     outs[name] = dict(zip(names, call(s.run, names, _feeds(graph, manifest, waves, list(inputs)))))
@@ -232,9 +234,9 @@ def add_int8(folder: str | Path, clap: Any, decoder: Any, *, graphs: tuple[str, 
                     raise QuantizationError(f"the int8 variant of {graph} drifts from its float32 graph: {bad} on the "
                                             "audit clips; it was not kept (the float32 graphs are unchanged)")
                 _, dtypes = graph_types(path)
-                specs[graph] = GraphSpec(path.name, spec["inputs"], spec["outputs"],
-                                         {k: {int(a): n for a, n in v.items()} for k, v in spec["dynamic_axes"].items()},
-                                         sha256_file(path), "int8", dtypes).to_json()
+                axes = {k: {int(a): n for a, n in v.items()} for k, v in spec["dynamic_axes"].items()}
+                specs[graph] = GraphSpec(path.name, spec["inputs"], spec["outputs"], axes, sha256_file(path), "int8",
+                                         dtypes).to_json()
     except BaseException:
         for p in written:
             p.unlink(missing_ok=True)

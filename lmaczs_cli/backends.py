@@ -333,14 +333,15 @@ class OnnxRunner(Runner):
     def _graph(self, name: str) -> bool:
         return name in self.config["graphs"]
 
-    def _run(self, graph: str, waves: torch.Tensor, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, torch.Tensor]:
+    def _run(self, graph: str, waves: torch.Tensor, feeds: dict[str, np.ndarray],
+             names: list[str]) -> dict[str, torch.Tensor]:
         """One explainer graph over ``waves`` with the prompt ``feeds``: ``names`` in order. A
         spectrum graph (the int8 explainers: mel power in, no audio out) gets the clips' STFT from
         torch's FFT, and the audio is its masks on that STFT, inverted the same way."""
         if "mel" not in self._specs[graph]["inputs"]:
             outs = self._call(self.session(graph).run, names, {"waves": _np32(waves), **feeds})
             return {k: torch.from_numpy(v) for k, v in zip(names, outs)}
-        from .model import FftSpectral, _clip_groups, _clips
+        from .model import FftSpectral, clip_groups, spectrum_clips
 
         ends = FftSpectral()
         with torch.no_grad():
@@ -352,11 +353,11 @@ class OnnxRunner(Runner):
             masks = result["masks"]
             B, K = masks.shape[:2]
             flat = masks.flatten(0, 1)
-            # the inverse in groups of clips, as the torch runner does it (`model._clip_groups` says why)
+            # the inverse in groups of clips, as the torch runner does it (`model.clip_groups` says why)
             with torch.no_grad():
-                audio = torch.cat([ends.listen(_clips(spec, g), flat[g.start * K: g.stop * K], K, self.domain,
+                audio = torch.cat([ends.listen(spectrum_clips(spec, g), flat[g.start * K: g.stop * K], K, self.domain,
                                                self.config["mel_to_linear"], waves.shape[-1])
-                                   for g in _clip_groups(B, K, flat)])
+                                   for g in clip_groups(B, K, flat)])
             result["audio"] = audio.reshape(B, K, -1)
         return {n: result[n] for n in names}
 

@@ -295,23 +295,23 @@ class ExplainerModule(nn.Module):
         """`forward` after the encoder pass: feats of B windows, text (B, K, D)."""
         B, K, D = text.shape
         flat = text.reshape(B * K, D)
-        groups = _clip_groups(B, K, flat)
+        groups = clip_groups(B, K, flat)
         masks = torch.cat([self.decode(_clip_features(feats, g), K, flat[g.start * K: g.stop * K])
                            for g in groups])                                     # (B*K, 1001, bins)
         out = {"masks": masks.reshape(B, K, *masks.shape[1:]),
                "similarity": (text * feats.embedding[:, None].to(text.dtype)).sum(-1)}
         if listen:
-            out["audio"] = torch.cat([self.listen(_clips(feats.spectrum, g), masks[g.start * K: g.stop * K], K, length)
-                                      for g in groups]).reshape(B, K, -1)
+            out["audio"] = torch.cat([self.listen(spectrum_clips(feats.spectrum, g), masks[g.start * K: g.stop * K], K,
+                                                  length) for g in groups]).reshape(B, K, -1)
         if check:
-            masked_emb = torch.cat([self.clap.encode(self.masked_log_mel(_clips(feats.spectrum, g), K,
+            masked_emb = torch.cat([self.clap.encode(self.masked_log_mel(spectrum_clips(feats.spectrum, g), K,
                                                                          masks[g.start * K: g.stop * K])
                                                      .to(self.encoder_dtype))[0] for g in groups])
             out["masked_similarity"] = (flat * masked_emb.to(flat.dtype)).sum(-1).reshape(B, K)
         return out
 
 
-def _clip_groups(B: int, K: int, like: torch.Tensor) -> list[slice]:
+def clip_groups(B: int, K: int, like: torch.Tensor) -> list[slice]:
     """The clips of a batch in groups whose (clip, prompt) pairs number about B, for the per-pair
     steps (decoder, listenable inverse, masked check). With K prompts a clip those steps see
     B x K rows; run at once on the CPU, their tensors (full-resolution decoder maps, a complex
@@ -329,11 +329,11 @@ def _clip_features(feats: Features, group: slice) -> Features:
     """What the decoder reads of the clips ``group`` of a batch."""
     if group.start == 0 and group.stop == feats.logmel.shape[0]:
         return feats
-    return Features(_clips(feats.spectrum, group), feats.logmel[group], feats.embedding[group],
+    return Features(spectrum_clips(feats.spectrum, group), feats.logmel[group], feats.embedding[group],
                     [h[group] for h in feats.hidden])
 
 
-def _clips(spec: Spectrum, group: slice) -> Spectrum:
+def spectrum_clips(spec: Spectrum, group: slice) -> Spectrum:
     """The analysis of the clips ``group`` of a batch."""
     if group.start == 0 and group.stop == spec.mel.shape[0]:
         return spec

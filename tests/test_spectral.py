@@ -124,7 +124,7 @@ def test_analysis_fft_and_matmul_implementations_agree():
 
 def test_many_prompts_run_the_per_pair_steps_in_groups_with_the_same_results(tiny_clap, monkeypatch):
     """On the CPU, K prompts a clip run the decoder, the listenable inverse and the masked check
-    in groups of about B pairs (`model._clip_groups`); the outputs are those of one pass over
+    in groups of about B pairs (`model.clip_groups`); the outputs are those of one pass over
     all B x K pairs."""
     from lmaczs_cli import model as M
     from lmaczs_cli.decoder import DecoderConfig, MaskDecoder
@@ -134,11 +134,11 @@ def test_many_prompts_run_the_per_pair_steps_in_groups_with_the_same_results(tin
     module = M.ExplainerModule(tiny_clap, decoder, "mel").eval()
     waves = _noise(batch=3)
     text = torch.nn.functional.normalize(torch.randn(3, 2, 512, generator=torch.Generator().manual_seed(1)), dim=-1)
-    assert M._clip_groups(3, 2, waves) == [slice(0, 2), slice(2, 3)]
-    assert M._clip_groups(3, 1, waves) == [slice(0, 3)]
+    assert M.clip_groups(3, 2, waves) == [slice(0, 2), slice(2, 3)]
+    assert M.clip_groups(3, 1, waves) == [slice(0, 3)]
     with torch.no_grad():
         grouped = module(waves, text)
-        monkeypatch.setattr(M, "_clip_groups", lambda B, K, masks: [slice(0, B)])
+        monkeypatch.setattr(M, "clip_groups", lambda B, K, masks: [slice(0, B)])
         whole = module(waves, text)
     for name in ("masks", "audio", "similarity", "masked_similarity"):
         torch.testing.assert_close(grouped[name], whole[name], rtol=1e-5, atol=1e-6)
