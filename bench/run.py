@@ -286,7 +286,6 @@ def bench_spectral(ex, args, sync) -> list[dict[str, Any]]:
     overlap-add, so a bound in its favour)."""
     import warnings
 
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
