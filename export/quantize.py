@@ -129,19 +129,6 @@ def _feeds(graph: str, manifest: dict[str, Any], waves: np.ndarray, inputs: list
     return {**clips, "text": unit(len(waves), 2)}
 
 
-def _heard(masks: np.ndarray, waves: np.ndarray, manifest: dict[str, Any]) -> np.ndarray:
-    """What the runner makes of a spectrum graph's masks (B, K, T, bins): each on its clip's STFT,
-    inverted with torch's FFT (`OnnxRunner` does the same, in groups of clips)."""
-    from lmaczs_cli.model import FftSpectral
-
-    ends, (B, K) = FftSpectral(), masks.shape[:2]
-    with torch.no_grad():
-        spec = ends.analyse(torch.from_numpy(waves), with_power=False)
-        audio = ends.listen(spec, torch.from_numpy(masks).flatten(0, 1), K, manifest["domain"],
-                            manifest["mel_to_linear"], waves.shape[-1])
-    return audio.reshape(B, K, -1).numpy()
-
-
 def compare(graph: str, ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict[str, float]:
     """The audit figures of one graph: embedding cosine (audio encoder) or mask differences."""
     if graph == "audio_encoder":
@@ -195,7 +182,8 @@ def add_int8(folder: str | Path, clap: Any, decoder: Any, *, graphs: tuple[str, 
 
     import onnxruntime as ort
 
-    from lmaczs_cli.backends import DenormalFreeCaller, session_options
+    from lmaczs_cli.backends import DenormalFreeCaller, heard, session_options
+    from lmaczs_cli.model import FftSpectral
 
     from .to_onnx import export_spectrum_explainer
 
@@ -227,7 +215,9 @@ def add_int8(folder: str | Path, clap: Any, decoder: Any, *, graphs: tuple[str, 
                     names = [o.name for o in s.get_outputs()]
                     outs[name] = dict(zip(names, call(s.run, names, _feeds(graph, manifest, waves, list(inputs)))))
                 if "audio" in outs["fp32"] and "audio" not in outs["int8"]:
-                    outs["int8"]["audio"] = _heard(outs["int8"]["masks"], waves, manifest)
+                    spectrum = FftSpectral().analyse(torch.from_numpy(waves), with_power=False)
+                    outs["int8"]["audio"] = heard(spectrum, torch.from_numpy(outs["int8"]["masks"]), manifest["domain"],
+                                                  manifest["mel_to_linear"], waves.shape[-1]).numpy()
                 figures[graph] = {"quantized_matmuls": count, **compare(graph, outs["fp32"], outs["int8"])}
                 bad = drift(figures[graph])
                 if bad:

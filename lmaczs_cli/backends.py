@@ -276,7 +276,6 @@ class OnnxRunner(Runner):
         _check_hashes(self.folder, self.config)
         self.precision = precision
         self._specs = self._graph_specs(precision)
-        self._files = {g: spec["file"] for g, spec in self._specs.items()}
         self.domain = self.config["domain"]
         self.providers = self._providers(ort, device)
         self.device = torch.device("cpu")            # outputs come back as CPU tensors
@@ -315,6 +314,11 @@ class OnnxRunner(Runner):
                 raise BackendError(f"{path} is missing or does not match its manifest (sha256); re-run lmaczs export --int8")
         return {**specs, **int8}
 
+    @property
+    def _files(self) -> dict[str, str]:
+        """graph -> the file that runs for it (float32, or its int8 variant)."""
+        return {g: spec["file"] for g, spec in self._specs.items()}
+
     def session(self, graph: str) -> Any:
         """The ORT session of ``graph`` (audio_encoder | text_encoder | explainer...), made once, on
         the flushing worker: with `session_options`' denormal setting ONNX Runtime also sets
@@ -341,24 +345,15 @@ class OnnxRunner(Runner):
         if "mel" not in self._specs[graph]["inputs"]:
             outs = self._call(self.session(graph).run, names, {"waves": _np32(waves), **feeds})
             return {k: torch.from_numpy(v) for k, v in zip(names, outs)}
-        from .model import FftSpectral, clip_groups, spectrum_clips
+        from .model import FftSpectral
 
-        ends = FftSpectral()
         with torch.no_grad():
-            spec = ends.analyse(waves.detach().float().cpu(), with_power=self.domain == "stft")
+            spec = FftSpectral().analyse(waves.detach().float().cpu(), with_power=self.domain == "stft")
         ran = [n for n in names if n != "audio"]
         outs = self._call(self.session(graph).run, ran, {**spectrum_feeds(spec), **feeds})
         result = {k: torch.from_numpy(v) for k, v in zip(ran, outs)}
         if "audio" in names:
-            masks = result["masks"]
-            B, K = masks.shape[:2]
-            flat = masks.flatten(0, 1)
-            # the inverse in groups of clips, as the torch runner does it (`model.clip_groups` says why)
-            with torch.no_grad():
-                audio = torch.cat([ends.listen(spectrum_clips(spec, g), flat[g.start * K: g.stop * K], K, self.domain,
-                                               self.config["mel_to_linear"], waves.shape[-1])
-                                   for g in clip_groups(B, K, flat)])
-            result["audio"] = audio.reshape(B, K, -1)
+            result["audio"] = heard(spec, result["masks"], self.domain, self.config["mel_to_linear"], waves.shape[-1])
         return {n: result[n] for n in names}
 
     def explain(self, waves: torch.Tensor, text: torch.Tensor, check: bool = True) -> dict[str, torch.Tensor]:
@@ -397,6 +392,20 @@ class OnnxRunner(Runner):
 
 def _np32(x: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+
+
+def heard(spec: Any, masks: torch.Tensor, domain: str, mel_to_linear: str, length: int) -> torch.Tensor:
+    """The explanations of a spectrum graph heard: masks (B, K, T, bins) on their clips' STFT
+    (``spec``, an `FftSpectral` analysis), inverted with torch's FFT -> (B, K, length). In groups of
+    clips, as the torch runner does it (`model.clip_groups` says why)."""
+    from .model import FftSpectral, clip_groups, spectrum_clips
+
+    ends, (B, K) = FftSpectral(), masks.shape[:2]
+    flat = masks.flatten(0, 1)
+    with torch.no_grad():
+        audio = torch.cat([ends.listen(spectrum_clips(spec, g), flat[g.start * K: g.stop * K], K, domain,
+                                       mel_to_linear, length) for g in clip_groups(B, K, flat)])
+    return audio.reshape(B, K, -1)
 
 
 def spectrum_feeds(spec: Any) -> dict[str, np.ndarray]:
